@@ -1,0 +1,3 @@
+"""Pytest setup: keep `python -m lcc` out of doctest collection."""
+
+collect_ignore = ["lcc/__main__.py"]

@@ -1,0 +1,110 @@
+"""Errors raised for bad input, and the checks that raise them.
+
+Every check fails with an :class:`LCCInputError` whose message names the problem
+and the fix, so that callers (and the CLI) never surface a traceback from deep
+inside NumPy, faiss or igraph.
+
+>>> import numpy as np
+>>> check_k(5, n_samples=3)
+Traceback (most recent call last):
+...
+lcc.errors.LCCInputError: k=5 must be smaller than the number of samples (3); choose k <= 2
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+class LCCInputError(ValueError):
+    """Bad input to an lcc function: the message says what is wrong and how to fix it."""
+
+
+def as_latent_matrix(z: object, *, name: str = "z") -> np.ndarray:
+    """Return latents as a C-contiguous float32 (N, D) matrix, trailing dims flattened.
+
+    >>> as_latent_matrix(np.zeros((4, 2, 3))).shape
+    (4, 6)
+    """
+    try:
+        import torch
+
+        if isinstance(z, torch.Tensor):
+            z = z.detach().to("cpu", torch.float32).numpy()
+    except ImportError:  # pragma: no cover - torch is a dependency
+        pass
+    array = np.asarray(z)
+    if array.dtype == object or not (
+        np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)
+    ):
+        raise LCCInputError(f"{name} must be a numeric array, got dtype {array.dtype}")
+    if array.ndim < 2:
+        raise LCCInputError(
+            f"{name} must have shape (N, d, ...) with one row per sample, got shape {array.shape}"
+        )
+    matrix = np.ascontiguousarray(array.reshape(array.shape[0], -1), dtype=np.float32)
+    if matrix.shape[0] < 2:
+        raise LCCInputError(f"{name} has {matrix.shape[0]} sample(s); at least 2 are needed")
+    if matrix.shape[1] == 0:
+        raise LCCInputError(f"{name} has latent dimension 0; pass non-empty latents")
+    finite = np.isfinite(matrix).all(axis=1)
+    if not finite.all():
+        bad = np.flatnonzero(~finite)
+        raise LCCInputError(
+            f"{name} contains NaN or inf in {bad.size} row(s) (first: {bad[:5].tolist()}); "
+            "check the model for diverging activations or drop those samples"
+        )
+    return matrix
+
+
+def as_label_vector(y: object, n_samples: int, *, name: str = "y") -> np.ndarray:
+    """Return labels as an int64 vector of length ``n_samples``; any non-negative ints allowed.
+
+    >>> as_label_vector([3, 7, 42], 3).tolist()
+    [3, 7, 42]
+    """
+    try:
+        import torch
+
+        if isinstance(y, torch.Tensor):
+            y = y.detach().cpu().numpy()
+    except ImportError:  # pragma: no cover
+        pass
+    labels = np.asarray(y)
+    if labels.ndim != 1:
+        raise LCCInputError(f"{name} must be a 1-D label vector, got shape {labels.shape}")
+    if labels.shape[0] != n_samples:
+        raise LCCInputError(
+            f"{name} has {labels.shape[0]} labels but there are {n_samples} samples; "
+            "pass one label per latent row"
+        )
+    if np.issubdtype(labels.dtype, np.floating):
+        if not np.isfinite(labels).all() or not np.equal(np.mod(labels, 1), 0).all():
+            raise LCCInputError(f"{name} must hold integer class labels, got non-integer values")
+    elif not (np.issubdtype(labels.dtype, np.integer) or labels.dtype == bool):
+        raise LCCInputError(f"{name} must hold integer class labels, got dtype {labels.dtype}")
+    labels = labels.astype(np.int64)
+    if labels.size and labels.min() < 0:
+        raise LCCInputError(f"{name} must hold non-negative class labels, got {labels.min()}")
+    return labels
+
+
+def check_k(k: int, n_samples: int) -> int:
+    """Validate the neighbour count ``k`` against the number of samples."""
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+        raise LCCInputError(f"k must be an integer, got {k!r}")
+    if k < 1:
+        raise LCCInputError(f"k={k} must be at least 1")
+    if k >= n_samples:
+        raise LCCInputError(
+            f"k={k} must be smaller than the number of samples ({n_samples}); "
+            f"choose k <= {n_samples - 1}"
+        )
+    return int(k)
+
+
+def check_choice(value: str, choices: tuple[str, ...], *, name: str) -> str:
+    """Validate that ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise LCCInputError(f"{name}={value!r} is not one of {', '.join(map(repr, choices))}")
+    return value
