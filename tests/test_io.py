@@ -1,0 +1,187 @@
+"""Loading latents (.npz, .safetensors) and the atomic writers, including every failure path."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import save_file as save_safetensors_numpy
+from safetensors.torch import save_file as save_safetensors_torch
+
+from lcc.errors import LCCInputError
+from lcc.io import atomic_write, load_arrays, load_latents, save_npz_atomic, write_json_atomic
+
+
+def _temporaries(folder: Path) -> list[str]:
+    return [p.name for p in folder.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_npz_round_trip_keeps_arrays_and_dtypes(tmp_path: Path) -> None:
+    z = np.arange(24, dtype=np.float64).reshape(3, 2, 4)
+    y = np.array([3, 7, 42], dtype=np.int32)
+    np.savez(tmp_path / "latents.npz", z=z, y=y, extra=np.zeros(1))
+    got_z, got_y = load_latents(tmp_path / "latents.npz")
+    np.testing.assert_array_equal(got_z, z)
+    np.testing.assert_array_equal(got_y, y)
+    assert got_z.dtype == np.float64 and got_y.dtype == np.int32
+
+
+def test_compressed_npz_and_upper_case_suffix_are_read(tmp_path: Path) -> None:
+    path = tmp_path / "LATENTS.NPZ"
+    with path.open("wb") as handle:
+        np.savez_compressed(handle, z=np.ones((2, 3), np.float32), y=np.array([0, 1]))
+    z, y = load_latents(path)
+    assert z.shape == (2, 3) and y.tolist() == [0, 1]
+
+
+def test_safetensors_round_trip_and_half_precision_becomes_float32(tmp_path: Path) -> None:
+    z = np.random.default_rng(0).normal(size=(5, 4)).astype(np.float32)
+    y = np.array([0, 1, 1, 0, 2], dtype=np.int64)
+    save_safetensors_numpy({"z": z, "y": y}, str(tmp_path / "a.safetensors"))
+    got_z, got_y = load_latents(str(tmp_path / "a.safetensors"))
+    np.testing.assert_array_equal(got_z, z)
+    np.testing.assert_array_equal(got_y, y)
+
+    half = torch.from_numpy(z).to(torch.bfloat16)
+    save_safetensors_torch({"z": half, "y": torch.from_numpy(y)}, str(tmp_path / "b.safetensors"))
+    got_z, _ = load_latents(tmp_path / "b.safetensors")
+    assert got_z.dtype == np.float32
+    np.testing.assert_array_equal(got_z, half.float().numpy())
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".safetensors"])
+def test_missing_keys_are_named_with_the_keys_found(tmp_path: Path, suffix: str) -> None:
+    path = tmp_path / f"latents{suffix}"
+    arrays = {"latents": np.ones((2, 2), np.float32), "y": np.array([0, 1])}
+    if suffix == ".npz":
+        np.savez(path, **arrays)
+    else:
+        save_safetensors_numpy(arrays, str(path))
+    with pytest.raises(LCCInputError) as caught:
+        load_latents(path)
+    message = str(caught.value)
+    assert "'z'" in message and "'latents'" in message and "'y'" in message
+    assert "missing" in message and str(path) in message and "\n" not in message
+
+
+def test_missing_file_directory_and_unknown_extension(tmp_path: Path) -> None:
+    with pytest.raises(LCCInputError, match="file not found"):
+        load_latents(tmp_path / "nope.npz")
+    (tmp_path / "folder.npz").mkdir()
+    with pytest.raises(LCCInputError, match="directory"):
+        load_latents(tmp_path / "folder.npz")
+    (tmp_path / "latents.csv").write_text("1,2\n")
+    with pytest.raises(LCCInputError, match=r"unknown file type '\.csv'"):
+        load_latents(tmp_path / "latents.csv")
+    with pytest.raises(LCCInputError, match="no extension"):
+        load_latents(tmp_path / "latents")
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"", b"not an archive at all", b"PK\x03\x04" + b"\x00" * 40],
+    ids=["empty", "garbage", "truncated-zip"],
+)
+@pytest.mark.parametrize("suffix", [".npz", ".safetensors"])
+def test_corrupt_files_raise_input_errors(tmp_path: Path, content: bytes, suffix: str) -> None:
+    path = tmp_path / f"bad{suffix}"
+    path.write_bytes(content)
+    with pytest.raises(LCCInputError, match="cannot read") as caught:
+        load_latents(path)
+    assert "\n" not in str(caught.value)
+
+
+def test_npz_with_a_corrupted_member_raises_an_input_error(tmp_path: Path) -> None:
+    path = tmp_path / "latents.npz"
+    np.savez(path, z=np.arange(4000, dtype=np.float32).reshape(1000, 4), y=np.zeros(1000, int))
+    data = bytearray(path.read_bytes())
+    data[len(data) // 3 : len(data) // 3 + 64] = b"\xff" * 64  # inside z's data
+    data[60:70] = b"\x00" * 10  # and inside z's .npy header
+    path.write_bytes(bytes(data))
+    with pytest.raises(LCCInputError, match="cannot read"):
+        load_latents(path)
+
+
+def test_npy_renamed_to_npz_and_pickled_arrays_are_rejected(tmp_path: Path) -> None:
+    with (tmp_path / "a.npz").open("wb") as handle:
+        np.save(handle, np.ones(3))
+    with pytest.raises(LCCInputError, match=r"not a \.npz archive"):
+        load_latents(tmp_path / "a.npz")
+    np.savez(tmp_path / "b.npz", z=np.array([{"a": 1}], dtype=object), y=np.array([0]))
+    with pytest.raises(LCCInputError, match="cannot read"):
+        load_latents(tmp_path / "b.npz")
+
+
+def test_load_arrays_reads_any_named_keys(tmp_path: Path) -> None:
+    np.savez(tmp_path / "a.npz", a=np.arange(3), b=np.ones(2))
+    assert load_arrays(tmp_path / "a.npz", keys=("b",))["b"].tolist() == [1.0, 1.0]
+
+
+def test_save_npz_atomic_writes_exactly_at_path_and_overwrites(tmp_path: Path) -> None:
+    path = tmp_path / "out.bin"  # no ".npz" appended, unlike numpy.savez(filename)
+    assert save_npz_atomic(path, x=np.arange(3)) == path
+    save_npz_atomic(path, x=np.arange(5), flag=np.array([True]))
+    with np.load(path) as archive:
+        assert sorted(archive.files) == ["flag", "x"] and archive["x"].tolist() == list(range(5))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.bin"]
+
+
+def test_new_files_get_umask_permissions_and_overwrites_keep_the_old_mode(tmp_path: Path) -> None:
+    path = save_npz_atomic(tmp_path / "a.npz", x=np.arange(2))
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
+    path.chmod(0o640)
+    save_npz_atomic(path, x=np.arange(3))
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640
+
+
+def test_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path: Path) -> None:
+    path = write_json_atomic(tmp_path / "state.json", {"epoch": 1})
+
+    def explode(handle):
+        handle.write(b"partial")
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        atomic_write(path, explode)
+    assert json.loads(path.read_text()) == {"epoch": 1}
+    assert _temporaries(tmp_path) == []
+
+
+def test_write_json_atomic_converts_numpy_values(tmp_path: Path) -> None:
+    obj = {"n": np.int64(3), "f": np.float32(0.5), "a": np.arange(2), "p": tmp_path}
+    path = write_json_atomic(tmp_path / "a.json", obj, indent=None)
+    text = path.read_text()
+    assert text.endswith("\n") and text.count("\n") == 1
+    assert json.loads(text) == {"n": 3, "f": 0.5, "a": [0, 1], "p": str(tmp_path)}
+    with pytest.raises(TypeError):
+        write_json_atomic(tmp_path / "b.json", {"x": object()})
+    assert not (tmp_path / "b.json").exists() and _temporaries(tmp_path) == []
+
+
+def test_unwritable_destinations_raise_input_errors(tmp_path: Path) -> None:
+    with pytest.raises(LCCInputError, match="does not exist"):
+        save_npz_atomic(tmp_path / "missing" / "a.npz", x=np.arange(2))
+    (tmp_path / "dir.npz").mkdir()
+    with pytest.raises(LCCInputError, match="is a directory"):
+        save_npz_atomic(tmp_path / "dir.npz", x=np.arange(2))
+    with pytest.raises(LCCInputError, match="at least one array"):
+        save_npz_atomic(tmp_path / "a.npz")
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root ignores permissions")
+def test_read_only_directory_raises_an_input_error(tmp_path: Path) -> None:
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o500)
+    try:
+        with pytest.raises(LCCInputError, match="cannot write"):
+            write_json_atomic(folder / "a.json", {})
+    finally:
+        folder.chmod(0o700)
