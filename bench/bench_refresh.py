@@ -397,7 +397,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--k", type=int, nargs="+", default=[5, 50], help="neighbour counts")
     parser.add_argument("--clusters-per-class", type=int, default=3, help="planted sub-clusters")
     parser.add_argument("--intrinsic-dim", type=int, default=48, help="dimension of the blobs")
-    parser.add_argument("--separation", type=float, default=4.0, help="mean blob centre distance")
+    parser.add_argument("--separation", type=float, default=1.5, help="mean blob centre distance")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data and the refresh")
     parser.add_argument("--repeats", type=int, default=1, help="runs per configuration (best)")
     parser.add_argument("--exact-method", default="leiden", help="clustering of the exact mode")

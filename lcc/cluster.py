@@ -1,4 +1,4 @@
-"""Community detection on the k-NN graph: Leiden, Louvain and k-NN peer pressure (paper III.A-B, VI.A).
+"""Community detection on the k-NN graph: Leiden, Louvain, k-NN peer pressure (paper III, VI.A).
 
 :func:`cluster_graph` takes the symmetric sparse adjacency matrix built by
 :func:`lcc.graph.knn_graph` and returns a :class:`Clustering`: labels relabelled to ``0..K-1``
@@ -36,12 +36,15 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import scipy.sparse as sp
 
 from lcc.errors import LCCInputError, as_label_vector, check_choice
+
+if TYPE_CHECKING:
+    import igraph
 
 __all__ = [
     "CLUSTER_METHODS",
@@ -49,7 +52,9 @@ __all__ = [
     "Clustering",
     "EdgeList",
     "as_adjacency",
+    "check_count",
     "cluster_graph",
+    "compact_labels",
     "modularity",
     "relabel",
 ]
@@ -233,8 +238,12 @@ def relabel(labels: np.ndarray) -> np.ndarray:
     return rank[inverse.ravel()]
 
 
-def _compact(labels: object, n_nodes: int) -> tuple[np.ndarray, int]:
-    """Validate labels for an ``n_nodes`` graph; return them renumbered 0..K-1 and K."""
+def compact_labels(labels: object, n_nodes: int) -> tuple[np.ndarray, int]:
+    """Validate labels for an ``n_nodes`` graph; return them renumbered 0..K-1 (sorted) and K.
+
+    >>> compact_labels([9, 4, 9], 3)[0].tolist()
+    [1, 0, 1]
+    """
     vector = as_label_vector(labels, n_nodes, name="labels")
     if vector.size == 0:
         return vector, 0
@@ -257,7 +266,7 @@ def modularity(adjacency: object, labels: object, resolution: float = 1.0) -> fl
     0.5
     """
     matrix = as_adjacency(adjacency)
-    compact, n_clusters = _compact(labels, matrix.shape[0])
+    compact, n_clusters = compact_labels(labels, matrix.shape[0])
     gamma = _check_resolution(resolution)
     return EdgeList.from_adjacency(matrix).modularity(compact, n_clusters, gamma)
 
@@ -292,7 +301,7 @@ def _seeded_igraph(seed: int) -> Iterator[None]:
             igraph.set_random_number_generator(random)
 
 
-def _igraph_graph(edges: EdgeList):  # -> igraph.Graph
+def _igraph_graph(edges: EdgeList) -> igraph.Graph:
     import igraph
 
     graph = igraph.Graph(n=edges.n_nodes, directed=False)
@@ -300,7 +309,7 @@ def _igraph_graph(edges: EdgeList):  # -> igraph.Graph
     return graph
 
 
-def _igraph_weights(edges: EdgeList, graph) -> str | None:
+def _igraph_weights(edges: EdgeList, graph: igraph.Graph) -> str | None:
     """Attach weights unless the graph is unweighted (all ones), which igraph does faster."""
     if edges.weight.size == 0 or np.all(edges.weight == 1.0):
         return None
@@ -372,11 +381,9 @@ def cluster_graph(
     elif method == "louvain":
         raw = _louvain(edges, gamma, seed)
     else:
-        from lcc.peer_pressure import peer_pressure_trace
+        from lcc.peer_pressure import run_peer_pressure
 
-        raw = peer_pressure_trace(
-            matrix, seed=seed, max_iterations=max_iterations, patience=patience, checked=True
-        ).labels
+        raw = run_peer_pressure(matrix, seed, max_iterations, patience).labels
     labels = relabel(raw)
     n_clusters = int(labels.max()) + 1
     return Clustering(labels=labels, modularity=edges.modularity(labels, n_clusters))

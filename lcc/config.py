@@ -12,7 +12,7 @@ passed back with ``--config`` to repeat the run.
 >>> merge_config(TrainConfig(), {"kk": 10})
 Traceback (most recent call last):
 ...
-lcc.errors.LCCInputError: unknown config key 'kk' (did you mean 'k'?); valid keys: model, dataset, ...
+lcc.errors.LCCInputError: unknown config key 'kk' (did you mean 'k'?); valid keys: model, ...
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ class TrainConfig:
         kind="str?",
         group="run",
     )
-    layers: list[str] | None = _option(
+    layers: list[str] | None = _option(  # noqa: RUF009 - a None default, copied per instance
         None,
         "layers whose latents are corrected (names from `lcc layers MODEL`)",
         kind="list?",
@@ -96,7 +96,9 @@ class TrainConfig:
     k: int = _option(5, "neighbours per sample in the k-NN graph and the targets", kind="int")
     weight: float = _option(0.01, "weight w of the LCC loss in CE + w * LCC", kind="float")
     warmup: int = _option(1, "epochs without correction at the start", kind="int")
-    interval: int = _option(1, "refresh the targets every that many epochs after warmup", kind="int")
+    interval: int = _option(
+        1, "refresh the targets every that many epochs after warmup", kind="int"
+    )
     method: str = _option("leiden", "graph clustering method", kind="str", choices=CLUSTER_METHODS)
     targets: str = _option(
         "exact",
@@ -105,7 +107,9 @@ class TrainConfig:
         kind="str",
         choices=TARGET_MODES,
     )
-    knn: str = _option("exact", "k-NN search: exact or approximate (faiss)", kind="str", choices=KNN_MODES)
+    knn: str = _option(
+        "exact", "k-NN search: exact or approximate (faiss)", kind="str", choices=KNN_MODES
+    )
     metric: str = _option("l2", "latent distance for the k-NN graph", kind="str", choices=METRICS)
     pca: int | None = _option(
         None, "project latents to this many PCA dimensions first", kind="int?", shown="no PCA"
@@ -134,7 +138,9 @@ class TrainConfig:
     )
     squared: bool = _option(False, "use the squared LCC loss (the poster's variant)", kind="bool")
     no_lcc: bool = _option(False, "train without LCC (the baseline)", kind="bool", group="lcc")
-    epochs: int = _option(10, "training epochs (cosine learning-rate schedule over them)", kind="int")
+    epochs: int = _option(
+        10, "training epochs (cosine learning-rate schedule over them)", kind="int"
+    )
     batch_size: int = _option(128, "batch size (per process)", kind="int")
     lr: float = _option(0.1, "initial learning rate of SGD", kind="float")
     momentum: float = _option(0.9, "SGD momentum", kind="float")
@@ -142,9 +148,7 @@ class TrainConfig:
     seed: int = _option(
         0, "seed of everything: weights, data order, subsets, clustering", kind="int"
     )
-    resume: bool = _option(
-        False, "continue the run in --out from its last checkpoint", kind="bool"
-    )
+    resume: bool = _option(False, "continue the run in --out from its last checkpoint", kind="bool")
     no_pretrained: bool = _option(
         False, "external models start from random weights (no download)", kind="bool", group="data"
     )
@@ -156,17 +160,25 @@ class TrainConfig:
         group="data",
     )
     subset: int | None = _option(
-        None, "use a seeded stratified subset of this many training samples", kind="int?",
-        shown="all", group="data",
+        None,
+        "use a seeded stratified subset of this many training samples",
+        kind="int?",
+        shown="all",
+        group="data",
     )
     test_subset: int | None = _option(
-        None, "use a seeded stratified subset of this many test samples", kind="int?",
-        shown="all", group="data",
+        None,
+        "use a seeded stratified subset of this many test samples",
+        kind="int?",
+        shown="all",
+        group="data",
     )
     data_dir: str | None = _option(
         None, "dataset root", kind="str?", shown="$LCC_DATA_DIR or ~/.cache/lcc/data", group="data"
     )
-    devices: int = _option(1, "number of processes (devices) to train on", kind="int", group="system")
+    devices: int = _option(
+        1, "number of processes (devices) to train on", kind="int", group="system"
+    )
     strategy: str = _option(
         "auto",
         "distribution strategy; auto = ddp when --devices > 1",
@@ -203,8 +215,14 @@ class TrainConfig:
                         "the --config file"
                     )
         for name, low in (
-            ("k", 1), ("warmup", 0), ("interval", 1), ("epochs", 1), ("batch_size", 1),
-            ("seed", 0), ("devices", 1), ("num_workers", 0),
+            ("k", 1),
+            ("warmup", 0),
+            ("interval", 1),
+            ("epochs", 1),
+            ("batch_size", 1),
+            ("seed", 0),
+            ("devices", 1),
+            ("num_workers", 0),
         ):
             if getattr(self, name) < low:
                 raise LCCInputError(f"{_flag(name)} must be >= {low}, got {getattr(self, name)}")

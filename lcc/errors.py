@@ -42,9 +42,9 @@ def as_latent_matrix(z: object, *, name: str = "z") -> np.ndarray:
         raise LCCInputError(
             f"{name} must have shape (N, d, ...) with one row per sample, got shape {array.shape}"
         )
+    if array.shape[0] < 2:
+        raise LCCInputError(f"{name} has {array.shape[0]} sample(s); at least 2 are needed")
     matrix = np.ascontiguousarray(array.reshape(array.shape[0], -1), dtype=np.float32)
-    if matrix.shape[0] < 2:
-        raise LCCInputError(f"{name} has {matrix.shape[0]} sample(s); at least 2 are needed")
     if matrix.shape[1] == 0:
         raise LCCInputError(f"{name} has latent dimension 0; pass non-empty latents")
     finite = np.isfinite(matrix).all(axis=1)

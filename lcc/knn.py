@@ -25,6 +25,8 @@ per-query IVF scan, so many more cells can be probed for the same time, which ke
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Literal
@@ -46,9 +48,9 @@ BACKENDS: tuple[str, ...] = ("auto", "faiss", "torch")
 _BLOCK_ENTRIES = 1 << 24
 # Approximate mode: cells probed per cell, k-means iterations and training points per cell.
 _PROBES = 8
-_CELLS_PER_ROOT = 1.0
-_KMEANS_ITERATIONS = 10
-_POINTS_PER_CELL = 64
+_CELLS_PER_ROOT = 2.0
+_KMEANS_ITERATIONS = 8
+_POINTS_PER_CELL = 40
 # Below this many rows the approximate mode is not faster than the exact one; it searches exactly.
 _APPROXIMATE_MIN_ROWS = 2_000
 
@@ -317,6 +319,7 @@ def _kmeans(matrix: np.ndarray, n_cells: int, *, seed: int, use_faiss: bool) -> 
             niter=_KMEANS_ITERATIONS,
             seed=seed,
             max_points_per_centroid=_POINTS_PER_CELL,
+            min_points_per_centroid=1,
         )
         kmeans.train(np.ascontiguousarray(sample))
         return np.asarray(kmeans.centroids, dtype=np.float32)
@@ -353,37 +356,79 @@ def _ivf_self_search(
     """Approximate self k-NN: exact search of each k-means cell against its nearest cells."""
     n = matrix.shape[0]
     n_cells = max(1, min(n // (2 * (k + 1)), round(_CELLS_PER_ROOT * math.sqrt(n))))
-    centroids = torch.from_numpy(_kmeans(matrix, n_cells, seed=seed, use_faiss=use_faiss))
+    centroids = _kmeans(matrix, n_cells, seed=seed, use_faiss=use_faiss)
     points = torch.from_numpy(matrix)
     with torch.no_grad():
-        assign = _nearest_centroid(points, centroids).numpy()
-    order = np.argsort(assign, kind="stable")
-    starts = np.concatenate([[0], np.cumsum(np.bincount(assign, minlength=n_cells))])
-    budget = round(_PROBES * n / n_cells)
-    cell_rank = _torch_search(centroids.numpy(), centroids.numpy(), n_cells)[0]
+        assign = _nearest_centroid(points, torch.from_numpy(centroids)).numpy()
+    cells = _Cells.build(assign, centroids)
+    need = max(round(_PROBES * n / n_cells), k + 1)
     indices = np.empty((n, k), np.int64)
     squared = np.empty((n, k), np.float32)
-    for cell in range(n_cells):
-        members = order[starts[cell] : starts[cell + 1]]
-        if members.size == 0:
-            continue
-        candidates = _candidates(cell, cell_rank[cell], order, starts, max(budget, k + 1))
+
+    def search_cell(cell: int) -> None:
+        members = cells.members(cell)
+        candidates = cells.candidates(cell, need)
         found = np.empty((members.size, k + 1), np.int64)
         found_sq = np.empty((members.size, k + 1), np.float32)
-        query = points[torch.from_numpy(members)]
-        _torch_search_into(points[candidates], query, k + 1, found, found_sq)
-        found, found_sq = _drop_self(candidates.numpy()[found], found_sq, members)
-        indices[members] = found
-        squared[members] = found_sq
+        base = points[torch.from_numpy(candidates)]
+        _torch_search_into(base, points[torch.from_numpy(members)], k + 1, found, found_sq)
+        indices[members], squared[members] = _drop_self(candidates[found], found_sq, members)
+
+    _run_parallel(search_cell, cells.nonempty_largest_first())
     return indices, squared
 
 
-def _candidates(
-    cell: int, ranked_cells: np.ndarray, order: np.ndarray, starts: np.ndarray, need: int
-) -> torch.Tensor:
-    """Members of ``cell`` and of its nearest cells until they hold at least ``need`` rows."""
-    ranked_cells = np.concatenate([[cell], ranked_cells[ranked_cells != cell]])
-    sizes = starts[ranked_cells + 1] - starts[ranked_cells]
-    n_used = int(np.searchsorted(np.cumsum(sizes), need)) + 1
-    parts = [order[starts[c] : starts[c + 1]] for c in ranked_cells[:n_used]]
-    return torch.from_numpy(np.sort(np.concatenate(parts)))
+@dataclass(frozen=True)
+class _Cells:
+    """Inverted file: rows grouped by cell; for each cell, all cells by centroid distance."""
+
+    order: np.ndarray  # row ids sorted by cell
+    starts: np.ndarray  # (n_cells + 1,) offsets of each cell in ``order``
+    ranked: np.ndarray  # (n_cells, n_cells) cells by increasing centroid distance, own cell first
+
+    @classmethod
+    def build(cls, assign: np.ndarray, centroids: np.ndarray) -> _Cells:
+        n_cells = centroids.shape[0]
+        order = np.argsort(assign, kind="stable")
+        starts = np.concatenate([[0], np.cumsum(np.bincount(assign, minlength=n_cells))])
+        ranked = _torch_search(centroids, centroids, n_cells)[0]
+        own = np.arange(n_cells)
+        # Put each cell first in its own ranking, even when another centroid coincides with it.
+        ranked = np.concatenate(
+            [own[:, None], ranked[ranked != own[:, None]].reshape(n_cells, -1)], axis=1
+        )
+        return cls(order, starts, ranked)
+
+    def members(self, cell: int) -> np.ndarray:
+        return self.order[self.starts[cell] : self.starts[cell + 1]]
+
+    def candidates(self, cell: int, need: int) -> np.ndarray:
+        """Sorted rows of ``cell`` and of its nearest cells, until at least ``need`` rows."""
+        sizes = np.diff(self.starts)[self.ranked[cell]]
+        n_used = int(np.searchsorted(np.cumsum(sizes), need)) + 1
+        return np.sort(np.concatenate([self.members(c) for c in self.ranked[cell, :n_used]]))
+
+    def nonempty_largest_first(self) -> list[int]:
+        sizes = np.diff(self.starts)
+        return [int(c) for c in np.argsort(-sizes, kind="stable") if sizes[c] > 0]
+
+
+def _run_parallel(work: Callable[[int], None], items: list[int]) -> None:
+    """Run ``work`` on every item with one single-threaded worker per torch thread.
+
+    Many small matrix products parallelise better this way than with threads inside each
+    product, and a core taken by another process then delays one worker, not every product.
+    torch's thread count is restored afterwards.
+    """
+    workers = torch.get_num_threads()
+    if workers <= 1 or len(items) <= 1:
+        for item in items:
+            work(item)
+        return
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            for _ in pool.map(work, items):
+                pass
+    finally:
+        torch.set_num_threads(workers)

@@ -184,6 +184,18 @@ class LCCLoss(torch.nn.Module):
         return int(self.vectors.shape[1])
 
     @property
+    def projection(self) -> Projection | None:
+        """The projection applied to latents before the comparison (rebuilt from the buffers)."""
+        if self.projection_components.numel() == 0:
+            return None
+        from lcc.projection import Projection
+
+        return Projection(
+            self.projection_mean.detach().cpu().numpy(),
+            self.projection_components.detach().cpu().numpy(),
+        )
+
+    @property
     def n_correctible(self) -> int:
         """Number of correctible samples M."""
         return int(self.vectors.shape[0])

@@ -60,7 +60,7 @@ KNN_MODES: tuple[str, ...] = ("exact", "approximate")
 METRICS: tuple[str, ...] = ("l2", "cosine")
 WEIGHTS: tuple[str, ...] = ("unweighted", "rbf")
 
-#: Stage names reported to a ``progress`` callback, in order.
+#: Stage names reported to a ``progress`` callback, in order ("pca" only when PCA is on).
 STAGES: tuple[str, ...] = ("pca", "knn", "graph", "cluster", "match", "targets")
 
 
@@ -167,7 +167,6 @@ class Refresh:
             "input_dim": int(self.input_dim or self.d),
             "k": int(self.config.k),
             "n_clusters": self.n_clusters,
-            "n_classes": int(np.unique(self.cluster_class).shape[0]),
             "misclustered": int(np.count_nonzero(self.misclustered)),
             "correctible": int(self.targets.n_correctible),
             "misclustered_fraction": self.misclustered_fraction,
@@ -203,9 +202,9 @@ def refresh(
     start = time.perf_counter()
     z, y, config, classes = _validate(z, y, config, classes, overrides)
     seconds: dict[str, float] = {}
-    notify = progress or (lambda stage: None)
+    notify = progress or _silent
 
-    with _timed(seconds, "pca", notify):
+    with _timed(seconds, "pca", notify if config.pca is not None else _silent):
         projection, z = _project(z, config)
     with _timed(seconds, "knn", notify):
         from lcc.knn import knn
@@ -253,6 +252,9 @@ def _validate(
     classes: object,
     overrides: dict[str, Any],
 ) -> tuple[np.ndarray, np.ndarray, RefreshConfig, np.ndarray | None]:
+    shape = np.shape(z) if not hasattr(z, "shape") else tuple(z.shape)  # type: ignore[union-attr]
+    if len(shape) >= 2 and shape[0] == 0:  # as_latent_matrix cannot reshape an empty array
+        raise LCCInputError("z has 0 samples; at least 2 are needed")
     matrix = as_latent_matrix(z)
     labels = as_label_vector(y, matrix.shape[0])
     if config is None:
@@ -297,6 +299,10 @@ def _targets(
             z, y, matching.correctly_clustered, config.k, classes=classes, metric=config.metric
         )
     return approximate_targets(z, y, clusters, matching, classes=classes, seed=config.seed)
+
+
+def _silent(stage: str) -> None:
+    """A progress callback that shows nothing."""
 
 
 @contextmanager

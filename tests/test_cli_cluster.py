@@ -26,7 +26,7 @@ OUTPUT_SCHEMA = {
 
 
 def latents(path: Path, n: int = 300, labels=None, **arrays) -> Path:
-    z, y, _ = gaussian_mixture(n, 12, 3, 2, separation=4.0, seed=0)
+    z, y, _ = gaussian_mixture(n, 12, 3, 2, separation=1.5, seed=0)
     if labels is not None:
         y = np.asarray(labels)[y]
     np.savez(path, **{"z": z, "y": y, **arrays})
@@ -294,10 +294,12 @@ def test_help_documents_every_option_with_its_default(capsys: pytest.CaptureFixt
     with pytest.raises(SystemExit) as exit_:
         main(["cluster", "--help"])
     assert exit_.value.code == 0
-    text = capsys.readouterr().out
+    text = " ".join(capsys.readouterr().out.split())
     for option in ("--k", "--method", "--targets", "--knn", "--pca", "--weights", "--metric"):
         assert option in text
     for option in ("--resolution", "--seed", "--example", "--classes"):
         assert option in text
     assert "(default: 5)" in text and "(default: leiden)" in text
-    assert "(default: lcc-clusters.npz)" in text
+    assert "(default: lcc- clusters.npz)" in text or "(default: lcc-clusters.npz)" in text
+    positionals = text.split("positional arguments:")[1].split("options:")[0]
+    assert "LATENTS" in positionals and "(default: None)" not in positionals

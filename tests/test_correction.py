@@ -44,7 +44,7 @@ class MLP(nn.Module):
 
 def make_data(seed: int = 0, n: int = N) -> tuple[torch.Tensor, torch.Tensor]:
     x, y, _ = gaussian_mixture(
-        n_samples=n, dim=DIM, n_classes=N_CLASSES, clusters_per_class=2, separation=4.0, seed=seed
+        n_samples=n, dim=DIM, n_classes=N_CLASSES, clusters_per_class=2, separation=2.0, seed=seed
     )
     return torch.from_numpy(x), torch.from_numpy(y)
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from lcc.projection import Projection
 
 from lcc.errors import LCCInputError
 from lcc.loss import LCCLoss, lcc_loss
+from lcc.projection import Projection
 from lcc.targets import Targets
 
 
@@ -143,7 +143,9 @@ def test_projection_is_applied_before_comparing() -> None:
     assert float(loss(z, ids)) == pytest.approx(by_hand(projected, ids.numpy(), targets, False))
     applied = projection.apply(z.reshape(10, 8))
     np.testing.assert_allclose(np.asarray(applied), projected, rtol=1e-5, atol=1e-6)
-    assert loss.projection_components.shape == (8, 3)
+    assert loss.projection is not None
+    np.testing.assert_array_equal(loss.projection.components, components)
+    assert LCCLoss(targets).projection is None
     with pytest.raises(LCCInputError, match="projection expects 8"):
         loss(torch.randn(10, 5), ids)
     with pytest.raises(LCCInputError, match="projection maps to 3"):

@@ -1,16 +1,183 @@
-"""``lcc train``: placeholder while helper G writes it."""
+"""``lcc train``: fine-tune a classifier with Latent Cluster Correction (or without: --no-lcc).
+
+Every option is a field of :class:`lcc.config.TrainConfig`; the parser and its help texts are
+built from those fields, so defaults shown here are the ones used.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import sys
 from typing import Any
+
+from lcc.cli import HelpFormatter
+from lcc.config import TrainConfig
+
+DESCRIPTION = """\
+Fine-tune MODEL on DATASET with loss CE + w * LCC: at the start of every post-warmup epoch
+(every --interval epochs) the latents of --layers over the training set are clustered with a
+k-NN graph, clusters are matched to classes, and each misclustered sample gets a target (the
+mean of its k nearest correctly clustered neighbours of its class). SGD with momentum and a
+cosine learning-rate schedule over --epochs.
+
+Run directory --out DIR: config.yaml (the resolved config; reusable with --config),
+checkpoints/last.ckpt (every epoch, LCC state included), metrics.json (test top-1/top-5,
+per-epoch times), refreshes.jsonl (per refresh and layer: clusters, misclustered and
+correctible fractions, modularity, stage seconds, CC/MC accuracy), refresh/epoch_E_LAYER.npz
+(clusters), logs/metrics.csv and tensorboard/. stdout gets one JSON line of final metrics.
+
+A YAML --config file may set any option (keys are the option names, e.g. batch_size: 64,
+layers: [act1]); options given on the command line override it.
+
+examples:
+  lcc train small-cnn fashion-mnist --out runs/lcc --epochs 5 --subset 10000
+  lcc train small-cnn fashion-mnist --out runs/base --epochs 5 --no-lcc
+  lcc train small-resnet digits --out runs/r --layers layer3 --pool avg --k 10
+  lcc train --config runs/lcc/config.yaml --out runs/lcc2 --seed 1
+  lcc train --out runs/lcc --resume            # continue a killed run
+"""
+
+LCC_OPTIONS = frozenset(
+    {
+        "layers",
+        "k",
+        "weight",
+        "warmup",
+        "interval",
+        "method",
+        "targets",
+        "knn",
+        "metric",
+        "pca",
+        "source",
+        "pool",
+        "class_policy",
+        "policy_size",
+        "squared",
+        "no_lcc",
+    }
+)
+METAVARS = {
+    "k": "K",
+    "weight": "W",
+    "warmup": "EPOCHS",
+    "interval": "EPOCHS",
+    "pca": "DIM",
+    "policy_size": "N",
+    "epochs": "N",
+    "batch_size": "N",
+    "lr": "LR",
+    "momentum": "M",
+    "weight_decay": "WD",
+    "seed": "SEED",
+    "checkpoint": "PATH",
+    "subset": "N",
+    "test_subset": "N",
+    "data_dir": "DIR",
+    "devices": "N",
+    "num_workers": "N",
+    "out": "DIR",
+}
+GROUPS = {
+    "run": "run",
+    "lcc": "latent cluster correction",
+    "training": "training",
+    "data": "model and data",
+    "system": "system",
+}
+
+
+class _Lists(argparse.Action):
+    """``--layers a b`` or ``--layers a,b``."""
+
+    def __call__(self, parser: Any, namespace: Any, values: Any, option: Any = None) -> None:
+        names = [part.strip() for value in values for part in value.split(",") if part.strip()]
+        setattr(namespace, self.dest, names)
+
+
+def _default_text(item: dataclasses.Field) -> str:
+    shown = item.metadata.get("shown")
+    if shown is not None:
+        return shown
+    default = item.default
+    if isinstance(default, bool):
+        return "off"
+    return str(default)
 
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser("train", help="(being written)")
+    """Add the ``train`` subcommand to ``subparsers``."""
+    parser = subparsers.add_parser(
+        "train",
+        help="fine-tune a classifier with LCC (Lightning; checkpoints, logs, DDP)",
+        description=DESCRIPTION,
+        formatter_class=HelpFormatter,
+    )
+    groups = {key: parser.add_argument_group(title) for key, title in GROUPS.items()}
+    for item in dataclasses.fields(TrainConfig):
+        meta = item.metadata
+        kind: str = meta["kind"].rstrip("?")
+        text = meta["help"]
+        group = groups["lcc" if item.name in LCC_OPTIONS else meta["group"]]
+        if item.name in ("model", "dataset"):
+            group.add_argument(
+                item.name,
+                nargs="?",
+                metavar=item.name.upper(),
+                default=argparse.SUPPRESS,
+                help=f"{text} (may come from --config)",
+            )
+            continue
+        flag = "--" + item.name.replace("_", "-")
+        kwargs: dict[str, Any] = {"dest": item.name, "default": argparse.SUPPRESS}
+        if kind == "bool":
+            kwargs.update(action="store_true", help=f"{text} (default: off)")
+        elif kind == "list":
+            kwargs.update(
+                nargs="+",
+                action=_Lists,
+                metavar="LAYER",
+                help=f"{text} (default: {_default_text(item)})",
+            )
+        else:
+            kwargs.update(
+                type={"int": int, "float": float}.get(kind, str),
+                help=f"{text} (default: {_default_text(item)})",
+            )
+            if meta["choices"]:
+                kwargs["choices"] = meta["choices"]
+            elif item.name in METAVARS:
+                kwargs["metavar"] = METAVARS[item.name]
+            if item.name == "out":
+                kwargs["help"] = f"{text} (required)"
+        group.add_argument(flag, **kwargs)
+    groups["run"].add_argument(
+        "--config",
+        metavar="FILE.yaml",
+        default=argparse.SUPPRESS,
+        help="read options from this YAML file (command-line options override it) (default: none)",
+    )
     parser.set_defaults(handler=run)
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
-    raise SystemExit("lcc train: not implemented yet")
+    from lcc.config import field_names
+    from lcc.lightning import NonFiniteLossError
+    from lcc.training import launched_rank, resolve_config, train
+
+    options = {name: getattr(args, name) for name in field_names() if hasattr(args, name)}
+    config = resolve_config(options, getattr(args, "config", None))
+    try:
+        metrics = train(config)
+    except NonFiniteLossError as error:
+        if launched_rank() == 0:
+            print(f"lcc train: error: {error}", file=sys.stderr)
+        return 1
+    if launched_rank() == 0:
+        summary = {k: v for k, v in metrics.items() if k != "history"}
+        summary["out"] = config.out
+        print(json.dumps(summary, default=str))
+    return 0

@@ -1,0 +1,220 @@
+"""Epoch-time cost of LCC on the demo setup, and the refresh's peak memory.
+
+Runs the ``lcc demo`` setup (small-cnn pretrained on MNIST, fine-tuned on a 10,000 / 2,000
+sample Fashion-MNIST subset, batch 128, CPU) three ways with the same seed -- baseline,
+LCC with the ``recorded`` latent source, LCC with the ``fresh`` source -- and prints the
+per-epoch wall time of each and the ratios LCC / baseline (targets: recorded <= 1.1x,
+fresh <= 1.5x). Epoch 0 is the warmup (no refresh), so ratios use the post-warmup epochs;
+an LCC epoch includes its refresh. Then measures one refresh (fresh pass + clustering +
+targets) of the pretrained model on the training subset: wall time, peak RSS increase
+(sampled every 5 ms) and the size of the latents it holds.
+
+    python bench/bench_train.py                  # demo sizes, 4 epochs (about 5 minutes)
+    python bench/bench_train.py --quick          # tiny sizes, a smoke run
+    python bench/bench_train.py --repeats 3      # median of 3 runs per setting
+
+Timings on a shared machine are noisy: use --repeats and compare medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm", encoding="ascii") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakRSS:
+    """Samples the resident set size in a thread; ``peak - start`` is the increase."""
+
+    def __init__(self, interval: float = 0.005):
+        self.interval, self.start, self.peak = interval, 0, 0
+        self._stop = threading.Event()
+
+    def __enter__(self) -> PeakRSS:
+        self.start = self.peak = _rss_bytes()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _rss_bytes())
+            time.sleep(self.interval)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_bytes())
+
+
+def _post_warmup(metrics: dict[str, Any]) -> float:
+    seconds = metrics["epoch_seconds"][1:] or metrics["epoch_seconds"]
+    return statistics.mean(seconds)
+
+
+def time_runs(out: Path, *, quick: bool, epochs: int, repeats: int, seed: int) -> dict[str, Any]:
+    from lcc.cli.demo import FULL, LAYER, QUICK, _pretrain_data
+    from lcc.config import TrainConfig
+    from lcc.data import load_dataset
+    from lcc.training import train
+
+    sizes = QUICK if quick else FULL
+    fashion = load_dataset(
+        "fashion-mnist", subset=sizes["subset"], test_subset=sizes["test_subset"], seed=seed
+    )
+    name, pretrain_data = _pretrain_data(sizes, seed)
+    common = {"model": "small-cnn", "seed": seed, "lr": 0.05}
+    pretrain_dir = out / "pretrain"
+    train(
+        TrainConfig(
+            **common, dataset=name, out=str(pretrain_dir), epochs=sizes["pretrain_epochs"],
+            no_lcc=True,
+        ).check(),
+        bundle=pretrain_data,
+        report=False,
+    )  # fmt: skip
+    weights = pretrain_dir / "checkpoints" / "last.ckpt"
+    finetune = {
+        **common, "dataset": "fashion-mnist", "subset": sizes["subset"],
+        "test_subset": sizes["test_subset"], "epochs": epochs, "checkpoint": str(weights),
+        "layers": [LAYER],
+    }  # fmt: skip
+    settings = {
+        "baseline": {"no_lcc": True},
+        "recorded": {"source": "recorded"},
+        "fresh": {"source": "fresh"},
+    }
+    per_epoch: dict[str, list[float]] = {key: [] for key in settings}
+    runs: dict[str, dict[str, Any]] = {}
+    for repeat in range(repeats):
+        for key, extra in settings.items():  # interleaved, so load changes hit all settings
+            run_dir = out / f"{key}-{repeat}"
+            metrics = train(
+                TrainConfig(**finetune, **extra, out=str(run_dir)).check(),
+                bundle=fashion,
+                report=False,
+            )
+            per_epoch[key].append(_post_warmup(metrics))
+            runs[key] = metrics
+            epoch_seconds = [round(s, 2) for s in metrics["epoch_seconds"]]
+            refresh_seconds = [round(s, 2) for s in metrics["refresh_seconds"]]
+            print(
+                f"  {key:<9} run {repeat + 1}: epochs {epoch_seconds} s, refresh "
+                f"{refresh_seconds} s, top-1 {100 * metrics['test_top1']:.2f}%",
+                flush=True,
+            )
+    medians = {key: statistics.median(values) for key, values in per_epoch.items()}
+    return {
+        "sizes": sizes,
+        "epochs": epochs,
+        "repeats": repeats,
+        "post_warmup_epoch_seconds": medians,
+        "ratio_recorded": medians["recorded"] / medians["baseline"],
+        "ratio_fresh": medians["fresh"] / medians["baseline"],
+        "top1": {key: runs[key]["test_top1"] for key in runs},
+        "refresh_seconds": {
+            key: runs[key]["refresh_seconds"] for key in ("recorded", "fresh") if key in runs
+        },
+        "pretrain_checkpoint": str(weights),
+        "n_train": len(fashion.train),
+    }
+
+
+def refresh_memory(weights: str, *, quick: bool, seed: int) -> dict[str, Any]:
+    """One fresh refresh of the pretrained model on the training subset, with peak RSS."""
+    import gc
+
+    import torch
+    from torch.utils.data import DataLoader
+
+    from lcc.cli.demo import FULL, LAYER, QUICK
+    from lcc.correction import LatentClusterCorrection
+    from lcc.data import IndexedDataset, load_dataset
+    from lcc.models import build_model
+
+    sizes = QUICK if quick else FULL
+    fashion = load_dataset(
+        "fashion-mnist", subset=sizes["subset"], test_subset=sizes["test_subset"], seed=seed
+    )
+    torch.manual_seed(seed)
+    model = build_model(
+        "small-cnn", 10, input_shape=fashion.input_shape, pretrained=False, checkpoint=weights
+    )
+    loader = DataLoader(IndexedDataset(fashion.train_plain), batch_size=256)
+    lcc = LatentClusterCorrection(model, layers=[LAYER], k=5, warmup=0)
+    gc.collect()
+    start = time.perf_counter()
+    with PeakRSS() as memory:
+        stats = lcc.start_epoch(0, loader)
+    seconds = time.perf_counter() - start
+    assert stats is not None
+    layer = stats[LAYER]
+    n, d = layer["n"], layer.get("input_dim", layer["d"])
+    return {
+        "refresh_seconds": seconds,
+        "stage_seconds": layer["seconds"],
+        "n": n,
+        "d": d,
+        "latents_mib": n * d * 4 / 2**20,
+        "peak_rss_increase_mib": (memory.peak - memory.start) / 2**20,
+        "rss_before_mib": memory.start / 2**20,
+        "n_clusters": layer["n_clusters"],
+        "misclustered_fraction": layer["misclustered_fraction"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="tiny subsets (smoke run)")
+    parser.add_argument("--epochs", type=int, default=4, help="fine-tuning epochs per run")
+    parser.add_argument("--repeats", type=int, default=1, help="runs per setting (median)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=None, help="run folder (default: a temporary one)")
+    parser.add_argument("--json", default=None, help="also write the results to this file")
+    args = parser.parse_args()
+    import torch
+
+    with tempfile.TemporaryDirectory(prefix="lcc-bench-") as temporary:
+        out = Path(args.out or temporary)
+        print(f"torch threads: {torch.get_num_threads()}, cpus: {os.cpu_count()}", flush=True)
+        timing = time_runs(
+            out, quick=args.quick, epochs=args.epochs, repeats=args.repeats, seed=args.seed
+        )
+        memory = refresh_memory(timing["pretrain_checkpoint"], quick=args.quick, seed=args.seed)
+    medians = timing["post_warmup_epoch_seconds"]
+    print(f"\nper-epoch wall time (median of post-warmup epochs, n_train={timing['n_train']}):")
+    print(f"  baseline        {medians['baseline']:.2f} s")
+    print(
+        f"  LCC recorded    {medians['recorded']:.2f} s   ratio {timing['ratio_recorded']:.2f}x"
+        "  (target <= 1.1x)"
+    )
+    print(
+        f"  LCC fresh       {medians['fresh']:.2f} s   ratio {timing['ratio_fresh']:.2f}x"
+        "  (target <= 1.5x)"
+    )
+    print(
+        f"refresh (fresh, {memory['n']} x {memory['d']} latents = "
+        f"{memory['latents_mib']:.1f} MiB): "
+        f"{memory['refresh_seconds']:.2f} s, peak RSS increase "
+        f"{memory['peak_rss_increase_mib']:.1f} MiB"
+    )
+    print(f"  stages: {json.dumps({k: round(v, 3) for k, v in memory['stage_seconds'].items()})}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"timing": timing, "memory": memory}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

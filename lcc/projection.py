@@ -1,0 +1,129 @@
+"""Linear projection of latents to their top principal components (optional step before k-NN).
+
+>>> import numpy as np
+>>> rng = np.random.default_rng(0)
+>>> z = rng.normal(size=(200, 3)) * [10.0, 1.0, 0.1]
+>>> projection = fit_pca(z, 1)
+>>> projection.components.shape, projection.apply(z).shape
+((3, 1), (200, 1))
+>>> bool(abs(projection.components[0, 0]) > 0.99)
+True
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import overload
+
+import numpy as np
+import torch
+from sklearn.decomposition import PCA
+
+from lcc.errors import LCCInputError, as_latent_matrix
+
+
+@dataclass(frozen=True)
+class Projection:
+    """``z -> (z - mean) @ components``: ``mean`` is ``(D,)`` and ``components`` ``(D, p)`` float32.
+
+    The columns of ``components`` are orthonormal, ordered by decreasing explained variance.
+    """
+
+    mean: np.ndarray
+    components: np.ndarray
+    _cache: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+
+    def __post_init__(self) -> None:
+        mean = np.ascontiguousarray(self.mean, dtype=np.float32)
+        components = np.ascontiguousarray(self.components, dtype=np.float32)
+        if mean.ndim != 1 or components.ndim != 2 or components.shape[0] != mean.shape[0]:
+            raise LCCInputError(
+                f"Projection needs mean (D,) and components (D, p), got {mean.shape} and "
+                f"{components.shape}"
+            )
+        object.__setattr__(self, "mean", mean)
+        object.__setattr__(self, "components", components)
+
+    @property
+    def input_dim(self) -> int:
+        """Flattened latent dimension ``D`` the projection expects."""
+        return int(self.components.shape[0])
+
+    @property
+    def dim(self) -> int:
+        """Output dimension ``p``."""
+        return int(self.components.shape[1])
+
+    @overload
+    def apply(self, z: torch.Tensor) -> torch.Tensor: ...
+
+    @overload
+    def apply(self, z: np.ndarray) -> np.ndarray: ...
+
+    def apply(self, z: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
+        """Project ``z`` of shape ``(B, ...)`` (flattened to ``(B, D)``) to ``(B, p)``.
+
+        NumPy in, float32 NumPy out; a tensor in gives a tensor on its device and dtype, and
+        gradients flow through to ``z``.
+
+        >>> p = Projection(np.array([1.0, 0.0]), np.array([[0.0], [1.0]]))
+        >>> p.apply(np.array([[5.0, 2.0]])).tolist()
+        [[2.0]]
+        >>> p.apply(torch.tensor([[5.0, 2.0]], dtype=torch.float64)).dtype
+        torch.float64
+        """
+        if isinstance(z, torch.Tensor):
+            flat = z.reshape(z.shape[0], -1) if z.ndim != 1 else z
+            self._check_width(flat.shape[-1])
+            dtype = flat.dtype if flat.dtype.is_floating_point else torch.float32
+            mean, components = self._tensors(flat.device, dtype)
+            return (flat.to(dtype) - mean) @ components
+        array = np.asarray(z)
+        if array.ndim == 0:
+            raise LCCInputError("z must have shape (B, D, ...), got a scalar")
+        flat = array.reshape(array.shape[0], -1) if array.ndim != 1 else array
+        self._check_width(flat.shape[-1])
+        return (flat.astype(np.float32, copy=False) - self.mean) @ self.components
+
+    def _check_width(self, width: int) -> None:
+        if width != self.input_dim:
+            raise LCCInputError(
+                f"latents have flattened dimension {width} but the projection was fitted on "
+                f"dimension {self.input_dim}; project latents of the layer it was fitted on"
+            )
+
+    def _tensors(
+        self, device: torch.device, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (device, dtype)
+        if key not in self._cache:
+            self._cache[key] = (
+                torch.as_tensor(self.mean, device=device, dtype=dtype),
+                torch.as_tensor(self.components, device=device, dtype=dtype),
+            )
+        return self._cache[key]
+
+
+def fit_pca(z: object, dim: int, *, seed: int = 0) -> Projection:
+    """Fit the ``dim`` leading principal components of ``z`` (shape ``(N, ...)``, flattened).
+
+    scikit-learn's PCA chooses the solver (exact covariance/SVD for tall or small data,
+    randomized SVD, seeded by ``seed``, for large wide data). ``dim`` must be below
+    ``min(N, D)``.
+
+    >>> fit_pca(np.eye(4), 2).components.shape
+    (4, 2)
+    """
+    matrix = as_latent_matrix(z)
+    n, d = matrix.shape
+    if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 1:
+        raise LCCInputError(f"PCA dim must be a positive integer, got {dim!r}")
+    if dim >= min(n, d):
+        raise LCCInputError(
+            f"PCA dim={dim} must be smaller than min(N, D) = min({n}, {d}); choose dim <= "
+            f"{min(n, d) - 1} or skip PCA"
+        )
+    pca = PCA(n_components=int(dim), random_state=seed).fit(matrix)
+    return Projection(pca.mean_.astype(np.float32), pca.components_.T.astype(np.float32))
