@@ -244,10 +244,14 @@ class RefreshState:
 
     def to_dict(self) -> dict[str, Any]:
         """Nested dict of plain values and numpy arrays (inverse: :meth:`from_dict`)."""
+        fields = [f.name for f in dataclasses.fields(LayerState)]
         return {
             "epoch": self.epoch,
             "classes": self.classes,
-            "layers": {name: dataclasses.asdict(layer) for name, layer in self.layers.items()},
+            "layers": {
+                name: {key: getattr(layer, key) for key in fields}
+                for name, layer in self.layers.items()
+            },
         }
 
     @classmethod
@@ -332,6 +336,12 @@ class LatentClusterCorrection:
         device: str | torch.device | None = None,
         **overrides: Any,
     ) -> None:
+        known = {f.name for f in dataclasses.fields(LCCConfig)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise LCCInputError(
+                f"unknown LCC option(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}"
+            )
         if config is None:
             config = LCCConfig(**overrides)
         elif overrides:

@@ -246,7 +246,7 @@ def run(args: argparse.Namespace) -> int:
     pretrain = result["pretrain"]
     print(
         f"small-cnn pretrained on {result['pretrain_dataset']} ({pretrain['n_train']} samples, "
-        f"{pretrain['epochs']} epochs, test top-1 {100 * pretrain['test_top1']:.2f}%), "
+        f"{pretrain['epochs']} epoch(s), test top-1 {100 * pretrain['test_top1']:.2f}%), "
         f"fine-tuned on fashion-mnist ({baseline['n_train']} train / {baseline['n_test']} test "
         f"samples, {baseline['epochs']} epochs, seed {args.seed}); LCC on {LAYER}, k=5, w=0.01, "
         f"warmup 1, source {args.source}"
