@@ -190,6 +190,12 @@ class TrainConfig:
         "auto", "Lightning accelerator", kind="str", choices=ACCELERATORS, group="system"
     )
     num_workers: int = _option(0, "DataLoader worker processes", kind="int", group="system")
+    keep_checkpoints: bool = _option(
+        False,
+        "also keep checkpoints/epoch=E.ckpt of every epoch, besides last.ckpt",
+        kind="bool",
+        group="system",
+    )
     save_latents: bool = _option(
         False,
         "also store each refresh's latents z and labels y in DIR/refresh/*.npz "

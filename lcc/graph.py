@@ -49,7 +49,8 @@ def knn_graph(
     if weights == "rbf":
         scale = median_bandwidth(neighbors) if bandwidth is None else _check_bandwidth(bandwidth)
         ratio = neighbors.distances.astype(np.float64) / scale
-        data = np.maximum(np.exp(-(ratio**2)), np.finfo(np.float64).tiny)
+        with np.errstate(over="ignore", under="ignore"):
+            data = np.maximum(np.exp(-(ratio**2)), np.finfo(np.float64).tiny)
     else:
         data = np.ones((n, k), dtype=np.float64)
     directed = _directed(neighbors.indices, data)

@@ -28,8 +28,9 @@ rather than silently losing recall.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Literal
@@ -49,11 +50,13 @@ BACKENDS: tuple[str, ...] = ("auto", "faiss", "torch")
 
 # Largest distance block (in float32 entries) the torch search materialises at once: 64 MiB.
 _BLOCK_ENTRIES = 1 << 24
+# Searches with fewer multiply-adds than this run single-threaded.
+_SMALL_WORK = 1 << 28
 # Approximate mode: cells probed per cell, k-means iterations and training points per cell.
 _PROBES = 8
 _CELLS_PER_ROOT = 2.0
-_KMEANS_ITERATIONS = 8
-_POINTS_PER_CELL = 40
+_KMEANS_ITERATIONS = 4
+_POINTS_PER_CELL = 16
 # Approximate mode widens its search until the recall measured on this many rows reaches the
 # target (the margin above 0.95 covers the sampling error).
 _RECALL_SAMPLE = 300
@@ -126,10 +129,12 @@ def knn(
     >>> nb.indices.tolist(), nb.distances.tolist()
     ([[1, 2], [0, 2], [1, 0], [2, 1]], [[1.0, 3.0], [1.0, 2.0], [2.0, 3.0], [4.0, 6.0]])
     """
-    matrix = _prepare(as_latent_matrix(z), check_choice(metric, METRICS, name="metric"))
-    k = check_k(k, matrix.shape[0])
+    check_choice(metric, METRICS, name="metric")
     check_choice(mode, MODES, name="mode")
     use_faiss = _use_faiss(backend)
+    matrix = as_latent_matrix(z)
+    k = check_k(k, matrix.shape[0])
+    matrix = _prepare(matrix, metric)
     if mode == "approximate" and matrix.shape[0] >= _APPROXIMATE_MIN_ROWS:
         indices, squared, recall = _ivf_self_search(matrix, k, seed=seed, use_faiss=use_faiss)
         return Neighbors(indices, _to_distance(squared), recall=recall)
@@ -153,7 +158,8 @@ def search(
 
     Returns ``(indices, distances)``: ``(Q, k)`` int64 row numbers of ``base``, nearest first, and
     ``(Q, k)`` float32 Euclidean distances. Builds no index (a blocked matrix product + ``topk``),
-    so it is cheap to call many times on small sets.
+    so it is cheap to call many times on small sets; small ones run single-threaded (with two
+    threads on a busy machine, every small product waits for a descheduled thread).
 
     >>> idx, dist = search(np.array([[0.0], [2.0], [10.0]]), np.array([[1.5], [9.0]]), 2)
     >>> idx.tolist(), dist.tolist()
@@ -179,7 +185,9 @@ def search(
     if query_matrix.shape[0] == 0:
         return np.empty((0, k), np.int64), np.empty((0, k), np.float32)
     centre = base_matrix.mean(axis=0, dtype=np.float64).astype(np.float32)
-    indices, squared = _torch_search(base_matrix - centre, query_matrix - centre, int(k))
+    small = base_matrix.size * query_matrix.shape[0] < _SMALL_WORK
+    with _torch_threads(1 if small else None):
+        indices, squared = _torch_search(base_matrix - centre, query_matrix - centre, int(k))
     return indices, _to_distance(squared)
 
 
@@ -469,17 +477,26 @@ def _run_parallel(work: Callable[[int], None], items: list[int]) -> None:
 
     Many small matrix products parallelise better this way than with threads inside each
     product, and a core taken by another process then delays one worker, not every product.
-    torch's thread count is restored afterwards.
     """
     workers = torch.get_num_threads()
     if workers <= 1 or len(items) <= 1:
         for item in items:
             work(item)
         return
-    torch.set_num_threads(1)
+    with _torch_threads(1), ThreadPoolExecutor(max_workers=workers) as pool:
+        for _ in pool.map(work, items):
+            pass
+
+
+@contextmanager
+def _torch_threads(threads: int | None) -> Iterator[None]:
+    """Temporarily set torch's intra-op thread count (``None``: leave it), then restore it."""
+    previous = torch.get_num_threads()
+    if threads is None or threads == previous:
+        yield
+        return
+    torch.set_num_threads(threads)
     try:
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            for _ in pool.map(work, items):
-                pass
+        yield
     finally:
-        torch.set_num_threads(workers)
+        torch.set_num_threads(previous)

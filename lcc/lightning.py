@@ -549,6 +549,7 @@ class LCCModule(pl.LightningModule):
         """Eval pass over this rank's shard ``rank::world``, all-gathered into index order."""
         assert self.lcc is not None
         start = time.perf_counter()
+        self._sync_buffers()
         rank, world, n = int(self.global_rank), int(self.trainer.world_size), self.n_train
         rows = np.arange(rank, n, world)
         latents, y, predictions = collect_latents(
@@ -643,7 +644,16 @@ class LCCModule(pl.LightningModule):
 
     # --- test --------------------------------------------------------------------------------
 
+    def _sync_buffers(self) -> None:
+        """DDP: BatchNorm running statistics drift apart per rank (each updates them with its
+        own batches); give every rank rank 0's, which are the ones checkpointed."""
+        dist = _dist()
+        if dist is not None:
+            for buffer in self.model.buffers():
+                dist.broadcast(buffer.data, src=0)
+
     def on_test_epoch_start(self) -> None:
+        self._sync_buffers()
         self._test_sums = np.zeros(4)  # loss*B, top1, top5, count
 
     def test_step(self, batch: Any, batch_idx: int) -> None:

@@ -90,6 +90,11 @@ class RefreshConfig:
         ...
         lcc.errors.LCCInputError: pca=8 must be smaller than min(N, D) = 8; choose pca <= 7
         """
+        if self.method == "peer-pressure" and _check_resolution(self.resolution) != 1.0:
+            raise LCCInputError(
+                f"resolution={self.resolution} applies to leiden and louvain only; "
+                "peer-pressure has no resolution, leave it at 1.0"
+            )
         return RefreshConfig(
             k=check_k(self.k, n_samples),
             method=check_choice(self.method, CLUSTER_METHODS, name="method"),  # type: ignore[arg-type]

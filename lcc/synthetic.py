@@ -24,9 +24,10 @@ def gaussian_mixture(
     """Sample latents from ``n_classes * clusters_per_class`` isotropic Gaussian blobs.
 
     Centres are scaled so that two blob centres are ``separation`` apart on average and each
-    sample lies about ``noise`` from its centre (both in Euclidean norm). With ``intrinsic_dim`` set, blobs live in a random subspace of that
-    dimension embedded in ``dim`` dimensions (plus a little full-dimensional noise), as
-    latents of trained networks do.
+    sample lies about ``noise`` from its centre (both in Euclidean norm). With
+    ``intrinsic_dim`` set, blobs live in a random subspace of that dimension embedded in
+    ``dim`` dimensions (plus a little full-dimensional noise), as latents of trained
+    networks do.
 
     Returns ``(z, y, subcluster)``: float32 latents (N, dim), int64 class labels (N,), and
     int64 planted sub-cluster ids (N,), where sub-cluster ``s`` belongs to class
@@ -43,6 +44,8 @@ def gaussian_mixture(
     points = centres[subcluster] + rng.normal(size=(n_samples, space)) * (noise / np.sqrt(space))
     if space < dim:
         basis, _ = np.linalg.qr(rng.normal(size=(dim, space)))
-        points = points @ basis.T + rng.normal(size=(n_samples, dim)) * (0.05 * noise / np.sqrt(dim))
+        points = points @ basis.T + rng.normal(size=(n_samples, dim)) * (
+            0.05 * noise / np.sqrt(dim)
+        )
     labels = subcluster // clusters_per_class
     return points.astype(np.float32), labels.astype(np.int64), subcluster

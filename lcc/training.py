@@ -380,10 +380,11 @@ def train(
         raise
     checkpoint = ModelCheckpoint(
         dirpath=str(out / "checkpoints"),
-        filename="last",
-        save_top_k=1,
+        filename="epoch={epoch}" if config.keep_checkpoints else "last",
+        auto_insert_metric_name=False,
+        save_top_k=-1 if config.keep_checkpoints else 1,
         monitor=None,
-        save_last=False,
+        save_last=config.keep_checkpoints,
         every_n_epochs=1,
         save_on_train_epoch_end=True,
         enable_version_counter=False,

@@ -224,6 +224,7 @@ def test_loss_module_uses_the_targets() -> None:
         ({"resolution": 0.0}, "resolution=0.0 must be a positive"),
         ({"resolution": float("nan")}, "resolution=nan"),
         ({"seed": -1}, "seed must be a non-negative integer"),
+        ({"method": "peer-pressure", "resolution": 0.5}, "peer-pressure has no resolution"),
         ({"neighbours": 3}, "unknown refresh option"),
         ({"classes": [[1, 2]]}, "classes must be a 1-D"),
         ({"classes": [-1]}, "non-negative"),

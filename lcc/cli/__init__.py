@@ -24,7 +24,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lcc",
-        description="Latent Cluster Correction: cluster latents and fine-tune classifiers with LCC.",
+        description="Latent Cluster Correction: cluster latents, fine-tune classifiers with LCC.",
         formatter_class=HelpFormatter,
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)

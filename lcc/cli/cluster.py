@@ -95,7 +95,8 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         type=_positive_int,
         default=None,
         metavar="DIM",
-        help="project latents to DIM principal components first (targets then live in DIM)",
+        help="project latents to DIM principal components first (targets then live in DIM); "
+        "None: no PCA",
     )
     parser.add_argument(
         "--weights",
@@ -115,7 +116,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         type=_int_list,
         default=None,
         metavar="C1,C2,...",
-        help="only samples of these classes get targets (default: all classes)",
+        help="only samples of these classes get targets; None: every class",
     )
     parser.add_argument(
         "--seed", type=int, default=0, help="seed of every random choice (and of the example)"

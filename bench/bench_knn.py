@@ -1,0 +1,97 @@
+"""Benchmark k-NN search: exact faiss, exact torch fallback, approximate mode (time and recall).
+
+Run ``python bench/bench_knn.py`` (N=50,000 x 512, 100 classes, k in {5, 50}); ``--n 5000`` for a
+quick look. Latents come from :func:`lcc.synthetic.gaussian_mixture`. Times are wall-clock seconds
+(best and median of ``--repeats`` runs for the fast modes); on a shared machine they are noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from lcc.graph import knn_graph
+from lcc.knn import Neighbors, knn, knn_recall
+from lcc.synthetic import gaussian_mixture
+
+
+def timed(run: Callable[[], Neighbors], repeats: int) -> tuple[Neighbors, list[float]]:
+    """Result of the last run and the wall-clock time of every run."""
+    times = []
+    result = None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = run()
+        times.append(time.perf_counter() - start)
+    assert result is not None
+    return result, times
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=50_000, help="number of latents")
+    parser.add_argument("--dim", type=int, default=512, help="latent dimension")
+    parser.add_argument("--classes", type=int, default=100)
+    parser.add_argument("--clusters-per-class", type=int, default=3)
+    parser.add_argument("--intrinsic-dim", type=int, default=48, help="0: full dimension")
+    parser.add_argument("--k", type=int, nargs="+", default=[5, 50])
+    parser.add_argument("--repeats", type=int, default=3, help="runs of the fast modes")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--skip-torch", action="store_true", help="skip the slow torch fallback")
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    z, _, _ = gaussian_mixture(
+        args.n,
+        args.dim,
+        args.classes,
+        args.clusters_per_class,
+        intrinsic_dim=args.intrinsic_dim or None,
+        seed=args.seed,
+    )
+    print(f"latents: {z.shape[0]} x {z.shape[1]}, intrinsic dim {args.intrinsic_dim or 'full'}")
+    rows = []
+    for k in args.k:
+        exact, faiss_times = timed(lambda k=k: knn(z, k, backend="faiss"), 1)
+        torch_time = float("nan")
+        if not args.skip_torch:
+            fallback, torch_times = timed(lambda k=k: knn(z, k, backend="torch"), 1)
+            torch_time = torch_times[0]
+            np.testing.assert_allclose(fallback.distances, exact.distances, rtol=1e-3, atol=1e-3)
+        approx, approx_times = timed(lambda k=k: knn(z, k, mode="approximate"), args.repeats)
+        _, graph_times = timed(lambda exact=exact: knn_graph(exact), args.repeats)
+        recall = knn_recall(approx, exact)
+        row = {
+            "k": k,
+            "exact_faiss_s": round(faiss_times[0], 2),
+            "exact_torch_s": round(torch_time, 2),
+            "approx_best_s": round(min(approx_times), 2),
+            "approx_median_s": round(statistics.median(approx_times), 2),
+            "recall": round(recall, 4),
+            "estimated_recall": round(approx.recall, 4),
+            "graph_best_s": round(min(graph_times), 3),
+        }
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    print(
+        "\n| k | exact faiss s | exact torch s | approx s (best / median) | recall | est. recall |"
+        " graph s |"
+    )
+    print("|---" * 7 + "|")
+    for row in rows:
+        print(
+            f"| {row['k']} | {row['exact_faiss_s']} | {row['exact_torch_s']} | "
+            f"{row['approx_best_s']} / {row['approx_median_s']} | {row['recall']} | "
+            f"{row['estimated_recall']} | {row['graph_best_s']} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
