@@ -24,17 +24,18 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import numpy as np
 
+from lcc.cluster import cluster_graph
 from lcc.errors import LCCInputError, as_label_vector, as_latent_matrix, check_choice, check_k
-
-if TYPE_CHECKING:
-    from lcc.loss import LCCLoss
-    from lcc.match import Matching
-    from lcc.projection import Projection
-    from lcc.targets import Targets
+from lcc.graph import knn_graph
+from lcc.knn import knn
+from lcc.loss import LCCLoss
+from lcc.match import Matching, as_class_subset, match_clusters
+from lcc.projection import Projection, fit_pca
+from lcc.targets import Targets, approximate_targets, exact_targets
 
 __all__ = [
     "CLUSTER_METHODS",
@@ -183,8 +184,6 @@ class Refresh:
 
     def loss(self, *, squared: bool = False) -> LCCLoss:
         """An :class:`lcc.loss.LCCLoss` holding these targets (and the PCA projection, if any)."""
-        from lcc.loss import LCCLoss
-
         return LCCLoss(self.targets, projection=self.projection, squared=squared)
 
 
@@ -204,7 +203,6 @@ def refresh(
     those classes. ``progress``, if given, is called with each stage name of :data:`STAGES`
     as the stage starts. Raises :class:`LCCInputError` before any work on bad input.
     """
-    _import_stages()  # one-time import cost stays out of the timings
     start = time.perf_counter()
     z, y, config, classes = _validate(z, y, config, classes, overrides)
     seconds: dict[str, float] = {}
@@ -213,24 +211,16 @@ def refresh(
     with _timed(seconds, "pca", notify if config.pca is not None else _silent):
         projection, z = _project(z, config)
     with _timed(seconds, "knn", notify):
-        from lcc.knn import knn
-
         neighbors = knn(z, config.k, mode=config.knn, metric=config.metric, seed=config.seed)
     with _timed(seconds, "graph", notify):
-        from lcc.graph import knn_graph
-
         adjacency = knn_graph(neighbors, weights=config.weights)
         del neighbors
     with _timed(seconds, "cluster", notify):
-        from lcc.cluster import cluster_graph
-
         clustering = cluster_graph(
             adjacency, config.method, resolution=config.resolution, seed=config.seed
         )
         del adjacency
     with _timed(seconds, "match", notify):
-        from lcc.match import match_clusters
-
         matching = match_clusters(clustering.labels, y)
     with _timed(seconds, "targets", notify):
         targets = _targets(z, y, clustering.labels, matching, config, classes)
@@ -251,15 +241,6 @@ def refresh(
     )
 
 
-def _import_stages() -> None:
-    import lcc.cluster
-    import lcc.graph
-    import lcc.knn
-    import lcc.match
-    import lcc.projection
-    import lcc.targets  # noqa: F401
-
-
 def _validate(
     z: object,
     y: object,
@@ -267,9 +248,6 @@ def _validate(
     classes: object,
     overrides: dict[str, Any],
 ) -> tuple[np.ndarray, np.ndarray, RefreshConfig, np.ndarray | None]:
-    shape = np.shape(z) if not hasattr(z, "shape") else tuple(z.shape)  # type: ignore[union-attr]
-    if len(shape) >= 2 and shape[0] == 0:  # as_latent_matrix cannot reshape an empty array
-        raise LCCInputError("z has 0 samples; at least 2 are needed")
     matrix = as_latent_matrix(z)
     labels = as_label_vector(y, matrix.shape[0])
     if config is None:
@@ -286,14 +264,12 @@ def _validate(
             f"unknown refresh option(s) {', '.join(unknown)}; valid: {', '.join(sorted(names))}"
         )
     config = dataclasses.replace(config, **overrides).validated(*matrix.shape)
-    return matrix, labels, config, _check_classes(classes)
+    return matrix, labels, config, as_class_subset(classes)
 
 
 def _project(z: np.ndarray, config: RefreshConfig) -> tuple[Projection | None, np.ndarray]:
     if config.pca is None:
         return None, z
-    from lcc.projection import fit_pca
-
     projection = fit_pca(z, config.pca, seed=config.seed)
     projected = np.ascontiguousarray(projection.apply(z), dtype=np.float32)
     return projection, projected
@@ -307,8 +283,6 @@ def _targets(
     config: RefreshConfig,
     classes: np.ndarray | None,
 ) -> Targets:
-    from lcc.targets import approximate_targets, exact_targets
-
     if config.targets == "exact":
         return exact_targets(
             z, y, matching.correctly_clustered, config.k, classes=classes, metric=config.metric
@@ -359,14 +333,3 @@ def _check_seed(seed: object) -> int:
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise LCCInputError(f"seed must be a non-negative integer, got {seed!r}")
     return int(seed)
-
-
-def _check_classes(classes: object) -> np.ndarray | None:
-    if classes is None:
-        return None
-    values = np.asarray(classes)
-    if values.ndim == 0:
-        values = values.reshape(1)
-    if values.ndim != 1:
-        raise LCCInputError(f"classes must be a 1-D list of class labels, got shape {values.shape}")
-    return np.unique(as_label_vector(values, values.shape[0], name="classes"))

@@ -7,23 +7,12 @@ import pytest
 import scipy.sparse as sp
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from oracles import brute_force_knn_graph
 from sklearn.metrics import adjusted_rand_score
 
 from lcc.errors import LCCInputError
 from lcc.peer_pressure import _move, conductance, peer_pressure, peer_pressure_trace
 from lcc.synthetic import gaussian_mixture
-
-
-def brute_force_knn_graph(z: np.ndarray, k: int) -> sp.csr_matrix:
-    """Unweighted graph linking i and j when either is among the other's k nearest (loops)."""
-    z = z.astype(np.float64)
-    n = z.shape[0]
-    dense = np.zeros((n, n))
-    for i in range(n):
-        distances = np.linalg.norm(z - z[i], axis=1)
-        distances[i] = np.inf
-        dense[i, np.argsort(distances, kind="stable")[:k]] = 1.0
-    return sp.csr_matrix(np.maximum(dense, dense.T))
 
 
 def naive_conductance(dense: np.ndarray, labels: list[int]) -> float:
