@@ -22,9 +22,12 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import threading
 import time
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
@@ -58,12 +61,14 @@ class PeakRSS:
         self.peak = max(self.peak, _rss_bytes())
 
 
-def _post_warmup(metrics: dict[str, Any]) -> float:
-    seconds = metrics["epoch_seconds"][1:] or metrics["epoch_seconds"]
+def _post_warmup(metrics: dict[str, Any], key: str = "epoch_seconds") -> float:
+    seconds = metrics[key][1:] or metrics[key]
     return statistics.mean(seconds)
 
 
-def time_runs(out: Path, *, quick: bool, epochs: int, repeats: int, seed: int) -> dict[str, Any]:
+def time_runs(
+    out: Path, *, quick: bool, epochs: int, repeats: int, seed: int, model: str = "small-cnn"
+) -> dict[str, Any]:
     from lcc.cli.demo import FULL, LAYER, QUICK, _pretrain_data
     from lcc.config import TrainConfig
     from lcc.data import load_dataset
@@ -74,7 +79,7 @@ def time_runs(out: Path, *, quick: bool, epochs: int, repeats: int, seed: int) -
         "fashion-mnist", subset=sizes["subset"], test_subset=sizes["test_subset"], seed=seed
     )
     name, pretrain_data = _pretrain_data(sizes, seed)
-    common = {"model": "small-cnn", "seed": seed, "lr": 0.05}
+    common = {"model": model, "seed": seed, "lr": 0.05}
     pretrain_dir = out / "pretrain"
     train(
         TrainConfig(
@@ -88,7 +93,7 @@ def time_runs(out: Path, *, quick: bool, epochs: int, repeats: int, seed: int) -
     finetune = {
         **common, "dataset": "fashion-mnist", "subset": sizes["subset"],
         "test_subset": sizes["test_subset"], "epochs": epochs, "checkpoint": str(weights),
-        "layers": [LAYER],
+        "layers": [LAYER] if model == "small-cnn" else None,
     }  # fmt: skip
     settings = {
         "baseline": {"no_lcc": True},
@@ -96,6 +101,7 @@ def time_runs(out: Path, *, quick: bool, epochs: int, repeats: int, seed: int) -
         "fresh": {"source": "fresh"},
     }
     per_epoch: dict[str, list[float]] = {key: [] for key in settings}
+    per_epoch_cpu: dict[str, list[float]] = {key: [] for key in settings}
     runs: dict[str, dict[str, Any]] = {}
     for repeat in range(repeats):
         for key, extra in settings.items():  # interleaved, so load changes hit all settings
@@ -106,6 +112,7 @@ def time_runs(out: Path, *, quick: bool, epochs: int, repeats: int, seed: int) -
                 report=False,
             )
             per_epoch[key].append(_post_warmup(metrics))
+            per_epoch_cpu[key].append(_post_warmup(metrics, "epoch_cpu_seconds"))
             runs[key] = metrics
             epoch_seconds = [round(s, 2) for s in metrics["epoch_seconds"]]
             refresh_seconds = [round(s, 2) for s in metrics["refresh_seconds"]]
@@ -115,7 +122,11 @@ def time_runs(out: Path, *, quick: bool, epochs: int, repeats: int, seed: int) -
                 flush=True,
             )
     medians = {key: statistics.median(values) for key, values in per_epoch.items()}
+    cpu = {key: statistics.median(values) for key, values in per_epoch_cpu.items()}
     return {
+        "post_warmup_epoch_cpu_seconds": cpu,
+        "cpu_ratio_recorded": cpu["recorded"] / cpu["baseline"],
+        "cpu_ratio_fresh": cpu["fresh"] / cpu["baseline"],
         "sizes": sizes,
         "epochs": epochs,
         "repeats": repeats,
@@ -131,7 +142,9 @@ def time_runs(out: Path, *, quick: bool, epochs: int, repeats: int, seed: int) -
     }
 
 
-def refresh_memory(weights: str, *, quick: bool, seed: int) -> dict[str, Any]:
+def refresh_memory(
+    weights: str, *, quick: bool, seed: int, model_name: str = "small-cnn"
+) -> dict[str, Any]:
     """One fresh refresh of the pretrained model on the training subset, with peak RSS."""
     import gc
 
@@ -142,6 +155,7 @@ def refresh_memory(weights: str, *, quick: bool, seed: int) -> dict[str, Any]:
     from lcc.correction import LatentClusterCorrection
     from lcc.data import IndexedDataset, load_dataset
     from lcc.models import build_model
+    from lcc.training import default_layers
 
     sizes = QUICK if quick else FULL
     fashion = load_dataset(
@@ -149,17 +163,29 @@ def refresh_memory(weights: str, *, quick: bool, seed: int) -> dict[str, Any]:
     )
     torch.manual_seed(seed)
     model = build_model(
-        "small-cnn", 10, input_shape=fashion.input_shape, pretrained=False, checkpoint=weights
+        model_name, 10, input_shape=fashion.input_shape, pretrained=False, checkpoint=weights
     )
     loader = DataLoader(IndexedDataset(fashion.train_plain), batch_size=256)
-    lcc = LatentClusterCorrection(model, layers=[LAYER], k=5, warmup=0)
+    sample = torch.stack([fashion.train_plain[i][0] for i in range(2)])
+    layer_name = LAYER if model_name == "small-cnn" else default_layers(model, sample)[0]
+    lcc = LatentClusterCorrection(model, layers=[layer_name], k=5, warmup=0)
+    from lcc.refresh import refresh
+    from lcc.synthetic import gaussian_mixture
+
+    z, y, _ = gaussian_mixture(n_samples=300, dim=8, n_classes=3, seed=0)
+    refresh(z, y, k=5)  # warm-up: imports faiss/igraph, so their code is not counted below
+    with torch.no_grad():  # and torch's first-forward allocations
+        model.eval()(next(iter(loader))[0])
     gc.collect()
+    tracemalloc.start()
     start = time.perf_counter()
     with PeakRSS() as memory:
         stats = lcc.start_epoch(0, loader)
     seconds = time.perf_counter() - start
+    traced_peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
     assert stats is not None
-    layer = stats[LAYER]
+    layer = stats[layer_name]
     n, d = layer["n"], layer.get("input_dim", layer["d"])
     return {
         "refresh_seconds": seconds,
@@ -168,6 +194,7 @@ def refresh_memory(weights: str, *, quick: bool, seed: int) -> dict[str, Any]:
         "d": d,
         "latents_mib": n * d * 4 / 2**20,
         "peak_rss_increase_mib": (memory.peak - memory.start) / 2**20,
+        "peak_python_numpy_mib": traced_peak / 2**20,
         "rss_before_mib": memory.start / 2**20,
         "n_clusters": layer["n_clusters"],
         "misclustered_fraction": layer["misclustered_fraction"],
@@ -182,18 +209,41 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=4, help="fine-tuning epochs per run")
     parser.add_argument("--repeats", type=int, default=1, help="runs per setting (median)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--model",
+        default="small-cnn",
+        help="small-cnn (the demo, layer act1) or small-resnet (default layer: its pool)",
+    )
     parser.add_argument("--out", default=None, help="run folder (default: a temporary one)")
     parser.add_argument("--json", default=None, help="also write the results to this file")
+    parser.add_argument("--memory-only", metavar="WEIGHTS", help=argparse.SUPPRESS)
     args = parser.parse_args()
     import torch
+
+    if args.memory_only:
+        result = refresh_memory(
+            args.memory_only, quick=args.quick, seed=args.seed, model_name=args.model
+        )
+        print(json.dumps(result))
+        return
 
     with tempfile.TemporaryDirectory(prefix="lcc-bench-") as temporary:
         out = Path(args.out or temporary)
         print(f"torch threads: {torch.get_num_threads()}, cpus: {os.cpu_count()}", flush=True)
         timing = time_runs(
-            out, quick=args.quick, epochs=args.epochs, repeats=args.repeats, seed=args.seed
+            out,
+            quick=args.quick,
+            epochs=args.epochs,
+            repeats=args.repeats,
+            seed=args.seed,
+            model=args.model,
         )
-        memory = refresh_memory(timing["pretrain_checkpoint"], quick=args.quick, seed=args.seed)
+        # in a fresh process: the allocator's free pools of the training runs would hide it
+        command = [sys.executable, __file__, "--memory-only", timing["pretrain_checkpoint"]]
+        command += ["--seed", str(args.seed), "--model", args.model]
+        command += ["--quick"] if args.quick else []
+        done = subprocess.run(command, capture_output=True, text=True, check=True)
+        memory = json.loads(done.stdout.strip().splitlines()[-1])
     medians = timing["post_warmup_epoch_seconds"]
     print(f"\nper-epoch wall time (median of post-warmup epochs, n_train={timing['n_train']}):")
     print(f"  baseline        {medians['baseline']:.2f} s")
@@ -205,11 +255,17 @@ def main() -> None:
         f"  LCC fresh       {medians['fresh']:.2f} s   ratio {timing['ratio_fresh']:.2f}x"
         "  (target <= 1.5x)"
     )
+    cpu = timing["post_warmup_epoch_cpu_seconds"]
+    print("per-epoch CPU time of the process (less sensitive to other load on the machine):")
+    print(f"  baseline        {cpu['baseline']:.2f} s")
+    print(f"  LCC recorded    {cpu['recorded']:.2f} s   ratio {timing['cpu_ratio_recorded']:.2f}x")
+    print(f"  LCC fresh       {cpu['fresh']:.2f} s   ratio {timing['cpu_ratio_fresh']:.2f}x")
     print(
         f"refresh (fresh, {memory['n']} x {memory['d']} latents = "
         f"{memory['latents_mib']:.1f} MiB): "
         f"{memory['refresh_seconds']:.2f} s, peak RSS increase "
-        f"{memory['peak_rss_increase_mib']:.1f} MiB"
+        f"{memory['peak_rss_increase_mib']:.1f} MiB (Python/NumPy allocations: "
+        f"{memory['peak_python_numpy_mib']:.1f} MiB)"
     )
     print(f"  stages: {json.dumps({k: round(v, 3) for k, v in memory['stage_seconds'].items()})}")
     if args.json:

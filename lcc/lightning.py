@@ -59,7 +59,10 @@ __all__ = [
     "LCCDataModule",
     "LCCModule",
     "NonFiniteLossError",
+    "all_gather_rows",
     "epoch_seed",
+    "preserved_rng",
+    "seed_rngs",
 ]
 
 
@@ -351,7 +354,7 @@ class LCCModule(pl.LightningModule):
             self.lcc = LatentClusterCorrection(model, lcc_config, n_samples=self.n_train)
         self.history: list[dict[str, Any]] = []  # one record per finished epoch
         self.test_metrics: dict[str, float] = {}
-        self._epoch_start = 0.0
+        self._epoch_start = self._epoch_cpu_start = 0.0
         self._refresh_seconds = 0.0
         self._refresh_stats: dict[str, dict[str, Any]] | None = None
         self._sums = np.zeros(5)  # loss*B, ce*B, lcc*B, correct, count
@@ -384,6 +387,7 @@ class LCCModule(pl.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         self._epoch_start = time.perf_counter()
+        self._epoch_cpu_start = time.process_time()
         self._refresh_seconds = 0.0
         self._refresh_stats = None
         self._sums[:] = 0
@@ -448,6 +452,7 @@ class LCCModule(pl.LightningModule):
             "lcc": term / count,
             "train_top1": correct / count,
             "seconds": time.perf_counter() - self._epoch_start,
+            "cpu_seconds": time.process_time() - self._epoch_cpu_start,
             "refresh_seconds": self._refresh_seconds,
             "lr": float(self.trainer.optimizers[0].param_groups[0]["lr"]),
         }

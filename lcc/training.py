@@ -442,6 +442,7 @@ def _metrics(
         "train_top1": history[-1]["train_top1"] if history else None,
         "epoch_seconds": seconds,
         "mean_epoch_seconds": sum(seconds) / len(seconds) if seconds else None,
+        "epoch_cpu_seconds": [record.get("cpu_seconds") for record in history],
         "refresh_seconds": refresh_seconds,
         "total_refresh_seconds": sum(refresh_seconds),
         "refreshes": len(refreshed),

@@ -31,7 +31,7 @@ DESCRIPTION = """\
 Pretrain a small CNN on MNIST, fine-tune it on Fashion-MNIST twice with the same seed --
 baseline (cross-entropy) and LCC -- and print a side-by-side table: test top-1 and top-5,
 wall time per epoch, refresh seconds, misclustered fraction at the last refresh. CPU only,
-offline; about 5 minutes on 2 cores (a few seconds per epoch).
+offline; about 20 seconds on 2 idle cores (measured; minutes on a busy machine).
 
 runs, in --out DIR:
   pretrain-mnist  small-cnn on a stratified 10,000-sample MNIST subset, 2 epochs (without
