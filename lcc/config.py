@@ -103,7 +103,8 @@ class TrainConfig:
     targets: str = _option(
         "exact",
         "correction targets: mean of k nearest correctly clustered same-class neighbours "
-        "(exact) or the class centroid of the matched cluster (approximate)",
+        "(exact, eq. 7) or the nearest random correctly clustered representative of a "
+        "cluster matched to the class (approximate, eq. 13-14)",
         kind="str",
         choices=TARGET_MODES,
     )
