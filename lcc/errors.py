@@ -89,13 +89,13 @@ def as_label_vector(y: object, n_samples: int, *, name: str = "y") -> np.ndarray
     return labels
 
 
-def check_k(k: int, n_samples: int) -> int:
-    """Validate the neighbour count ``k`` against the number of samples."""
+def check_k(k: int, n_samples: int | None = None) -> int:
+    """Validate the neighbour count ``k``: an integer >= 1, below ``n_samples`` when given."""
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
         raise LCCInputError(f"k must be an integer, got {k!r}")
     if k < 1:
-        raise LCCInputError(f"k={k} must be at least 1")
-    if k >= n_samples:
+        raise LCCInputError(f"k={k} must be at least 1 (a positive integer)")
+    if n_samples is not None and k >= n_samples:
         raise LCCInputError(
             f"k={k} must be smaller than the number of samples ({n_samples}); "
             f"choose k <= {n_samples - 1}"

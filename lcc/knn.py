@@ -173,8 +173,7 @@ def search(
             f"queries have dimension {query_matrix.shape[1]} but base has "
             f"{base_matrix.shape[1]}; pass rows from the same latent space"
         )
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise LCCInputError(f"k must be a positive integer, got {k!r}")
+    k = check_k(k)
     if k > base_matrix.shape[0]:
         raise LCCInputError(
             f"k={k} exceeds the {base_matrix.shape[0]} base rows; choose k <= "

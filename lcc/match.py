@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lcc.errors import LCCInputError, as_label_vector
+from lcc.errors import LCCInputError, as_label_vector, check_k
 
 __all__ = ["Matching", "as_class_subset", "correctible_mask", "match_clusters"]
 
@@ -62,26 +62,12 @@ class Matching:
 
 def as_labels(y: object, *, name: str = "y") -> np.ndarray:
     """Validate a 1-D vector of non-negative integer labels of any length (int64)."""
-    values = y.detach().cpu().numpy() if hasattr(y, "detach") else np.asarray(y)
-    return as_label_vector(values, values.shape[0] if values.ndim else 0, name=name)
+    return as_label_vector(y, int(np.shape(y)[0]) if np.ndim(y) else 0, name=name)
 
 
 def as_cluster_vector(clusters: object, n_samples: int) -> np.ndarray:
     """Validate cluster ids: ``n_samples`` non-negative integers (int64)."""
-    return as_label_vector(
-        clusters.detach().cpu().numpy() if hasattr(clusters, "detach") else clusters,
-        n_samples,
-        name="clusters",
-    )
-
-
-def check_positive_k(k: object) -> int:
-    """Validate a neighbour count: an integer >= 1."""
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
-        raise LCCInputError(f"k must be an integer, got {k!r}")
-    if k < 1:
-        raise LCCInputError(f"k={k} must be at least 1")
-    return int(k)
+    return as_label_vector(clusters, n_samples, name="clusters")
 
 
 def match_clusters(clusters: Sequence[int] | np.ndarray, y: Sequence[int] | np.ndarray) -> Matching:
@@ -136,7 +122,7 @@ def correctible_mask(
     """
     y = as_labels(y)
     cc = as_mask(correctly_clustered, y.shape[0])
-    k = check_positive_k(k)
+    k = check_k(k)
     classes_present, class_index = np.unique(y, return_inverse=True)
     cc_per_class = np.bincount(class_index[cc], minlength=classes_present.shape[0])
     mask = ~cc & (cc_per_class[class_index] >= k)

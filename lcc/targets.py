@@ -22,7 +22,6 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from lcc.errors import LCCInputError, as_label_vector, as_latent_matrix, check_choice, check_k
 from lcc.knn import search
@@ -33,7 +32,6 @@ __all__ = ["Targets", "approximate_targets", "choose_representatives", "exact_ta
 #: Upper bound (bytes) on the temporary blocks of one query chunk (distances, gathered rows).
 CHUNK_BYTES = 64 * 2**20
 #: Searches with fewer multiply-adds than this run on one thread (see ``_search``).
-SMALL_BLOCK = 2**28
 
 
 @dataclass(frozen=True)
@@ -124,7 +122,7 @@ def exact_targets(
         queries = members[correctible[members]]
         rows = np.searchsorted(indices, queries)
         for chunk in _chunks(queries.shape[0], base.shape[0], k, z.shape[1]):
-            found, _ = _search(base, z[queries[chunk]], k, metric)
+            found, _ = search(base, z[queries[chunk]], k, metric=metric)
             vectors[rows[chunk]] = base[found].mean(axis=1)
     return Targets(indices=indices, vectors=vectors, n_samples=n)
 
@@ -198,7 +196,7 @@ def approximate_targets(
         queries = members[correctible[members]]
         rows = np.searchsorted(indices, queries)
         for chunk in _chunks(queries.shape[0], base.shape[0], 1, z.shape[1]):
-            found, _ = _search(base, z[queries[chunk]], 1, "l2")
+            found, _ = search(base, z[queries[chunk]], 1)
             vectors[rows[chunk]] = base[found[:, 0]]
     return Targets(indices=indices, vectors=vectors, n_samples=n)
 
@@ -221,23 +219,3 @@ def _chunks(n_queries: int, n_base: int, k: int, dim: int) -> Iterator[slice]:
     step = max(1, CHUNK_BYTES // per_query)
     for start in range(0, n_queries, step):
         yield slice(start, min(start + step, n_queries))
-
-
-def _search(
-    base: np.ndarray, queries: np.ndarray, k: int, metric: str
-) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`lcc.knn.search`, single-threaded on small blocks.
-
-    Per-class blocks are mostly small; splitting them over threads gains little and, on a busy
-    machine, every parallel region waits for a descheduled thread (measured: 100 classes of
-    500 x 512 took 1-3.5 s with 2 threads under load, 0.13 s with 1).
-    """
-    work = base.shape[0] * queries.shape[0] * base.shape[1]
-    threads = torch.get_num_threads()
-    if work >= SMALL_BLOCK or threads == 1:
-        return search(base, queries, k, metric=metric)
-    torch.set_num_threads(1)
-    try:
-        return search(base, queries, k, metric=metric)
-    finally:
-        torch.set_num_threads(threads)
