@@ -1,8 +1,9 @@
 """Benchmark k-NN search: exact faiss, exact torch fallback, approximate mode (time and recall).
 
 Run ``python bench/bench_knn.py`` (N=50,000 x 512, 100 classes, k in {5, 50}); ``--n 5000`` for a
-quick look. Latents come from :func:`lcc.synthetic.gaussian_mixture`. Times are wall-clock seconds
-(best and median of ``--repeats`` runs for the fast modes); on a shared machine they are noisy.
+quick look. Latents come from :func:`lcc.synthetic.gaussian_mixture`, or from ``--latents FILE``
+(``.npy``, or ``.npz`` with the rows under ``z``). Times are wall-clock seconds (best and median of
+``--repeats`` runs for the fast modes); on a shared machine they are noisy.
 """
 
 from __future__ import annotations
@@ -43,20 +44,26 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="runs of the fast modes")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-torch", action="store_true", help="skip the slow torch fallback")
+    parser.add_argument("--latents", help=".npy file, or .npz with key z, instead of synthetic")
     return parser.parse_args()
 
 
 def main() -> None:
     args = parse_args()
-    z, _, _ = gaussian_mixture(
-        args.n,
-        args.dim,
-        args.classes,
-        args.clusters_per_class,
-        intrinsic_dim=args.intrinsic_dim or None,
-        seed=args.seed,
-    )
-    print(f"latents: {z.shape[0]} x {z.shape[1]}, intrinsic dim {args.intrinsic_dim or 'full'}")
+    if args.latents:
+        loaded = np.load(args.latents)
+        z = loaded["z"] if isinstance(loaded, np.lib.npyio.NpzFile) else loaded
+        print(f"latents: {z.shape[0]} x {z.shape[1]} from {args.latents}")
+    else:
+        z, _, _ = gaussian_mixture(
+            args.n,
+            args.dim,
+            args.classes,
+            args.clusters_per_class,
+            intrinsic_dim=args.intrinsic_dim or None,
+            seed=args.seed,
+        )
+        print(f"latents: {z.shape[0]} x {z.shape[1]}, intrinsic dim {args.intrinsic_dim or 'full'}")
     rows = []
     for k in args.k:
         exact, faiss_times = timed(lambda k=k: knn(z, k, backend="faiss"), 1)
@@ -72,8 +79,8 @@ def main() -> None:
             "k": k,
             "exact_faiss_s": round(faiss_times[0], 2),
             "exact_torch_s": round(torch_time, 2),
-            "approx_best_s": round(min(approx_times), 2),
-            "approx_median_s": round(statistics.median(approx_times), 2),
+            "approx_best_s": round(min(approx_times), 3),
+            "approx_median_s": round(statistics.median(approx_times), 3),
             "recall": round(recall, 4),
             "estimated_recall": round(approx.recall, 4),
             "graph_best_s": round(min(graph_times), 3),

@@ -1,9 +1,9 @@
 """Epoch-time cost of LCC on the demo setup, and the refresh's peak memory.
 
-Runs the ``lcc demo`` setup (small-cnn pretrained on MNIST, fine-tuned on a 10,000 / 2,000
-sample Fashion-MNIST subset, batch 128, CPU) three ways with the same seed -- baseline,
-LCC with the ``recorded`` latent source, LCC with the ``fresh`` source -- and prints the
-per-epoch wall time of each and the ratios LCC / baseline (targets: recorded <= 1.1x,
+Runs the ``lcc demo`` setup (a built-in model pretrained on MNIST, fine-tuned on a 10,000 /
+2,000 sample Fashion-MNIST subset, batch 128, CPU; ``--model`` picks it) three ways with the
+same seed -- baseline, LCC with the ``recorded`` latent source, LCC with the ``fresh`` source --
+and prints the per-epoch wall time of each and the ratios LCC / baseline (targets: recorded <= 1.1x,
 fresh <= 1.5x). Epoch 0 is the warmup (no refresh), so ratios use the post-warmup epochs;
 an LCC epoch includes its refresh. Then measures one refresh (fresh pass + clustering +
 targets) of the pretrained model on the training subset: wall time, peak RSS increase
@@ -67,9 +67,16 @@ def _post_warmup(metrics: dict[str, Any], key: str = "epoch_seconds") -> float:
 
 
 def time_runs(
-    out: Path, *, quick: bool, epochs: int, repeats: int, seed: int, model: str = "small-cnn"
+    out: Path,
+    *,
+    quick: bool,
+    epochs: int,
+    repeats: int,
+    seed: int,
+    model: str = "small-resnet",
+    knn: str = "exact",
 ) -> dict[str, Any]:
-    from lcc.cli.demo import FULL, LAYER, QUICK, _pretrain_data
+    from lcc.cli.demo import DEMO_LAYERS, FULL, QUICK, _pretrain_data
     from lcc.config import TrainConfig
     from lcc.data import load_dataset
     from lcc.training import train
@@ -93,12 +100,12 @@ def time_runs(
     finetune = {
         **common, "dataset": "fashion-mnist", "subset": sizes["subset"],
         "test_subset": sizes["test_subset"], "epochs": epochs, "checkpoint": str(weights),
-        "layers": [LAYER] if model == "small-cnn" else None,
+        "layers": [DEMO_LAYERS[model]] if model in DEMO_LAYERS else None,
     }  # fmt: skip
     settings = {
         "baseline": {"no_lcc": True},
-        "recorded": {"source": "recorded"},
-        "fresh": {"source": "fresh"},
+        "recorded": {"source": "recorded", "knn": knn},
+        "fresh": {"source": "fresh", "knn": knn},
     }
     per_epoch: dict[str, list[float]] = {key: [] for key in settings}
     per_epoch_cpu: dict[str, list[float]] = {key: [] for key in settings}
@@ -143,7 +150,7 @@ def time_runs(
 
 
 def refresh_memory(
-    weights: str, *, quick: bool, seed: int, model_name: str = "small-cnn"
+    weights: str, *, quick: bool, seed: int, model_name: str = "small-resnet"
 ) -> dict[str, Any]:
     """One fresh refresh of the pretrained model on the training subset, with peak RSS."""
     import gc
@@ -151,7 +158,7 @@ def refresh_memory(
     import torch
     from torch.utils.data import DataLoader
 
-    from lcc.cli.demo import FULL, LAYER, QUICK
+    from lcc.cli.demo import DEMO_LAYERS, FULL, QUICK
     from lcc.correction import LatentClusterCorrection
     from lcc.data import IndexedDataset, load_dataset
     from lcc.models import build_model
@@ -167,7 +174,7 @@ def refresh_memory(
     )
     loader = DataLoader(IndexedDataset(fashion.train_plain), batch_size=256)
     sample = torch.stack([fashion.train_plain[i][0] for i in range(2)])
-    layer_name = LAYER if model_name == "small-cnn" else default_layers(model, sample)[0]
+    layer_name = DEMO_LAYERS.get(model_name) or default_layers(model, sample)[0]
     lcc = LatentClusterCorrection(model, layers=[layer_name], k=5, warmup=0)
     from lcc.refresh import refresh
     from lcc.synthetic import gaussian_mixture
@@ -211,8 +218,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--model",
-        default="small-cnn",
-        help="small-cnn (the demo, layer act1) or small-resnet (default layer: its pool)",
+        default="small-resnet",
+        help="small-resnet (the demo's default, layer pool) or small-cnn (lcc demo --model "
+        "small-cnn, layer act1)",
+    )
+    parser.add_argument(
+        "--knn", default="exact", choices=("exact", "approximate"), help="k-NN mode of LCC"
     )
     parser.add_argument("--out", default=None, help="run folder (default: a temporary one)")
     parser.add_argument("--json", default=None, help="also write the results to this file")
@@ -237,6 +248,7 @@ def main() -> None:
             repeats=args.repeats,
             seed=args.seed,
             model=args.model,
+            knn=args.knn,
         )
         # in a fresh process: the allocator's free pools of the training runs would hide it
         command = [sys.executable, __file__, "--memory-only", timing["pretrain_checkpoint"]]

@@ -10,13 +10,13 @@ the rows in blocks (``cdist``-style matrix product + ``topk``), so memory stays 
 ``N x N`` matrix is never built.
 
 Approximate mode is an inverted-file (IVF) search batched by cell: k-means (faiss, seeded) splits
-the rows into about ``2 sqrt(N)`` cells; the rows of each cell are searched exactly, with one
-matrix product, against the members of the cells whose centroids are nearest to that cell's
-centroid (about 8 cells' worth of rows). Scanning whole cells with a matrix product is an order of
-magnitude faster per distance than faiss's per-query IVF scan, so more can be scanned for the
-same time. The number of rows scanned per cell doubles until the recall measured on a random
-sample of rows against their exact neighbours reaches 0.97, so unclustered data costs more time
-rather than silently losing recall.
+the rows into about ``2 sqrt(N)`` cells; the rows of each cell are searched exactly against the
+members of the cells whose centroids are nearest to that cell's centroid (about 8 cells' worth of
+rows), many cells of similar size in one padded batched matrix product. Scanning whole cells with
+matrix products is an order of magnitude faster per distance than faiss's per-query IVF scan, so
+more can be scanned for the same time. The number of rows scanned per cell grows by half until the
+recall measured on a random sample of rows against their exact neighbours reaches 0.97, so
+unclustered data costs more time rather than silently losing recall.
 
 >>> import numpy as np
 >>> z = np.array([[0.0, 0.0], [1.0, 0.0], [3.0, 0.0], [3.0, 1.0]])
@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from types import ModuleType
 from typing import Literal
 
@@ -61,8 +62,14 @@ _POINTS_PER_CELL = 16
 # target (the margin above 0.95 covers the sampling error).
 _RECALL_SAMPLE = 300
 _TARGET_RECALL = 0.97
+# Factor by which the rows scanned per cell grow while the measured recall is below target.
+_GROWTH = 2
 # Below this many rows the approximate mode is not faster than the exact one; it searches exactly.
 _APPROXIMATE_MIN_ROWS = 2_000
+# Approximate mode: floats (queries, candidates and scores) one batch of cells handles at once.
+_GROUP_ENTRIES = 1 << 21
+# torch.topk keeps a heap (fast) when the row is at least this many times longer than k.
+_HEAP_RATIO = 64
 
 
 @dataclass(frozen=True)
@@ -315,16 +322,21 @@ def _torch_search_into(
     indices_out: np.ndarray,
     squared_out: np.ndarray,
 ) -> None:
-    base_norms = (base * base).sum(dim=1)
+    base_norms = _squared_norms(base)
     block = max(1, _BLOCK_ENTRIES // max(1, base.shape[0]))
     with torch.no_grad():
         for start in range(0, queries.shape[0], block):
             q = queries[start : start + block]
             squared = torch.addmm(base_norms[None, :], q, base.T, alpha=-2.0)
-            squared += (q * q).sum(dim=1, keepdim=True)
+            squared += _squared_norms(q)[:, None]
             values, positions = torch.topk(squared, k, dim=1, largest=False, sorted=True)
             indices_out[start : start + q.shape[0]] = positions.numpy()
             squared_out[start : start + q.shape[0]] = values.numpy()
+
+
+def _squared_norms(rows: torch.Tensor) -> torch.Tensor:
+    """Squared L2 norm of every row (a batched dot product: no ``rows * rows`` temporary)."""
+    return torch.einsum("ij,ij->i", rows, rows)
 
 
 def _kmeans(
@@ -363,7 +375,7 @@ def _torch_kmeans(sample: np.ndarray, n_cells: int, rng: np.random.Generator) ->
 
 
 def _nearest_centroid(points: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
-    norms = (centroids * centroids).sum(dim=1)
+    norms = _squared_norms(centroids)
     block = max(1, _BLOCK_ENTRIES // max(1, centroids.shape[0]))
     parts = [
         torch.addmm(norms[None, :], points[s : s + block], centroids.T, alpha=-2.0).argmin(dim=1)
@@ -388,20 +400,82 @@ def _ivf_self_search(
         assign = _nearest_centroid(points, torch.from_numpy(centroids)).numpy()
     cells = _Cells.build(assign, centroids)
     need, recall = _choose_budget(matrix, k, cells, assign, rng, start=_PROBES * n / n_cells)
-    indices = np.empty((n, k), np.int64)
-    squared = np.empty((n, k), np.float32)
+    scan = _Scan(cells, cells.n_used(need), torch.from_numpy(matrix), k, _HEAP_RATIO * k <= need)
+    groups, large = cells.plan(scan.n_used, matrix.shape[1])
+    work = [partial(scan.batch, group) for group in groups]
+    work += [partial(scan.large, int(cell)) for cell in large]
+    if scan.heap:  # all torch: its threads split each product and selection
+        for item in work:
+            item()
+    else:  # the NumPy selection holds the GIL: overlap it with another item's product
+        _run_parallel(lambda item: work[item](), list(range(len(work))))
+    return scan.indices, scan.squared, recall
 
-    def search_cell(cell: int) -> None:
-        members = cells.members(cell)
-        candidates = cells.members(*cells.chosen(cell, need))
-        found = np.empty((members.size, k + 1), np.int64)
-        found_sq = np.empty((members.size, k + 1), np.float32)
-        base = points[torch.from_numpy(candidates)]
-        _torch_search_into(base, points[torch.from_numpy(members)], k + 1, found, found_sq)
-        indices[members], squared[members] = _drop_self(candidates[found], found_sq, members)
 
-    _run_parallel(search_cell, cells.nonempty_largest_first())
-    return indices, squared, recall
+class _Scan:
+    """Searches cells against their chosen candidates, writing into ``indices`` and ``squared``."""
+
+    def __init__(
+        self, cells: _Cells, n_used: np.ndarray, points: torch.Tensor, k: int, heap: bool
+    ) -> None:
+        self.cells, self.n_used, self.points, self.k, self.heap = cells, n_used, points, k, heap
+        self.norms = _squared_norms(points)
+        self.indices = np.empty((points.shape[0], k), np.int64)
+        self.squared = np.empty((points.shape[0], k), np.float32)
+
+    def batch(self, group: np.ndarray) -> None:
+        """All cells of ``group`` at once, padded to a common size."""
+        members, valid, candidates = self.cells.padded(group, self.n_used)
+        found, found_sq = self._nearest(members, self._gather(candidates), 0)
+        found = np.take_along_axis(candidates[:, None, :], found, axis=2)
+        self.indices[members[valid]], self.squared[members[valid]] = found[valid], found_sq[valid]
+
+    def large(self, cell: int) -> None:
+        """One cell, its candidates gathered once, its members in blocks of bounded size."""
+        members, _, candidates = self.cells.padded(np.array([cell]), self.n_used)
+        base = self._gather(candidates)
+        rows = max(1, _GROUP_ENTRIES // candidates.shape[1])
+        for first in range(0, members.shape[1], rows):
+            block = members[:, first : first + rows]
+            found, found_sq = self._nearest(block, base, first)
+            self.indices[block[0]], self.squared[block[0]] = candidates[0, found[0]], found_sq[0]
+
+    def _gather(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows ``(G, m, D)`` and squared norms ``(G, m)`` of row ids ``(G, m)`` (-1: inf norm)."""
+        flat = torch.from_numpy(np.maximum(rows, 0).ravel())
+        picked = self.points.index_select(0, flat).view(*rows.shape, -1)
+        norms = self.norms.index_select(0, flat).view(rows.shape)
+        return picked, norms.masked_fill(torch.from_numpy(rows < 0), math.inf)
+
+    def _nearest(
+        self, queries: np.ndarray, base: tuple[torch.Tensor, torch.Tensor], first: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Positions in ``base`` and squared distances of the k nearest of each query row id.
+
+        Batched over the leading axis. Query ``j`` is base row ``first + j`` and is skipped
+        (its duplicates are not).
+        """
+        (q, q_norms), (b, b_norms) = self._gather(queries), base
+        with torch.no_grad():
+            scores = torch.baddbmm(b_norms[:, None, :], q, b.transpose(1, 2), alpha=-2.0)
+            scores.diagonal(offset=first, dim1=1, dim2=2).fill_(math.inf)
+        positions, values = _smallest(scores.numpy(), self.k, heap=self.heap)
+        return positions, values + q_norms.numpy()[:, :, None]
+
+
+def _smallest(scores: np.ndarray, k: int, *, heap: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Positions and values of the ``k`` smallest scores along the last axis, smallest first.
+
+    ``heap``: ``torch.topk``, fast while ``k`` is small next to the row length (see
+    ``_HEAP_RATIO``); otherwise a NumPy partition, then sorting the ``k`` winners, is faster.
+    """
+    if heap:
+        values, positions = torch.topk(torch.from_numpy(scores), k, dim=-1, largest=False)
+        return positions.numpy(), values.numpy()
+    positions = np.argpartition(scores, k - 1, axis=-1)[..., :k]
+    values = np.take_along_axis(scores, positions, axis=-1)
+    order = np.argsort(values, axis=-1, kind="stable")
+    return np.take_along_axis(positions, order, axis=-1), np.take_along_axis(values, order, axis=-1)
 
 
 def _choose_budget(
@@ -413,7 +487,7 @@ def _choose_budget(
     *,
     start: float,
 ) -> tuple[int, float]:
-    """Smallest candidate count per cell (``start``, doubled as needed) reaching the recall target.
+    """Smallest candidate count per cell (``start``, grown as needed) reaching the recall target.
 
     The recall is measured on a random sample of rows against their exact neighbours: an exact
     neighbour is found exactly when its cell is among the cells searched for the row's cell.
@@ -423,16 +497,16 @@ def _choose_budget(
     exact, squared = _torch_search(matrix, matrix[sample], k + 1)
     neighbour_cells = assign[_drop_self(exact, squared, sample)[0]]
     sample_cells = assign[sample]
+    # rank[a, b]: position of cell b in the ranking of cell a
+    rank = np.empty_like(cells.ranked)
+    np.put_along_axis(rank, cells.ranked, np.arange(cells.ranked.shape[1])[None, :], axis=1)
+    neighbour_rank = rank[sample_cells[:, None], neighbour_cells]
     need = max(int(start), k + 1)
     while True:
-        hits = 0
-        for cell in np.unique(sample_cells):
-            rows = sample_cells == cell
-            hits += int(np.isin(neighbour_cells[rows], cells.chosen(cell, need)).sum())
-        recall = hits / neighbour_cells.size
+        recall = float((neighbour_rank < cells.n_used(need)[sample_cells, None]).mean())
         if recall >= _TARGET_RECALL or need >= n:
             return need, recall
-        need = min(n, 2 * need)
+        need = min(n, int(_GROWTH * need))
 
 
 @dataclass(frozen=True)
@@ -442,33 +516,81 @@ class _Cells:
     order: np.ndarray  # row ids sorted by cell
     starts: np.ndarray  # (n_cells + 1,) offsets of each cell in ``order``
     ranked: np.ndarray  # (n_cells, n_cells) cells by increasing centroid distance, own cell first
+    reach: np.ndarray  # (n_cells, n_cells) rows in the first j + 1 cells of each ranking
 
     @classmethod
     def build(cls, assign: np.ndarray, centroids: np.ndarray) -> _Cells:
         n_cells = centroids.shape[0]
         order = np.argsort(assign, kind="stable")
-        starts = np.concatenate([[0], np.cumsum(np.bincount(assign, minlength=n_cells))])
+        sizes = np.bincount(assign, minlength=n_cells)
+        starts = np.concatenate([[0], np.cumsum(sizes)])
         ranked = _torch_search(centroids, centroids, n_cells)[0]
         own = np.arange(n_cells)
         # Put each cell first in its own ranking, even when another centroid coincides with it.
         others = ranked[ranked != own[:, None]].reshape(n_cells, n_cells - 1)
         ranked = np.concatenate([own[:, None], others], axis=1)
-        return cls(order, starts, ranked)
+        return cls(order, starts, ranked, np.cumsum(sizes[ranked], axis=1))
 
-    def members(self, *cells: int) -> np.ndarray:
-        """Sorted rows of the given cells."""
-        parts = [self.order[self.starts[c] : self.starts[c + 1]] for c in cells]
-        return np.sort(np.concatenate(parts)) if len(parts) > 1 else parts[0]
+    @property
+    def sizes(self) -> np.ndarray:
+        """Rows per cell."""
+        return np.diff(self.starts)
 
-    def chosen(self, cell: int, need: int) -> np.ndarray:
-        """``cell`` and its nearest cells, as few as hold at least ``need`` rows together."""
-        sizes = np.diff(self.starts)[self.ranked[cell]]
-        n_used = int(np.searchsorted(np.cumsum(sizes), need)) + 1
-        return self.ranked[cell, :n_used]
+    def n_used(self, need: int) -> np.ndarray:
+        """Per cell: how many of its nearest cells (itself first) hold at least ``need`` rows."""
+        return np.minimum((self.reach < need).sum(axis=1) + 1, self.ranked.shape[1])
 
-    def nonempty_largest_first(self) -> list[int]:
-        sizes = np.diff(self.starts)
-        return [int(c) for c in np.argsort(-sizes, kind="stable") if sizes[c] > 0]
+    def plan(self, n_used: np.ndarray, dim: int) -> tuple[list[np.ndarray], np.ndarray]:
+        """Batches of non-empty cells of similar size, and the cells too large to batch.
+
+        A batch holds its queries, candidates and scores in about ``_GROUP_ENTRIES`` floats.
+        """
+        sizes = self.sizes
+        widths = self.reach[np.arange(sizes.size), n_used - 1]
+        cells = np.flatnonzero(sizes > 0)
+        cells = cells[np.lexsort((-widths[cells], -sizes[cells]))]
+        cost = sizes[cells] * (dim + widths[cells]) + widths[cells] * dim
+        large, cells = cells[cost > _GROUP_ENTRIES], cells[cost <= _GROUP_ENTRIES]
+        groups = []
+        first = 0
+        while first < cells.size:
+            rows, width = int(sizes[cells[first]]), int(widths[cells[first]])
+            last = first + 1
+            while last < cells.size:
+                width = max(width, int(widths[cells[last]]))
+                if (last + 1 - first) * (rows * (dim + width) + width * dim) > _GROUP_ENTRIES:
+                    break
+                last += 1
+            groups.append(cells[first:last])
+            first = last
+        return groups, large
+
+    def padded(
+        self, group: np.ndarray, n_used: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Members ``(G, m)``, their validity mask and candidates ``(G, c)`` of cells ``group``.
+
+        Padding is ``-1``. Each cell's candidates are the rows of its ``n_used`` nearest cells,
+        its own rows first, in the order of its members.
+        """
+        sizes = self.sizes[group]
+        columns = np.arange(sizes.max())
+        valid = columns[None, :] < sizes[:, None]
+        members = np.where(
+            valid,
+            self.order[np.minimum(self.starts[group, None] + columns, self.order.size - 1)],
+            -1,
+        )
+        used = n_used[group]
+        slots = np.arange(used.max())[None, :] < used[:, None]
+        used_cells = self.ranked[group, : used.max()][slots]
+        lengths = self.sizes[used_cells]
+        total = self.reach[group, used - 1]
+        offsets = np.cumsum(lengths) - lengths
+        flat = np.arange(lengths.sum()) - np.repeat(offsets - self.starts[used_cells], lengths)
+        candidates = np.full((group.size, int(total.max())), -1, np.int64)
+        candidates[np.arange(candidates.shape[1])[None, :] < total[:, None]] = self.order[flat]
+        return members, valid, candidates
 
 
 def _run_parallel(work: Callable[[int], None], items: list[int]) -> None:

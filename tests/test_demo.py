@@ -11,8 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from lcc.cli.demo import FASHION_HOW, _upscaled_digits, format_table
+from lcc.cli.demo import DEMO_LAYERS, FASHION_HOW, _upscaled_digits, format_table, run_demo
 from lcc.data import FASHION_DIR
+from lcc.errors import LCCInputError
+from lcc.models import build_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -40,6 +42,25 @@ def test_table_marks_what_a_baseline_does_not_have():
     assert lines[0].split() == ["metric", "baseline", "LCC"]
     assert lines[4].split()[-2:] == ["-", "3.25"]
     assert lines[5].split()[-2:] == ["-", "20.00%"]  # mean over layers
+
+
+def test_unknown_demo_model_is_refused_before_any_work(tmp_path):
+    with pytest.raises(LCCInputError, match="small-resnet or small-cnn, not 'resnet50'"):
+        run_demo(tmp_path / "demo", model="resnet50")
+    assert not (tmp_path / "demo").exists()
+
+
+@pytest.mark.parametrize("model", sorted(DEMO_LAYERS))
+def test_demo_layer_is_the_penultimate_one(model):
+    # the corrected layer feeds the classifier head directly: its output is the head's input
+    net = build_model(model, 10, input_shape=(1, 28, 28), pretrained=False)
+    seen: dict[str, torch.Tensor] = {}
+    layer = dict(net.named_modules())[DEMO_LAYERS[model]]
+    head = [m for m in net.modules() if isinstance(m, torch.nn.Linear)][-1]
+    layer.register_forward_hook(lambda m, i, o: seen.__setitem__("layer", o))
+    head.register_forward_hook(lambda m, i, o: seen.__setitem__("head_input", i[0]))
+    net.eval()(torch.randn(3, 1, 28, 28))
+    torch.testing.assert_close(seen["layer"].flatten(1), seen["head_input"])
 
 
 def test_digits_fallback_has_mnist_shape():

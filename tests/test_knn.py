@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import lcc.knn as knn_module
 from lcc.errors import LCCInputError
 from lcc.knn import Neighbors, knn, knn_recall, search
 from lcc.synthetic import gaussian_mixture
@@ -146,12 +147,69 @@ def test_approximate_recall_on_clustered_latents(backend: str, k: int, separatio
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_approximate_is_deterministic_under_a_seed(backend: str) -> None:
+@pytest.mark.parametrize("heap_ratio", [1, 10**9])  # both selection paths (see SELECTIONS)
+def test_approximate_is_deterministic_under_a_seed(
+    monkeypatch: pytest.MonkeyPatch, backend: str, heap_ratio: int
+) -> None:
+    monkeypatch.setattr(knn_module, "_HEAP_RATIO", heap_ratio)
     z, _, _ = gaussian_mixture(3_000, 32, 10, 2, seed=5)
     a = knn(z, 5, mode="approximate", seed=7, backend=backend)
     b = knn(z, 5, mode="approximate", seed=7, backend=backend)
     np.testing.assert_array_equal(a.indices, b.indices)
     np.testing.assert_array_equal(a.distances, b.distances)
+
+
+SELECTIONS = {"heap": 1, "partition": 10**9}  # values of knn._HEAP_RATIO forcing each path
+
+
+def clustered_with_copies(seed: int) -> np.ndarray:
+    """Overlapping blobs plus exact copies of some rows (ties the search must not trip on)."""
+    z, _, _ = gaussian_mixture(2_400, 16, 6, 2, separation=1.5, seed=seed)
+    rng = np.random.default_rng(seed)
+    return np.concatenate([z, z[rng.choice(len(z), 100, replace=False)]])
+
+
+@pytest.mark.parametrize("selection", sorted(SELECTIONS))
+@pytest.mark.parametrize("batch_floats", [None, 5_000])  # 5,000: every cell is searched alone
+def test_approximate_with_an_unreachable_target_is_exact(
+    monkeypatch: pytest.MonkeyPatch, selection: str, batch_floats: int | None
+) -> None:
+    # the widening stops only when every cell searches all rows: the result must be exact
+    monkeypatch.setattr(knn_module, "_TARGET_RECALL", 1.01)
+    monkeypatch.setattr(knn_module, "_HEAP_RATIO", SELECTIONS[selection])
+    if batch_floats is not None:
+        monkeypatch.setattr(knn_module, "_GROUP_ENTRIES", batch_floats)
+    z = clustered_with_copies(seed=11)
+    nb = knn(z, 5, mode="approximate")
+    assert nb.recall == 1.0
+    assert not (nb.indices == np.arange(len(z))[:, None]).any()
+    assert_exact_neighbours(nb.indices, nb.distances, self_distances(z), 5, scale=spread(z))
+
+
+@pytest.mark.parametrize("k", [3, 20])
+def test_approximate_search_paths_agree(monkeypatch: pytest.MonkeyPatch, k: int) -> None:
+    # batched cells vs one cell at a time in small row blocks, heap vs partition selection:
+    # the same candidates are searched, so the same neighbour distances come back
+    z = clustered_with_copies(seed=12)
+    exact = knn(z, k)
+    results = []
+    for selection in sorted(SELECTIONS):
+        for batch_floats in (knn_module._GROUP_ENTRIES, 5_000):
+            monkeypatch.setattr(knn_module, "_HEAP_RATIO", SELECTIONS[selection])
+            monkeypatch.setattr(knn_module, "_GROUP_ENTRIES", batch_floats)
+            results.append(knn(z, k, mode="approximate", seed=3))
+    rows = np.arange(len(z))[:, None]
+    atol = 1e-5 * spread(z)  # float32 expansion error on squared distances, as above
+    first = results[0].distances.astype(np.float64) ** 2
+    for nb in results:
+        assert nb.recall == results[0].recall
+        assert knn_recall(nb, exact) >= 0.9
+        squared = nb.distances.astype(np.float64) ** 2
+        np.testing.assert_allclose(squared, first, rtol=1e-4, atol=atol)
+        true = ((z[rows].astype(np.float64) - z[nb.indices]) ** 2).sum(axis=-1)
+        np.testing.assert_allclose(squared, true, rtol=1e-4, atol=atol)
+        assert not (nb.indices == rows).any()
+        assert all(len(set(row.tolist())) == k for row in nb.indices)
 
 
 def test_backends_agree_on_distances() -> None:

@@ -50,7 +50,9 @@ over. Fashion-MNIST: apt-get install dataset-fashion-mnist.
 FULL = {"pretrain_subset": 10_000, "pretrain_epochs": 2, "subset": 10_000, "test_subset": 2_000}
 QUICK = {"pretrain_subset": 1_000, "pretrain_epochs": 1, "subset": 1_000, "test_subset": 500}
 DEFAULT_EPOCHS = {"full": 4, "quick": 2}
-LAYER = "act1"
+# the demo's models and the layer LCC corrects on each: the penultimate one
+DEMO_LAYERS = {"small-resnet": "pool", "small-cnn": "act1"}
+DEFAULT_MODEL = "small-resnet"
 FASHION_HOW = (
     "Fashion-MNIST is not installed: `apt-get install dataset-fashion-mnist` (IDX files in "
     "/usr/share/datasets/fashion-mnist), or put its IDX files in $LCC_DATA_DIR/fashion-mnist"
@@ -82,6 +84,13 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         choices=("fresh", "recorded"),
         default="fresh",
         help="latent source of the LCC run (see lcc train --source)",
+    )
+    parser.add_argument(
+        "--model",
+        choices=tuple(DEMO_LAYERS),
+        default=DEFAULT_MODEL,
+        help="built-in model of all three runs; LCC corrects its penultimate layer "
+        "(small-resnet: pool, 64-d; small-cnn: act1, 128-d)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of all three runs")
     parser.set_defaults(handler=run)
@@ -156,18 +165,22 @@ def run_demo(
     epochs: int | None = None,
     source: str = "fresh",
     seed: int = 0,
+    model: str = DEFAULT_MODEL,
 ) -> dict[str, Any]:
     """Run the three trainings; returns ``{"pretrain", "baseline", "lcc": metrics, ...}``."""
     from lcc.config import TrainConfig
     from lcc.data import load_dataset
 
+    if model not in DEMO_LAYERS:
+        raise LCCInputError(f"the demo runs {' or '.join(DEMO_LAYERS)}, not {model!r}")
+    layer = DEMO_LAYERS[model]
     mode = "quick" if quick else "full"
     sizes = QUICK if quick else FULL
     epochs = DEFAULT_EPOCHS[mode] if epochs is None else epochs
     if epochs < 2:
         raise LCCInputError(f"--epochs must be >= 2 (1 warmup epoch, then LCC), got {epochs}")
     root = Path(out).expanduser()
-    prefix = "quick-" if quick else ""
+    prefix = ("quick-" if quick else "") + ("" if model == DEFAULT_MODEL else f"{model}-")
     start = time.perf_counter()
     try:
         fashion = load_dataset(
@@ -177,8 +190,8 @@ def run_demo(
         raise LCCInputError(f"{FASHION_HOW} ({error})") from None
 
     pretrain_name, pretrain_data = _pretrain_data(sizes, seed)
-    common = {"model": "small-cnn", "seed": seed, "resume": True, "lr": 0.05}
-    _say(f"1/3 pretraining small-cnn on {pretrain_name} ({len(pretrain_data.train)} samples)")
+    common = {"model": model, "seed": seed, "resume": True, "lr": 0.05}
+    _say(f"1/3 pretraining {model} on {pretrain_name} ({len(pretrain_data.train)} samples)")
     pretrain = _train(
         TrainConfig(
             **common,
@@ -198,14 +211,14 @@ def run_demo(
         "test_subset": sizes["test_subset"],
         "epochs": epochs,
         "checkpoint": str(weights),
-        "layers": [LAYER],
+        "layers": [layer],
     }
     n_train, n_test = len(fashion.train), len(fashion.test)
     _say(f"2/3 fine-tuning on fashion-mnist ({n_train} / {n_test} samples), baseline")
     baseline = _train(
         TrainConfig(**finetune, out=str(root / f"{prefix}baseline"), no_lcc=True), fashion, root
     )
-    _say(f"3/3 fine-tuning on fashion-mnist, LCC (layer {LAYER}, source {source})")
+    _say(f"3/3 fine-tuning on fashion-mnist, LCC (layer {layer}, source {source})")
     name = "lcc" if source == "fresh" else f"lcc-{source}"
     corrected = _train(
         TrainConfig(**finetune, out=str(root / f"{prefix}{name}"), source=source), fashion, root
@@ -215,6 +228,8 @@ def run_demo(
         "baseline": baseline,
         "lcc": corrected,
         "pretrain_dataset": pretrain_name,
+        "model": model,
+        "layer": layer,
         "seconds": time.perf_counter() - start,
         "out": str(root),
     }
@@ -277,15 +292,17 @@ def run(args: argparse.Namespace) -> int:
         epochs=getattr(args, "epochs", None),
         source=args.source,
         seed=args.seed,
+        model=args.model,
     )
     baseline, corrected = result["baseline"], result["lcc"]
     pretrain = result["pretrain"]
     print(
-        f"small-cnn pretrained on {result['pretrain_dataset']} ({pretrain['n_train']} samples, "
-        f"{pretrain['epochs']} epoch(s), test top-1 {100 * pretrain['test_top1']:.2f}%), "
-        f"fine-tuned on fashion-mnist ({baseline['n_train']} train / {baseline['n_test']} test "
-        f"samples, {baseline['epochs']} epochs, seed {args.seed}); LCC on {LAYER}, k=5, w=0.01, "
-        f"warmup 1, source {args.source}"
+        f"{result['model']} pretrained on {result['pretrain_dataset']} "
+        f"({pretrain['n_train']} samples, {pretrain['epochs']} epoch(s), test top-1 "
+        f"{100 * pretrain['test_top1']:.2f}%), fine-tuned on fashion-mnist "
+        f"({baseline['n_train']} train / {baseline['n_test']} test samples, "
+        f"{baseline['epochs']} epochs, seed {args.seed}); LCC on {result['layer']}, k=5, "
+        f"w=0.01, warmup 1, source {args.source}"
     )
     print(format_table(baseline, corrected))
     print(f"runs in {result['out']}; demo wall time {result['seconds']:.0f} s")
