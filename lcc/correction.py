@@ -93,6 +93,12 @@ class LCCConfig:
     ``pool``: how conv maps become vectors; ``class_policy``/``policy_size``: which classes are
     corrected (:func:`lcc.selection.select_classes`); ``squared``: the poster's squared loss.
 
+    ``knn`` defaults to ``"approximate"`` (unlike :class:`lcc.refresh.RefreshConfig`): on the
+    demo's 10,000 x 128 latents it halves the refresh (0.22 s -> 0.11 s), its clusters are about
+    as close to the exact graph's (ARI 0.76-0.85) as two Leiden seeds on the exact graph are to
+    each other (0.81-0.82), and the misclustered fraction stays within the seeds' spread; below
+    2,000 samples the search is exact anyway.
+
     >>> LCCConfig(layers=["fc"], k=10).k
     10
     >>> LCCConfig(layers=["fc"], interval=0)
@@ -108,7 +114,7 @@ class LCCConfig:
     interval: int = 1
     method: str = "leiden"
     targets: str = "exact"
-    knn: str = "exact"
+    knn: str = "approximate"
     pca: int | None = None
     source: str = "fresh"
     pool: str = "flatten"

@@ -14,7 +14,7 @@ the rows into about ``2 sqrt(N)`` cells; the rows of each cell are searched exac
 members of the cells whose centroids are nearest to that cell's centroid (about 8 cells' worth of
 rows), many cells of similar size in one padded batched matrix product. Scanning whole cells with
 matrix products is an order of magnitude faster per distance than faiss's per-query IVF scan, so
-more can be scanned for the same time. The number of rows scanned per cell grows by half until the
+more can be scanned for the same time. The number of rows scanned per cell doubles until the
 recall measured on a random sample of rows against their exact neighbours reaches 0.97, so
 unclustered data costs more time rather than silently losing recall.
 
