@@ -74,7 +74,7 @@ def time_runs(
     repeats: int,
     seed: int,
     model: str = "small-resnet",
-    knn: str = "exact",
+    knn: str | None = None,
 ) -> dict[str, Any]:
     from lcc.cli.demo import DEMO_LAYERS, FULL, QUICK, _pretrain_data
     from lcc.config import TrainConfig
@@ -104,9 +104,12 @@ def time_runs(
     }  # fmt: skip
     settings = {
         "baseline": {"no_lcc": True},
-        "recorded": {"source": "recorded", "knn": knn},
-        "fresh": {"source": "fresh", "knn": knn},
+        "recorded": {"source": "recorded"},
+        "fresh": {"source": "fresh"},
     }
+    if knn is not None:
+        for key in ("recorded", "fresh"):
+            settings[key]["knn"] = knn
     per_epoch: dict[str, list[float]] = {key: [] for key in settings}
     per_epoch_cpu: dict[str, list[float]] = {key: [] for key in settings}
     runs: dict[str, dict[str, Any]] = {}
@@ -172,7 +175,7 @@ def refresh_memory(
     model = build_model(
         model_name, 10, input_shape=fashion.input_shape, pretrained=False, checkpoint=weights
     )
-    loader = DataLoader(IndexedDataset(fashion.train_plain), batch_size=256)
+    loader = DataLoader(IndexedDataset(fashion.train_plain), batch_size=128)  # as lcc train
     sample = torch.stack([fashion.train_plain[i][0] for i in range(2)])
     layer_name = DEMO_LAYERS.get(model_name) or default_layers(model, sample)[0]
     lcc = LatentClusterCorrection(model, layers=[layer_name], k=5, warmup=0)
@@ -223,7 +226,10 @@ def main() -> None:
         "small-cnn, layer act1)",
     )
     parser.add_argument(
-        "--knn", default="exact", choices=("exact", "approximate"), help="k-NN mode of LCC"
+        "--knn",
+        default=None,
+        choices=("exact", "approximate"),
+        help="k-NN mode of the LCC runs (default: lcc train's, approximate)",
     )
     parser.add_argument("--out", default=None, help="run folder (default: a temporary one)")
     parser.add_argument("--json", default=None, help="also write the results to this file")
