@@ -325,7 +325,7 @@ def _build(
         momentum=config.momentum,
         weight_decay=config.weight_decay,
         refresh_data=bundle.train_plain,
-        refresh_batch_size=config.batch_size,  # on CPU, 256 took twice as long as 128
+        refresh_batch_size=config.batch_size,  # fits; larger was slower on CPU (LCCModule)
         num_workers=config.num_workers,
         out_dir=out,
         save_latents=config.save_latents,

@@ -146,20 +146,20 @@ def test_approximate_recall_on_clustered_latents(backend: str, k: int, separatio
     assert not (approximate.indices == rows).any()
 
 
+SELECTIONS = {"heap": 1, "partition": 10**9}  # values of knn._HEAP_RATIO forcing each path
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("heap_ratio", [1, 10**9])  # both selection paths (see SELECTIONS)
+@pytest.mark.parametrize("selection", sorted(SELECTIONS))
 def test_approximate_is_deterministic_under_a_seed(
-    monkeypatch: pytest.MonkeyPatch, backend: str, heap_ratio: int
+    monkeypatch: pytest.MonkeyPatch, backend: str, selection: str
 ) -> None:
-    monkeypatch.setattr(knn_module, "_HEAP_RATIO", heap_ratio)
+    monkeypatch.setattr(knn_module, "_HEAP_RATIO", SELECTIONS[selection])
     z, _, _ = gaussian_mixture(3_000, 32, 10, 2, seed=5)
     a = knn(z, 5, mode="approximate", seed=7, backend=backend)
     b = knn(z, 5, mode="approximate", seed=7, backend=backend)
     np.testing.assert_array_equal(a.indices, b.indices)
     np.testing.assert_array_equal(a.distances, b.distances)
-
-
-SELECTIONS = {"heap": 1, "partition": 10**9}  # values of knn._HEAP_RATIO forcing each path
 
 
 def clustered_with_copies(seed: int) -> np.ndarray:

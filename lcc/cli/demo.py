@@ -14,8 +14,8 @@ CPU only, offline. Three runs of :func:`lcc.training.train` in ``--out``, all wi
 
 Then prints a side-by-side table. ``--quick`` shrinks everything (MNIST 1,000 samples for 1
 epoch; Fashion-MNIST 1,000 / 500 samples, 2 epochs) for a smoke test. Finished runs in ``--out``
-are reused when the demo is run again (delete the folder to start over); runs of small-cnn are
-named ``small-cnn-*`` so both models can share a folder.
+are reused when the demo is run again (delete the folder to start over); runs of small-cnn have
+``small-cnn-`` in their names, so both models can share a folder.
 """
 
 from __future__ import annotations
@@ -47,8 +47,9 @@ runs, in --out DIR:
                   --source
 
 --quick: MNIST 1,000 samples for 1 epoch, Fashion-MNIST 1,000 / 500 samples, 2 epochs (runs
-named quick-*; small-cnn runs are named small-cnn-*). Finished runs in DIR are reused when the
-demo runs again; delete DIR to start over. Fashion-MNIST: apt-get install dataset-fashion-mnist.
+named quick-*; small-cnn runs have small-cnn- in their names). Finished runs in DIR are reused
+when the demo runs again; delete DIR to start over. Fashion-MNIST: apt-get install
+dataset-fashion-mnist.
 """
 
 FULL = {"pretrain_subset": 10_000, "pretrain_epochs": 2, "subset": 10_000, "test_subset": 2_000}
