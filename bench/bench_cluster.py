@@ -1,7 +1,8 @@
 """Benchmark of graph clustering (helper B's part of issue 2): Leiden, Louvain, peer pressure.
 
 On the k-NN graphs (k = 5 and k = 50, unweighted) of ``gaussian_mixture(50_000, 512, 100, 3,
-intrinsic_dim=48, seed=0)`` it prints, per method: seconds of :func:`lcc.cluster.cluster_graph`
+intrinsic_dim=48, seed=0)`` it prints, per method: seconds of
+:func:`lcc.engine.cluster.cluster_graph`
 (best of ``--repeat``; input check, igraph graph and clustering included), number of clusters,
 ARI against the planted sub-clusters and against the classes, modularity and conductance.
 The last line is a JSON list of all rows.
@@ -25,8 +26,8 @@ import numpy as np
 import scipy.sparse as sp
 from sklearn.metrics import adjusted_rand_score
 
-from lcc.cluster import CLUSTER_METHODS, cluster_graph
-from lcc.peer_pressure import conductance
+from lcc.engine.cluster import CLUSTER_METHODS, cluster_graph
+from lcc.engine.peer_pressure import conductance
 from lcc.synthetic import gaussian_mixture
 
 
@@ -36,7 +37,7 @@ def neighbours(z: np.ndarray, k: int, cache: Path | None, tag: str) -> np.ndarra
         stored = np.load(cache)
         if stored["indices"].shape == (z.shape[0], k) and str(stored["tag"]) == tag:
             return stored["indices"]
-    from lcc.knn import knn
+    from lcc.engine.knn import knn
 
     start = time.perf_counter()
     indices = knn(z, k, mode="exact").indices
@@ -47,16 +48,16 @@ def neighbours(z: np.ndarray, k: int, cache: Path | None, tag: str) -> np.ndarra
 
 
 def graph(indices: np.ndarray) -> sp.csr_matrix:
-    """Unweighted symmetric k-NN graph (lcc.graph.knn_graph when present)."""
+    """Unweighted symmetric k-NN graph (lcc.engine.graph.knn_graph when present)."""
     try:
-        from lcc import graph as graph_module
+        from lcc.engine import graph as graph_module
     except ImportError:
         n, k = indices.shape
         rows = np.repeat(np.arange(n), k)
         a = sp.csr_matrix((np.ones(n * k), (rows, indices.ravel())), shape=(n, n))
         return a.maximum(a.T).tocsr()
     distances = np.ones(indices.shape, dtype=np.float32)  # unused by the unweighted graph
-    from lcc.knn import Neighbors
+    from lcc.engine.knn import Neighbors
 
     return graph_module.knn_graph(Neighbors(indices=indices, distances=distances))
 

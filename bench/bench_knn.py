@@ -16,8 +16,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from lcc.graph import knn_graph
-from lcc.knn import Neighbors, knn, knn_recall
+from lcc.engine.graph import knn_graph
+from lcc.engine.knn import Neighbors, knn, knn_recall
 from lcc.synthetic import gaussian_mixture
 
 

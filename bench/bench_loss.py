@@ -3,11 +3,12 @@
 Prints one line per measurement and, last, a JSON line with all figures:
 
 * ``loss[_squared]_fwd_bwd_ms_<T>thread[_min]``: forward + backward of
-  :class:`lcc.loss.LCCLoss` on a 256 x 512 float32 batch (median and fastest block of
+  :class:`lcc.engine.loss.LCCLoss` on a 256 x 512 float32 batch (median and fastest block of
   ``torch.utils.benchmark``) with the default thread count and with one thread;
-* ``exact_targets_s`` / ``approximate_targets_s``: :func:`lcc.targets.exact_targets` (k = 5 and
-  k = 50) and :func:`lcc.targets.approximate_targets` on N = 50,000 latents of dimension 512 in
-  100 classes with about 30% of the samples misclustered (best of ``--repeat`` runs).
+* ``exact_targets_s`` / ``approximate_targets_s``: :func:`lcc.engine.targets.exact_targets`
+  (k = 5 and k = 50) and :func:`lcc.engine.targets.approximate_targets` on N = 50,000 latents of
+  dimension 512 in 100 classes with about 30% of the samples misclustered (best of
+  ``--repeat`` runs).
 
 Usage: ``python bench/bench_loss.py [--n 50000] [--dim 512] [--classes 100] [--repeat 3]``
 """
@@ -22,10 +23,10 @@ import numpy as np
 import torch
 from torch.utils import benchmark
 
-from lcc.loss import LCCLoss
-from lcc.match import Matching
+from lcc.engine.loss import LCCLoss
+from lcc.engine.match import Matching
+from lcc.engine.targets import Targets, approximate_targets, exact_targets
 from lcc.synthetic import gaussian_mixture
-from lcc.targets import Targets, approximate_targets, exact_targets
 
 
 def time_loss(targets: Targets, batch: int, squared: bool) -> tuple[float, float]:

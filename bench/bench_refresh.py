@@ -105,7 +105,7 @@ def worker_floor(spec: dict[str, Any]) -> dict[str, Any]:
 
 def worker_refresh(spec: dict[str, Any]) -> dict[str, Any]:
     """The whole refresh with ``spec["config"]``; the best of ``repeats`` runs by total time."""
-    from lcc.refresh import RefreshConfig, refresh
+    from lcc.engine.refresh import RefreshConfig, refresh
 
     folder, name = Path(spec["folder"]), spec["name"]
     z, y = np.load(folder / "z.npy"), np.load(folder / "y.npy")
@@ -137,7 +137,7 @@ def _compare(spec: dict[str, Any], folder: Path, z: np.ndarray, result: Any) -> 
     vs the planted sub-clusters. Runs after the timed refresh (not counted in its time)."""
     from sklearn.metrics import adjusted_rand_score
 
-    from lcc.knn import Neighbors, knn, knn_recall
+    from lcc.engine.knn import Neighbors, knn, knn_recall
 
     config = result.config
     k = config.k
@@ -163,8 +163,8 @@ def worker_loss(spec: dict[str, Any]) -> dict[str, Any]:
     """
     import torch
 
-    from lcc.loss import LCCLoss
-    from lcc.targets import Targets
+    from lcc.engine.loss import LCCLoss
+    from lcc.engine.targets import Targets
 
     n, d, batch = spec["n"], spec["d"], spec["batch"]
     rng = np.random.default_rng(0)

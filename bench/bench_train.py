@@ -77,9 +77,9 @@ def time_runs(
     knn: str | None = None,
 ) -> dict[str, Any]:
     from lcc.cli.demo import DEMO_LAYERS, FULL, QUICK, _pretrain_data
-    from lcc.config import TrainConfig
-    from lcc.data import load_dataset
-    from lcc.training import train
+    from lcc.train.config import TrainConfig
+    from lcc.train.run import train
+    from lcc.zoo.datasets import load_dataset
 
     sizes = QUICK if quick else FULL
     fashion = load_dataset(
@@ -162,10 +162,10 @@ def refresh_memory(
     from torch.utils.data import DataLoader
 
     from lcc.cli.demo import DEMO_LAYERS, FULL, QUICK
-    from lcc.correction import LatentClusterCorrection
-    from lcc.data import IndexedDataset, load_dataset
-    from lcc.models import build_model
-    from lcc.training import default_layers
+    from lcc.train.loop import LatentClusterCorrection
+    from lcc.train.run import default_layers
+    from lcc.zoo.datasets import IndexedDataset, load_dataset
+    from lcc.zoo.models import build_model
 
     sizes = QUICK if quick else FULL
     fashion = load_dataset(
@@ -179,7 +179,7 @@ def refresh_memory(
     sample = torch.stack([fashion.train_plain[i][0] for i in range(2)])
     layer_name = DEMO_LAYERS.get(model_name) or default_layers(model, sample)[0]
     lcc = LatentClusterCorrection(model, layers=[layer_name], k=5, warmup=0)
-    from lcc.refresh import refresh
+    from lcc.engine.refresh import refresh
     from lcc.synthetic import gaussian_mixture
 
     z, y, _ = gaussian_mixture(n_samples=300, dim=8, n_classes=3, seed=0)

@@ -46,7 +46,8 @@ LATENT_FORMATS: tuple[str, ...] = (".npz", ".safetensors")
 def load_latents(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray]:
     """Read latents ``z`` and labels ``y`` from a ``.npz`` or ``.safetensors`` file.
 
-    Arrays are returned as stored (not yet validated: :func:`lcc.refresh.refresh` checks them);
+    Arrays are returned as stored (not yet validated: :func:`lcc.engine.refresh.refresh` checks
+    them);
     bfloat16 latents from a safetensors file come back as float32.
     """
     arrays = load_arrays(path, keys=("z", "y"))

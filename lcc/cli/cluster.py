@@ -1,7 +1,7 @@
 """``lcc cluster``: cluster latents, match clusters to classes and write correction targets.
 
 Reads ``z`` (N, ...) and ``y`` (N,) from LATENTS (``.npz`` or ``.safetensors``), runs
-:func:`lcc.refresh.refresh` and writes OUT, an ``.npz`` with ``clusters`` (N,) int64,
+:func:`lcc.engine.refresh.refresh` and writes OUT, an ``.npz`` with ``clusters`` (N,) int64,
 ``cluster_class`` (K,) int64, ``misclustered`` (N,) bool, ``correctible`` (N,) bool and
 ``targets`` (N, D) float32 (NaN rows for samples without a target). stdout gets exactly one
 JSON line (the refresh summary plus ``latents`` and ``out``); stage progress goes to stderr
@@ -47,7 +47,7 @@ examples:
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``cluster`` subcommand to ``subparsers``."""
-    from lcc.refresh import CLUSTER_METHODS, KNN_MODES, METRICS, TARGET_MODES, WEIGHTS
+    from lcc.engine.refresh import CLUSTER_METHODS, KNN_MODES, METRICS, TARGET_MODES, WEIGHTS
 
     parser = subparsers.add_parser(
         "cluster",
@@ -139,8 +139,8 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``lcc cluster`` with parsed ``args``; returns the exit code."""
+    from lcc.engine.refresh import RefreshConfig, refresh
     from lcc.io import load_latents, save_npz_atomic
-    from lcc.refresh import RefreshConfig, refresh
 
     latents, out = _paths(args)
     _check_writable(out)

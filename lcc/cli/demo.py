@@ -1,6 +1,6 @@
 """``lcc demo``: pretrain on MNIST, fine-tune on Fashion-MNIST with and without LCC, compare.
 
-CPU only, offline. Three runs of :func:`lcc.training.train` in ``--out``, all with ``--model``
+CPU only, offline. Three runs of :func:`lcc.train.run.train` in ``--out``, all with ``--model``
 (``small-resnet`` by default, or ``small-cnn``):
 
 1. ``pretrain-mnist``: the model trained on a stratified 10,000-sample subset of MNIST for
@@ -108,7 +108,7 @@ def _upscaled_digits(subset: int, seed: int) -> Any:
     import torch
     import torch.nn.functional as F
 
-    from lcc.data import DatasetBundle, ImageTensorDataset, load_dataset
+    from lcc.zoo.datasets import DatasetBundle, ImageTensorDataset, load_dataset
 
     small = load_dataset("digits", subset=subset, seed=seed, augment=False)
 
@@ -137,7 +137,7 @@ def _say(text: str) -> None:
 
 
 def _pretrain_data(sizes: dict[str, int], seed: int) -> tuple[str, Any]:
-    from lcc.data import load_dataset
+    from lcc.zoo.datasets import load_dataset
 
     try:
         return "mnist", load_dataset("mnist", subset=sizes["pretrain_subset"], seed=seed)
@@ -150,7 +150,7 @@ def _pretrain_data(sizes: dict[str, int], seed: int) -> tuple[str, Any]:
 
 
 def _train(config: Any, bundle: Any, root: Path) -> dict[str, Any]:
-    from lcc.training import train
+    from lcc.train.run import train
 
     try:
         return train(config.check(), bundle=bundle)
@@ -173,8 +173,8 @@ def run_demo(
     model: str = DEFAULT_MODEL,
 ) -> dict[str, Any]:
     """Run the three trainings; returns ``{"pretrain", "baseline", "lcc": metrics, ...}``."""
-    from lcc.config import TrainConfig
-    from lcc.data import load_dataset
+    from lcc.train.config import TrainConfig
+    from lcc.zoo.datasets import load_dataset
 
     if model not in DEMO_LAYERS:
         raise LCCInputError(f"the demo runs {' or '.join(DEMO_LAYERS)}, not {model!r}")

@@ -19,7 +19,7 @@ from lcc.errors import LCCInputError
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     from lcc.cli import HelpFormatter
-    from lcc.latents import POOLS
+    from lcc.zoo.latents import POOLS
 
     parser = subparsers.add_parser(
         "layers",
@@ -87,7 +87,7 @@ def resolve_shape(
     dataset: str, input_shape: str | None, num_classes: int | None, data_dir: str | None = None
 ) -> tuple[tuple[int, int, int], int]:
     """(input_shape, num_classes) from the options, loading the dataset only if needed."""
-    from lcc.data import dataset_info, load_dataset
+    from lcc.zoo.datasets import dataset_info, load_dataset
 
     shape = parse_shape(input_shape) if input_shape else None
     if shape is None or num_classes is None:
@@ -111,7 +111,7 @@ def layer_table(
     >>> layer_table(net, (1, 4, 4), pool="avg")
     [('0', (2, 2, 2), 2, 20), ('1', (8,), 8, 0)]
     """
-    from lcc.latents import list_layers, pool_output
+    from lcc.zoo.latents import list_layers, pool_output
 
     generator = torch.Generator().manual_seed(0)
     sample = torch.randn(1, *input_shape, generator=generator)
@@ -134,7 +134,7 @@ def format_table(rows: Sequence[tuple[str, tuple[int, ...], int, int]]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lcc.models import build_model
+    from lcc.zoo.models import build_model
 
     shape, num_classes = resolve_shape(
         args.dataset,

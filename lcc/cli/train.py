@@ -1,6 +1,6 @@
 """``lcc train``: fine-tune a classifier with Latent Cluster Correction (or without: --no-lcc).
 
-Every option is a field of :class:`lcc.config.TrainConfig`; the parser and its help texts are
+Every option is a field of :class:`lcc.train.config.TrainConfig`; the parser and its help texts are
 built from those fields, so defaults shown here are the ones used.
 """
 
@@ -13,7 +13,7 @@ import sys
 from typing import Any
 
 from lcc.cli import HelpFormatter
-from lcc.config import TrainConfig
+from lcc.train.config import TrainConfig
 
 DESCRIPTION = """\
 Fine-tune MODEL on DATASET with loss CE + w * LCC: at the start of every post-warmup epoch
@@ -164,9 +164,9 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lcc.config import field_names
-    from lcc.lightning import NonFiniteLossError
-    from lcc.training import launched_rank, resolve_config, train
+    from lcc.train.config import field_names
+    from lcc.train.lightning import NonFiniteLossError
+    from lcc.train.run import launched_rank, resolve_config, train
 
     options = {name: getattr(args, name) for name in field_names() if hasattr(args, name)}
     config = resolve_config(options, getattr(args, "config", None))

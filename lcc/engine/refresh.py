@@ -1,0 +1,335 @@
+"""The LCC refresh pipeline: latents and labels in, clusters, masks and correction targets out.
+
+One refresh runs, in order: optional PCA (:func:`lcc.engine.projection.fit_pca`), the k-NN search
+(:func:`lcc.engine.knn.knn`) and graph (:func:`lcc.engine.graph.knn_graph`), clustering
+(:func:`lcc.engine.cluster.cluster_graph`), cluster-to-class matching
+(:func:`lcc.engine.match.match_clusters`) and the targets of the correctible samples
+(:func:`lcc.engine.targets.exact_targets` or :func:`lcc.engine.targets.approximate_targets`).
+Every input is validated before any work starts, and every stage is timed.
+
+>>> from lcc.synthetic import gaussian_mixture
+>>> z, y, _ = gaussian_mixture(n_samples=300, dim=8, n_classes=3, clusters_per_class=2, seed=0)
+>>> r = refresh(z, y, k=5, seed=0)
+>>> r.n, r.d, r.clusters.shape, r.targets.dense().shape
+(300, 8, (300,), (300, 8))
+>>> sorted(r.seconds) == sorted(["pca", "knn", "graph", "cluster", "match", "targets", "total"])
+True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+from lcc.engine.cluster import cluster_graph
+from lcc.engine.graph import knn_graph
+from lcc.engine.knn import knn
+from lcc.engine.loss import LCCLoss
+from lcc.engine.match import Matching, as_class_subset, match_clusters
+from lcc.engine.projection import Projection, fit_pca
+from lcc.engine.targets import Targets, approximate_targets, exact_targets
+from lcc.errors import LCCInputError, as_label_vector, as_latent_matrix, check_choice, check_k
+
+__all__ = [
+    "CLUSTER_METHODS",
+    "KNN_MODES",
+    "METRICS",
+    "STAGES",
+    "TARGET_MODES",
+    "WEIGHTS",
+    "Refresh",
+    "RefreshConfig",
+    "refresh",
+]
+
+ClusterMethod = Literal["leiden", "louvain", "peer-pressure"]
+TargetMode = Literal["exact", "approximate"]
+KnnMode = Literal["exact", "approximate"]
+Metric = Literal["l2", "cosine"]
+Weights = Literal["unweighted", "rbf"]
+
+CLUSTER_METHODS: tuple[str, ...] = ("leiden", "louvain", "peer-pressure")
+TARGET_MODES: tuple[str, ...] = ("exact", "approximate")
+KNN_MODES: tuple[str, ...] = ("exact", "approximate")
+METRICS: tuple[str, ...] = ("l2", "cosine")
+WEIGHTS: tuple[str, ...] = ("unweighted", "rbf")
+
+#: Stage names reported to a ``progress`` callback, in order ("pca" only when PCA is on).
+STAGES: tuple[str, ...] = ("pca", "knn", "graph", "cluster", "match", "targets")
+
+
+@dataclass(frozen=True)
+class RefreshConfig:
+    """Settings of one refresh; :meth:`validated` checks them against the data size.
+
+    >>> RefreshConfig(k=10, method="louvain").k
+    10
+    """
+
+    k: int = 5
+    method: ClusterMethod = "leiden"
+    targets: TargetMode = "exact"
+    knn: KnnMode = "exact"
+    metric: Metric = "l2"
+    pca: int | None = None
+    weights: Weights = "unweighted"
+    resolution: float = 1.0
+    seed: int = 0
+
+    def validated(self, n_samples: int, dim: int) -> RefreshConfig:
+        """Return a normalised copy, or raise :class:`LCCInputError` naming the bad setting.
+
+        >>> RefreshConfig(pca=8).validated(n_samples=100, dim=8)
+        Traceback (most recent call last):
+        ...
+        lcc.errors.LCCInputError: pca=8 must be smaller than min(N, D) = 8; choose pca <= 7
+        """
+        if self.method == "peer-pressure" and _check_resolution(self.resolution) != 1.0:
+            raise LCCInputError(
+                f"resolution={self.resolution} applies to leiden and louvain only; "
+                "peer-pressure has no resolution, leave it at 1.0"
+            )
+        return RefreshConfig(
+            k=check_k(self.k, n_samples),
+            method=check_choice(self.method, CLUSTER_METHODS, name="method"),  # type: ignore[arg-type]
+            targets=check_choice(self.targets, TARGET_MODES, name="targets"),  # type: ignore[arg-type]
+            knn=check_choice(self.knn, KNN_MODES, name="knn"),  # type: ignore[arg-type]
+            metric=check_choice(self.metric, METRICS, name="metric"),  # type: ignore[arg-type]
+            pca=_check_pca(self.pca, n_samples, dim),
+            weights=check_choice(self.weights, WEIGHTS, name="weights"),  # type: ignore[arg-type]
+            resolution=_check_resolution(self.resolution),
+            seed=_check_seed(self.seed),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict of the settings (JSON-ready)."""
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class Refresh:
+    """Result of :func:`refresh`: clusters, matching, targets and per-stage timings.
+
+    ``d`` is the dimension the targets live in (the PCA dimension when ``config.pca`` is set;
+    then apply ``projection`` to latents before comparing them with targets, as
+    :meth:`loss` does). ``seconds`` has keys ``"knn"`` (PCA, k-NN search and graph
+    construction together), ``"cluster"``, ``"match"``, ``"targets"``, ``"total"``, and the
+    parts of ``"knn"``: ``"pca"`` and ``"graph"``.
+    """
+
+    config: RefreshConfig
+    clusters: np.ndarray
+    matching: Matching
+    targets: Targets
+    projection: Projection | None
+    modularity: float
+    seconds: dict[str, float]
+    n: int
+    d: int
+    input_dim: int = field(default=0)
+
+    @property
+    def cluster_class(self) -> np.ndarray:
+        """(K,) int64: the class matched to each cluster."""
+        return self.matching.cluster_class
+
+    @property
+    def misclustered(self) -> np.ndarray:
+        """(N,) bool: samples whose cluster is matched to another class."""
+        return self.matching.misclustered
+
+    @property
+    def correctible(self) -> np.ndarray:
+        """(N,) bool: samples that have a correction target."""
+        return self.targets.correctible
+
+    @property
+    def n_clusters(self) -> int:
+        """Number of clusters K."""
+        return int(self.matching.cluster_class.shape[0])
+
+    @property
+    def misclustered_fraction(self) -> float:
+        """Fraction of samples that are misclustered."""
+        return float(np.count_nonzero(self.misclustered)) / self.n
+
+    @property
+    def correctible_fraction(self) -> float:
+        """Fraction of samples that are correctible (have a target)."""
+        return self.targets.n_correctible / self.n
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready statistics of this refresh (plain Python types only)."""
+        return {
+            "n": int(self.n),
+            "d": int(self.d),
+            "input_dim": int(self.input_dim or self.d),
+            "k": int(self.config.k),
+            "n_clusters": self.n_clusters,
+            "misclustered": int(np.count_nonzero(self.misclustered)),
+            "correctible": int(self.targets.n_correctible),
+            "misclustered_fraction": self.misclustered_fraction,
+            "correctible_fraction": self.correctible_fraction,
+            "modularity": float(self.modularity),
+            "seconds": {key: float(value) for key, value in self.seconds.items()},
+            **self.config.to_dict(),
+        }
+
+    def loss(self, *, squared: bool = False) -> LCCLoss:
+        """An :class:`lcc.engine.loss.LCCLoss` holding these targets (and the PCA projection)."""
+        return LCCLoss(self.targets, projection=self.projection, squared=squared)
+
+
+def refresh(
+    z: object,
+    y: object,
+    config: RefreshConfig | None = None,
+    *,
+    classes: Sequence[int] | np.ndarray | None = None,
+    progress: Callable[[str], None] | None = None,
+    **overrides: Any,
+) -> Refresh:
+    """Cluster latents ``z`` (N, ...) and build correction targets for labels ``y`` (N,).
+
+    ``config`` defaults to :class:`RefreshConfig`; keyword ``overrides`` replace its fields
+    (``refresh(z, y, k=10, method="louvain")``). ``classes`` restricts correctible samples to
+    those classes. ``progress``, if given, is called with each stage name of :data:`STAGES`
+    as the stage starts. Raises :class:`LCCInputError` before any work on bad input.
+    """
+    start = time.perf_counter()
+    z, y, config, classes = _validate(z, y, config, classes, overrides)
+    seconds: dict[str, float] = {}
+    notify = progress or _silent
+
+    with _timed(seconds, "pca", notify if config.pca is not None else _silent):
+        projection, z = _project(z, config)
+    with _timed(seconds, "knn", notify):
+        neighbors = knn(z, config.k, mode=config.knn, metric=config.metric, seed=config.seed)
+    with _timed(seconds, "graph", notify):
+        adjacency = knn_graph(neighbors, weights=config.weights)
+        del neighbors
+    with _timed(seconds, "cluster", notify):
+        clustering = cluster_graph(
+            adjacency, config.method, resolution=config.resolution, seed=config.seed
+        )
+        del adjacency
+    with _timed(seconds, "match", notify):
+        matching = match_clusters(clustering.labels, y)
+    with _timed(seconds, "targets", notify):
+        targets = _targets(z, y, clustering.labels, matching, config, classes)
+
+    seconds["knn"] += seconds["pca"] + seconds["graph"]
+    seconds["total"] = time.perf_counter() - start
+    return Refresh(
+        config=config,
+        clusters=np.asarray(clustering.labels, dtype=np.int64),
+        matching=matching,
+        targets=targets,
+        projection=projection,
+        modularity=float(clustering.modularity),
+        seconds=seconds,
+        n=int(z.shape[0]),
+        d=int(z.shape[1]),
+        input_dim=int(projection.components.shape[0]) if projection is not None else z.shape[1],
+    )
+
+
+def _validate(
+    z: object,
+    y: object,
+    config: RefreshConfig | None,
+    classes: object,
+    overrides: dict[str, Any],
+) -> tuple[np.ndarray, np.ndarray, RefreshConfig, np.ndarray | None]:
+    matrix = as_latent_matrix(z)
+    labels = as_label_vector(y, matrix.shape[0])
+    if config is None:
+        config = RefreshConfig()
+    elif not isinstance(config, RefreshConfig):
+        raise LCCInputError(
+            f"config must be a RefreshConfig, got {type(config).__name__}; "
+            "pass RefreshConfig(...) or keyword options"
+        )
+    names = {f.name for f in dataclasses.fields(RefreshConfig)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise LCCInputError(
+            f"unknown refresh option(s) {', '.join(unknown)}; valid: {', '.join(sorted(names))}"
+        )
+    config = dataclasses.replace(config, **overrides).validated(*matrix.shape)
+    return matrix, labels, config, as_class_subset(classes)
+
+
+def _project(z: np.ndarray, config: RefreshConfig) -> tuple[Projection | None, np.ndarray]:
+    if config.pca is None:
+        return None, z
+    projection = fit_pca(z, config.pca, seed=config.seed)
+    projected = np.ascontiguousarray(projection.apply(z), dtype=np.float32)
+    return projection, projected
+
+
+def _targets(
+    z: np.ndarray,
+    y: np.ndarray,
+    clusters: np.ndarray,
+    matching: Matching,
+    config: RefreshConfig,
+    classes: np.ndarray | None,
+) -> Targets:
+    if config.targets == "exact":
+        return exact_targets(
+            z, y, matching.correctly_clustered, config.k, classes=classes, metric=config.metric
+        )
+    return approximate_targets(z, y, clusters, matching, classes=classes, seed=config.seed)
+
+
+def _silent(stage: str) -> None:
+    """A progress callback that shows nothing."""
+
+
+@contextmanager
+def _timed(seconds: dict[str, float], stage: str, notify: Callable[[str], None]) -> Iterator[None]:
+    notify(stage)
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds[stage] = time.perf_counter() - start
+
+
+def _check_pca(pca: object, n_samples: int, dim: int) -> int | None:
+    if pca is None:
+        return None
+    if isinstance(pca, bool) or not isinstance(pca, (int, np.integer)):
+        raise LCCInputError(f"pca must be an integer dimension or None, got {pca!r}")
+    if pca < 1:
+        raise LCCInputError(f"pca={pca} must be at least 1 (or None to skip PCA)")
+    limit = min(n_samples, dim)
+    if pca >= limit:
+        raise LCCInputError(
+            f"pca={pca} must be smaller than min(N, D) = {limit}; "
+            + (f"choose pca <= {limit - 1}" if limit > 1 else "drop the PCA option")
+        )
+    return int(pca)
+
+
+def _check_resolution(resolution: object) -> float:
+    if isinstance(resolution, bool) or not isinstance(resolution, (int, float, np.number)):
+        raise LCCInputError(f"resolution must be a number, got {resolution!r}")
+    value = float(resolution)
+    if not math.isfinite(value) or value <= 0:
+        raise LCCInputError(f"resolution={resolution} must be a positive finite number")
+    return value
+
+
+def _check_seed(seed: object) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise LCCInputError(f"seed must be a non-negative integer, got {seed!r}")
+    return int(seed)

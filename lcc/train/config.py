@@ -1,0 +1,450 @@
+"""Settings of one ``lcc train`` run: defaults, YAML files, command-line overrides.
+
+:class:`TrainConfig` holds every option of ``lcc train`` (its fields are the option names with
+``-`` written ``_``; a YAML config file uses the same keys). Values are resolved in this order,
+later winning: the field defaults, the ``--config`` file, the options given on the command line.
+The resolved config is saved as ``DIR/config.yaml`` in the run directory, and that file can be
+passed back with ``--config`` to repeat the run.
+
+>>> config = merge_config(TrainConfig(), {"k": 10, "layers": "act1"}, {"k": 7})
+>>> config.k, config.layers
+(7, ['act1'])
+>>> merge_config(TrainConfig(), {"kk": 10})
+Traceback (most recent call last):
+...
+lcc.errors.LCCInputError: unknown config key 'kk' (did you mean 'k'?); valid keys: model, ...
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lcc.errors import LCCInputError, check_choice
+
+CLUSTER_METHODS: tuple[str, ...] = ("leiden", "louvain", "peer-pressure")
+TARGET_MODES: tuple[str, ...] = ("exact", "approximate")
+KNN_MODES: tuple[str, ...] = ("exact", "approximate")
+METRICS: tuple[str, ...] = ("l2", "cosine")
+SOURCES: tuple[str, ...] = ("fresh", "recorded")
+POOLS: tuple[str, ...] = ("flatten", "avg", "max")
+CLASS_POLICIES: tuple[str, ...] = ("all", "top-pairs", "heaviest-set", "largest-component")
+STRATEGIES: tuple[str, ...] = ("auto", "ddp")
+ACCELERATORS: tuple[str, ...] = ("auto", "cpu", "gpu", "cuda", "mps")
+
+#: keys that may differ from the saved config when a run is resumed
+RESUME_MUTABLE: frozenset[str] = frozenset({"epochs", "num_workers", "resume", "data_dir"})
+
+
+def _option(
+    default: Any,
+    help: str,
+    *,
+    kind: str,
+    choices: tuple[str, ...] | None = None,
+    shown: str | None = None,
+    group: str = "training",
+) -> Any:
+    """A dataclass field with the metadata the CLI parser is built from."""
+    metadata = {"help": help, "kind": kind, "choices": choices, "shown": shown, "group": group}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+@dataclass
+class TrainConfig:
+    """Every option of ``lcc train`` (see ``lcc train --help``); validated by :meth:`check`.
+
+    >>> TrainConfig(model="small-cnn", dataset="digits", out="run").check().lr
+    0.1
+    """
+
+    model: str | None = _option(
+        None,
+        "model spec: small-cnn, small-resnet, hf:NAME, timm:NAME, torchvision:NAME",
+        kind="str?",
+        group="run",
+    )
+    dataset: str | None = _option(
+        None,
+        "dataset spec: digits, mnist, fashion-mnist, cifar10, cifar100, eurosat, hf:NAME, "
+        "folder:PATH, idx:PATH",
+        kind="str?",
+        group="run",
+    )
+    out: str | None = _option(
+        None,
+        "run directory: config.yaml, checkpoints/, metrics.json, refreshes.jsonl, logs",
+        kind="str?",
+        group="run",
+    )
+    layers: list[str] | None = _option(  # noqa: RUF009 - a None default, copied per instance
+        None,
+        "layers whose latents are corrected (names from `lcc layers MODEL`)",
+        kind="list?",
+        shown="the model's penultimate layer: the last submodule run before the "
+        "classification head, dropout skipped (act1 for small-cnn)",
+        group="lcc",
+    )
+    k: int = _option(5, "neighbours per sample in the k-NN graph and the targets", kind="int")
+    weight: float = _option(0.01, "weight w of the LCC loss in CE + w * LCC", kind="float")
+    warmup: int = _option(1, "epochs without correction at the start", kind="int")
+    interval: int = _option(
+        1, "refresh the targets every that many epochs after warmup", kind="int"
+    )
+    method: str = _option("leiden", "graph clustering method", kind="str", choices=CLUSTER_METHODS)
+    targets: str = _option(
+        "exact",
+        "correction targets: mean of k nearest correctly clustered same-class neighbours "
+        "(exact, eq. 7) or the nearest random correctly clustered representative of a "
+        "cluster matched to the class (approximate, eq. 13-14)",
+        kind="str",
+        choices=TARGET_MODES,
+    )
+    knn: str = _option(
+        "approximate",
+        "k-NN search of the graph: approximate (k-means cells, recall >= 0.97 measured on a "
+        "sample; exact below 2,000 samples) or exact (faiss flat)",
+        kind="str",
+        choices=KNN_MODES,
+    )
+    metric: str = _option("l2", "latent distance for the k-NN graph", kind="str", choices=METRICS)
+    pca: int | None = _option(
+        None, "project latents to this many PCA dimensions first", kind="int?", shown="no PCA"
+    )
+    source: str = _option(
+        "fresh",
+        "latents of a refresh: an extra eval pass over the training set (fresh, the paper) or "
+        "those recorded during the previous epoch's training steps (recorded, no extra pass)",
+        kind="str",
+        choices=SOURCES,
+    )
+    pool: str = _option(
+        "flatten", "how conv feature maps become vectors", kind="str", choices=POOLS
+    )
+    class_policy: str = _option(
+        "all",
+        "which classes are corrected, from the confusion graph of the last predictions",
+        kind="str",
+        choices=CLASS_POLICIES,
+    )
+    policy_size: int | None = _option(
+        None,
+        "N for --class-policy top-pairs (pairs) and heaviest-set (classes)",
+        kind="int?",
+        shown="none",
+    )
+    squared: bool = _option(False, "use the squared LCC loss (the poster's variant)", kind="bool")
+    no_lcc: bool = _option(False, "train without LCC (the baseline)", kind="bool", group="lcc")
+    epochs: int = _option(
+        10, "training epochs (cosine learning-rate schedule over them)", kind="int"
+    )
+    batch_size: int = _option(128, "batch size (per process)", kind="int")
+    lr: float = _option(0.1, "initial learning rate of SGD", kind="float")
+    momentum: float = _option(0.9, "SGD momentum", kind="float")
+    weight_decay: float = _option(5e-4, "SGD weight decay", kind="float")
+    seed: int = _option(
+        0, "seed of everything: weights, data order, subsets, clustering", kind="int"
+    )
+    resume: bool = _option(False, "continue the run in --out from its last checkpoint", kind="bool")
+    no_pretrained: bool = _option(
+        False, "external models start from random weights (no download)", kind="bool", group="data"
+    )
+    checkpoint: str | None = _option(
+        None,
+        "start from these saved weights (state_dict, Lightning .ckpt or .safetensors)",
+        kind="str?",
+        shown="none",
+        group="data",
+    )
+    subset: int | None = _option(
+        None,
+        "use a seeded stratified subset of this many training samples",
+        kind="int?",
+        shown="all",
+        group="data",
+    )
+    test_subset: int | None = _option(
+        None,
+        "use a seeded stratified subset of this many test samples",
+        kind="int?",
+        shown="all",
+        group="data",
+    )
+    data_dir: str | None = _option(
+        None, "dataset root", kind="str?", shown="$LCC_DATA_DIR or ~/.cache/lcc/data", group="data"
+    )
+    devices: int = _option(
+        1, "number of processes (devices) to train on", kind="int", group="system"
+    )
+    strategy: str = _option(
+        "auto",
+        "distribution strategy; auto = ddp when --devices > 1",
+        kind="str",
+        choices=STRATEGIES,
+        group="system",
+    )
+    accelerator: str = _option(
+        "auto", "Lightning accelerator", kind="str", choices=ACCELERATORS, group="system"
+    )
+    num_workers: int = _option(0, "DataLoader worker processes", kind="int", group="system")
+    keep_checkpoints: bool = _option(
+        False,
+        "also keep checkpoints/epoch=E.ckpt of every epoch, besides last.ckpt",
+        kind="bool",
+        group="system",
+    )
+    save_latents: bool = _option(
+        False,
+        "also store each refresh's latents z and labels y in DIR/refresh/*.npz "
+        "(readable by `lcc cluster`)",
+        kind="bool",
+        group="system",
+    )
+
+    # --- validation ------------------------------------------------------------------------
+
+    def check(self, *, require_run: bool = True) -> TrainConfig:
+        """Validate every value (types, ranges, choices); returns ``self``.
+
+        ``require_run``: MODEL, DATASET and ``--out`` must be set.
+        """
+        for item in dataclasses.fields(self):
+            setattr(self, item.name, _coerce(item, getattr(self, item.name)))
+        if require_run:
+            for name, what in (("model", "MODEL"), ("dataset", "DATASET"), ("out", "--out DIR")):
+                if not getattr(self, name):
+                    raise LCCInputError(
+                        f"{what} is required: pass it on the command line or as `{name}:` in "
+                        "the --config file"
+                    )
+        for name, low in (
+            ("k", 1),
+            ("warmup", 0),
+            ("interval", 1),
+            ("epochs", 1),
+            ("batch_size", 1),
+            ("seed", 0),
+            ("devices", 1),
+            ("num_workers", 0),
+        ):
+            if getattr(self, name) < low:
+                raise LCCInputError(f"{_flag(name)} must be >= {low}, got {getattr(self, name)}")
+        for name in ("pca", "subset", "test_subset", "policy_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise LCCInputError(f"{_flag(name)} must be a positive integer, got {value}")
+        if not self.lr > 0:
+            raise LCCInputError(f"--lr must be positive, got {self.lr}")
+        if not 0 <= self.momentum < 1:
+            raise LCCInputError(f"--momentum must be in [0, 1), got {self.momentum}")
+        if self.weight_decay < 0:
+            raise LCCInputError(f"--weight-decay must be >= 0, got {self.weight_decay}")
+        if self.weight < 0:
+            raise LCCInputError(f"--weight must be >= 0, got {self.weight}")
+        if self.layers is not None and not self.layers:
+            raise LCCInputError("--layers needs at least one layer name")
+        if not self.no_lcc:
+            self.lcc_config(self.layers or ["placeholder"])  # validates the LCC settings
+        return self
+
+    def lcc_config(self, layers: list[str]) -> Any:
+        """The :class:`lcc.train.loop.LCCConfig` of this run for ``layers``."""
+        from lcc.train.loop import LCCConfig
+
+        return LCCConfig(
+            layers=list(layers),
+            k=self.k,
+            weight=self.weight,
+            warmup=self.warmup,
+            interval=self.interval,
+            method=self.method,
+            targets=self.targets,
+            knn=self.knn,
+            metric=self.metric,
+            pca=self.pca,
+            source=self.source,
+            pool=self.pool,
+            class_policy=self.class_policy,
+            policy_size=self.policy_size,
+            squared=self.squared,
+            seed=self.seed,
+        )
+
+    # --- conversion ------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values, YAML/JSON-ready, in field order."""
+        values = dataclasses.asdict(self)
+        if values["layers"] is not None:
+            values["layers"] = list(values["layers"])
+        return values
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        """A copy with ``changes`` applied (unknown keys -> :class:`LCCInputError`)."""
+        return merge_config(self, changes)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def field_names() -> list[str]:
+    """Valid config keys, in ``lcc train --help`` order."""
+    return [item.name for item in dataclasses.fields(TrainConfig)]
+
+
+def _coerce(item: dataclasses.Field, value: Any) -> Any:
+    """Check/convert one value read from YAML or given in Python to the field's type."""
+    kind: str = item.metadata["kind"]
+    name = item.name
+    optional = kind.endswith("?")
+    base = kind.rstrip("?")
+    if value is None:
+        if optional:
+            return None
+        raise LCCInputError(f"{name} must not be empty (null)")
+    if base == "bool":
+        if isinstance(value, bool):
+            return value
+        raise LCCInputError(f"{name} must be true or false, got {value!r}")
+    if base == "int":
+        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            value = int(value)
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise LCCInputError(f"{name} must be an integer, got {value!r}")
+        return int(value)
+    if base == "float":
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise LCCInputError(f"{name} must be a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise LCCInputError(f"{name} must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise LCCInputError(f"{name} must be a finite number, got {value!r}")
+        return float(value)
+    if base == "list":
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise LCCInputError(f"{name} must be a list of names, got {value!r}")
+        names: list[str] = []
+        for entry in value:
+            if not isinstance(entry, str):
+                raise LCCInputError(f"{name} must hold layer names (strings), got {entry!r}")
+            names.extend(part.strip() for part in entry.split(",") if part.strip())
+        return names
+    if not isinstance(value, (str, os.PathLike)):
+        raise LCCInputError(f"{name} must be a string, got {value!r}")
+    value = os.fspath(value)
+    choices = item.metadata["choices"]
+    if choices:
+        check_choice(value, choices, name=name)
+    return value
+
+
+def merge_config(base: TrainConfig, *layers: Mapping[str, Any] | None) -> TrainConfig:
+    """``base`` with each mapping of ``layers`` applied in turn (later wins), validated.
+
+    Keys may use ``-`` or ``_``. Unknown keys raise :class:`LCCInputError` naming the
+    closest valid one. ``MODEL``/``DATASET``/``--out`` are not required here (see
+    :meth:`TrainConfig.check`).
+    """
+    values = base.to_dict()
+    valid = field_names()
+    for layer in layers:
+        if not layer:
+            continue
+        for key, value in layer.items():
+            name = str(key).replace("-", "_")
+            if name not in valid:
+                close = difflib.get_close_matches(name, valid, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise LCCInputError(
+                    f"unknown config key {key!r}{hint}; valid keys: {', '.join(valid)}"
+                )
+            values[name] = value
+    config = TrainConfig(**values)
+    return config.check(require_run=False)
+
+
+def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The mapping stored in a YAML file (empty file -> ``{}``), errors as LCCInputError."""
+    import yaml
+
+    file = Path(path).expanduser()
+    try:
+        text = file.read_text(encoding="utf-8")
+    except OSError as error:
+        raise LCCInputError(f"cannot read config file {file}: {error.strerror or error}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        where = getattr(error, "problem_mark", None)
+        line = f" (line {where.line + 1})" if where is not None else ""
+        raise LCCInputError(f"config file {file} is not valid YAML{line}; fix its syntax") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise LCCInputError(
+            f"config file {file} must hold a mapping of option: value, got {type(data).__name__}"
+        )
+    return data
+
+
+def load_config(path: str | os.PathLike[str], **overrides: Any) -> TrainConfig:
+    """A :class:`TrainConfig` from a YAML file, then ``overrides`` (unknown keys -> error)."""
+    return merge_config(TrainConfig(), read_yaml(path), overrides)
+
+
+def save_config(config: TrainConfig, path: str | os.PathLike[str]) -> Path:
+    """Write ``config`` as YAML to ``path`` atomically (``resume`` is left out)."""
+    import yaml
+
+    from lcc.io import atomic_write
+
+    values = config.to_dict()
+    values.pop("resume", None)
+    text = "# resolved lcc train config (lcc train --config this-file)\n"
+    text += yaml.safe_dump(values, sort_keys=False, default_flow_style=False)
+    data = text.encode("utf-8")
+    return atomic_write(path, lambda handle: handle.write(data))
+
+
+def resume_differences(saved: TrainConfig, requested: TrainConfig) -> list[str]:
+    """Run-defining settings in which ``requested`` differs from the ``saved`` run.
+
+    >>> resume_differences(TrainConfig(k=5), TrainConfig(k=7, epochs=20))
+    ['k: run has 5, requested 7']
+    """
+    out = []
+    for name in field_names():
+        if name in RESUME_MUTABLE:
+            continue
+        old, new = getattr(saved, name), getattr(requested, name)
+        if old != new:
+            out.append(f"{name}: run has {old!r}, requested {new!r}".replace("'", ""))
+    return out
+
+
+__all__ = [
+    "RESUME_MUTABLE",
+    "TrainConfig",
+    "field_names",
+    "load_config",
+    "merge_config",
+    "read_yaml",
+    "resume_differences",
+    "save_config",
+]

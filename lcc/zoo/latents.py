@@ -1,0 +1,331 @@
+"""Record the outputs of named submodules (the latents LCC corrects) with forward hooks.
+
+A layer is named as in ``model.named_modules()`` (``lcc layers MODEL`` prints them).
+A submodule that returns a tuple, list, dict or ``transformers`` ``ModelOutput`` is
+recorded through its first tensor. Outputs are pooled to one row per sample:
+
+- ``"flatten"`` (default): ``(B, ...) -> (B, D)`` with ``D`` the product of the trailing dims;
+- ``"avg"`` / ``"max"``: a 4-D or higher output is a feature map ``(B, C, *spatial)`` and is
+  reduced over its spatial dims to ``(B, C)``; a 3-D output is a token sequence ``(B, T, C)``
+  (transformer blocks) and is reduced over the tokens to ``(B, C)``; 2-D outputs are kept.
+
+>>> import torch
+>>> model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+>>> with LatentRecorder(model, ["1"]) as recorder:
+...     logits = model(torch.ones(5, 4))
+>>> recorder.outputs["1"].shape
+torch.Size([5, 3])
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from lcc.errors import LCCInputError, check_choice
+
+Pool = Literal["flatten", "avg", "max"]
+POOLS: tuple[str, ...] = ("flatten", "avg", "max")
+
+__all__ = [
+    "POOLS",
+    "LatentRecorder",
+    "Pool",
+    "check_layer_names",
+    "collect_latents",
+    "first_tensor",
+    "list_layers",
+    "pool_output",
+]
+
+
+def first_tensor(output: object, name: str = "output") -> Tensor:
+    """Return the first tensor in a module output (tensor, tuple/list, dict or ModelOutput).
+
+    >>> first_tensor((None, torch.zeros(2), torch.ones(3))).tolist()
+    [0.0, 0.0]
+    """
+    found = _find_tensor(output)
+    if found is None:
+        raise LCCInputError(
+            f"layer {name!r} returned {type(output).__name__}, which holds no tensor; "
+            "choose another layer (run `lcc layers MODEL` to list them)"
+        )
+    return found
+
+
+def _find_tensor(output: object) -> Tensor | None:
+    if isinstance(output, Tensor):
+        return output
+    if isinstance(output, Mapping):  # dicts and transformers' ModelOutput
+        items: Iterable[object] = output.values()
+    elif isinstance(output, (tuple, list)):
+        items = output
+    else:
+        return None
+    for item in items:
+        found = _find_tensor(item)
+        if found is not None:
+            return found
+    return None
+
+
+def pool_output(tensor: Tensor, pool: Pool = "flatten") -> Tensor:
+    """Reduce a batch output ``(B, ...)`` to ``(B, D)`` (see the module docstring).
+
+    >>> x = torch.arange(16.0).reshape(1, 2, 2, 4)
+    >>> pool_output(x, "flatten").shape, pool_output(x, "avg").tolist()
+    (torch.Size([1, 16]), [[3.5, 11.5]])
+    """
+    if tensor.ndim == 0:
+        raise LCCInputError("a layer output is a scalar; choose a layer with one row per sample")
+    if tensor.ndim == 1:
+        return tensor.reshape(-1, 1)
+    if pool == "flatten" or tensor.ndim == 2:
+        return tensor.reshape(tensor.shape[0], -1)
+    dims = (1,) if tensor.ndim == 3 else tuple(range(2, tensor.ndim))
+    if pool == "avg":
+        return tensor.mean(dim=dims)
+    if pool == "max":
+        return tensor.amax(dim=dims)
+    raise LCCInputError(f"pool={pool!r} is not one of {', '.join(map(repr, POOLS))}")
+
+
+def _named_layers(model: nn.Module) -> dict[str, nn.Module]:
+    return {name: module for name, module in model.named_modules() if name}
+
+
+def check_layer_names(model: nn.Module, names: str | Sequence[str]) -> list[str]:
+    """Validate layer names against ``model.named_modules()``; return them deduplicated.
+
+    >>> model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU())
+    >>> check_layer_names(model, ["1", "0", "1"])
+    ['1', '0']
+    """
+    if isinstance(names, str):
+        names = [names]
+    names = list(dict.fromkeys(names))
+    if not names:
+        raise LCCInputError("no layer given; pass at least one submodule name (see `lcc layers`)")
+    valid = _named_layers(model)
+    for name in names:
+        if not isinstance(name, str):
+            raise LCCInputError(f"layer names must be strings, got {name!r}")
+        if name not in valid:
+            close = difflib.get_close_matches(name, list(valid), n=5, cutoff=0.4)
+            shown = close or list(valid)[:8]
+            more = ", ..." if not close and len(valid) > 8 else ""
+            hint = f"{'closest' if close else 'valid'}: {', '.join(shown)}{more}"
+            raise LCCInputError(
+                f"model has no layer {name!r} ({hint}); run `lcc layers MODEL` to list all"
+            )
+    return names
+
+
+class LatentRecorder:
+    """Forward hooks that keep the last forward's output of each named layer, pooled to (B, D).
+
+    Use as a context manager, or call :meth:`attach` / :meth:`detach`. ``outputs`` is
+    NOT detached, so a loss on it backpropagates into the model. A layer called several
+    times in one forward keeps its last call's output.
+    """
+
+    def __init__(self, model: nn.Module, layers: str | Sequence[str], *, pool: Pool = "flatten"):
+        self.model = model
+        self.layers = check_layer_names(model, layers)
+        self.pool: Pool = check_choice(pool, POOLS, name="pool")  # type: ignore[assignment]
+        self.outputs: dict[str, Tensor] = {}
+        self._handles: list[Any] = []
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
+
+    def attach(self) -> LatentRecorder:
+        """Register the hooks (idempotent); returns ``self``."""
+        if self._handles:
+            return self
+        modules = _named_layers(self.model)
+        for name in self.layers:
+            self._handles.append(modules[name].register_forward_hook(self._hook(name)))
+        return self
+
+    def detach(self) -> None:
+        """Remove the hooks; ``outputs`` keeps the last values."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def clear(self) -> None:
+        """Forget the recorded outputs (frees the graph they hold)."""
+        self.outputs = {}
+
+    def _hook(self, name: str):
+        def hook(module: nn.Module, inputs: object, output: object) -> None:
+            self.outputs[name] = pool_output(first_tensor(output, name), self.pool)
+
+        return hook
+
+    def __enter__(self) -> LatentRecorder:
+        return self.attach()
+
+    def __exit__(self, *exc: object) -> None:
+        self.detach()
+
+    def __repr__(self) -> str:
+        return f"LatentRecorder(layers={self.layers}, pool={self.pool!r}, attached={self.attached})"
+
+
+def _call(model: nn.Module, sample_input: object) -> object:
+    if isinstance(sample_input, Mapping):
+        return model(**sample_input)
+    if isinstance(sample_input, (tuple, list)):
+        return model(*sample_input)
+    return model(sample_input)
+
+
+class _eval_mode:
+    """Put a model in eval mode and restore every submodule's own train/eval flag on exit."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.flags = [(module, module.training) for module in model.modules()]
+
+    def __enter__(self) -> nn.Module:
+        self.model.eval()
+        return self.model
+
+    def __exit__(self, *exc: object) -> None:
+        for module, flag in self.flags:
+            module.training = flag
+
+
+def list_layers(model: nn.Module, sample_input: object) -> list[tuple[str, tuple[int, ...]]]:
+    """Every named submodule that runs on ``sample_input``, with its per-sample output shape.
+
+    ``sample_input`` is a batch (tensor, or tuple/dict of model arguments); shapes drop the
+    batch dim. Runs once in eval mode without gradients; the model's modes are restored.
+    Submodules that do not run, or return no tensor, are left out (they cannot be recorded).
+
+    >>> model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Flatten())
+    >>> list_layers(model, torch.zeros(1, 1, 5, 5))
+    [('0', (4, 3, 3)), ('1', (36,))]
+    """
+    modules = _named_layers(model)
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def make_hook(name: str):
+        def hook(module: nn.Module, inputs: object, output: object) -> None:
+            tensor = _find_tensor(output)
+            if tensor is not None and tensor.ndim >= 1:
+                shapes[name] = tuple(tensor.shape[1:])
+
+        return hook
+
+    handles = [module.register_forward_hook(make_hook(name)) for name, module in modules.items()]
+    try:
+        with _eval_mode(model), torch.no_grad():
+            _call(model, sample_input)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [(name, shapes[name]) for name in modules if name in shapes]
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for tensor in model.parameters():
+        return tensor.device
+    for tensor in model.buffers():
+        return tensor.device
+    return torch.device("cpu")
+
+
+def _unpack(batch: object) -> tuple[Tensor, Tensor, Tensor]:
+    if not isinstance(batch, (tuple, list)) or len(batch) != 3:
+        raise LCCInputError(
+            "the loader must yield (x, y, index) batches; wrap the dataset in "
+            "lcc.zoo.datasets.IndexedDataset"
+        )
+    x, y, index = batch
+    return x, torch.as_tensor(y), torch.as_tensor(index)
+
+
+def _iterate(loader: Iterable[object]) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+    for batch in loader:
+        yield _unpack(batch)
+
+
+def collect_latents(
+    model: nn.Module,
+    loader: Any,
+    layers: str | Sequence[str],
+    *,
+    pool: Pool = "flatten",
+    device: str | torch.device | None = None,
+) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    """One eval-mode pass without gradients over ``loader``; latents ordered by dataset index.
+
+    ``loader`` yields ``(x, y, index)`` with ``index`` the position in ``loader.dataset``
+    (shuffled loaders are fine). Returns ``({layer: (N, D) float32}, y (N,) int64,
+    predictions (N,) int64)``, each array allocated once (no per-batch copies kept).
+    ``device`` is where batches go (default: the model's device). Modes are restored.
+
+    >>> from torch.utils.data import DataLoader, TensorDataset
+    >>> data = TensorDataset(torch.randn(6, 3), torch.tensor([0, 1, 0, 1, 0, 1]), torch.arange(6))
+    >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    >>> z, y, pred = collect_latents(model, DataLoader(data, batch_size=4), ["0"])
+    >>> z["0"].shape, z["0"].dtype, y.tolist()
+    ((6, 4), dtype('float32'), [0, 1, 0, 1, 0, 1])
+    """
+    names = check_layer_names(model, layers)
+    try:
+        n = len(loader.dataset)
+    except (AttributeError, TypeError) as error:
+        raise LCCInputError("the loader needs a sized `.dataset` (a torch DataLoader)") from error
+    if n == 0:
+        raise LCCInputError("the loader's dataset is empty; nothing to collect")
+    target = torch.device(device) if device is not None else _model_device(model)
+    latents: dict[str, np.ndarray] = {}
+    labels = np.zeros(n, dtype=np.int64)
+    predictions = np.zeros(n, dtype=np.int64)
+    seen = np.zeros(n, dtype=bool)
+    recorder = LatentRecorder(model, names, pool=pool)
+    with _eval_mode(model), torch.no_grad(), recorder:
+        for x, y, index in _iterate(loader):
+            recorder.clear()
+            logits = first_tensor(_call(model, _to(x, target)), "model output")
+            rows = index.to("cpu", torch.int64).numpy()
+            if rows.size and (rows.min() < 0 or rows.max() >= n):
+                raise LCCInputError(f"loader index out of range 0..{n - 1}: got {rows.max()}")
+            for name in names:
+                if name not in recorder.outputs:
+                    raise LCCInputError(f"layer {name!r} did not run in the model's forward pass")
+                out = recorder.outputs[name].detach().to("cpu", torch.float32)
+                if name not in latents:
+                    latents[name] = np.empty((n, out.shape[1]), dtype=np.float32)
+                latents[name][rows] = out.numpy()
+            labels[rows] = y.to("cpu", torch.int64).reshape(-1).numpy()
+            predictions[rows] = logits.detach().reshape(logits.shape[0], -1).argmax(1).cpu().numpy()
+            seen[rows] = True
+        recorder.clear()
+    if not seen.all():
+        raise LCCInputError(
+            f"the loader covered {int(seen.sum())} of {n} samples; pass a loader over the "
+            "whole dataset (no drop_last, no sampler subset)"
+        )
+    return latents, labels, predictions
+
+
+def _to(x: object, device: torch.device) -> object:
+    if isinstance(x, Tensor):
+        return x.to(device, non_blocking=True)
+    if isinstance(x, Mapping):
+        return {key: _to(value, device) for key, value in x.items()}
+    if isinstance(x, (tuple, list)):
+        return type(x)(_to(value, device) for value in x)
+    return x

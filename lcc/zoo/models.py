@@ -1,0 +1,515 @@
+"""Classifiers for LCC fine-tuning: built-in small CNNs and external model zoos.
+
+``build_model(spec, num_classes, input_shape=(C, H, W))`` returns an ``nn.Module`` mapping
+``(B, C, H, W)`` to logits ``(B, num_classes)``. Specs:
+
+- ``small-cnn``: two conv blocks (``features.block1``, ``features.block2``) then ``fc1``,
+  ``act1`` (its ReLU, a good LCC layer) and ``head``; fast on CPU at 28×28;
+- ``small-resnet``: ``stem``, ``layer1``..``layer3`` (one basic block each), ``pool``, ``fc``;
+- ``hf:NAME`` (``transformers`` image classifier; NAME may be a local directory),
+  ``timm:NAME``, ``torchvision:NAME``: the classification head is replaced to
+  ``num_classes``; the model sits under ``model.`` behind an input ``adapter`` that
+  repeats gray channels to 3 and resizes to the model's declared input size.
+
+transformers, timm and torchvision are optional and imported only when asked for.
+Seed ``torch.manual_seed`` before calling for a reproducible initialisation.
+
+>>> model = build_model("small-cnn", 10, input_shape=(1, 28, 28))
+>>> model(torch.zeros(2, 1, 28, 28)).shape
+torch.Size([2, 10])
+"""
+
+from __future__ import annotations
+
+import importlib
+import pickle
+import warnings
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lcc.errors import LCCInputError
+from lcc.zoo.datasets import hub_available
+
+__all__ = [
+    "BUILTINS",
+    "ExternalClassifier",
+    "InputAdapter",
+    "SmallCNN",
+    "SmallResNet",
+    "build_model",
+    "find_head",
+    "load_checkpoint",
+    "replace_head",
+]
+
+BUILTINS = ("small-cnn", "small-resnet")
+PREFIXES = ("hf:", "timm:", "torchvision:")
+VISION_INSTALL = (
+    "install it with `pip install -c constraints.txt 'lcc[vision]'` (torchvision's default "
+    "wheel is a CUDA build that fails to import on CPU-only machines: use the CPU wheel from "
+    "https://download.pytorch.org/whl/cpu matching your torch)"
+)
+HF_INSTALL = "install it with `pip install -c constraints.txt 'lcc[hf]'`"
+
+
+# --------------------------------------------------------------------------- built-ins
+
+
+def _conv_block(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(
+        OrderedDict(
+            conv=nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+            bn=nn.BatchNorm2d(cout),
+            relu=nn.ReLU(),
+            pool=nn.MaxPool2d(2, ceil_mode=True),
+        )
+    )
+
+
+class SmallCNN(nn.Module):
+    """Two conv blocks (conv-bn-relu-maxpool) and a two-layer MLP head."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        image_size: tuple[int, int],
+        *,
+        widths: tuple[int, int] = (16, 32),
+        hidden: int = 128,
+    ):
+        super().__init__()
+        self.features = nn.Sequential(
+            OrderedDict(
+                block1=_conv_block(in_channels, widths[0]),
+                block2=_conv_block(widths[0], widths[1]),
+            )
+        )
+        height, width = (-(-side // 4) for side in image_size)  # two ceil-mode 2x2 pools
+        self.flatten = nn.Flatten()
+        self.fc1 = nn.Linear(widths[1] * height * width, hidden)
+        self.act1 = nn.ReLU()
+        self.head = nn.Linear(hidden, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.act1(self.fc1(self.flatten(self.features(x)))))
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block: two 3x3 convs with batch norm and a (projected) shortcut."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.act1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout)
+            )
+        self.act2 = nn.ReLU()
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.bn2(self.conv2(self.act1(self.bn1(self.conv1(x)))))
+        return self.act2(out + self.shortcut(x))
+
+
+class SmallResNet(nn.Module):
+    """A tiny ResNet: 3x3 stem, three one-block stages (16, 32, 64 channels), global pool."""
+
+    def __init__(self, in_channels: int, num_classes: int, *, widths: Sequence[int] = (16, 32, 64)):
+        super().__init__()
+        w1, w2, w3 = widths
+        self.stem = nn.Sequential(
+            OrderedDict(
+                conv=nn.Conv2d(in_channels, w1, 3, padding=1, bias=False),
+                bn=nn.BatchNorm2d(w1),
+                relu=nn.ReLU(),
+            )
+        )
+        self.layer1 = BasicBlock(w1, w1)
+        self.layer2 = BasicBlock(w1, w2, stride=2)
+        self.layer3 = BasicBlock(w2, w3, stride=2)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(w3, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.layer3(self.layer2(self.layer1(self.stem(x))))
+        return self.fc(self.flatten(self.pool(x)))
+
+
+# --------------------------------------------------------------------------- external models
+
+
+class InputAdapter(nn.Module):
+    """Map dataset images to what an external model expects: channels and spatial size.
+
+    >>> InputAdapter(1, 3, (4, 4))(torch.zeros(2, 1, 2, 2)).shape
+    torch.Size([2, 3, 4, 4])
+    """
+
+    def __init__(self, in_channels: int, channels: int, size: tuple[int, int] | None = None):
+        super().__init__()
+        if in_channels != channels and 1 not in (in_channels, channels):
+            raise LCCInputError(
+                f"images have {in_channels} channels but the model expects {channels}; "
+                "only gray <-> colour is adapted"
+            )
+        self.in_channels = in_channels
+        self.channels = channels
+        self.size = tuple(size) if size is not None else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.in_channels == 1 and self.channels != 1:
+            x = x.expand(-1, self.channels, -1, -1)
+        elif self.channels == 1 and self.in_channels != 1:
+            x = x.mean(dim=1, keepdim=True)
+        if self.size is not None and tuple(x.shape[-2:]) != self.size:
+            x = F.interpolate(x, size=self.size, mode="bilinear", align_corners=False)
+        return x
+
+    def extra_repr(self) -> str:
+        return f"in_channels={self.in_channels}, channels={self.channels}, size={self.size}"
+
+
+class ExternalClassifier(nn.Module):
+    """``adapter`` then ``model``; returns the logits tensor (``.logits`` of HF outputs)."""
+
+    def __init__(self, model: nn.Module, adapter: InputAdapter, *, hf: bool = False):
+        super().__init__()
+        self.adapter = adapter
+        self.model = model
+        self.hf = hf
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.adapter(x)
+        out = self.model(pixel_values=x) if self.hf else self.model(x)
+        if isinstance(out, Tensor):
+            return out
+        logits = getattr(out, "logits", None)
+        if isinstance(logits, Tensor):
+            return logits
+        from lcc.zoo.latents import first_tensor
+
+        return first_tensor(out, "model output")
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"
+
+
+def _import_optional(module: str, spec: str, how: str) -> Any:
+    try:
+        return importlib.import_module(module)
+    except (ImportError, RuntimeError, OSError, AttributeError) as error:
+        raise LCCInputError(
+            f"model {spec} needs `{module}`, which cannot be imported ({_first_line(error)}); {how}"
+        ) from None
+
+
+def _size(value: Any) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    if isinstance(value, int):
+        return (value, value)
+    values = [int(v) for v in value]
+    return (values[-2], values[-1]) if len(values) >= 2 else (values[0], values[0])
+
+
+def _no_pretrained(spec: str, error: BaseException) -> LCCInputError:
+    return LCCInputError(
+        f"cannot load pretrained weights for {spec} ({_first_line(error)}); pass --no-pretrained "
+        "(pretrained=False) to start from random weights, or run once with network access"
+    )
+
+
+def _build_hf(name: str, num_classes: int, channels: int, pretrained: bool) -> nn.Module:
+    spec = f"hf:{name}"
+    transformers = _import_optional("transformers", spec, HF_INSTALL)
+    local = Path(name).expanduser()
+    source = str(local) if local.is_dir() else name
+    offline = local.is_dir() or not hub_available()
+    auto = transformers.AutoModelForImageClassification
+    try:
+        if pretrained:
+            model = auto.from_pretrained(
+                source,
+                num_labels=num_classes,
+                ignore_mismatched_sizes=True,
+                local_files_only=offline,
+            )
+        else:
+            config = transformers.AutoConfig.from_pretrained(source, local_files_only=offline)
+            config.num_labels = num_classes
+            model = auto.from_config(config)
+    except (OSError, ValueError, KeyError) as error:
+        if pretrained:
+            raise _no_pretrained(spec, error) from None
+        raise LCCInputError(
+            f"cannot load the config of {spec} ({_first_line(error)}); run once with network "
+            "access, or pass a local directory with config.json as hf:DIR"
+        ) from None
+    config = model.config
+    adapter = InputAdapter(
+        channels,
+        int(getattr(config, "num_channels", 3)),
+        _size(getattr(config, "image_size", None)),
+    )
+    return ExternalClassifier(model, adapter, hf=True)
+
+
+def _build_timm(name: str, num_classes: int, channels: int, pretrained: bool) -> nn.Module:
+    spec = f"timm:{name}"
+    timm = _import_optional("timm", spec, VISION_INSTALL)
+    if not timm.is_model(name):
+        raise LCCInputError(f"timm has no model {name!r}; see timm.list_models() for names")
+    try:
+        model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes)
+    except Exception as error:  # download / hub failures differ across timm versions
+        if pretrained:
+            raise _no_pretrained(spec, error) from None
+        raise LCCInputError(f"cannot build {spec} ({_first_line(error)})") from None
+    config = getattr(model, "pretrained_cfg", None) or {}
+    size = _size(config.get("input_size")) if pretrained else None
+    if config.get("fixed_input_size"):
+        size = _size(config.get("input_size"))
+    return ExternalClassifier(model, InputAdapter(channels, 3, size))
+
+
+def _build_torchvision(name: str, num_classes: int, channels: int, pretrained: bool) -> nn.Module:
+    spec = f"torchvision:{name}"
+    models = _import_optional("torchvision.models", spec, VISION_INSTALL)
+    if name not in models.list_models():
+        raise LCCInputError(
+            f"torchvision has no model {name!r}; see torchvision.models.list_models()"
+        )
+    try:
+        model = models.get_model(name, weights="DEFAULT" if pretrained else None)
+    except Exception as error:  # urllib / hash / file errors when weights are unreachable
+        if pretrained:
+            raise _no_pretrained(spec, error) from None
+        raise LCCInputError(f"cannot build {spec} ({_first_line(error)})") from None
+    replace_head(model, num_classes)
+    size = _size(getattr(model, "image_size", None))
+    if size is None and pretrained:
+        try:
+            crop = models.get_model_weights(name).DEFAULT.transforms().crop_size
+            size = _size(crop)
+        except Exception:  # weights without a crop size: keep the dataset's size
+            size = None
+    return ExternalClassifier(model, InputAdapter(channels, 3, size))
+
+
+def replace_head(model: nn.Module, num_classes: int) -> str:
+    """Replace the final classifier of a torchvision-style model; returns its name.
+
+    Looks for ``fc``, ``classifier`` (a Linear, or a Sequential ending in Linear/1x1 conv),
+    ``heads.head`` and ``head``.
+
+    >>> net = torch.nn.Module(); net.fc = torch.nn.Linear(4, 1000)
+    >>> replace_head(net, 3), net.fc.out_features
+    ('fc', 3)
+    """
+    for path in ("fc", "classifier", "heads.head", "head", "heads"):
+        parent: Any = model
+        parts = path.split(".")
+        for part in parts[:-1]:
+            parent = getattr(parent, part, None)
+        module = getattr(parent, parts[-1], None) if parent is not None else None
+        if isinstance(module, nn.Linear):
+            setattr(parent, parts[-1], nn.Linear(module.in_features, num_classes))
+            return path
+        if isinstance(module, nn.Sequential) and len(module) > 0:
+            last = module[-1]
+            if isinstance(last, nn.Linear):
+                module[-1] = nn.Linear(last.in_features, num_classes)
+                return f"{path}.{len(module) - 1}"
+            if isinstance(last, nn.Conv2d):
+                module[-1] = nn.Conv2d(last.in_channels, num_classes, last.kernel_size)
+                return f"{path}.{len(module) - 1}"
+            for index in range(len(module) - 1, -1, -1):  # e.g. squeezenet: conv, relu, pool
+                if isinstance(module[index], nn.Conv2d):
+                    conv = module[index]
+                    module[index] = nn.Conv2d(conv.in_channels, num_classes, conv.kernel_size)
+                    return f"{path}.{index}"
+    raise LCCInputError(
+        f"cannot find the classification head of {type(model).__name__} "
+        "(looked for fc, classifier, heads.head, head); use another model"
+    )
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def find_head(model: nn.Module) -> str | None:
+    """Name of the final classifier: the last registered Linear or Conv2d submodule.
+
+    >>> find_head(build_model("small-resnet", 3, input_shape=(1, 8, 8)))
+    'fc'
+    """
+    last: str | None = None
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            last = name
+    return last
+
+
+def _read_state(path: Path) -> Mapping[str, Any]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError):
+        # Lightning checkpoints may pickle hyperparameter objects: the user named this file.
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as error:
+            raise LCCInputError(f"cannot read checkpoint {path} ({_first_line(error)})") from None
+    except Exception as error:
+        raise LCCInputError(f"cannot read checkpoint {path} ({_first_line(error)})") from None
+    if isinstance(obj, nn.Module):
+        return obj.state_dict()
+    if isinstance(obj, Mapping):
+        for key in ("state_dict", "model_state_dict", "model"):
+            inner = obj.get(key)
+            if isinstance(inner, Mapping) and any(isinstance(v, Tensor) for v in inner.values()):
+                return inner
+        return obj
+    raise LCCInputError(f"checkpoint {path} holds a {type(obj).__name__}, not a state_dict")
+
+
+_PREFIXES = (
+    "",
+    "model.",
+    "module.",
+    "model.module.",
+    "module.model.",
+    "_orig_mod.",
+    "model.model.",
+)
+
+
+def _best_prefix(keys: Sequence[str], own: set[str]) -> str:
+    def score(prefix: str) -> int:
+        return sum(1 for k in keys if k.startswith(prefix) and k[len(prefix) :] in own)
+
+    return max(_PREFIXES, key=score)  # ties: the earlier (shorter) prefix
+
+
+def load_checkpoint(model: nn.Module, path: str | Path) -> list[str]:
+    """Load a state_dict (plain ``torch.save``, Lightning ``.ckpt`` or ``.safetensors``).
+
+    Keys may carry a ``model.`` / ``module.`` prefix. Head tensors whose shape differs (a
+    different number of classes) are skipped and keep their new initialisation: their
+    names are returned and a warning says so. Any other mismatch is an error.
+    Only load checkpoints you trust (Lightning files may need full unpickling).
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise LCCInputError(
+            f"checkpoint {path} does not exist; pass a saved state_dict, .ckpt or .safetensors"
+        )
+    state = {k: v for k, v in _read_state(path).items() if isinstance(v, Tensor)}
+    own = model.state_dict()
+    prefix = _best_prefix(list(state), set(own))
+    loaded = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    head = find_head(model)
+
+    def is_head(key: str) -> bool:
+        return head is not None and key.rsplit(".", 1)[0] == head
+
+    skipped = [k for k, v in loaded.items() if k in own and own[k].shape != v.shape and is_head(k)]
+    wrong = [
+        k for k, v in loaded.items() if k in own and own[k].shape != v.shape and not is_head(k)
+    ]
+    missing = [k for k in own if k not in loaded and not is_head(k)]
+    unexpected = [k for k in loaded if k not in own]
+    if wrong or missing or unexpected or not loaded:
+        parts = []
+        if wrong:
+            shapes = [f"{k} {tuple(loaded[k].shape)} vs {tuple(own[k].shape)}" for k in wrong[:3]]
+            parts.append(f"{len(wrong)} with another shape ({'; '.join(shapes)})")
+        if missing:
+            parts.append(f"{len(missing)} missing (first: {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (first: {', '.join(unexpected[:3])})")
+        detail = ", ".join(parts) or "no tensors"
+        raise LCCInputError(
+            f"checkpoint {path} does not match the model: {detail}; build the same architecture "
+            "that was saved"
+        )
+    keep_new = set(skipped) | {k for k in own if k not in loaded}
+    model.load_state_dict({k: own[k] if k in keep_new else loaded[k] for k in own})
+    if keep_new:
+        warnings.warn(
+            f"checkpoint {path}: kept the new classification head ({', '.join(sorted(keep_new))}) "
+            "because the saved one has another number of classes",
+            stacklevel=2,
+        )
+    return sorted(keep_new)
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def _check_shape(input_shape: Sequence[int]) -> tuple[int, int, int]:
+    try:
+        shape = tuple(int(v) for v in input_shape)
+    except (TypeError, ValueError):
+        shape = ()
+    if len(shape) != 3 or min(shape) < 1:
+        raise LCCInputError(f"input_shape must be (C, H, W) positive ints, got {input_shape!r}")
+    return shape  # type: ignore[return-value]
+
+
+def build_model(
+    spec: str,
+    num_classes: int,
+    *,
+    input_shape: Sequence[int],
+    pretrained: bool = True,
+    checkpoint: str | Path | None = None,
+) -> nn.Module:
+    """Build the classifier ``spec`` for ``num_classes`` classes and (C, H, W) inputs.
+
+    ``pretrained`` only concerns external models (built-ins start from random weights);
+    ``checkpoint`` then loads saved weights (see :func:`load_checkpoint`).
+    """
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise LCCInputError(f"num_classes must be a positive integer, got {num_classes!r}")
+    channels, height, width = _check_shape(input_shape)
+    text = spec.strip() if isinstance(spec, str) else ""
+    key = text.lower()
+    model: nn.Module | None = None
+    if key == "small-cnn":
+        model = SmallCNN(channels, num_classes, (height, width))
+    elif key == "small-resnet":
+        model = SmallResNet(channels, num_classes)
+    else:
+        builders = {"hf:": _build_hf, "timm:": _build_timm, "torchvision:": _build_torchvision}
+        for prefix, builder in builders.items():
+            if key.startswith(prefix):
+                name = text[len(prefix) :].strip()
+                if not name:
+                    raise LCCInputError(f"{prefix}NAME needs a model name after the colon")
+                model = builder(name, num_classes, channels, pretrained)
+                break
+    if model is None:
+        valid = ", ".join([*BUILTINS, "hf:NAME", "timm:NAME", "torchvision:NAME"])
+        raise LCCInputError(f"unknown model {spec!r}; valid: {valid}")
+    if checkpoint is not None:
+        load_checkpoint(model, checkpoint)
+    return model

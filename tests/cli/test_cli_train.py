@@ -1,0 +1,288 @@
+"""Tests of ``lcc train``: bad inputs, the run directory, config files, NaN, exact resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from lcc.cli import main
+from lcc.errors import LCCInputError
+from lcc.train.config import TrainConfig, read_yaml, save_config
+from lcc.train.run import default_layers, probe_layers, resolve_config
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = ["--subset", "200", "--test-subset", "100", "--epochs", "1", "--batch-size", "50"]
+
+
+def _fails(capsys, argv: list[str]) -> str:
+    code = main(["train", *argv])
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("lcc train: error: ")
+    return err
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("finished") / "run"
+    assert main(["train", "small-cnn", "digits", "--out", str(out), "--no-lcc", *TINY]) == 0
+    return out
+
+
+# --------------------------------------------------------------------------- bad inputs
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["nope-net", "digits"], "unknown model 'nope-net'"),
+        (["small-cnn", "nope-data"], "unknown dataset 'nope-data'"),
+        (["small-cnn", "digits", "--layers", "fc9"], "model has no layer 'fc9'"),
+        (["small-cnn", "digits", "--subset", "30", "--k", "5"], "k=5 is larger than class"),
+        (["small-cnn", "digits", "--method", "kmeans"], None),  # argparse: exit 2
+        (["small-cnn"], "DATASET is required"),
+        (["small-cnn", "digits", "--class-policy", "top-pairs"], "needs a policy_size"),
+    ],
+)
+def test_bad_inputs_give_one_line(capsys, tmp_path, argv, message):
+    out = tmp_path / "run"
+    if message is None:
+        with pytest.raises(SystemExit) as caught:
+            main(["train", *argv, "--out", str(out)])
+        assert caught.value.code == 2
+        return
+    err = _fails(capsys, [*argv, "--out", str(out)])
+    assert message in err
+    assert not out.exists()  # a rejected run leaves no directory behind
+
+
+def test_empty_dataset(capsys, tmp_path):
+    (tmp_path / "images").mkdir()
+    err = _fails(
+        capsys, ["small-cnn", f"folder:{tmp_path / 'images'}", "--out", str(tmp_path / "r")]
+    )
+    assert "holds no images" in err
+
+
+def test_unwritable_output_directory(capsys, tmp_path):
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("x")
+    err = _fails(capsys, ["small-cnn", "digits", "--out", str(blocker / "run")])
+    assert f"cannot write to --out {blocker / 'run'}" in err
+    err = _fails(capsys, ["small-cnn", "digits", "--out", str(blocker)])
+    assert "is a file" in err
+
+
+def test_layer_output_must_hold_a_tensor():
+    class Meta(nn.Module):
+        def forward(self, x):
+            return {"shape": tuple(x.shape)}
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.meta = Meta()
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x):
+            self.meta(x)
+            return self.head(x)
+
+    with pytest.raises(LCCInputError, match="layer 'meta' outputs no tensor"):
+        probe_layers(Net(), ["meta"], torch.zeros(2, 4))
+    probe_layers(Net(), ["head"], torch.zeros(2, 4))
+
+
+def test_layer_that_does_not_run():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used, self.unused = nn.Linear(4, 2), nn.ReLU()
+
+        def forward(self, x):
+            return self.used(x)
+
+    model = Net()
+    with pytest.raises(LCCInputError, match="does not run"):
+        probe_layers(model, ["unused"], torch.zeros(1, 4))
+
+
+def test_default_layer_is_the_one_feeding_the_head():
+    model = nn.Sequential(
+        OrderedDict(
+            body=nn.Sequential(nn.Linear(4, 8), nn.ReLU()),
+            norm=nn.LayerNorm(8),
+            drop=nn.Dropout(0.1),
+            head=nn.Linear(8, 3),
+        )
+    )
+    assert default_layers(model, torch.zeros(2, 4)) == ["norm"]  # dropout skipped
+
+
+def test_finished_run_needs_resume(capsys, finished_run):
+    argv = ["small-cnn", "digits", "--out", str(finished_run), "--no-lcc", *TINY]
+    err = _fails(capsys, argv)
+    assert "already holds a finished run" in err and "--resume" in err
+    # --resume on a finished run with the same settings: nothing to do, same metrics
+    assert main(["train", *argv, "--resume"]) == 0
+    captured = capsys.readouterr()
+    assert "already finished" in captured.err
+    printed = json.loads(captured.out.strip().splitlines()[-1])
+    saved = json.loads((finished_run / "metrics.json").read_text())
+    assert printed["test_top1"] == saved["test_top1"]
+    err = _fails(capsys, [*argv, "--resume", "--k", "3"])
+    assert "used other settings (k: run has 5, requested 3)" in err
+
+
+def test_unfinished_run_needs_resume(capsys, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    save_config(TrainConfig(model="small-cnn", dataset="digits", out=str(out)), out / "config.yaml")
+    err = _fails(capsys, ["small-cnn", "digits", "--out", str(out)])
+    assert "holds an unfinished run" in err
+
+
+# --------------------------------------------------------------------------- config files
+
+
+def test_config_file_then_command_line(tmp_path):
+    file = tmp_path / "c.yaml"
+    file.write_text("model: small-cnn\ndataset: digits\nk: 3\nepochs: 4\nlayers: [fc1]\n")
+    config = resolve_config({"k": 4, "out": str(tmp_path / "r")}, file)
+    assert (config.model, config.k, config.epochs, config.layers) == ("small-cnn", 4, 4, ["fc1"])
+    file.write_text("k: 3\nwarmpu: 2\n")
+    with pytest.raises(LCCInputError, match="unknown config key 'warmpu' \\(did you mean 'warmup'"):
+        resolve_config({"out": "x"}, file)
+
+
+def test_resume_takes_the_saved_config(finished_run):
+    config = resolve_config({"out": str(finished_run), "resume": True, "epochs": 2})
+    assert (config.model, config.dataset, config.no_lcc, config.epochs) == (
+        "small-cnn",
+        "digits",
+        True,
+        2,
+    )
+
+
+# --------------------------------------------------------------------------- a run
+
+
+def test_lcc_run_writes_its_directory(capsys, tmp_path):
+    from lcc.engine.refresh import RefreshConfig, refresh
+
+    file = tmp_path / "c.yaml"
+    file.write_text("epochs: 2\nk: 4\nbatch_size: 64\n")
+    out = tmp_path / "run"
+    argv = ["small-cnn", "digits", "--out", str(out), "--config", str(file), "--k", "5"]
+    argv += ["--subset", "300", "--test-subset", "100", "--save-latents"]
+    assert main(["train", *argv]) == 0
+    captured = capsys.readouterr()
+    metrics = json.loads(captured.out.strip())  # exactly one JSON line on stdout
+    assert "epoch 2/2:" in captured.err  # per-epoch lines when stderr is not a terminal
+    assert "\r" not in captured.err  # no progress bar
+    saved = read_yaml(out / "config.yaml")
+    assert (saved["k"], saved["epochs"], saved["batch_size"], saved["layers"]) == (
+        5,
+        2,
+        64,
+        ["act1"],
+    )
+    assert metrics["refreshes"] == 1 and metrics["last_refresh_epoch"] == 1
+    assert 0 <= metrics["test_top1"] <= metrics["test_top5"] <= 1
+    assert len(metrics["epoch_seconds"]) == 2 and metrics["refresh_seconds"][0] == 0
+    assert json.loads((out / "metrics.json").read_text())["test_top1"] == metrics["test_top1"]
+    (line,) = (out / "refreshes.jsonl").read_text().splitlines()
+    record = json.loads(line)
+    assert (record["epoch"], record["layer"], record["n"]) == (1, "act1", 300)
+    for key in ("n_clusters", "misclustered_fraction", "correctible_fraction", "modularity"):
+        assert key in record
+    assert {"accuracy_cc", "accuracy_mc", "seconds"} <= set(record)
+    arrays = np.load(out / "refresh" / "epoch_1_act1.npz")
+    again = refresh(arrays["z"], arrays["y"], RefreshConfig(k=5, seed=0))
+    assert np.array_equal(arrays["clusters"], again.clusters)
+    assert record["n_clusters"] == again.n_clusters
+    csv = (out / "logs" / "metrics.csv").read_text()
+    assert "refresh/act1/n_clusters" in csv and "train/loss" in csv and "test/top1" in csv
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert (out / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_diverging_loss_stops_with_one_line(capsys, tmp_path):
+    out = tmp_path / "run"
+    code = main(
+        ["train", "small-cnn", "digits", "--out", str(out), "--no-lcc", "--lr", "1e30", *TINY]
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1
+    assert err[-1].startswith("lcc train: error: non-finite loss at epoch 0")
+    assert "lower --lr" in err[-1]
+    assert not (out / "metrics.json").exists()
+
+
+# --------------------------------------------------------------------------- resume
+
+
+def _train_command(out: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable, "-m", "lcc", "train", "small-cnn", "digits", "--out", str(out),
+        "--subset", "400", "--test-subset", "200", "--epochs", "4", "--batch-size", "16",
+        "--source", "recorded", *extra,
+    ]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_sigkill_and_resume_gives_the_same_final_metrics(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    whole = subprocess.run(
+        _train_command(tmp_path / "whole"), capture_output=True, text=True, env=env, timeout=300
+    )
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    expected = json.loads(whole.stdout.strip().splitlines()[-1])
+
+    out = tmp_path / "killed"
+    process = subprocess.Popen(
+        _train_command(out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env
+    )
+    checkpoint, journal = out / "checkpoints" / "last.ckpt", out / "refreshes.jsonl"
+    deadline = time.monotonic() + 240
+
+    def wait(condition) -> None:
+        while not condition() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    wait(journal.exists)  # epoch 1 started with a refresh; wait for its checkpoint
+    first = checkpoint.stat().st_mtime_ns if checkpoint.exists() else 0
+    wait(lambda: checkpoint.exists() and checkpoint.stat().st_mtime_ns != first)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (out / "metrics.json").exists(), "the run finished before it could be killed"
+    killed_at = torch.load(checkpoint, weights_only=False)["epoch"]
+    assert killed_at in (1, 2)  # the checkpoint holds a refresh state and recorded latents
+
+    resumed = subprocess.run(
+        _train_command(out, "--resume"), capture_output=True, text=True, env=env, timeout=300
+    )
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    got = json.loads(resumed.stdout.strip().splitlines()[-1])
+    for key in ("test_top1", "test_top5", "test_loss", "train_loss"):
+        assert got[key] == pytest.approx(expected[key], abs=1e-6), key
+    history = [
+        json.loads((d / "metrics.json").read_text())["history"] for d in (tmp_path / "whole", out)
+    ]
+    assert [round(r["loss"], 6) for r in history[1]] == [round(r["loss"], 6) for r in history[0]]
+    assert got["refreshes"] == expected["refreshes"] == 3
+    journal = (out / "refreshes.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in journal] == [1, 2, 3]  # no duplicates
