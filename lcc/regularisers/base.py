@@ -83,7 +83,9 @@ class RegulariserOptions:
     loss; ``warmup``: epochs (from 0) during which the term is off.
     """
 
-    layers: list[str] = option([], "layers it reads (`lcc layers MODEL`; 'output' = the logits)")
+    layers: list[str] = option(  # noqa: RUF009 - copied per instance
+        [], "layers it reads (`lcc layers MODEL`; 'output' = the logits)"
+    )
     weight: float = option(0.1, "weight of its term in CE + sum of weighted terms")
     warmup: int = option(0, "epochs without this term at the start")
 
@@ -225,7 +227,7 @@ class Regulariser(nn.Module):
 
     # --- hooks ----------------------------------------------------------------------------
 
-    def start_epoch(self, epoch: int) -> None:  # noqa: B027 - optional hook
+    def start_epoch(self, epoch: int) -> None:
         """Cheap per-process work at the start of ``epoch`` (default: nothing)."""
 
     def needs_training_latents(self, epoch: int) -> bool:
