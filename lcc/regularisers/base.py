@@ -7,6 +7,7 @@ latents of the whole training set, the warmup/interval schedule, logging, checkp
 
 The trainer calls, in this order:
 
+0. ``bind(model, num_classes=..., sample=...)`` once, before the optimiser is built;
 1. ``start_epoch(epoch)`` on every process at the start of each epoch;
 2. when ``needs_training_latents(epoch)`` is true: ``compute(latents, epoch)`` on one process
    with :class:`TrainingLatents` of the whole training set (layers ``training_layers``), and
@@ -35,7 +36,7 @@ line in :mod:`lcc.regularisers` registers it.
 >>> z = torch.ones(4, 3, requires_grad=True)
 >>> batch = Batch(latents={"fc": z}, y=torch.zeros(4, dtype=torch.long),
 ...               indices=torch.arange(4), logits=torch.zeros(4, 2), epoch=1)
->>> float(reg(batch)), reg.weight_at(0), reg.weight_at(1)
+>>> float(reg(batch).detach()), reg.weight_at(0), reg.weight_at(1)
 (1.0, 0.0, 0.5)
 """
 
@@ -226,6 +227,13 @@ class Regulariser(nn.Module):
             self.options.layers = list(layers)
 
     # --- hooks ----------------------------------------------------------------------------
+
+    def bind(self, model: nn.Module, *, num_classes: int, sample: Any = None) -> None:
+        """Called once before the optimiser is built (create parameters, load a teacher).
+
+        ``sample``: a few training inputs (to probe layer shapes), or None. Parameters created
+        here are trained by the same optimiser as the model. Default: nothing.
+        """
 
     def start_epoch(self, epoch: int) -> None:
         """Cheap per-process work at the start of ``epoch`` (default: nothing)."""
