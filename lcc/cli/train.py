@@ -36,6 +36,8 @@ examples:
   lcc train small-cnn fashion-mnist --out runs/base --epochs 5 --no-lcc
   lcc train small-resnet digits --out runs/r --layers layer3 --pool avg --k 10
   lcc train --config runs/lcc/config.yaml --out runs/lcc2 --seed 1
+  lcc train small-cnn fashion-mnist --out runs/lv --reg lcc --reg label-variation:w=0.1
+  lcc train --help-reg label-variation         # a regulariser's options
   lcc train --out runs/lcc --resume            # continue a killed run
 """
 
@@ -56,6 +58,7 @@ LCC_OPTIONS = frozenset(
         "class_policy",
         "policy_size",
         "squared",
+        "regularisers",
         "no_lcc",
     }
 )
@@ -132,6 +135,16 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
             continue
         flag = "--" + item.name.replace("_", "-")
         kwargs: dict[str, Any] = {"dest": item.name, "default": argparse.SUPPRESS}
+        if item.name == "regularisers":
+            group.add_argument(
+                "--reg",
+                dest="regularisers",
+                action="append",
+                default=argparse.SUPPRESS,
+                metavar="NAME[:key=value,...]",
+                help=f"{text} (default: {_default_text(item)})",
+            )
+            continue
         if kind == "bool":
             kwargs.update(action="store_true", help=f"{text} (default: off)")
         elif kind == "list":
@@ -153,6 +166,14 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
             if item.name == "out":
                 kwargs["help"] = f"{text} (required)"
         group.add_argument(flag, **kwargs)
+    groups["lcc"].add_argument(
+        "--help-reg",
+        metavar="NAME",
+        nargs="?",
+        const="",
+        default=argparse.SUPPRESS,
+        help="print the options of regulariser NAME (no NAME: list the regularisers) and exit",
+    )
     groups["run"].add_argument(
         "--config",
         metavar="FILE.yaml",
@@ -168,6 +189,9 @@ def run(args: argparse.Namespace) -> int:
     from lcc.train.lightning import NonFiniteLossError
     from lcc.train.run import launched_rank, resolve_config, train
 
+    if hasattr(args, "help_reg"):
+        print(_regulariser_help(args.help_reg))
+        return 0
     options = {name: getattr(args, name) for name in field_names() if hasattr(args, name)}
     config = resolve_config(options, getattr(args, "config", None))
     try:
@@ -181,3 +205,16 @@ def run(args: argparse.Namespace) -> int:
         summary["out"] = config.out
         print(json.dumps(summary, default=str))
     return 0
+
+
+def _regulariser_help(name: str) -> str:
+    """``--help-reg``: one regulariser's options, or the list of them."""
+    from lcc.regularisers import REGISTRY, regulariser_class, regulariser_help
+
+    if name:
+        return regulariser_help(name)
+    lines = ["regularisers (lcc train --reg NAME[:key=value,...]; --help-reg NAME for options):"]
+    for key in sorted(REGISTRY):
+        doc = (regulariser_class(key).__doc__ or "").strip().split("\n\n")[0]
+        lines.append(f"  {key:<16} {' '.join(doc.split())}")
+    return "\n".join(lines)

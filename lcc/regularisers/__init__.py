@@ -110,11 +110,17 @@ def regulariser_help(name: str) -> str:
     """Text of ``lcc train --help-reg NAME``: the docstring's first paragraph and each option."""
     cls = regulariser_class(name)
     doc = (cls.__doc__ or "").strip().split("\n\n")[0]
-    lines = [f"--reg {name}: {' '.join(doc.split())}", "", "options (--reg NAME:key=value,...):"]
+    import textwrap
+
+    lines = textwrap.wrap(f"--reg {name}: {' '.join(doc.split())}", 100)
+    lines += ["", f"options (--reg {name}:key=value,...; lists as key=a,b):"]
     for item in dataclasses.fields(cls.Options):
         default = item.default_factory() if callable(item.default_factory) else item.default  # type: ignore[misc]
         shown = "the trainer's --layers" if item.name == "layers" and default == [] else default
         choices = item.metadata.get("choices")
         extra = f" (one of {', '.join(choices)})" if choices else ""
-        lines.append(f"  {item.name:<16} {item.metadata.get('help', '')}{extra} [default: {shown}]")
+        text = f"{item.metadata.get('help', '')}{extra} [default: {shown}]"
+        lines += textwrap.wrap(
+            text, 100, initial_indent=f"  {item.name:<16} ", subsequent_indent=" " * 19
+        )
     return "\n".join(lines)

@@ -90,6 +90,13 @@ class RegulariserOptions:
     weight: float = option(0.1, "weight of its term in CE + sum of weighted terms")
     warmup: int = option(0, "epochs without this term at the start")
 
+    def __post_init__(self) -> None:
+        for item in dataclasses.fields(self):
+            value = getattr(self, item.name)
+            if isinstance(value, str):
+                setattr(self, item.name, _from_text(value, str(item.type), item.name))
+        self.check()
+
     def check(self) -> None:
         """Validate values; subclasses extend it (call ``super().check()``)."""
         layers = [self.layers] if isinstance(self.layers, str) else list(self.layers)
@@ -103,6 +110,37 @@ class RegulariserOptions:
         self.layers = names
         self.weight = check_number(self.weight, "weight", low=0.0)
         self.warmup = check_integer(self.warmup, "warmup", low=0)
+
+
+def _from_text(text: str, annotation: str, name: str) -> Any:
+    """A value given as text (``--reg NAME:key=value``) converted to the field's annotated type.
+
+    >>> _from_text("3", "int | None", "k"), _from_text("none", "int | None", "k")
+    (3, None)
+    >>> _from_text("yes", "bool", "squared"), _from_text("0.5", "float", "weight")
+    (True, 0.5)
+    """
+    kinds = {part.strip() for part in annotation.split("|")}
+    value = text.strip()
+    if "None" in kinds and value.lower() in ("none", "null", ""):
+        return None
+    if "bool" in kinds:
+        lowered = value.lower()
+        if lowered in ("true", "yes", "on", "1"):
+            return True
+        if lowered in ("false", "no", "off", "0"):
+            return False
+        raise LCCInputError(f"{name} must be true or false, got {text!r}")
+    try:
+        if "int" in kinds and value.lstrip("-").isdigit():
+            return int(value)
+        if "float" in kinds:
+            return float(value)
+    except ValueError:
+        raise LCCInputError(f"{name} must be a number, got {text!r}") from None
+    if kinds & {"list[str]", "Sequence[str]"}:
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return text
 
 
 def check_integer(value: object, name: str, low: int) -> int:
@@ -143,20 +181,31 @@ class Batch:
     """
 
     latents: Mapping[str, Tensor]
-    y: Tensor
+    y: Tensor | None
     indices: Tensor
-    logits: Tensor
+    logits: Tensor | None
     epoch: int = 0
     x: Any = None
 
     @property
     def labeled(self) -> Tensor:
         """(B,) bool mask of the samples that have a label."""
+        if self.y is None:
+            raise LCCInputError("this regulariser needs the batch's labels: pass y")
         return self.y >= 0
+
+    @property
+    def labels(self) -> Tensor:
+        """(B,) labels (``-1`` unlabelled); raises when the trainer was not given them."""
+        if self.y is None:
+            raise LCCInputError("this regulariser needs the batch's labels: pass y")
+        return self.y
 
     def layer(self, name: str) -> Tensor:
         """The (B, D) latents of ``name`` (``output``: the logits)."""
         if name == OUTPUT and name not in self.latents:
+            if self.logits is None:
+                raise LCCInputError("layer 'output' needs the batch's logits: pass logits")
             return self.logits
         try:
             return self.latents[name]
@@ -235,6 +284,9 @@ class Regulariser(nn.Module):
         here are trained by the same optimiser as the model. Default: nothing.
         """
 
+    def check_labels(self, y: np.ndarray) -> None:
+        """Check the training labels (``-1`` unlabelled) before training starts; default: ok."""
+
     def start_epoch(self, epoch: int) -> None:
         """Cheap per-process work at the start of ``epoch`` (default: nothing)."""
 
@@ -298,16 +350,18 @@ def make_options(
                 f"valid: {', '.join(sorted(known))}"
             )
         changes[name] = value
-    base = options if options is not None else cls()
-    if not isinstance(base, cls):
-        raise LCCInputError(f"options must be a {cls.__name__}, got {type(base).__name__}")
-    result = dataclasses.replace(base, **changes)
-    result.check()
-    return result
+    if options is None:
+        return cls(**changes)
+    if not isinstance(options, cls):
+        raise LCCInputError(f"options must be a {cls.__name__}, got {type(options).__name__}")
+    return dataclasses.replace(options, **changes) if changes else options
 
 
 def zero_term(batch: Batch) -> Tensor:
     """An exact zero attached to the batch's graph (so backward works before any state)."""
     parts = [z.reshape(-1)[:0].sum() for z in batch.latents.values()]
-    parts.append(batch.logits.reshape(-1)[:0].sum())
+    if batch.logits is not None:
+        parts.append(batch.logits.reshape(-1)[:0].sum())
+    if not parts:
+        return torch.zeros(())
     return torch.stack(parts).sum()

@@ -142,7 +142,18 @@ class TrainConfig:
         shown="none",
     )
     squared: bool = _option(False, "use the squared LCC loss (the poster's variant)", kind="bool")
-    no_lcc: bool = _option(False, "train without LCC (the baseline)", kind="bool", group="lcc")
+    regularisers: list[Any] | None = _option(  # noqa: RUF009 - a None default, copied per instance
+        None,
+        "latent regularisers of the run, any combination: NAME or NAME:key=value,... (repeat "
+        "the option; `--help-reg NAME` lists a regulariser's options). lcc takes its defaults "
+        "from the LCC options above, the others their layers from --layers",
+        kind="specs?",
+        shown="lcc alone (none with --no-lcc)",
+        group="lcc",
+    )
+    no_lcc: bool = _option(
+        False, "train without any regulariser (the baseline)", kind="bool", group="lcc"
+    )
     epochs: int = _option(
         10, "training epochs (cosine learning-rate schedule over them)", kind="int"
     )
@@ -251,9 +262,42 @@ class TrainConfig:
             raise LCCInputError(f"--weight must be >= 0, got {self.weight}")
         if self.layers is not None and not self.layers:
             raise LCCInputError("--layers needs at least one layer name")
+        if self.no_lcc and self.regularisers:
+            raise LCCInputError(
+                "--no-lcc trains the baseline without regularisers; drop it or drop --reg"
+            )
         if not self.no_lcc:
             self.lcc_config(self.layers or ["placeholder"])  # validates the LCC settings
+            self.build_regularisers(self.layers or ["placeholder"])  # validates each --reg
         return self
+
+    def regulariser_specs(self) -> list[Any]:
+        """The run's regulariser specs: ``--reg`` entries, or LCC alone (none with --no-lcc)."""
+        if self.no_lcc:
+            return []
+        return list(self.regularisers) if self.regularisers else ["lcc"]
+
+    def build_regularisers(self, layers: list[str]) -> list[Any]:
+        """The :class:`lcc.regularisers.Regulariser` objects of this run, default layers
+        ``layers``: ``lcc`` entries take the LCC options of this config as defaults."""
+        import dataclasses as dc
+
+        from lcc.regularisers import build_regulariser, parse_spec
+        from lcc.regularisers.lcc import LCCOptions
+
+        lcc_defaults = {
+            item.name: getattr(self, item.name)
+            for item in dc.fields(LCCOptions)
+            if hasattr(self, item.name)
+        }
+        lcc_defaults["layers"] = list(layers)
+        regularisers = []
+        for spec in self.regulariser_specs():
+            name, _ = parse_spec(spec)
+            others = {"layers": list(layers), "seed": self.seed}
+            defaults = lcc_defaults if name == "lcc" else others
+            regularisers.append(build_regulariser(spec, **defaults))
+        return regularisers
 
     def lcc_config(self, layers: list[str]) -> Any:
         """The :class:`lcc.train.loop.LCCConfig` of this run for ``layers``."""
@@ -334,6 +378,20 @@ def _coerce(item: dataclasses.Field, value: Any) -> Any:
         if not math.isfinite(value):
             raise LCCInputError(f"{name} must be a finite number, got {value!r}")
         return float(value)
+    if base == "specs":
+        entries = value if isinstance(value, (list, tuple)) else [value]
+        specs: list[Any] = []
+        for entry in entries:
+            if isinstance(entry, Mapping):
+                specs.append(dict(entry))
+            elif isinstance(entry, str) and entry.strip():
+                specs.append(entry.strip())
+            else:
+                raise LCCInputError(
+                    f"{name} entries are NAME:key=value strings or mappings with a name, "
+                    f"got {entry!r}"
+                )
+        return specs
     if base == "list":
         if isinstance(value, str):
             value = [value]

@@ -38,7 +38,7 @@ import random
 import re
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +50,9 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from lcc.errors import LCCInputError
-from lcc.train.loop import Collected, LatentClusterCorrection, LCCConfig, RefreshState
+from lcc.regularisers.base import Regulariser
+from lcc.regularisers.lcc import LCC
+from lcc.train.loop import Collected, LCCConfig, RefreshState, Regularisation
 from lcc.zoo.datasets import IndexedDataset
 from lcc.zoo.latents import collect_latents
 
@@ -294,13 +296,34 @@ def _broadcast(obj: Any) -> Any:
     return box[0]
 
 
-def _state_digest(state: RefreshState) -> str:
+def _states_digest(states: Mapping[str, Any]) -> str:
+    """A digest of refresh states: their arrays' bytes and plain values, walked in order (equal
+    states give equal digests on every rank; pickles may differ in their memo layout)."""
+    import dataclasses
+
     digest = hashlib.sha256()
-    for name in sorted(state.layers):
-        layer = state.layers[name]
-        digest.update(name.encode())
-        digest.update(np.ascontiguousarray(layer.target_indices).tobytes())
-        digest.update(np.ascontiguousarray(layer.target_vectors).tobytes())
+
+    def walk(value: Any) -> None:
+        if isinstance(value, np.ndarray):
+            digest.update(f"{value.dtype}{value.shape}".encode())
+            digest.update(np.ascontiguousarray(value).tobytes())
+        elif isinstance(value, Tensor):
+            walk(value.detach().cpu().numpy())
+        elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+            for item in dataclasses.fields(value):
+                digest.update(item.name.encode())
+                walk(getattr(value, item.name))
+        elif isinstance(value, Mapping):
+            for key in sorted(value, key=str):
+                digest.update(str(key).encode())
+                walk(value[key])
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                walk(item)
+        else:
+            digest.update(repr(value).encode())
+
+    walk(dict(states))
     return digest.hexdigest()
 
 
@@ -312,15 +335,20 @@ def _safe_name(layer: str) -> str:
 
 
 class LCCModule(pl.LightningModule):
-    """A classifier trained with ``CE + LCC`` (``lcc_config=None``: plain CE, the baseline).
+    """A classifier trained with ``CE + sum of weighted regulariser terms`` (none: the baseline).
 
+    ``lcc_config`` (an :class:`lcc.train.loop.LCCConfig`) adds Latent Cluster Correction;
+    ``regularisers`` adds any others (:mod:`lcc.regularisers`); ``source``/``pool`` say how the
+    latents of the whole training set are obtained when ``lcc_config`` does not.
     ``n_train`` is the training-set size (for the per-sample buffers); ``refresh_data`` is the
     non-augmented training set yielding ``(x, y)`` (same order as the training set) used by the
-    ``fresh`` latent pass, in batches of ``refresh_batch_size`` (``lcc train`` passes its training
-    batch size: it fits in memory, and on CPU larger eval batches were slower -- small-resnet's
-    pass over 10,000 images took 0.8 s at 128 and 1.6 s at 256); ``out_dir`` (rank 0) receives
-    ``refreshes.jsonl`` (one JSON line per refresh and layer) and ``refresh/epoch_E_<layer>.npz``
-    (clusters, targets' indices, and with ``save_latents`` the latents ``z`` and labels ``y``).
+    ``fresh`` latent pass, in batches of ``refresh_batch_size`` (``lcc train`` passes its
+    training batch size: on CPU larger eval batches were slower -- small-resnet's pass over
+    10,000 images took 0.8 s at 128 and 1.6 s at 256); ``out_dir`` (rank 0) receives
+    ``refreshes.jsonl`` (one JSON line per refresh and layer) and
+    ``refresh/epoch_E_<layer>.npz`` (clusters, targets' indices, and with ``save_latents`` the
+    latents ``z`` and labels ``y``). Cross-entropy is averaged over the labelled samples of a
+    batch (label ``-1``: unlabelled).
     """
 
     def __init__(
@@ -330,6 +358,10 @@ class LCCModule(pl.LightningModule):
         *,
         num_classes: int,
         n_train: int,
+        regularisers: Sequence[Regulariser] = (),
+        source: str = "fresh",
+        pool: str = "flatten",
+        sample: Tensor | None = None,
         lr: float = 0.1,
         momentum: float = 0.9,
         weight_decay: float = 5e-4,
@@ -351,25 +383,55 @@ class LCCModule(pl.LightningModule):
         self.out_dir = None if out_dir is None else Path(out_dir)
         self.save_latents = bool(save_latents)
         self.report = bool(report)
-        self.lcc: LatentClusterCorrection | None = None
+        regs: list[Regulariser] = []
         if lcc_config is not None:
-            self.lcc = LatentClusterCorrection(model, lcc_config, n_samples=self.n_train)
+            regs.append(LCC(lcc_config.options()))
+            source, pool = lcc_config.source, lcc_config.pool
+        regs.extend(regularisers)
+        self.regularisation: Regularisation | None = None
+        if regs:
+            if sample is None and refresh_data is not None and len(refresh_data) > 0:  # type: ignore[arg-type]
+                sample = torch.stack([refresh_data[i][0] for i in range(min(2, len(refresh_data)))])  # type: ignore[arg-type]
+            self.regularisation = Regularisation(
+                model,
+                regs,
+                source=source,
+                pool=pool,
+                n_samples=self.n_train,
+                num_classes=self.num_classes,
+                sample=sample,
+            )
         self.history: list[dict[str, Any]] = []  # one record per finished epoch
         self.test_metrics: dict[str, float] = {}
         self._epoch_start = self._epoch_cpu_start = 0.0
         self._refresh_seconds = 0.0
-        self._refresh_stats: dict[str, dict[str, Any]] | None = None
-        self._sums = np.zeros(5)  # loss*B, ce*B, lcc*B, correct, count
+        self._refresh_stats: dict[str, Any] | None = None
+        self._sums = np.zeros(5)  # loss*B, ce*B, reg*B, correct, count
+        self._term_sums: dict[str, float] = {}
         self._seen = np.zeros(self.n_train, dtype=bool)
+
+    @property
+    def lcc(self) -> LCC | None:
+        """The LCC regulariser of this run (the first one), or None."""
+        if self.regularisation is None:
+            return None
+        return next((r for r in self.regularisation.regularisers if isinstance(r, LCC)), None)  # type: ignore[return-value]
 
     # --- forward / optimisation --------------------------------------------------------------
 
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)
 
+    def setup(self, stage: str) -> None:
+        if self.regularisation is not None:
+            self.regularisation.to(self.device)
+
     def configure_optimizers(self) -> Any:
+        parameters = list(self.model.parameters())
+        if self.regularisation is not None:
+            parameters += list(self.regularisation.parameters())
         optimizer = torch.optim.SGD(
-            self.model.parameters(),
+            parameters,
             lr=self.lr,
             momentum=self.momentum,
             weight_decay=self.weight_decay,
@@ -393,33 +455,46 @@ class LCCModule(pl.LightningModule):
         self._refresh_seconds = 0.0
         self._refresh_stats = None
         self._sums[:] = 0
+        self._term_sums = {}
         self._seen[:] = False
-        if self.lcc is None:
+        regs = self.regularisation
+        if regs is None:
             return
         epoch = int(self.current_epoch)
-        self.lcc.epoch = epoch
-        if self.lcc.is_refresh_epoch(epoch) and self.lcc.last_refresh_epoch != epoch:
+        regs.epoch = epoch
+        for reg in regs.regularisers:
+            reg.start_epoch(epoch)
+        due = regs.due(epoch)
+        if due:
             start = time.perf_counter()
             with preserved_rng():
-                collected, state = self._refresh(epoch)
+                collected, states = self._refresh(epoch, due)
             self._refresh_seconds = time.perf_counter() - start
-            self._refresh_stats = state.stats
+            self._refresh_stats = _layer_stats(states)
             if self.trainer.is_global_zero:
-                self._write_refresh(epoch, collected, state)
+                self._write_refresh(epoch, collected, states)
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         x, y, index = batch
         logits = self.model(x)
-        ce = F.cross_entropy(logits, y)
-        if self.lcc is not None:
-            term = self.lcc.loss(index)
-            self.lcc.observe(index, logits, y)
+        labelled = y >= 0
+        if bool(labelled.all()):
+            ce = F.cross_entropy(logits, y)
+        elif bool(labelled.any()):
+            ce = F.cross_entropy(logits[labelled], y[labelled])
+        else:  # an all-unlabelled batch: no cross-entropy, still attached to the graph
+            ce = logits.sum() * 0.0
+        if self.regularisation is not None:
+            term = self.regularisation.loss(index, y=y, logits=logits, x=x)
+            self.regularisation.observe(index, logits, y)
+            for key, value in self.regularisation.terms.items():
+                self._term_sums[key] = self._term_sums.get(key, 0.0) + value * int(y.shape[0])
         else:
             term = ce.new_zeros(())
         loss = ce + term
         self._check_finite(loss, ce, term, batch_idx)
         size = int(y.shape[0])
-        correct = int((logits.detach().argmax(1) == y).sum())
+        correct = int((logits.detach().argmax(1) == y)[labelled].sum())
         self._sums += (
             float(loss.detach()) * size,
             float(ce.detach()) * size,
@@ -443,11 +518,14 @@ class LCCModule(pl.LightningModule):
                     f"weight {name} became NaN/inf during epoch {epoch}; stopped before saving "
                     f"it{self._checkpoint_hint()}; lower --lr or --weight"
                 )
-        if self.lcc is not None and self._world() > 1:
+        if self.regularisation is not None and self._world() > 1:
             self._merge_recorded(epoch)
-        loss, ce, term, correct, count = _all_reduce_sum(self._sums)
+        keys = list(self._term_sums)
+        loss, ce, term, correct, count, *terms = _all_reduce_sum(
+            [*self._sums, *(self._term_sums[key] for key in keys)]
+        )
         count = max(count, 1.0)
-        record = {
+        record: dict[str, Any] = {
             "epoch": epoch,
             "loss": loss / count,
             "ce": ce / count,
@@ -458,13 +536,30 @@ class LCCModule(pl.LightningModule):
             "refresh_seconds": self._refresh_seconds,
             "lr": float(self.trainer.optimizers[0].param_groups[0]["lr"]),
         }
+        if (self.regularisation is not None and len(self.regularisation.keys) > 1) or any(
+            key != "lcc" for key in keys
+        ):
+            record["terms"] = {key: value / count for key, value in zip(keys, terms, strict=True)}
+        if self.regularisation is not None:
+            stats = {
+                key: reg.epoch_stats()
+                for key, reg in self.regularisation.items()
+                if not isinstance(reg, LCC) and reg.epoch_stats()
+            }
+            if stats:
+                record["regulariser_stats"] = stats
         if self._refresh_stats is not None:
             record["refresh"] = {
                 name: {key: stats.get(key) for key in _REPORTED}
                 for name, stats in self._refresh_stats.items()
             }
         self.history = [r for r in self.history if r["epoch"] < epoch] + [record]
-        numbers = {f"train/{k}": float(v) for k, v in record.items() if k not in ("refresh",)}
+        numbers = {
+            f"train/{k}": float(v)
+            for k, v in record.items()
+            if k not in ("refresh", "terms", "regulariser_stats")
+        }
+        numbers.update({f"train/term/{k}": float(v) for k, v in record.get("terms", {}).items()})
         self.log_dict(numbers, on_step=False, on_epoch=True, logger=True)
         if self.report and self.trainer.is_global_zero and not self.trainer.progress_bar_callback:
             print(_epoch_line(record, self.trainer.max_epochs), file=sys.stderr, flush=True)
@@ -476,7 +571,7 @@ class LCCModule(pl.LightningModule):
         if bad:
             raise NonFiniteLossError(
                 f"non-finite loss at epoch {self.current_epoch}, batch {batch_idx} (cross-entropy "
-                f"{float(ce.detach()):.4g}, LCC {float(term.detach()):.4g}); stopped"
+                f"{float(ce.detach()):.4g}, regularisers {float(term.detach()):.4g}); stopped"
                 f"{self._checkpoint_hint()}; lower --lr or --weight"
             )
 
@@ -490,24 +585,26 @@ class LCCModule(pl.LightningModule):
 
     # --- refresh -----------------------------------------------------------------------------
 
-    def _refresh(self, epoch: int) -> tuple[Collected | None, RefreshState]:
+    def _refresh(self, epoch: int, due: list[str]) -> tuple[Collected | None, dict[str, Any]]:
         """Collect (sharded under DDP), compute once on rank 0, broadcast, install everywhere."""
-        assert self.lcc is not None
+        regs = self.regularisation
+        assert regs is not None
         world = self._world()
+        layers = regs.training_layers(due)
         collected: Collected | None = None
         if world == 1:
-            collected = self.lcc.collect(self._plain_loader())
+            collected = regs.collect(self._plain_loader(), keys=due)
         else:
-            gap = self._recorded_gap() if self.lcc.config.source == "recorded" else "fresh"
+            gap = regs.recorded_gap(layers) if regs.source == "recorded" else "fresh"
             if gap is None:
-                collected = self.lcc.collect(None) if self.trainer.is_global_zero else None
+                collected = regs.collect(None, keys=due) if self.trainer.is_global_zero else None
             else:
-                collected = self._collect_fresh_sharded(epoch, gap)
+                collected = self._collect_fresh_sharded(layers, gap)
         outcome: Any = None
         if self.trainer.is_global_zero:
             assert collected is not None
             try:
-                outcome = self.lcc.compute(collected, epoch=epoch)
+                outcome = regs.compute(collected, epoch=epoch, keys=due)
             except Exception as error:  # every rank must leave the broadcast below
                 outcome = ("error", type(error).__name__, str(error))
                 if world == 1:
@@ -518,13 +615,14 @@ class LCCModule(pl.LightningModule):
             if kind == "LCCInputError":
                 raise LCCInputError(message)
             raise RuntimeError(f"the refresh failed on rank 0: {kind}: {message}")
-        state: RefreshState = outcome
-        self.lcc.install(state)
+        states: dict[str, Any] = outcome
+        regs.install(states)
         if world > 1:
-            digests = all_gather_rows(np.frombuffer(_state_digest(state).encode(), dtype=np.uint8))
+            digest = np.frombuffer(_states_digest(states).encode(), dtype=np.uint8)
+            digests = all_gather_rows(digest)
             if any(not np.array_equal(d, digests[0]) for d in digests):
-                raise RuntimeError("ranks installed different LCC targets; please report this")
-        return collected, state
+                raise RuntimeError("ranks installed different refresh states; please report this")
+        return collected, states
 
     def _plain_loader(self, rows: np.ndarray | None = None) -> DataLoader:
         if self.refresh_data is None:
@@ -541,20 +639,10 @@ class LCCModule(pl.LightningModule):
             num_workers=self.num_workers,
         )
 
-    def _recorded_gap(self) -> str | None:
-        assert self.lcc is not None
-        buffers = self.lcc.recorded
-        stamps, labels = buffers["recorded_at"], buffers["labels"]
-        if stamps is None or labels is None:
-            return "no latents recorded yet"
-        if any(name not in buffers["latents"] for name in self.lcc.layers):
-            return "no latents recorded yet"
-        missing = int(np.sum(stamps[: self.n_train] < 0))
-        return f"{missing} samples never recorded" if missing else None
-
-    def _collect_fresh_sharded(self, epoch: int, reason: str) -> Collected:
+    def _collect_fresh_sharded(self, layers: list[str], reason: str) -> Collected:
         """Eval pass over this rank's shard ``rank::world``, all-gathered into index order."""
-        assert self.lcc is not None
+        regs = self.regularisation
+        assert regs is not None
         start = time.perf_counter()
         self._sync_buffers()
         rank, world, n = int(self.global_rank), int(self.trainer.world_size), self.n_train
@@ -562,12 +650,12 @@ class LCCModule(pl.LightningModule):
         latents, y, predictions = collect_latents(
             self.model,
             self._plain_loader(rows),
-            list(self.lcc.layers),
-            pool=self.lcc.config.pool,  # type: ignore[arg-type]
+            layers,
+            pool=regs.pool,  # type: ignore[arg-type]
             device=self.device,
         )
         full: dict[str, np.ndarray] = {}
-        for name in self.lcc.layers:
+        for name in layers:
             parts = all_gather_rows(latents[name])
             full[name] = np.empty((n, parts[0].shape[1]), dtype=np.float32)
             for r, part in enumerate(parts):
@@ -587,32 +675,33 @@ class LCCModule(pl.LightningModule):
 
     def _merge_recorded(self, epoch: int) -> None:
         """DDP, recorded source: share the rows each rank recorded this epoch with all ranks."""
-        assert self.lcc is not None
-        config = self.lcc.config
-        if config.source != "recorded" or not self.lcc.is_refresh_epoch(epoch + 1):
+        regs = self.regularisation
+        assert regs is not None
+        layers = regs.recording_layers(epoch)
+        if regs.source != "recorded" or not layers:
             return
-        buffers = self.lcc.recorded
+        buffers = regs.recorded
         if buffers["recorded_at"] is None:
             return
         rows = np.flatnonzero(self._seen & (buffers["recorded_at"] == epoch))
         gathered_rows = all_gather_rows(rows)
         meta = np.stack([buffers["predictions"][rows], buffers["labels"][rows]], axis=1)
         gathered_meta = all_gather_rows(meta)
-        gathered = {
-            name: all_gather_rows(buffers["latents"][name][rows]) for name in self.lcc.layers
-        }
+        gathered = {name: all_gather_rows(buffers["latents"][name][rows]) for name in layers}
         for r in reversed(range(len(gathered_rows))):  # lowest rank written last: it wins
             index = gathered_rows[r]
             buffers["predictions"][index] = gathered_meta[r][:, 0]
             buffers["labels"][index] = gathered_meta[r][:, 1]
             buffers["recorded_at"][index] = epoch
-            for name in self.lcc.layers:
+            for name in layers:
                 buffers["latents"][name][index] = gathered[name][r]
 
-    def _write_refresh(self, epoch: int, collected: Collected | None, state: RefreshState) -> None:
+    def _write_refresh(
+        self, epoch: int, collected: Collected | None, states: Mapping[str, Any]
+    ) -> None:
         """Rank 0: log the per-layer stats, append them to refreshes.jsonl, save the clusters."""
         flat: dict[str, float] = {"epoch": float(epoch)}
-        for name, stats in state.stats.items():
+        for name, stats in _layer_stats(states).items():
             for key in _REPORTED:
                 value = stats.get(key)
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -632,22 +721,30 @@ class LCCModule(pl.LightningModule):
                 with contextlib.suppress(ValueError):
                     if json.loads(line).get("epoch", -1) < epoch:
                         lines.append(line)
-        for name, stats in state.stats.items():
-            record = {"epoch": epoch, "layer": name, **stats}
-            lines.append(json.dumps(record, default=_json_value))
+        for key, state in states.items():
+            for name, stats in (getattr(state, "stats", None) or {}).items():
+                record = {"epoch": epoch, "layer": name, **stats}
+                if key != "lcc":
+                    record["regulariser"] = key
+                lines.append(json.dumps(record, default=_json_value))
         data = ("\n".join(lines) + "\n").encode("utf-8")
         atomic_write(journal, lambda handle: handle.write(data))
         folder = self.out_dir / "refresh"
         folder.mkdir(parents=True, exist_ok=True)
-        for name, layer in state.layers.items():
-            arrays: dict[str, np.ndarray] = {
-                "clusters": layer.clusters,
-                "target_indices": layer.target_indices,
-            }
-            if self.save_latents and collected is not None:
-                arrays["z"] = collected.latents[name]
-                arrays["y"] = collected.y
-            save_npz_atomic(folder / f"epoch_{epoch}_{_safe_name(name)}.npz", **arrays)
+        for key, state in states.items():
+            if not isinstance(state, RefreshState):
+                continue
+            prefix = "" if key == "lcc" else f"{_safe_name(key)}_"
+            for name, layer in state.layers.items():
+                arrays: dict[str, np.ndarray] = {
+                    "clusters": layer.clusters,
+                    "target_indices": layer.target_indices,
+                }
+                if self.save_latents and collected is not None:
+                    arrays["z"] = collected.latents[name]
+                    arrays["y"] = collected.y
+                path = folder / f"epoch_{epoch}_{prefix}{_safe_name(name)}.npz"
+                save_npz_atomic(path, **arrays)
 
     # --- test --------------------------------------------------------------------------------
 
@@ -690,14 +787,24 @@ class LCCModule(pl.LightningModule):
     # --- checkpoints -------------------------------------------------------------------------
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["lcc"] = None if self.lcc is None else self.lcc.state_dict()
+        regs = self.regularisation
+        checkpoint["regularisation"] = None if regs is None else regs.state_dict()
         checkpoint["lcc_history"] = self.history
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        saved = checkpoint.get("lcc")
-        if self.lcc is not None and saved is not None:
-            self.lcc.load_state_dict(saved)
+        saved = checkpoint.get("regularisation")
+        if self.regularisation is not None and saved is not None:
+            self.regularisation.load_state_dict(saved)
         self.history = list(checkpoint.get("lcc_history") or [])
+
+
+def _layer_stats(states: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per-layer refresh statistics of all states ({layer: stats}; ``key/layer`` on clashes)."""
+    merged: dict[str, dict[str, Any]] = {}
+    for key, state in states.items():
+        for name, stats in (getattr(state, "stats", None) or {}).items():
+            merged[name if name not in merged else f"{key}/{name}"] = stats
+    return merged
 
 
 _REPORTED = (

@@ -20,6 +20,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -279,8 +280,8 @@ def _build(
     """Load data and model, resolve and check the layers, save config.yaml (rank 0)."""
     import lightning.pytorch as pl
 
+    from lcc.regularisers.base import OUTPUT
     from lcc.train.lightning import LCCDataModule, LCCModule
-    from lcc.train.loop import check_class_sizes
     from lcc.zoo.datasets import load_dataset
     from lcc.zoo.models import build_model
 
@@ -307,18 +308,25 @@ def _build(
         pretrained=not config.no_pretrained,
         checkpoint=config.checkpoint,
     )
-    lcc_config = None
+    regularisers = []
+    sample = None
     if not config.no_lcc:
         sample = torch.stack([bundle.train_plain[i][0] for i in range(min(2, n_train))])
         layers = list(config.layers) if config.layers else default_layers(model, sample)
         config = merge_config(config, {"layers": layers}).check()
-        probe_layers(model, layers, sample)
-        check_class_sizes(bundle.targets, config.k)
-        lcc_config = config.lcc_config(layers)
+        regularisers = config.build_regularisers(layers)
+        read = [name for reg in regularisers for name in reg.layers if name != OUTPUT]
+        probe_layers(model, list(dict.fromkeys(read)), sample)
+        for reg in regularisers:
+            reg.check_labels(np.asarray(bundle.targets))
 
     module = LCCModule(
         model,
-        lcc_config,
+        None,
+        regularisers=regularisers,
+        source=config.source,
+        pool=config.pool,
+        sample=sample,
         num_classes=bundle.num_classes,
         n_train=n_train,
         lr=config.lr,
@@ -430,7 +438,10 @@ def _metrics(
     return {
         "model": config.model,
         "dataset": config.dataset,
-        "lcc": not config.no_lcc,
+        "lcc": module.lcc is not None,
+        "regularisers": []
+        if module.regularisation is None
+        else [reg.describe() for reg in module.regularisation.regularisers],
         "layers": config.layers,
         "source": None if config.no_lcc else config.source,
         "epochs": config.epochs,

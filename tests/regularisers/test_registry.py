@@ -1,0 +1,122 @@
+"""The registry: specs, options, help, and LCC as one regulariser among others."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lcc.engine.refresh import RefreshConfig, refresh
+from lcc.errors import LCCInputError
+from lcc.regularisers import (
+    REGISTRY,
+    Batch,
+    TrainingLatents,
+    build_regulariser,
+    parse_spec,
+    regulariser_class,
+    regulariser_help,
+)
+from lcc.regularisers.lcc import LCC, LCCOptions
+from lcc.synthetic import gaussian_mixture
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        ("lcc", ("lcc", {})),
+        ("lcc:k=10", ("lcc", {"k": "10"})),
+        ("label-variation:w=0.1", ("label-variation", {"weight": "0.1"})),
+        ("lcc:layers=a,b,k=3", ("lcc", {"layers": ["a", "b"], "k": "3"})),
+        ("lcc:layers=a,b,c", ("lcc", {"layers": ["a", "b", "c"]})),
+        ({"name": "lcc", "k": 4, "policy-size": 2}, ("lcc", {"k": 4, "policy_size": 2})),
+    ],
+)
+def test_parse_spec(spec, expected):
+    assert parse_spec(spec) == expected
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("", "empty regulariser spec"),
+        ("lcc:a", "cannot read 'a'"),
+        ({"k": 3}, "needs a name"),
+        ("lcd", "unknown regulariser 'lcd' (did you mean 'lcc'?)"),
+        ("lcc:kk=3", "unknown option 'kk' of lcc (did you mean 'k'?)"),
+        ("lcc:k=0,layers=fc", "k must be an integer >= 1, got 0"),
+        ("lcc:k=x,layers=fc", "k must be an integer >= 1, got 'x'"),
+        ("lcc:method=kmeans,layers=fc", "method='kmeans' is not one of"),
+        ("lcc:layers=output", "'output' (the logits) is not one"),
+        ("lcc:weight=-1,layers=fc", "weight must be a finite number >= 0"),
+    ],
+)
+def test_bad_specs_name_the_fix(spec, message):
+    with pytest.raises(LCCInputError) as caught:
+        build_regulariser(spec)
+    assert message in str(caught.value)
+
+
+def test_spec_values_reach_the_options_and_defaults_fill_the_rest():
+    reg = build_regulariser("lcc:k=7,squared=true", layers=["fc"], k=3, weight=0.5)
+    assert isinstance(reg, LCC)
+    assert (reg.config.k, reg.config.squared, reg.weight, reg.layers) == (7, True, 0.5, ("fc",))
+    # a default for an option the class does not have is ignored, not an error
+    assert build_regulariser("lcc", layers=["fc"], not_an_option=1).config.k == 5
+
+
+def test_every_registered_class_is_named_as_registered_and_documented():
+    for name in REGISTRY:
+        cls = regulariser_class(name)
+        assert cls.name == name
+        text = regulariser_help(name)
+        assert text.startswith(f"--reg {name}: ")
+        for field in ("layers", "weight", "warmup"):
+            assert f"  {field} " in text, (name, field)
+
+
+def test_help_shows_each_lcc_option_with_its_default():
+    text = regulariser_help("lcc")
+    assert "[default: 5]" in text.split("  k ")[1].splitlines()[0]
+    assert "one of leiden, louvain, peer-pressure" in text
+
+
+def test_lcc_weight_is_not_switched_off_by_warmup():
+    # LCC's warmup schedules refreshes; its term is zero anyway until targets are installed
+    reg = LCC(layers=["fc"], warmup=3, weight=0.2)
+    assert reg.weight_at(0) == 0.2 and [reg.needs_training_latents(e) for e in (2, 3)] == [
+        False,
+        True,
+    ]
+
+
+def test_lcc_refreshes_on_the_labelled_rows_only():
+    z, y, _ = gaussian_mixture(
+        n_samples=300, dim=6, n_classes=3, clusters_per_class=2, separation=2.5, seed=3
+    )
+    rng = np.random.default_rng(0)
+    unlabelled = rng.random(len(y)) < 0.4
+    y_seen = np.where(unlabelled, -1, y)
+    reg = LCC(layers=["fc"], k=4, knn="exact", warmup=0)
+    state = reg.compute(TrainingLatents({"fc": z}, y_seen, None, "fresh", 0.0), epoch=0)
+    # oracle: the engine on the labelled subset, indices mapped back by hand
+    rows = np.flatnonzero(~unlabelled)
+    expected = refresh(z[rows], y[rows], RefreshConfig(k=4, knn="exact"))
+    layer = state.layers["fc"]
+    np.testing.assert_array_equal(layer.target_indices, rows[expected.targets.indices])
+    np.testing.assert_allclose(layer.target_vectors, expected.targets.vectors)
+    assert (layer.clusters[unlabelled] == -1).all()
+    np.testing.assert_array_equal(layer.clusters[rows], expected.clusters)
+    reg.install(state)
+    # unlabelled samples get no target: a batch of them costs nothing
+    zt = torch.from_numpy(z).requires_grad_(True)
+    only_unlabelled = torch.from_numpy(np.flatnonzero(unlabelled))
+    batch = Batch({"fc": zt[only_unlabelled]}, None, only_unlabelled, None)
+    assert float(reg(batch).detach()) == 0.0
+
+
+def test_lcc_options_validate_policy_size():
+    with pytest.raises(LCCInputError, match="needs a policy_size"):
+        LCCOptions(layers=["fc"], class_policy="top-pairs")
+    with pytest.raises(LCCInputError, match="only used by"):
+        LCCOptions(layers=["fc"], policy_size=3)
