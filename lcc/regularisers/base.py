@@ -266,6 +266,11 @@ class Regulariser(nn.Module):
     def warmup(self) -> int:
         return int(self.options.warmup)
 
+    @property
+    def refreshes(self) -> bool:
+        """Whether it ever works on the whole training set (overrides :meth:`compute`)."""
+        return type(self).compute is not Regulariser.compute
+
     def weight_at(self, epoch: int) -> float:
         """Weight of the term during ``epoch``: 0 during warmup, ``weight`` after."""
         return 0.0 if epoch < self.warmup else self.weight

@@ -463,7 +463,7 @@ class Regularisation:
         :meth:`start_epoch`)."""
         epoch = self.epoch if epoch is None else epoch
         if epoch is None:
-            keys = [key for key, reg in self.items() if _refreshes(reg)]
+            keys = [key for key, reg in self.items() if reg.refreshes]
         else:
             keys = self.due(epoch + 1)
         return self.training_layers(keys)
@@ -574,11 +574,6 @@ class Regularisation:
                 f"{what} has {rows} rows but the batch has {index.shape[0]} indices; call "
                 "observe() right after the forward of the same batch"
             )
-
-
-def _refreshes(reg: Regulariser) -> bool:
-    """Whether ``reg`` ever refreshes from the training set (overrides ``compute``)."""
-    return type(reg).compute is not Regulariser.compute
 
 
 class LatentClusterCorrection(Regularisation):

@@ -225,6 +225,28 @@ def _prepare_out(config: TrainConfig) -> tuple[Path, Path | None, dict[str, Any]
     return out, resume_from, finished, created
 
 
+def idle_warnings(regularisation: Any, epochs: int) -> list[str]:
+    """One line per regulariser that would never act in a run of ``epochs`` epochs (a warmup
+    or interval longer than the run), so the user learns it before the run, not after.
+
+    >>> from lcc.regularisers.lcc import LCC
+    >>> from lcc.train.loop import Regularisation
+    >>> model = nn.Sequential(nn.Linear(2, 2))
+    >>> idle_warnings(Regularisation(model, [LCC(layers=["0"], warmup=5)]), 2)
+    ['lcc never acts in this run: warmup=5 >= epochs=2 (it starts at epoch 5); lower the warmup or raise --epochs']
+    """  # noqa: E501
+    lines = []
+    for key, reg in regularisation.items():
+        refreshes = [e for e in range(epochs) if reg.needs_training_latents(e)]
+        active = [e for e in range(epochs) if reg.weight_at(e) > 0]
+        if (reg.refreshes and not refreshes) or not active:
+            lines.append(
+                f"{key} never acts in this run: warmup={reg.warmup} >= epochs={epochs} "
+                f"(it starts at epoch {reg.warmup}); lower the warmup or raise --epochs"
+            )
+    return lines
+
+
 def _number(text: str) -> float | int:
     value = float(text)
     return int(value) if value.is_integer() and "." not in text else value
@@ -386,6 +408,9 @@ def train(
         if created and out.is_dir() and not any(out.iterdir()):
             out.rmdir()  # leave no empty run directory behind a rejected input
         raise
+    if rank == 0 and module.regularisation is not None:
+        for line in idle_warnings(module.regularisation, config.epochs):
+            print(f"lcc train: warning: {line}", file=sys.stderr)
     checkpoint = ModelCheckpoint(
         dirpath=str(out / "checkpoints"),
         filename="epoch={epoch}" if config.keep_checkpoints else "last",
