@@ -237,7 +237,7 @@ class KMeansCentroids(Regulariser):
         if seen and not self.needs_training_latents(epoch):
             with torch.no_grad():
                 for i, count in enumerate(counts):
-                    reseeded += self._reseed(i, torch.flatnonzero(count == 0), epoch)
+                    reseeded += self._reseed(i, torch.nonzero(count == 0).flatten(), epoch)
             if distributed:
                 for parameter in self.centroids:
                     torch.distributed.broadcast(parameter.data, src=0)
