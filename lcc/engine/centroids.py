@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -49,16 +50,7 @@ def _shape(value: object) -> str:
     return str(tuple(value.shape)) if hasattr(value, "shape") else type(value).__name__
 
 
-def centroid_distances(z: Tensor, centroids: Tensor) -> Tensor:
-    """Squared L2 distances ``(B, J)`` between latents ``z`` (B, D) and ``centroids`` (J, D).
-
-    Computed as ``|z|^2 + |c|^2 - 2 z c^T`` (one matmul), clamped at 0. Half-precision inputs
-    (autocast) are computed in float32; autocast is off inside (the expansion needs the
-    precision).
-
-    >>> centroid_distances(torch.ones(1, 3), torch.zeros(2, 3)).tolist()
-    [[3.0, 3.0]]
-    """
+def _check_pair(z: Tensor, centroids: Tensor) -> None:
     if not isinstance(z, Tensor) or not isinstance(centroids, Tensor):
         raise LCCInputError(
             f"z and centroids must be torch tensors, got {type(z).__name__} and "
@@ -71,15 +63,23 @@ def centroid_distances(z: Tensor, centroids: Tensor) -> Tensor:
         )
     if centroids.shape[0] == 0:
         raise LCCInputError("there are no centroids; pass at least one (J >= 1)")
+
+
+def centroid_distances(z: Tensor, centroids: Tensor) -> Tensor:
+    """Squared L2 distances ``(B, J)`` between latents ``z`` (B, D) and ``centroids`` (J, D).
+
+    Computed as ``|z|^2 + |c|^2 - 2 z c^T`` (one matmul), clamped at 0. Half-precision inputs
+    (autocast) are computed in float32; autocast is off inside (the expansion needs the
+    precision).
+
+    >>> centroid_distances(torch.ones(1, 3), torch.zeros(2, 3)).tolist()
+    [[3.0, 3.0]]
+    """
+    _check_pair(z, centroids)
     dtype = torch.promote_types(z.dtype, centroids.dtype)
     if dtype in _HALF or not dtype.is_floating_point:
         dtype = torch.float32
-    autocast_off = (
-        torch.autocast(device_type=z.device.type, enabled=False)
-        if torch.is_autocast_enabled(z.device.type)
-        else contextlib.nullcontext()
-    )
-    with autocast_off:
+    with _no_autocast(z):
         a = z.to(dtype)
         c = centroids.to(dtype=dtype, device=z.device)
         squares = a.square().sum(1, keepdim=True) + c.square().sum(1)
@@ -89,12 +89,52 @@ def centroid_distances(z: Tensor, centroids: Tensor) -> Tensor:
 def nearest_centroids(z: Tensor, centroids: Tensor) -> tuple[Tensor, Tensor]:
     """``(min_j ||z - C_j||^2 (B,), argmin_j (B,))``; the distance keeps the graph.
 
+    The argmin minimises ``|C_j|^2 - 2 z.C_j`` (one matmul, no graph); the distance is then
+    computed exactly as ``||z - C_argmin||^2`` with the gradient of ``min_j`` (to ``z`` and to
+    the winning centroid only), so it has no cancellation error and costs one matmul in all.
+
     >>> d, j = nearest_centroids(torch.tensor([[2.0, 0.0]]), torch.tensor([[0.0, 0.0], [3.0, 0.0]]))
     >>> d.tolist(), j.tolist()
     ([1.0], [1])
     """
-    distances, index = centroid_distances(z, centroids).min(dim=1)
-    return distances, index
+    _check_pair(z, centroids)
+    dtype = torch.promote_types(z.dtype, centroids.dtype)
+    if dtype in _HALF or not dtype.is_floating_point:
+        dtype = torch.float32
+    a = z.to(dtype)
+    c = centroids.to(dtype=dtype, device=z.device)
+    with _no_autocast(z):
+        with torch.no_grad():
+            index = torch.addmm(c.square().sum(1), a, c.T, alpha=-2.0).argmin(dim=1)
+        return _NearestDistance.apply(a, c, index), index
+
+
+class _NearestDistance(torch.autograd.Function):
+    """``||z_b - C_{index_b}||^2`` with the analytic gradients ``2 (z - C)`` and its negation
+    summed per centroid (fewer passes over (B, D) than autograd's gather + square)."""
+
+    @staticmethod
+    def forward(ctx: Any, z: Tensor, centroids: Tensor, index: Tensor) -> Tensor:
+        diff = z - centroids[index]
+        ctx.save_for_backward(diff, index)
+        ctx.n_centroids = centroids.shape[0]
+        return torch.linalg.vecdot(diff, diff)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+        diff, index = ctx.saved_tensors
+        grad_z = diff * (2.0 * grad).unsqueeze(1)
+        grad_c = None
+        if ctx.needs_input_grad[1]:
+            grad_c = grad_z.new_zeros(ctx.n_centroids, diff.shape[1])
+            grad_c.index_add_(0, index, grad_z, alpha=-1.0)
+        return (grad_z if ctx.needs_input_grad[0] else None), grad_c, None
+
+
+def _no_autocast(z: Tensor) -> Any:
+    if torch.is_autocast_enabled(z.device.type):
+        return torch.autocast(device_type=z.device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def assignments(z: Tensor, centroids: Tensor) -> Tensor:

@@ -71,8 +71,9 @@ def test_distances_equal_brute_force_and_are_never_negative() -> None:
     got = centroid_distances(torch.tensor(z), torch.tensor(c)).numpy()
     expected = ((z[:, None, :] - c[None, :, :]) ** 2).sum(-1)
     np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-12)
-    same = torch.full((3, 64), 1e3)
+    same = torch.full((3, 64), 1e3) + torch.arange(64.0)
     assert (centroid_distances(same, same[:1]) >= 0).all()
+    assert centroid_loss([same], [same[:1] + 1e-3]).max().item() < 1e-3  # no cancellation
     assert assignments(torch.tensor(z), torch.tensor(c)).tolist() == expected.argmin(1).tolist()
 
 
@@ -223,7 +224,12 @@ def test_bad_input_is_one_clear_error() -> None:
 
 def test_half_precision_latents_are_computed_in_float32() -> None:
     (z, _), (c, _) = layers()
-    got = centroid_distances(torch.tensor(z).bfloat16(), torch.tensor(c).float())
+    half, full = torch.tensor(z).bfloat16(), torch.tensor(c).float()
+    got = centroid_distances(half, full)
     assert got.dtype == torch.float32
-    expected = centroid_distances(torch.tensor(z).bfloat16().double(), torch.tensor(c).float())
+    expected = centroid_distances(half.double(), full.double())
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        lc = centroid_loss([half.requires_grad_()], [full.requires_grad_()])
+    assert lc.dtype == torch.float32
+    torch.testing.assert_close(lc.double(), expected.min(1).values, rtol=1e-5, atol=1e-5)
