@@ -305,3 +305,41 @@ def test_centroids_train_with_the_network_and_the_term_falls() -> None:
         terms.append(term.item())
     assert terms[-1] < 0.5 * terms[0]
     assert not torch.equal(reg.centroids[0].detach(), start)
+
+
+def _ddp_rank(rank: int, folder: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank, world_size=2)
+    try:
+        model = nn.Sequential(nn.Identity())
+        reg = KMeansCentroids(layers=["0"], centroids=4, reinit=1, seed=0)
+        reg.bind(model, num_classes=2, sample=torch.zeros(4, 2))
+        start = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0], [1e3, 1e3]])
+        reg.install({"centroids": [start.numpy()]})
+        reg.start_epoch(1)
+        # rank 0 sees points near centroids 0 and 1, rank 1 near 0 and 2; none near 3
+        near = start[[0, 1]] if rank == 0 else start[[0, 2]]
+        z = near.repeat(8, 1) + 0.1 * torch.randn(
+            16, 2, generator=torch.Generator().manual_seed(rank)
+        )
+        batch = Batch({"0": z}, torch.zeros(16, dtype=torch.long), torch.arange(16), z)
+        reg(batch)
+        reg.start_epoch(2)
+        torch.save(
+            {"centroids": reg.centroids[0].detach(), **reg.epoch_stats()}, f"{folder}/{rank}.pt"
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+def test_distributed_processes_agree_on_the_reseeded_centroids(tmp_path) -> None:
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_ddp_rank, args=(str(tmp_path),), nprocs=2, start_method="fork")
+    results = [torch.load(tmp_path / f"{rank}.pt", weights_only=True) for rank in range(2)]
+    assert torch.equal(results[0]["centroids"], results[1]["centroids"])
+    assert results[0]["reseeded"] == results[1]["reseeded"] == 1  # only centroid 3: summed counts
+    centroids = results[0]["centroids"]
+    assert centroids[:3].tolist() == [[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]]
+    assert centroids[3].abs().max() < 20  # re-seeded from a latent
