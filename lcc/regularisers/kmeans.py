@@ -156,6 +156,10 @@ class KMeansCentroids(Regulariser):
             raise LCCInputError(
                 "kmeans needs layers: pass layers=NAME,... or the trainer's --layers"
             )
+        if OUTPUT in self.layers:
+            raise LCCInputError(
+                "kmeans clusters hidden layers, not the logits; name layers from `lcc layers`"
+            )
         if sample is None:
             raise LCCInputError("kmeans needs a sample input in bind() to size its centroids")
         counts = self.centroid_counts(num_classes)

@@ -185,3 +185,24 @@ def test_replicas_share_out_the_batches() -> None:
 def test_sampler_errors(args: tuple, message: str) -> None:
     with pytest.raises(LCCInputError, match=message):
         MixedBatchSampler(*args)
+
+
+def test_a_dataloader_serves_mixed_batches_and_whole_set_latents() -> None:
+    from torch.utils.data import DataLoader
+
+    from lcc.zoo.latents import collect_latents
+
+    like = load_dataset("digits", subset=200)
+    mask = split_labeled(like.targets, per_class=2, seed=0)
+    extra = UnlabeledImages.load("digits", like, subset=50, augment=False)
+    data = MaskedLabels(like.train_plain, mask, unlabeled=extra)
+    sampler = MixedBatchSampler(data.labeled_indices, data.unlabeled_indices, 16, 0.25, seed=1)
+    for x, y, index in DataLoader(data, batch_sampler=sampler):
+        assert x.shape == (16, 1, 8, 8)
+        assert ((y >= 0) == torch.as_tensor(np.isin(index.numpy(), data.labeled_indices))).all()
+        assert int((y >= 0).sum()) == 4
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+    loader = DataLoader(data, batch_size=64)
+    latents, y, _ = collect_latents(model, loader, ["1"])
+    assert latents["1"].shape == (250, 10)
+    assert np.array_equal(y, data.targets) and int((y >= 0).sum()) == 20
