@@ -29,6 +29,7 @@ from lcc.regularisers.base import (
 #: name -> "module:Class"; one line registers a regulariser
 REGISTRY: dict[str, str] = {
     "lcc": "lcc.regularisers.lcc:LCC",
+    "kmeans": "lcc.regularisers.kmeans:KMeansCentroids",
 }
 
 #: short option names accepted in specs
