@@ -96,7 +96,7 @@ def oracle_selectivity(z, sub, sup):
 
 def oracle_c1(layers, sub, sup, k):
     per_layer = [oracle_selectivity(z, sub, sup) for z in layers]
-    scores = [top_mean(sum((p[i] for p in per_layer), []), k) for i in per_layer[0]]
+    scores = [top_mean([v for p in per_layer for v in p[i]], k) for i in per_layer[0]]
     return float(np.median(scores))
 
 
@@ -252,7 +252,7 @@ def test_c1_rejects_inconsistent_or_flat_hierarchies():
 
 
 def test_c3_matches_eq3_loops_and_handles_dead_neurons():
-    z, sub, sup = hierarchical(seed=7)
+    z, _, sup = hierarchical(seed=7)
     z[:, 3] = 2.0  # a dead (constant) neuron scores 0, not NaN
     ratios = intraclass_variance_ratio(z, sup)
     assert np.isfinite(ratios.values).all() and (ratios.values[:, 3] == 0).all()
@@ -423,7 +423,7 @@ def test_top_k_mean_and_combiners():
 
 
 def test_layers_must_share_samples():
-    z, sub, sup = hierarchical(n=90, seed=21)
+    z, _, sup = hierarchical(n=90, seed=21)
     with pytest.raises(LCCInputError, match="same samples"):
         c3([z, z[:80]], sup)
     with pytest.raises(LCCInputError, match="at least 2"):
