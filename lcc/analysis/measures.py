@@ -418,7 +418,8 @@ def _validate(names: list[str], data: _Prepared, options: MeasureOptions) -> Non
     needing = [name for name in names if MEASURES[name].needs_superclasses]
     if needing and data.y_super is None:
         raise LCCInputError(
-            f"{' and '.join(needing)} need superclass labels (hierarchical labels: y are the "
+            f"{' and '.join(needing)} {'need' if len(needing) > 1 else 'needs'} superclass "
+            "labels (hierarchical labels: y are the "
             "subclasses, y_super their superclasses); pass them (lcc measure: --superclass-key "
             "with a .npz holding them), or measure c3,c4, which need none"
         )
