@@ -69,14 +69,14 @@ def load_arrays(path: str | os.PathLike[str], keys: tuple[str, ...]) -> dict[str
 
 
 def array_keys(path: str | os.PathLike[str]) -> list[str]:
-    """Sorted names of the arrays in a ``.npz`` or ``.safetensors`` file (nothing is loaded).
+    """Names of the arrays in a ``.npz`` or ``.safetensors`` file, in stored order (no data read).
 
     Raises :class:`LCCInputError` like :func:`load_arrays`.
 
     >>> import tempfile, pathlib
     >>> path = pathlib.Path(tempfile.mkdtemp()) / "a.npz"
     >>> array_keys(save_npz_atomic(path, z=np.ones(2), y=np.ones(2)))
-    ['y', 'z']
+    ['z', 'y']
     """
     file = _readable(path, ("z", "y"))
     try:
@@ -87,11 +87,11 @@ def array_keys(path: str | os.PathLike[str]) -> list[str]:
                     "write it with numpy.savez"
                 )
             with np.load(file, allow_pickle=False) as archive:
-                return sorted(archive.files)
+                return list(archive.files)
         from safetensors import safe_open
 
         with safe_open(str(file), framework="np") as handle:
-            return sorted(handle.keys())
+            return list(handle.keys())
     except LCCInputError:
         raise
     except Exception as error:  # BadZipFile, SafetensorError, OSError...
