@@ -227,6 +227,12 @@ def run(args: argparse.Namespace) -> int:
         _check_file_args(args)
         if args.latents is None:
             data = example(seed=args.seed)
+            unknown = [layer for layer in args.layers or () if layer not in data.layers]
+            if unknown:
+                raise LCCInputError(
+                    f"the generated example has one layer, z, not {unknown[0]!r}; drop --layers "
+                    "or pass LATENTS"
+                )
         else:
             data = read_latents(Path(args.latents), args.layers, args.superclass_key)
         parse_measures(args.measure, superclasses=data.y_super is not None)

@@ -172,6 +172,7 @@ def latents_file(tmp_path):
         (["{lat}", "--dataset", "digits"], "--dataset applies to --model only"),
         (["{lat}", "--model", "small-cnn"], "either LATENTS"),
         (["--model", "small-cnn", "--layers", "fc1"], "--model needs --dataset"),
+        (["--layers", "fc1"], "the generated example has one layer, z"),
         (["{dir}/nolatents.npz"], "holds no latents"),
         (["{dir}/nolabels.npz"], "missing key(s) 'y'"),
         (["{dir}/nan.npz"], "NaN"),
