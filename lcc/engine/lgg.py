@@ -194,12 +194,38 @@ def similarity_matrix(
         unit = F.normalize(flat, dim=1, eps=1e-12)
         return _symmetric(unit @ unit.T).clamp_min(0.0)
     squared = _squared_distances(flat)
-    n = flat.shape[0]
-    if h is None:
-        scale = (squared.sum() / (n * (n - 1))).clamp_min(torch.finfo(flat.dtype).tiny)
-    else:
-        scale = torch.as_tensor(h * h, dtype=flat.dtype, device=flat.device)
-    return torch.exp(-squared / scale)
+    return torch.exp(-squared / _rbf_scale(flat, h))
+
+
+def _rbf_scale(flat: Tensor, h: float | None) -> Tensor:
+    """``h^2``: ``bandwidth^2``, or the mean squared distance over distinct ordered pairs,
+    ``2 sum_i ||z_i - mean||^2 / (B - 1)`` (closed form of the pair mean; differentiable)."""
+    if h is not None:
+        return torch.as_tensor(h * h, dtype=flat.dtype, device=flat.device)
+    centred = flat - flat.mean(dim=0, keepdim=True)
+    mean_sq = 2.0 * centred.square().sum() / (flat.shape[0] - 1)
+    return mean_sq.clamp_min(torch.finfo(flat.dtype).tiny)
+
+
+class _PairGram(torch.autograd.Function):
+    """Entries ``x_i . x_j`` of a precomputed Gram matrix at pairs (i, j), differentiable in x.
+
+    The forward reuses the Gram matrix the k-NN selection computed; the backward is one dense
+    product ``(W + W^T) x`` with ``W`` the scattered pair gradients.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, gram: Tensor, i: Tensor, j: Tensor) -> Tensor:
+        ctx.save_for_backward(x, i, j)
+        return gram[i, j]
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None, None]:
+        x, i, j = ctx.saved_tensors
+        n = x.shape[0]
+        weights = x.new_zeros(n, n).index_put_((i, j), grad.to(x.dtype), accumulate=True)
+        return (weights + weights.T) @ x, None, None, None
 
 
 def normalize_adjacency(adjacency: Tensor) -> Tensor:
@@ -240,25 +266,50 @@ def latent_graph(
     >>> (latent_graph(z, 1, similarity="rbf") > 0).int().tolist()
     [[0, 1, 0, 0], [1, 0, 1, 0], [0, 1, 0, 1], [0, 0, 1, 0]]
     """
-    similarities = similarity_matrix(z, similarity=similarity, bandwidth=bandwidth)
-    n = similarities.shape[0]
+    flat = _latents(z)
+    kind = resolve_similarity(flat, similarity)
+    h = _bandwidth(bandwidth)
+    n = flat.shape[0]
     k = check_k(k, n)
-    eye = torch.eye(n, dtype=torch.bool, device=similarities.device)
-    allowed = ~eye
+    device = flat.device
+    allowed = ~torch.eye(n, dtype=torch.bool, device=device)
     if mask is not None:
         if not isinstance(mask, Tensor) or mask.shape != (n, n):
             raise LCCInputError(
                 f"mask must be a ({n}, {n}) bool tensor of allowed pairs, got {_describe(mask)}"
             )
-        pairs = mask.to(device=similarities.device, dtype=torch.bool)
+        pairs = mask.to(device=device, dtype=torch.bool)
         allowed = allowed & pairs & pairs.T
-    scores = similarities.detach().masked_fill(~allowed, float("-inf"))
-    nearest = scores.topk(k, dim=1).indices
-    chosen = torch.zeros(n, n, dtype=torch.bool, device=similarities.device)
-    chosen.scatter_(1, nearest, True)
-    keep = (chosen | chosen.T) & allowed
-    adjacency = torch.where(
-        keep, similarities, torch.zeros((), dtype=similarities.dtype, device=similarities.device)
+    # One Gram matrix (no gradient) serves the k-NN selection and the kept edges' values.
+    if kind == "cosine":
+        base = F.normalize(flat, dim=1, eps=1e-12)
+    else:
+        base = flat - flat.mean(dim=0, keepdim=True)
+    with torch.no_grad():
+        gram = base @ base.T
+        if kind == "cosine":
+            scores = gram.clone()
+        else:  # minus the squared distance: same order as the RBF similarity
+            norms = gram.diagonal()
+            scores = 2.0 * gram - norms[:, None] - norms[None, :]
+        scores.masked_fill_(~allowed, float("-inf"))
+        chosen = torch.zeros(n, n, dtype=torch.bool, device=device)
+        chosen.scatter_(1, scores.topk(k, dim=1).indices, True)
+        keep = torch.triu((chosen | chosen.T) & allowed, diagonal=1)
+        i, j = keep.nonzero(as_tuple=True)
+    dots = _PairGram.apply(base, gram, i, j)
+    if kind == "cosine":
+        values = dots.clamp_min(0.0)
+    else:
+        norms = base.square().sum(dim=1)
+        squared = (norms[i] + norms[j] - 2.0 * dots).clamp_min(0.0)
+        if h is None:  # mean squared distance over distinct pairs, as in _rbf_scale
+            scale = (2.0 * norms.sum() / (n - 1)).clamp_min(torch.finfo(flat.dtype).tiny)
+        else:
+            scale = torch.as_tensor(h * h, dtype=flat.dtype, device=device)
+        values = torch.exp(-squared / scale)
+    adjacency = flat.new_zeros(n, n).index_put(
+        (torch.cat([i, j]), torch.cat([j, i])), torch.cat([values, values])
     )
     return normalize_adjacency(adjacency) if normalize else adjacency
 
@@ -296,14 +347,17 @@ def label_variation(adjacency: Tensor, y: Tensor, *, normalized: bool = False) -
     n = adjacency.shape[0]
     labels = _labels(y, n, adjacency.device)
     labeled = labels >= 0
-    eye = torch.eye(n, dtype=torch.bool, device=adjacency.device)
-    pairs = labeled[:, None] & labeled[None, :] & ~eye
-    distinct = pairs & (labels[:, None] != labels[None, :])
-    zero = torch.zeros((), dtype=adjacency.dtype, device=adjacency.device)
-    variation = torch.where(distinct, adjacency, zero).sum()
+    # one-hot V (unlabelled rows zero); (A V)_ic = weight from i to class c, self loops removed
+    values, classes = torch.unique(labels.clamp_min(0), return_inverse=True)
+    onehot = F.one_hot(classes, values.numel()).to(adjacency.dtype) * labeled[:, None].to(
+        adjacency.dtype
+    )
+    to_class = adjacency @ onehot - adjacency.diagonal()[:, None] * onehot
+    mask = labeled[:, None].to(adjacency.dtype)
+    variation = (to_class * (mask - onehot)).sum()  # weight from labelled i to other classes
     if not normalized:
         return variation
-    total = torch.where(pairs, adjacency, zero).sum()
+    total = (to_class * mask).sum()
     return variation / torch.where(total != 0, total, torch.ones_like(total))
 
 

@@ -326,7 +326,6 @@ def test_gkd_matches_frobenius_loop_across_dimensions() -> None:
 def test_gkd_is_invariant_to_rescaling_either_latent_space(signed: bool) -> None:
     zt, _ = random_case(7, signed=signed)
     zs, _ = random_case(8, signed=signed)
-    base = float(gkd_distance(latent_graph(t(zt), 4, normalize=True), latent_graph(t(zs), 4)))
     base = float(
         gkd_distance(latent_graph(t(zt), 4, normalize=True), latent_graph(t(zs), 4, normalize=True))
     )
