@@ -140,6 +140,25 @@ def test_clusters_line_with_predictions(tmp_path, capsys):
         assert line[key] == expected[key]
 
 
+def test_relu_active_and_bandwidth_options_reach_the_measures(tmp_path, capsys):
+    z, sub, sup = hierarchical(seed=5)
+    path = tmp_path / "o.npz"
+    np.savez(path, z=z, y=sub, y_super=sup)
+    (c2,) = run_cli([str(path), "--measure", "c2", "--no-relu"], capsys)
+    assert c2["relu"] is False
+    assert c2["value"] == pytest.approx(intraclass.c2(z, sub, sup, relu=False))
+    assert c2["value"] != pytest.approx(intraclass.c2(z, sub, sup))
+    (c4,) = run_cli([str(path), "--measure", "c4", "--active", "0.5"], capsys)
+    assert c4["active"] == 0.5
+    assert c4["value"] == pytest.approx(intraclass.c4(z, sup, active=0.5))
+    assert c4["value"] != pytest.approx(intraclass.c4(z, sup))
+    args = [str(path), "--measure", "label-variation", "--similarity", "rbf"]
+    (default,) = run_cli(args, capsys)
+    (fixed,) = run_cli([*args, "--bandwidth", "0.5"], capsys)
+    assert fixed["bandwidth"] == 0.5 and default["bandwidth"] != 0.5
+    assert fixed["label_variation"] != pytest.approx(default["label_variation"])
+
+
 def test_generated_example(capsys):
     lines = run_cli([], capsys)
     assert [line["measure"] for line in lines] == ["c1", "c2", "c3", "c4"]
