@@ -235,7 +235,6 @@ def run(args: argparse.Namespace) -> int:
                 )
         else:
             data = read_latents(Path(args.latents), args.layers, args.superclass_key)
-        parse_measures(args.measure, superclasses=data.y_super is not None)
     for line in run_measures(args.measure, data, options):
         print(json.dumps(line), flush=True)
     return 0
