@@ -32,6 +32,7 @@ from lcc.errors import LCCInputError
 
 __all__ = [
     "LATENT_FORMATS",
+    "array_keys",
     "atomic_write",
     "load_arrays",
     "load_latents",
@@ -62,6 +63,43 @@ def load_arrays(path: str | os.PathLike[str], keys: tuple[str, ...]) -> dict[str
     ...
     lcc.errors.LCCInputError: file not found: missing.npz; check the path
     """
+    file = _readable(path, keys)
+    reader = _read_npz if file.suffix.lower() == ".npz" else _read_safetensors
+    return reader(file, keys)
+
+
+def array_keys(path: str | os.PathLike[str]) -> list[str]:
+    """Names of the arrays in a ``.npz`` or ``.safetensors`` file, in stored order (no data read).
+
+    Raises :class:`LCCInputError` like :func:`load_arrays`.
+
+    >>> import tempfile, pathlib
+    >>> path = pathlib.Path(tempfile.mkdtemp()) / "a.npz"
+    >>> array_keys(save_npz_atomic(path, z=np.ones(2), y=np.ones(2)))
+    ['z', 'y']
+    """
+    file = _readable(path, ("z", "y"))
+    try:
+        if file.suffix.lower() == ".npz":
+            if not zipfile.is_zipfile(file):
+                raise LCCInputError(
+                    f"cannot read {file}: not a .npz archive (corrupt or another format); "
+                    "write it with numpy.savez"
+                )
+            with np.load(file, allow_pickle=False) as archive:
+                return list(archive.files)
+        from safetensors import safe_open
+
+        with safe_open(str(file), framework="np") as handle:
+            return list(handle.keys())
+    except LCCInputError:
+        raise
+    except Exception as error:  # BadZipFile, SafetensorError, OSError...
+        raise LCCInputError(f"cannot read {file}: {_reason(error)}") from error
+
+
+def _readable(path: str | os.PathLike[str], keys: tuple[str, ...]) -> Path:
+    """``path`` as a Path when it names an existing file of a known format, else LCCInputError."""
     file = Path(path)
     suffix = file.suffix.lower()
     if suffix not in LATENT_FORMATS:
@@ -73,8 +111,7 @@ def load_arrays(path: str | os.PathLike[str], keys: tuple[str, ...]) -> dict[str
         raise LCCInputError(f"file not found: {file}; check the path")
     if file.is_dir():
         raise LCCInputError(f"cannot read {file}: it is a directory, not a {suffix} file")
-    reader = _read_npz if suffix == ".npz" else _read_safetensors
-    return reader(file, keys)
+    return file
 
 
 def _read_npz(file: Path, keys: tuple[str, ...]) -> dict[str, np.ndarray]:

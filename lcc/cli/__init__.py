@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from lcc.errors import LCCInputError
 
-SUBCOMMANDS = ("cluster", "layers", "train", "demo")
+SUBCOMMANDS = ("cluster", "layers", "train", "demo", "measure")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):

@@ -29,6 +29,9 @@ from lcc.regularisers.base import (
 #: name -> "module:Class"; one line registers a regulariser
 REGISTRY: dict[str, str] = {
     "lcc": "lcc.regularisers.lcc:LCC",
+    "label-variation": "lcc.regularisers.label_variation:LabelVariation",
+    "smoothness": "lcc.regularisers.smoothness:Smoothness",
+    "gkd": "lcc.regularisers.gkd:GraphDistillation",
     "kmeans": "lcc.regularisers.kmeans:KMeansCentroids",
 }
 

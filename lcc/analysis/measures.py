@@ -1,0 +1,458 @@
+"""Named measures of latent spaces, as JSON-ready lines: the registry behind ``lcc measure``.
+
+Each measure of :data:`MEASURES` turns a :class:`MeasureInput` (named layers of latents,
+labels, optional superclass labels and model predictions) into a list of dicts, one per
+layer, each with at least ``measure``, ``value``, ``higher_is_better``, ``layer`` and ``n``.
+The c-measures add one more line with ``layer = "all"`` when several layers are given: the
+paper's measure over all of them (c1, c3: top-k neurons among all layers; c2, c4: mean of
+the top-k layers per class, eq. 2 and 4).
+
+=================  ===========================================================  ==========
+name               value (context keys)                                         higher is
+                                                                                better
+=================  ===========================================================  ==========
+``c1``             subclass selectivity, eq. 1 (``top_k``, ``subclasses``)      yes
+``c2``             subclass silhouette, eq. 2 (``top_layers``, ``subclasses``)  yes
+``c3``             intraclass variance ratio, eq. 3 (``top_k``, ``classes``)    yes
+``c4``             spread of cosine distances, eq. 4 (``top_layers``,           yes
+                   ``classes``, ``active``)
+``clusters``       misclustered fraction (``k``, ``n_clusters``, ``accuracy``,  no
+                   ``accuracy_cc``, ``accuracy_mc``, ...)
+``label-variation`` normalised label variation (``k``, ``similarity``,          no
+                   ``label_variation``, ``label_variation_normalized``, ...)
+=================  ===========================================================  ==========
+
+Every layer goes through :func:`lcc.analysis.intraclass.neurons` first (conv feature maps
+max-pooled to one value per channel).
+
+>>> from lcc.synthetic import gaussian_mixture
+>>> z, y_super, y = gaussian_mixture(300, 8, 3, 2, separation=3.0, seed=0)
+>>> data = MeasureInput({"fc": z}, y, y_super=y_super)
+>>> lines = run_measures(["c1", "c3"], data, MeasureOptions(top_k=2))
+>>> [(line["measure"], line["layer"], line["top_k"]) for line in lines]
+[('c1', 'fc', 2), ('c3', 'fc', 2)]
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from lcc.analysis import intraclass
+from lcc.errors import LCCInputError, as_label_vector, check_choice, check_k
+
+__all__ = [
+    "DEFAULT_K",
+    "MEASURES",
+    "Measure",
+    "MeasureInput",
+    "MeasureOptions",
+    "parse_measures",
+    "run_measures",
+]
+
+#: k-NN size of each graph measure when ``MeasureOptions.k`` is None.
+DEFAULT_K: dict[str, int] = {"clusters": 5, "label-variation": 10}
+SIMILARITIES: tuple[str, ...] = ("auto", "cosine", "rbf")
+
+
+@dataclass(frozen=True)
+class MeasureInput:
+    """Latents of named layers (each (N, ...)) and labels (N,) of the same samples.
+
+    ``y`` are the class labels. With superclass labels ``y_super`` the set-up is the paper's
+    (sec. 2.2: a model trained on superclasses): c1 and c2 read ``y`` as the subclasses and
+    ``y_super`` as their superclasses, and c3, c4, clusters and label-variation use the
+    model's classes, ``y_super`` (their lines say so with ``"labels": "y_super"``; omit
+    ``y_super`` to measure them on ``y``). ``predictions`` (N,), the model's predicted
+    classes, give ``clusters`` its CC/MC accuracies.
+    """
+
+    layers: Mapping[str, Any]
+    y: Any
+    y_super: Any = None
+    predictions: Any = None
+
+
+@dataclass(frozen=True)
+class MeasureOptions:
+    """Settings shared by the measures; see :data:`MEASURES` for who reads what.
+
+    >>> MeasureOptions(top_k=5).top_k
+    5
+    """
+
+    top_k: int = intraclass.TOP_NEURONS  # c1, c3: neurons per (sub)class
+    top_layers: int = intraclass.TOP_LAYERS  # c2, c4: layers per (sub)class ("all" line)
+    k: int | None = None  # clusters, label-variation: k-NN size (None: DEFAULT_K)
+    method: str = "leiden"  # clusters: graph clustering
+    similarity: str = "auto"  # label-variation: cosine, rbf or auto
+    bandwidth: float | None = None  # label-variation: RBF bandwidth (None: mean sq. distance)
+    normalize: bool = False  # label-variation: D^-1/2 A D^-1/2
+    relu: bool = True  # c2: activations = ReLU(latents)
+    active: float = intraclass.ACTIVE_FRACTION  # c4: fraction of samples left active
+    seed: int = 0  # clusters: clustering seed
+
+
+@dataclass(frozen=True)
+class Measure:
+    """One registered measure: its lines come from ``compute(data, options)``."""
+
+    name: str
+    description: str
+    higher_is_better: bool
+    compute: Callable[[_Prepared, MeasureOptions], list[dict[str, Any]]] = field(repr=False)
+    needs_superclasses: bool = False
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """Validated input: (N, D) neurons per layer and int64 label vectors."""
+
+    layers: dict[str, np.ndarray]
+    y: np.ndarray
+    y_super: np.ndarray | None
+    predictions: np.ndarray | None
+
+    @property
+    def n(self) -> int:
+        return int(self.y.shape[0])
+
+    @property
+    def classes(self) -> np.ndarray:
+        """The model's classes: the superclasses when given (the paper's set-up), else y."""
+        return self.y if self.y_super is None else self.y_super
+
+    @property
+    def labels(self) -> str:
+        """Which input the classes come from: ``"y_super"`` or ``"y"``."""
+        return "y" if self.y_super is None else "y_super"
+
+
+# --------------------------------------------------------------------------- c1-c4
+
+
+def _line(name: str, value: float, layer: str, data: _Prepared, **context: Any) -> dict[str, Any]:
+    return {
+        "measure": name,
+        "value": float(value),
+        "higher_is_better": MEASURES[name].higher_is_better,
+        "layer": layer,
+        "n": data.n,
+        **context,
+    }
+
+
+def _all_layers(data: _Prepared) -> list[str]:
+    return list(data.layers)
+
+
+def _c1(data: _Prepared, options: MeasureOptions) -> list[dict[str, Any]]:
+    parts = {
+        name: intraclass.subclass_selectivity(z, data.y, data.y_super)
+        for name, z in data.layers.items()
+    }
+    return _neuron_lines("c1", parts, "median", "subclasses", data, options)
+
+
+def _c3(data: _Prepared, options: MeasureOptions) -> list[dict[str, Any]]:
+    parts = {
+        name: intraclass.intraclass_variance_ratio(z, data.classes)
+        for name, z in data.layers.items()
+    }
+    return _neuron_lines("c3", parts, "mean", "classes", data, options, labels=data.labels)
+
+
+def _neuron_lines(
+    name: str,
+    parts: dict[str, intraclass.ClassValues],
+    reduce: intraclass.Reduce,
+    count_key: str,
+    data: _Prepared,
+    options: MeasureOptions,
+    **context: Any,
+) -> list[dict[str, Any]]:
+    count = _count(parts)
+    lines = []
+    for layer, part in parts.items():
+        value = intraclass.combine_neurons([part], options.top_k, reduce)
+        top = min(options.top_k, part.values.shape[1])
+        lines.append(_line(name, value, layer, data, top_k=top, **{count_key: count}, **context))
+    if len(parts) > 1:
+        value = intraclass.combine_neurons(list(parts.values()), options.top_k, reduce)
+        total = sum(part.values.shape[1] for part in parts.values())
+        lines.append(
+            _line(
+                name,
+                value,
+                "all",
+                data,
+                layers=_all_layers(data),
+                top_k=min(options.top_k, total),
+                **{count_key: count},
+                **context,
+            )
+        )
+    return lines
+
+
+def _c2(data: _Prepared, options: MeasureOptions) -> list[dict[str, Any]]:
+    parts = {
+        name: intraclass.subclass_silhouette(z, data.y, data.y_super, relu=options.relu)
+        for name, z in data.layers.items()
+    }
+    return _layer_lines(
+        "c2", parts, "median", data, options, subclasses=_count(parts), relu=options.relu
+    )
+
+
+def _c4(data: _Prepared, options: MeasureOptions) -> list[dict[str, Any]]:
+    parts = {
+        name: intraclass.intraclass_distance_ratio(z, data.classes, active=options.active)
+        for name, z in data.layers.items()
+    }
+    context = {"classes": _count(parts), "labels": data.labels, "active": options.active}
+    return _layer_lines("c4", parts, "mean", data, options, **context)
+
+
+def _count(parts: dict[str, intraclass.ClassValues]) -> int:
+    return int(next(iter(parts.values())).labels.size)
+
+
+def _layer_lines(
+    name: str,
+    parts: dict[str, intraclass.ClassValues],
+    reduce: intraclass.Reduce,
+    data: _Prepared,
+    options: MeasureOptions,
+    **context: Any,
+) -> list[dict[str, Any]]:
+    lines = [
+        _line(name, intraclass.combine_layers([part], 1, reduce), layer, data, **context)
+        for layer, part in parts.items()
+    ]
+    if len(parts) > 1:
+        value = intraclass.combine_layers(list(parts.values()), options.top_layers, reduce)
+        top = min(options.top_layers, len(parts))
+        lines.append(
+            _line(name, value, "all", data, layers=_all_layers(data), top_layers=top, **context)
+        )
+    return lines
+
+
+# --------------------------------------------------------------------------- graph measures
+
+
+def _clusters(data: _Prepared, options: MeasureOptions) -> list[dict[str, Any]]:
+    k = options.k if options.k is not None else DEFAULT_K["clusters"]
+    lines = []
+    for layer, z in data.layers.items():
+        out = intraclass.cluster_measure(
+            z, data.classes, data.predictions, k=k, method=options.method, seed=options.seed
+        )
+        value = out["misclustered_fraction"]
+        lines.append(_line("clusters", value, layer, data, **out, labels=data.labels))
+    return lines
+
+
+def _label_variation(data: _Prepared, options: MeasureOptions) -> list[dict[str, Any]]:
+    from lcc.engine.lgg import label_variation_measure
+
+    k = options.k if options.k is not None else DEFAULT_K["label-variation"]
+    lines = []
+    for layer, z in data.layers.items():
+        out = label_variation_measure(
+            z,
+            data.classes,
+            k=k,
+            similarity=options.similarity,
+            bandwidth=options.bandwidth,
+            normalize=options.normalize,
+        )
+        value = out["label_variation_normalized"]
+        lines.append(_line("label-variation", value, layer, data, **out, labels=data.labels))
+    return lines
+
+
+#: Every measure ``lcc measure`` knows, by name.
+MEASURES: dict[str, Measure] = {
+    measure.name: measure
+    for measure in (
+        Measure(
+            "c1",
+            "neuron-level subclass selectivity (eq. 1): median over subclasses of the mean of "
+            "the top-k neurons; needs superclass labels",
+            True,
+            _c1,
+            needs_superclasses=True,
+        ),
+        Measure(
+            "c2",
+            "layer-level subclass silhouette on cosine distances within each superclass "
+            "(eq. 2); needs superclass labels",
+            True,
+            _c2,
+            needs_superclasses=True,
+        ),
+        Measure(
+            "c3",
+            "neuron-level intraclass variance ratio sigma(n, class) / sigma(n, dataset) "
+            "(eq. 3): mean over classes of the mean of the top-k neurons",
+            True,
+            _c3,
+        ),
+        Measure(
+            "c4",
+            "layer-level spread of pairwise cosine distances within a class over the whole "
+            "set (eq. 4), on standardised activations (25% active)",
+            True,
+            _c4,
+        ),
+        Measure(
+            "clusters",
+            "LCC's view: k-NN graph clusters matched to classes; value = misclustered "
+            "fraction, with the model's accuracy on correctly clustered (CC) and "
+            "misclustered (MC) samples when predictions are given",
+            False,
+            _clusters,
+        ),
+        Measure(
+            "label-variation",
+            "label variation of the latent geometry graph (k-NN, cosine or RBF); value = "
+            "normalised label variation (0: no edge joins two classes, 1: every edge does)",
+            False,
+            _label_variation,
+        ),
+    )
+}
+
+#: Measures of ``"auto"``: c1-c4 with superclass labels, else c3 and c4.
+AUTO_HIERARCHICAL: tuple[str, ...] = ("c1", "c2", "c3", "c4")
+AUTO_FLAT: tuple[str, ...] = ("c3", "c4")
+
+
+def parse_measures(text: str | Sequence[str], *, superclasses: bool = False) -> list[str]:
+    """Measure names from ``"c1,c3"`` (or a list); ``"auto"`` is c1-c4 with superclass
+    labels, else c3 and c4. Unknown names raise :class:`LCCInputError`.
+
+    >>> parse_measures("c3, label-variation,c3")
+    ['c3', 'label-variation']
+    >>> parse_measures("auto")
+    ['c3', 'c4']
+    """
+    parts = text.split(",") if isinstance(text, str) else list(text)
+    names: list[str] = []
+    for part in (str(item).strip() for item in parts):
+        if not part:
+            continue
+        if part == "auto":
+            names.extend(AUTO_HIERARCHICAL if superclasses else AUTO_FLAT)
+        elif part in MEASURES:
+            names.append(part)
+        else:
+            raise LCCInputError(f"unknown measure {part!r}; valid: {', '.join(MEASURES)} (or auto)")
+    if not names:
+        raise LCCInputError(f"no measure given; pass names such as c1,c3 ({', '.join(MEASURES)})")
+    return list(dict.fromkeys(names))
+
+
+def run_measures(
+    names: str | Sequence[str],
+    data: MeasureInput,
+    options: MeasureOptions | None = None,
+) -> list[dict[str, Any]]:
+    """The JSON-ready lines of the measures ``names`` on ``data``, in the order given.
+
+    Every input and option is checked before any measure runs, so bad input raises
+    :class:`LCCInputError` without partial results.
+    """
+    options = options or MeasureOptions()
+    prepared = _prepare(data)
+    selected = parse_measures(names, superclasses=prepared.y_super is not None)
+    _validate(selected, prepared, options)
+    lines: list[dict[str, Any]] = []
+    for name in selected:
+        lines.extend(MEASURES[name].compute(prepared, options))
+    return lines
+
+
+def _prepare(data: MeasureInput) -> _Prepared:
+    if not isinstance(data.layers, Mapping) or not data.layers:
+        raise LCCInputError("no layer given; pass at least one layer's latents")
+    layers = {
+        str(name): intraclass.neurons(z, name=f"layer {name}") for name, z in data.layers.items()
+    }
+    first, n = next(iter(layers)), next(iter(layers.values())).shape[0]
+    for name, z in layers.items():
+        if z.shape[0] != n:
+            raise LCCInputError(
+                f"layer {name} has {z.shape[0]} rows but layer {first} has {n}; "
+                "collect every layer on the same samples"
+            )
+    y = as_label_vector(data.y, n)
+    y_super = None if data.y_super is None else as_label_vector(data.y_super, n, name="y_super")
+    predictions = (
+        None
+        if data.predictions is None
+        else as_label_vector(data.predictions, n, name="predictions")
+    )
+    return _Prepared(layers, y, y_super, predictions)
+
+
+def _validate(names: list[str], data: _Prepared, options: MeasureOptions) -> None:
+    if not isinstance(options, MeasureOptions):
+        raise LCCInputError(f"options must be a MeasureOptions, got {type(options).__name__}")
+    intraclass._check_top_k(options.top_k)
+    if isinstance(options.top_layers, bool) or not isinstance(options.top_layers, int):
+        raise LCCInputError(f"top_layers must be a positive integer, got {options.top_layers!r}")
+    if options.top_layers < 1:
+        raise LCCInputError(f"top_layers must be a positive integer, got {options.top_layers}")
+    if np.unique(data.classes).size < 2:
+        raise LCCInputError(
+            f"{data.labels} holds a single class; the measures compare classes, pass >= 2"
+        )
+    needing = [name for name in names if MEASURES[name].needs_superclasses]
+    if needing and data.y_super is None:
+        raise LCCInputError(
+            f"{' and '.join(needing)} {'need' if len(needing) > 1 else 'needs'} superclass "
+            "labels (hierarchical labels: y are the "
+            "subclasses, y_super their superclasses); pass them (lcc measure: --superclass-key "
+            "with a .npz holding them), or measure c3,c4, which need none"
+        )
+    if needing:
+        intraclass._groups(*intraclass._hierarchy(data.y, data.y_super, data.n))
+    if "c4" in names:
+        if not 0.0 < float(options.active) < 1.0:
+            raise LCCInputError(
+                f"active={options.active} must be a fraction strictly between 0 and 1"
+            )
+        counts = np.unique(data.classes, return_counts=True)
+        if (counts[1] < 2).any():
+            label = int(counts[0][counts[1] < 2][0])
+            raise LCCInputError(
+                f"class {label} has a single sample; c4 needs pairs within every class: "
+                "drop it or collect more samples"
+            )
+    graph = [name for name in names if name in DEFAULT_K]
+    for name in graph:
+        check_k(options.k if options.k is not None else DEFAULT_K[name], data.n)
+    if "clusters" in names:
+        from lcc.engine.refresh import CLUSTER_METHODS
+
+        check_choice(options.method, CLUSTER_METHODS, name="method")
+        if isinstance(options.seed, bool) or not isinstance(options.seed, int) or options.seed < 0:
+            raise LCCInputError(f"seed must be a non-negative integer, got {options.seed!r}")
+    if "label-variation" in names:
+        check_choice(options.similarity, SIMILARITIES, name="similarity")
+        if options.bandwidth is not None and not (
+            isinstance(options.bandwidth, (int, float))
+            and math.isfinite(options.bandwidth)
+            and options.bandwidth > 0
+        ):
+            raise LCCInputError(
+                f"bandwidth={options.bandwidth!r} must be a positive number (or None: default)"
+            )

@@ -1,0 +1,430 @@
+"""``lcc measure``: intraclass clustering measures, LCC clusters and label variation per layer.
+
+Reads latents from LATENTS (``.npz`` or ``.safetensors``) or collects them from a model on a
+dataset (``--model``, ``--dataset``, ``--layers``), runs the measures of
+:data:`lcc.analysis.measures.MEASURES` and prints one JSON line per measure and layer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from lcc.cli import HelpFormatter
+from lcc.errors import LCCInputError
+
+DESCRIPTION = """\
+Measure how a classifier's latent spaces cluster: the intraclass clustering measures c1-c4
+(Carbonnelle & De Vleeschouwer, sec. 2), LCC's clusters with the accuracy on correctly
+clustered (CC) and misclustered (MC) samples, and the label variation of the latent
+geometry graph. stdout gets one JSON line per measure and layer, each with at least
+"measure", "value", "higher_is_better", "layer" and "n"; with several layers the c-measures
+add a line with "layer": "all", the paper's value over all of them.
+
+measures (--measure, comma-separated):
+  c1               neuron subclass selectivity (eq. 1): median over subclasses of the mean
+                   of the --top-k most selective neurons; needs superclass labels
+  c2               layer subclass silhouette, cosine distances within each superclass (eq. 2);
+                   needs superclass labels
+  c3               neuron intraclass variance ratio sigma(class) / sigma(dataset) (eq. 3)
+  c4               spread of pairwise cosine distances in a class over the whole set (eq. 4),
+                   on standardised activations (25% active)
+  clusters         k-NN graph clusters matched to classes: value = misclustered fraction, plus
+                   accuracy, accuracy_cc, accuracy_mc when predictions are known
+  label-variation  normalised label variation of the k-NN latent graph (also in the line:
+                   label_variation, label_variation_normalized, k, similarity)
+  auto             c1,c2,c3,c4 when superclass labels are given, else c3,c4
+
+LATENTS keys: z (N, ...) for one layer, or z_<LAYER> for several (the layer is named
+<LAYER>); y (N,) class labels; optional y_super (N,) superclass labels (then y are the
+subclasses for c1 and c2, and c3, c4, clusters and label-variation use y_super, the classes
+the model was trained on, as in the paper) and predictions (N,) the model's predicted classes.
+Conv feature maps (N, C, H, W) are max-pooled to one value per channel (a neuron is a feature
+map). Without LATENTS or --model, a generated example with planted subclasses is measured.
+
+Which layer: c1, c3 and c4 are defined on pre-activations, c2 on activations. Name the
+BatchNorm layer before a ReLU (e.g. features.block1.bn of small-cnn), or a linear layer
+feeding a ReLU (fc1): c2 applies the ReLU itself (--no-relu: as given), c4 standardises.
+`lcc layers MODEL` lists the names.
+
+examples:
+  lcc measure                                            # generated example, c1-c4
+  lcc measure latents.npz --measure c1,c2,c3,c4 --top-k 30 --superclass-key y_super
+  lcc measure latents.npz --measure label-variation --k 10 --similarity cosine
+  lcc measure --model small-cnn --dataset digits --layers features.block1.bn fc1 \\
+      --checkpoint run/model.pt --measure c3,c4,clusters --subset 1000
+"""
+
+
+def register(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the ``measure`` subcommand to ``subparsers``."""
+    from lcc.analysis.intraclass import ACTIVE_FRACTION, TOP_LAYERS, TOP_NEURONS
+    from lcc.engine.refresh import CLUSTER_METHODS
+
+    parser = subparsers.add_parser(
+        "measure",
+        help="measure intraclass clustering, LCC clusters and label variation per layer",
+        description=DESCRIPTION,
+        formatter_class=HelpFormatter,
+    )
+    parser.add_argument(
+        "latents",
+        nargs="?",
+        default=None,
+        metavar="LATENTS",
+        help=".npz or .safetensors file with z or z_<LAYER>, y, optional y_super and "
+        "predictions; None: --model, or a generated example",
+    )
+    parser.add_argument(
+        "--measure",
+        default="auto",
+        metavar="NAMES",
+        help="comma-separated measures: c1, c2, c3, c4, clusters, label-variation, auto",
+    )
+    parser.add_argument(
+        "--layers",
+        nargs="+",
+        default=None,
+        metavar="LAYER",
+        help="with --model: the layers to measure (required); with LATENTS: measure only these "
+        "of its layers; None: every layer in LATENTS",
+    )
+    measures = parser.add_argument_group("measure options")
+    measures.add_argument(
+        "--top-k",
+        type=_positive_int,
+        default=TOP_NEURONS,
+        help="c1, c3: neurons averaged per (sub)class (the paper's k; all when fewer)",
+    )
+    measures.add_argument(
+        "--top-layers",
+        type=_positive_int,
+        default=TOP_LAYERS,
+        help="c2, c4 over several layers: layers averaged per (sub)class (eq. 2, 4)",
+    )
+    measures.add_argument(
+        "--superclass-key",
+        default=None,
+        metavar="KEY",
+        help="key of the superclass labels in LATENTS; None: y_super when present",
+    )
+    measures.add_argument(
+        "--no-relu",
+        dest="relu",
+        action="store_false",
+        default=argparse.SUPPRESS,
+        help="c2: measure the latents as given instead of ReLU(latents) (default: ReLU)",
+    )
+    measures.add_argument(
+        "--active",
+        type=float,
+        default=ACTIVE_FRACTION,
+        help="c4: fraction of samples left active by the bias + ReLU of the standardisation",
+    )
+    measures.add_argument(
+        "--k",
+        type=_positive_int,
+        default=None,
+        help="neighbours of the k-NN graph measures; None: 5 for clusters (as lcc cluster), "
+        "10 for label-variation",
+    )
+    measures.add_argument(
+        "--method",
+        choices=CLUSTER_METHODS,
+        default="leiden",
+        help="clusters: graph clustering method",
+    )
+    measures.add_argument(
+        "--similarity",
+        choices=("auto", "cosine", "rbf"),
+        default="auto",
+        help="label-variation: edge weights; auto: cosine for non-negative latents, else RBF",
+    )
+    measures.add_argument(
+        "--bandwidth",
+        type=float,
+        default=None,
+        help="label-variation: RBF bandwidth h; None: the mean squared pair distance's root",
+    )
+    measures.add_argument(
+        "--normalize",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="label-variation: degree-normalise the graph, D^-1/2 A D^-1/2 (default: off)",
+    )
+    measures.add_argument(
+        "--seed", type=int, default=0, help="seed of the clustering, model init and subsets"
+    )
+    model = parser.add_argument_group("collecting latents from a model (instead of LATENTS)")
+    model.add_argument(
+        "--model",
+        default=None,
+        help="model spec: small-cnn, small-resnet, hf:NAME, timm:NAME, torchvision:NAME",
+    )
+    model.add_argument("--dataset", default=None, help="dataset spec, e.g. digits, fashion-mnist")
+    model.add_argument(
+        "--checkpoint", default=None, help="saved weights to load (None: initial weights)"
+    )
+    model.add_argument(
+        "--split",
+        choices=("train", "test"),
+        default="train",
+        help="samples to measure (the paper measures the training data)",
+    )
+    model.add_argument(
+        "--subset",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="a seeded stratified subset of N samples of the split; None: all",
+    )
+    model.add_argument(
+        "--batch-size", type=_positive_int, default=256, help="batch size of the forward passes"
+    )
+    model.add_argument(
+        "--no-pretrained",
+        action="store_true",
+        help="build external models from their config only (no weight download)",
+    )
+    model.add_argument(
+        "--data-dir", default=None, help="dataset root (None: $LCC_DATA_DIR, else ~/.cache/lcc)"
+    )
+    model.add_argument(
+        "--save-latents",
+        default=None,
+        metavar="OUT.npz",
+        help="also write the collected latents (z_<LAYER>, y, predictions) to this .npz, e.g. "
+        "to add y_super for c1 and c2",
+    )
+    parser.set_defaults(handler=run)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``lcc measure`` with parsed ``args``; returns the exit code."""
+    from lcc.analysis.measures import MeasureOptions, parse_measures, run_measures
+
+    options = MeasureOptions(
+        top_k=args.top_k,
+        top_layers=args.top_layers,
+        k=args.k,
+        method=args.method,
+        similarity=args.similarity,
+        bandwidth=args.bandwidth,
+        normalize=getattr(args, "normalize", False),
+        relu=getattr(args, "relu", True),
+        active=args.active,
+        seed=args.seed,
+    )
+    if args.model is not None:
+        _check_model_args(args)
+        names = parse_measures(args.measure, superclasses=False)
+        _check_flat(names, f"dataset {args.dataset} has no superclass labels")
+        data = collect(args)
+    else:
+        _check_file_args(args)
+        if args.latents is None:
+            data = example(seed=args.seed)
+            unknown = [layer for layer in args.layers or () if layer not in data.layers]
+            if unknown:
+                raise LCCInputError(
+                    f"the generated example has one layer, z, not {unknown[0]!r}; drop --layers "
+                    "or pass LATENTS"
+                )
+        else:
+            data = read_latents(Path(args.latents), args.layers, args.superclass_key)
+    for line in run_measures(args.measure, data, options):
+        print(json.dumps(line), flush=True)
+    return 0
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def read_latents(path: Path, layers: list[str] | None, superclass_key: str | None) -> Any:
+    """A :class:`MeasureInput` from a latents file (key convention: see the help).
+
+    >>> import tempfile, numpy as np
+    >>> path = Path(tempfile.mkdtemp()) / "l.npz"
+    >>> np.savez(path, z_a=np.ones((4, 2)), z_b=np.ones((4, 3)), y=[0, 0, 1, 1])
+    >>> data = read_latents(path, None, None)
+    >>> sorted(data.layers), data.y_super is None
+    (['a', 'b'], True)
+    """
+    from lcc.analysis.measures import MeasureInput
+    from lcc.io import array_keys, load_arrays
+
+    keys = array_keys(path)
+    stored = {_layer_name(key): key for key in keys if key == "z" or key.startswith("z_")}
+    if not stored:
+        raise LCCInputError(
+            f"{path} holds no latents (keys found: {', '.join(keys) or 'none'}); save them "
+            "under z (one layer) or z_<LAYER> (several)"
+        )
+    if layers:
+        missing = [layer for layer in layers if layer not in stored]
+        if missing:
+            raise LCCInputError(
+                f"{path} has no layer {missing[0]!r} (layers: {', '.join(stored)}); "
+                "pass --layers among those, or omit it"
+            )
+        stored = {layer: stored[layer] for layer in dict.fromkeys(layers)}
+    if superclass_key is not None and superclass_key not in keys:
+        raise LCCInputError(
+            f"{path} has no key {superclass_key!r} for --superclass-key (keys found: "
+            f"{', '.join(keys)}); save the superclass labels under it"
+        )
+    if superclass_key is None and "y_super" in keys:
+        superclass_key = "y_super"
+    wanted = [*stored.values(), "y"]
+    if superclass_key is not None:
+        wanted.append(superclass_key)
+    if "predictions" in keys:
+        wanted.append("predictions")
+    arrays = load_arrays(path, tuple(dict.fromkeys(wanted)))
+    return MeasureInput(
+        layers={layer: arrays[key] for layer, key in stored.items()},
+        y=arrays["y"],
+        y_super=arrays.get(superclass_key) if superclass_key is not None else None,
+        predictions=arrays.get("predictions"),
+    )
+
+
+def _layer_name(key: str) -> str:
+    return "z" if key == "z" else key[len("z_") :]
+
+
+def collect(args: argparse.Namespace) -> Any:
+    """Latents of ``args.layers`` of ``args.model`` on ``args.dataset`` (conv maps max-pooled)."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from lcc.analysis.measures import MeasureInput
+    from lcc.io import save_npz_atomic
+    from lcc.zoo.datasets import IndexedDataset, load_dataset
+    from lcc.zoo.latents import check_layer_names, collect_latents
+    from lcc.zoo.models import build_model
+
+    if args.save_latents is not None:
+        _check_out(Path(args.save_latents))
+    train = args.split == "train"
+    bundle = load_dataset(
+        args.dataset,
+        root=args.data_dir,
+        subset=args.subset if train else None,
+        test_subset=None if train else args.subset,
+        seed=args.seed,
+        augment=False,
+    )
+    torch.manual_seed(args.seed)
+    model = build_model(
+        args.model,
+        bundle.num_classes,
+        input_shape=bundle.input_shape,
+        pretrained=not args.no_pretrained,
+        checkpoint=args.checkpoint,
+    )
+    layers = check_layer_names(model, args.layers)
+    dataset = IndexedDataset(bundle.train_plain if train else bundle.test)
+    loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False)
+    latents, y, predictions = collect_latents(model, loader, layers, pool="max")
+    if args.save_latents is not None:
+        arrays = {f"z_{layer}": z for layer, z in latents.items()}
+        save_npz_atomic(args.save_latents, **arrays, y=y, predictions=predictions)
+    return MeasureInput(latents, y, predictions=predictions)
+
+
+def example(n_samples: int = 1200, *, seed: int = 0) -> Any:
+    """A generated example: 4 classes of 3 overlapping subclasses in 32 dimensions.
+
+    ``y`` holds the subclasses and ``y_super`` the classes, so c1-c4 all apply.
+
+    >>> data = example(120)
+    >>> data.layers["z"].shape, int(data.y.max()) + 1, int(data.y_super.max()) + 1
+    ((120, 32), 12, 4)
+    """
+    from lcc.analysis.measures import MeasureInput
+    from lcc.synthetic import gaussian_mixture
+
+    z, classes, subclasses = gaussian_mixture(
+        n_samples, 32, 4, 3, separation=3.0, noise=1.0, intrinsic_dim=16, seed=seed
+    )
+    return MeasureInput({"z": z}, subclasses, y_super=classes)
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _check_model_args(args: argparse.Namespace) -> None:
+    if args.latents is not None:
+        raise LCCInputError(
+            f"pass either LATENTS ({args.latents}) or --model, not both; drop one of them"
+        )
+    missing = [
+        flag
+        for flag, value in (("--dataset", args.dataset), ("--layers", args.layers))
+        if not value
+    ]
+    if missing:
+        raise LCCInputError(
+            f"--model needs {' and '.join(missing)}; e.g. --dataset digits --layers fc1 "
+            "(`lcc layers MODEL` lists the layer names)"
+        )
+    if args.superclass_key is not None:
+        raise LCCInputError(
+            "--superclass-key reads a LATENTS file; with --model, save the latents with "
+            "--save-latents, add the superclass labels to that file and measure it"
+        )
+    if args.save_latents is not None and Path(args.save_latents).suffix.lower() != ".npz":
+        raise LCCInputError(f"--save-latents must name a .npz file, got {args.save_latents}")
+
+
+def _check_file_args(args: argparse.Namespace) -> None:
+    given = [
+        flag
+        for flag, value in (
+            ("--dataset", args.dataset),
+            ("--checkpoint", args.checkpoint),
+            ("--subset", args.subset),
+            ("--data-dir", args.data_dir),
+            ("--save-latents", args.save_latents),
+        )
+        if value is not None
+    ]
+    if given:
+        raise LCCInputError(
+            f"{given[0]} applies to --model only; pass --model MODEL to collect latents, or "
+            "drop it to measure LATENTS"
+        )
+
+
+def _check_flat(names: list[str], why: str) -> None:
+    from lcc.analysis.measures import MEASURES
+
+    needing = [name for name in names if MEASURES[name].needs_superclasses]
+    if needing:
+        raise LCCInputError(
+            f"{' and '.join(needing)} {'need' if len(needing) > 1 else 'needs'} superclass "
+            f"labels and {why}; measure c3,c4 "
+            "here, or pass --save-latents OUT.npz, add y_super (N,) superclass labels to it "
+            "and run `lcc measure OUT.npz --measure c1,c2`"
+        )
+
+
+def _check_out(out: Path) -> None:
+    if not out.parent.is_dir():
+        raise LCCInputError(f"cannot write {out}: directory {out.parent} does not exist")
+    if out.is_dir():
+        raise LCCInputError(f"cannot write {out}: it is a directory; pass a file name")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value

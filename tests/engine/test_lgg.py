@@ -1,0 +1,545 @@
+"""Latent geometry graphs and label variation against loops over the paper's formulas."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from lcc.engine.lgg import (
+    distinct_classes_mask,
+    gkd_distance,
+    label_variation,
+    label_variation_measure,
+    latent_graph,
+    normalize_adjacency,
+    resolve_similarity,
+    similarity_matrix,
+    smoothness,
+)
+from lcc.errors import LCCInputError
+from lcc.synthetic import gaussian_mixture
+
+# ------------------------------------------------------------------------------ oracles
+
+
+def oracle_similarity(z: np.ndarray, kind: str, h: float | None = None) -> np.ndarray:
+    """Sec. 3.3 step 1, one pair at a time: cosine (clamped at 0) or exp(-d^2 / h^2)."""
+    n = len(z)
+    sim = np.zeros((n, n))
+    if kind == "cosine":
+        for i in range(n):
+            for j in range(n):
+                ni, nj = np.linalg.norm(z[i]), np.linalg.norm(z[j])
+                cos = float(z[i] @ z[j]) / (ni * nj) if ni > 0 and nj > 0 else 0.0
+                sim[i, j] = max(cos, 0.0)
+        return sim
+    sq = np.array([[float(np.sum((z[i] - z[j]) ** 2)) for j in range(n)] for i in range(n)])
+    if h is None:
+        h2 = sum(sq[i, j] for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
+    else:
+        h2 = h * h
+    return np.exp(-sq / h2)
+
+
+def oracle_graph(
+    z: np.ndarray,
+    k: int,
+    kind: str,
+    h: float | None = None,
+    normalize: bool = False,
+    allowed: np.ndarray | None = None,
+) -> np.ndarray:
+    """Steps 2-4: k most similar others, union with w_ij = S_ij, then D^-1/2 A D^-1/2."""
+    sim = oracle_similarity(z, kind, h)
+    n = len(z)
+    nearest = []
+    for i in range(n):
+        candidates = [j for j in range(n) if j != i and (allowed is None or allowed[i, j])]
+        candidates.sort(key=lambda j: -sim[i, j])
+        nearest.append(set(candidates[:k]))
+    adjacency = np.zeros((n, n))
+    for i in range(n):
+        for j in range(n):
+            if j in nearest[i] or i in nearest[j]:
+                adjacency[i, j] = sim[i, j]
+    if normalize:
+        degree = adjacency.sum(axis=1)
+        for i in range(n):
+            for j in range(n):
+                if degree[i] > 0 and degree[j] > 0:
+                    adjacency[i, j] /= math.sqrt(degree[i] * degree[j])
+    return adjacency
+
+
+def oracle_variation(adjacency: np.ndarray, y: np.ndarray, normalized: bool = False) -> float:
+    """Eq. 5: sum of A_ij over (ordered) pairs of labelled samples of distinct classes."""
+    across, total = 0.0, 0.0
+    for i in range(len(y)):
+        for j in range(len(y)):
+            if i == j or y[i] < 0 or y[j] < 0:
+                continue
+            total += adjacency[i, j]
+            if y[i] != y[j]:
+                across += adjacency[i, j]
+    if normalized:
+        return across / total if total > 0 else 0.0
+    return across
+
+
+def trace_variation(adjacency: np.ndarray, y: np.ndarray) -> float:
+    """Eq. 5's other side: tr(V^T L V) on the labelled samples, L = D - A."""
+    keep = y >= 0
+    sub = adjacency[np.ix_(keep, keep)].copy()
+    np.fill_diagonal(sub, 0.0)
+    labels = y[keep]
+    classes = np.unique(labels)
+    v = (labels[:, None] == classes[None, :]).astype(float)
+    laplacian = np.diag(sub.sum(axis=1)) - sub
+    return float(np.trace(v.T @ laplacian @ v))
+
+
+def random_case(seed: int, n: int = 24, d: int = 5, signed: bool = True):
+    rng = np.random.default_rng(seed)
+    z = rng.normal(size=(n, d))
+    if not signed:
+        z = np.abs(z)
+    y = rng.integers(0, 3, n)
+    return z, y
+
+
+def planted(separation: float, seed: int = 0, n: int = 90):
+    """Overlapping blobs: 3 classes x 2 sub-clusters (harder the smaller the separation)."""
+    z, y, _ = gaussian_mixture(n, 6, 3, 2, separation=separation, noise=1.0, seed=seed)
+    return z.astype(np.float64), y
+
+
+def t(array: np.ndarray) -> torch.Tensor:
+    return torch.as_tensor(array, dtype=torch.float64)
+
+
+# ------------------------------------------------------------------------------ the graph
+
+
+@pytest.mark.parametrize("kind", ["cosine", "rbf"])
+@pytest.mark.parametrize("bandwidth", [None, 0.7])
+def test_similarity_matches_the_formula(kind: str, bandwidth: float | None) -> None:
+    z, _ = random_case(0, signed=kind == "rbf")
+    got = similarity_matrix(t(z), similarity=kind, bandwidth=bandwidth).numpy()
+    expected = oracle_similarity(z, kind, None if kind == "cosine" else bandwidth)
+    np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_auto_picks_cosine_for_non_negative_latents_and_rbf_otherwise() -> None:
+    z, _ = random_case(1, signed=False)
+    assert resolve_similarity(t(z)) == "cosine"
+    np.testing.assert_allclose(similarity_matrix(t(z)).numpy(), oracle_similarity(z, "cosine"))
+    z[3, 2] = -0.01
+    assert resolve_similarity(t(z)) == "rbf"
+    np.testing.assert_allclose(similarity_matrix(t(z)).numpy(), oracle_similarity(z, "rbf"))
+
+
+def test_forced_cosine_clamps_negative_similarity_and_zero_rows() -> None:
+    z = t(np.array([[1.0, 0.0], [-1.0, 0.1], [0.0, 0.0], [1.0, 1.0]]))
+    sim = similarity_matrix(z, similarity="cosine").numpy()
+    assert sim.min() >= 0.0 and sim[0, 1] == 0.0
+    assert np.all(sim[2] == 0.0)
+    np.testing.assert_allclose(sim, oracle_similarity(z.numpy(), "cosine"))
+
+
+def test_default_bandwidth_makes_rbf_scale_free_and_a_fixed_one_does_not() -> None:
+    z, _ = random_case(2)
+    base = similarity_matrix(t(z), similarity="rbf")
+    torch.testing.assert_close(similarity_matrix(t(3.5 * z), similarity="rbf"), base)
+    fixed = similarity_matrix(t(z), similarity="rbf", bandwidth=2.0)
+    assert not torch.allclose(similarity_matrix(t(3.5 * z), similarity="rbf", bandwidth=2.0), fixed)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("kind", ["cosine", "rbf"])
+@pytest.mark.parametrize("k", [1, 3, 7])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_graph_matches_the_loop(seed: int, kind: str, k: int, normalize: bool) -> None:
+    z, _ = random_case(seed, signed=kind == "rbf")
+    got = latent_graph(t(z), k, similarity=kind, normalize=normalize).numpy()
+    expected = oracle_graph(z, k, kind, normalize=normalize)
+    np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-12)
+    np.testing.assert_array_equal(got, got.T)
+    assert np.all(np.diag(got) == 0)
+    assert np.all((got > 0).sum(axis=1) >= k)  # union: at least k edges per vertex
+
+
+def test_graph_on_planted_data_matches_the_loop_with_a_fixed_bandwidth() -> None:
+    z, _ = planted(2.0)
+    got = latent_graph(t(z), 5, bandwidth=1.5).numpy()
+    np.testing.assert_allclose(got, oracle_graph(z, 5, "rbf", h=1.5), rtol=1e-10, atol=1e-12)
+
+
+def test_mask_restricts_edges_to_allowed_pairs() -> None:
+    z, y = random_case(3)
+    mask = distinct_classes_mask(torch.as_tensor(y))
+    allowed = np.array([[y[i] != y[j] for j in range(len(y))] for i in range(len(y))])
+    np.testing.assert_array_equal(mask.numpy(), allowed)
+    got = latent_graph(t(z), 3, mask=mask).numpy()
+    np.testing.assert_allclose(got, oracle_graph(z, 3, "rbf", allowed=allowed), rtol=1e-10)
+    assert not np.any(got[~allowed])
+    assert not np.allclose(got, latent_graph(t(z), 3).numpy())  # the mask changes the graph
+
+
+def test_distinct_classes_mask_leaves_unlabelled_out() -> None:
+    y = np.array([0, 1, -1, 1, 2])
+    mask = distinct_classes_mask(torch.as_tensor(y)).numpy()
+    for i in range(5):
+        for j in range(5):
+            assert mask[i, j] == (y[i] >= 0 and y[j] >= 0 and y[i] != y[j])
+
+
+def test_normalize_adjacency_matches_the_loop_and_keeps_isolated_vertices() -> None:
+    a = np.array([[0, 2.0, 0, 0], [2.0, 0, 1.0, 0], [0, 1.0, 0, 0], [0, 0, 0, 0]])
+    expected = np.zeros_like(a)
+    degree = a.sum(axis=1)
+    for i in range(4):
+        for j in range(4):
+            if a[i, j]:
+                expected[i, j] = a[i, j] / math.sqrt(degree[i] * degree[j])
+    np.testing.assert_allclose(normalize_adjacency(t(a)).numpy(), expected)
+
+
+# ------------------------------------------------------------------------- label variation
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("normalized", [False, True])
+def test_label_variation_matches_the_pair_sum(seed: int, normalized: bool) -> None:
+    z, y = random_case(seed)
+    adjacency = latent_graph(t(z), 4)
+    got = float(label_variation(adjacency, torch.as_tensor(y), normalized=normalized))
+    assert got == pytest.approx(oracle_variation(adjacency.numpy(), y, normalized), rel=1e-12)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_trace_form_equals_pair_sum(seed: int) -> None:
+    """Eq. 4/5: tr(V^T L V) = sum over ordered distinct-class pairs = 1/2 sum A_ij |v_i-v_j|^2."""
+    z, y = random_case(seed, signed=False)
+    y[seed] = -1
+    adjacency = latent_graph(t(z), 3, normalize=bool(seed % 2)).numpy()
+    got = float(label_variation(t(adjacency), torch.as_tensor(y)))
+    assert got == pytest.approx(trace_variation(adjacency, y), rel=1e-12)
+    keep = y >= 0
+    v = (y[keep][:, None] == np.unique(y[keep])[None, :]).astype(float)
+    sub = adjacency[np.ix_(keep, keep)]
+    half_eq4 = 0.5 * sum(
+        sub[i, j] * np.sum((v[i] - v[j]) ** 2) for i in range(len(v)) for j in range(len(v))
+    )
+    assert got == pytest.approx(half_eq4, rel=1e-12)
+
+
+def test_unlabelled_samples_are_ignored() -> None:
+    z, y = random_case(4)
+    adjacency = latent_graph(t(z), 4)
+    y_partial = y.copy()
+    y_partial[[0, 5, 9]] = -1
+    keep = y_partial >= 0
+    sub = adjacency[keep][:, keep]
+    for normalized in (False, True):
+        got = label_variation(adjacency, torch.as_tensor(y_partial), normalized=normalized)
+        expected = label_variation(sub, torch.as_tensor(y_partial[keep]), normalized=normalized)
+        assert float(got) == pytest.approx(float(expected), rel=1e-12)
+    assert float(label_variation(adjacency, torch.as_tensor(y))) != pytest.approx(
+        float(label_variation(adjacency, torch.as_tensor(y_partial)))
+    )
+
+
+def test_normalized_variation_is_zero_on_separated_classes() -> None:
+    rng = np.random.default_rng(0)
+    z = np.vstack([rng.normal(size=(10, 3)) - 20.0, rng.normal(size=(10, 3)) + 20.0])
+    y = np.repeat([0, 1], 10)
+    adjacency = latent_graph(t(z), 5)
+    assert float(label_variation(adjacency, torch.as_tensor(y), normalized=True)) == 0.0
+    assert float(label_variation(adjacency, torch.as_tensor(y))) == 0.0
+
+
+def test_normalized_variation_is_one_on_a_bipartite_graph() -> None:
+    y = np.repeat([0, 1], 6)
+    rng = np.random.default_rng(1)
+    weights = rng.uniform(0.2, 1.0, size=(6, 6))
+    adjacency = np.zeros((12, 12))
+    adjacency[:6, 6:] = weights
+    adjacency[6:, :6] = weights.T
+    got = label_variation(t(adjacency), torch.as_tensor(y), normalized=True)
+    assert float(got) == pytest.approx(1.0, rel=1e-12)
+    # points on a circle with alternating classes: both nearest neighbours are of the other class
+    angles = np.arange(16) * 2 * np.pi / 16
+    circle = np.stack([np.cos(angles), np.sin(angles)], axis=1)
+    alternating = np.arange(16) % 2
+    graph = latent_graph(t(circle), 2)
+    assert float(label_variation(graph, torch.as_tensor(alternating), normalized=True)) == (
+        pytest.approx(1.0)
+    )
+
+
+def test_planted_separation_orders_label_variation() -> None:
+    values = []
+    for separation in (0.5, 2.0, 6.0):
+        z, y = planted(separation, seed=3)
+        adjacency = latent_graph(t(z), 5)
+        got = float(label_variation(adjacency, torch.as_tensor(y), normalized=True))
+        assert got == pytest.approx(oracle_variation(adjacency.numpy(), y, True), rel=1e-12)
+        values.append(got)
+    assert values[0] > values[1] > values[2]
+    assert values[0] < 1.0
+
+
+def test_smoothness_is_eq_8() -> None:
+    sigmas = [0.9, 0.4, 0.6, 0.1]
+    expected = sum(abs(b - a) for a, b in itertools.pairwise(sigmas))
+    got = smoothness([torch.tensor(s, dtype=torch.float64) for s in sigmas])
+    assert float(got) == pytest.approx(expected)
+
+
+# ------------------------------------------------------------------------------------- GKD
+
+
+def test_gkd_is_zero_for_identical_latents_and_positive_for_a_shuffled_student() -> None:
+    z, _ = random_case(5)
+    teacher = latent_graph(t(z), 4, normalize=True)
+    assert float(gkd_distance(teacher, latent_graph(t(z), 4, normalize=True))) == 0.0
+    shuffled = z[np.random.default_rng(0).permutation(len(z))]
+    assert float(gkd_distance(teacher, latent_graph(t(shuffled), 4, normalize=True))) > 0.1
+
+
+def test_gkd_matches_frobenius_loop_across_dimensions() -> None:
+    rng = np.random.default_rng(6)
+    zt, zs = rng.normal(size=(20, 12)), rng.normal(size=(20, 3))
+    at, as_ = oracle_graph(zt, 4, "rbf", normalize=True), oracle_graph(zs, 4, "rbf", normalize=True)
+    expected = math.sqrt(sum((at[i, j] - as_[i, j]) ** 2 for i in range(20) for j in range(20)))
+    got = gkd_distance(
+        latent_graph(t(zt), 4, normalize=True), latent_graph(t(zs), 4, normalize=True)
+    )
+    assert float(got) == pytest.approx(expected, rel=1e-10)
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_gkd_is_invariant_to_rescaling_either_latent_space(signed: bool) -> None:
+    zt, _ = random_case(7, signed=signed)
+    zs, _ = random_case(8, signed=signed)
+    base = float(
+        gkd_distance(latent_graph(t(zt), 4, normalize=True), latent_graph(t(zs), 4, normalize=True))
+    )
+    for ct, cs in ((5.0, 1.0), (1.0, 0.2), (3.0, 7.0)):
+        got = gkd_distance(
+            latent_graph(t(ct * zt), 4, normalize=True), latent_graph(t(cs * zs), 4, normalize=True)
+        )
+        assert float(got) == pytest.approx(base, rel=1e-10)
+
+
+def test_degree_normalisation_removes_a_global_weight_scale() -> None:
+    zt, _ = random_case(9)
+    zs, _ = random_case(10)
+    at, as_ = latent_graph(t(zt), 4), latent_graph(t(zs), 4)
+    normalised = float(gkd_distance(normalize_adjacency(at), normalize_adjacency(as_)))
+    scaled = float(gkd_distance(normalize_adjacency(4.0 * at), normalize_adjacency(as_)))
+    assert scaled == pytest.approx(normalised, rel=1e-10)
+    assert float(gkd_distance(4.0 * at, as_)) != pytest.approx(float(gkd_distance(at, as_)))
+
+
+def test_gkd_mask_restricts_the_sum() -> None:
+    zt, y = random_case(11)
+    zs, _ = random_case(12)
+    at, as_ = latent_graph(t(zt), 4, normalize=True), latent_graph(t(zs), 4, normalize=True)
+    mask = distinct_classes_mask(torch.as_tensor(y))
+    m = mask.numpy()
+    diff = (at - as_).numpy()
+    expected = math.sqrt(sum(diff[i, j] ** 2 for i in range(24) for j in range(24) if m[i, j]))
+    assert float(gkd_distance(at, as_, mask=mask)) == pytest.approx(expected, rel=1e-10)
+    assert float(gkd_distance(at, as_)) > expected
+
+
+# ------------------------------------------------------------------------------- gradients
+
+
+def _stable_point(seed: int, n: int = 10, d: int = 4, signed: bool = True) -> torch.Tensor:
+    z, _ = random_case(seed, n=n, d=d, signed=signed)
+    if not signed:
+        z = z + 0.1
+    return t(z).requires_grad_(True)
+
+
+@pytest.mark.parametrize(
+    ("kind", "bandwidth", "normalize", "normalized"),
+    [
+        ("cosine", None, False, False),
+        ("cosine", None, True, True),
+        ("rbf", None, False, False),
+        ("rbf", None, True, True),
+        ("rbf", 1.3, False, True),
+    ],
+)
+def test_label_variation_gradients(kind, bandwidth, normalize, normalized) -> None:
+    z = _stable_point(20, signed=kind == "rbf")
+    y = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, -1, 2])
+
+    def loss(latents: torch.Tensor) -> torch.Tensor:
+        adjacency = latent_graph(
+            latents, 3, similarity=kind, bandwidth=bandwidth, normalize=normalize
+        )
+        return label_variation(adjacency, y, normalized=normalized)
+
+    assert torch.autograd.gradcheck(loss, (z,), eps=1e-6, atol=1e-6)
+
+
+def test_smoothness_gradients() -> None:
+    layers = [_stable_point(s, d=3 + s % 3) for s in (30, 31, 32)]
+    y = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 1, 2])
+
+    def loss(*latents: torch.Tensor) -> torch.Tensor:
+        return smoothness(
+            [label_variation(latent_graph(z, 3), y, normalized=True) for z in latents]
+        )
+
+    assert torch.autograd.gradcheck(loss, tuple(layers), eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("distinct", [False, True])
+def test_gkd_gradients(distinct: bool) -> None:
+    teacher = _stable_point(40, d=6).detach()
+    student = _stable_point(41, d=3)
+    y = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 1, 2])
+    mask = distinct_classes_mask(y) if distinct else None
+    target = latent_graph(teacher, 3, normalize=True, mask=mask)
+
+    def loss(latents: torch.Tensor) -> torch.Tensor:
+        return gkd_distance(target, latent_graph(latents, 3, normalize=True, mask=mask))
+
+    assert torch.autograd.gradcheck(loss, (student,), eps=1e-6, atol=1e-6)
+
+
+def test_gkd_gradient_is_zero_not_nan_at_a_perfect_match() -> None:
+    z = _stable_point(42)
+    target = latent_graph(z.detach(), 3, normalize=True)
+    gkd_distance(target, latent_graph(z, 3, normalize=True)).backward()
+    assert z.grad is not None and torch.all(z.grad == 0)
+
+
+# --------------------------------------------------------------------------------- measure
+
+
+@pytest.mark.parametrize("signed", [False, True])
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("bandwidth", [None, 2.0])
+def test_measure_equals_the_dense_computation(signed, normalize, bandwidth) -> None:
+    z, y = random_case(50, n=80, d=6, signed=signed)
+    y[[3, 17]] = -1
+    out = label_variation_measure(z, y, k=5, bandwidth=bandwidth, normalize=normalize)
+    adjacency = latent_graph(t(z), 5, bandwidth=bandwidth, normalize=normalize)
+    labels = torch.as_tensor(y)
+    assert out["label_variation"] == pytest.approx(float(label_variation(adjacency, labels)))
+    assert out["label_variation_normalized"] == pytest.approx(
+        float(label_variation(adjacency, labels, normalized=True))
+    )
+    assert out["n"] == 80 and out["k"] == 5 and out["labeled"] == 78 and out["classes"] == 3
+    assert out["similarity"] == ("rbf" if signed else "cosine")
+    assert out["edges"] == int((adjacency > 0).sum()) // 2
+    if signed:
+        sq = oracle_similarity(z, "rbf", 1.0)
+        mean_sq = -np.log(sq)[~np.eye(80, dtype=bool)].mean()
+        assert out["bandwidth"] == pytest.approx(bandwidth or math.sqrt(mean_sq))
+    else:
+        assert out["bandwidth"] is None
+
+
+def test_measure_on_planted_float32_data_and_forced_similarity() -> None:
+    z, y, _ = gaussian_mixture(300, 16, 4, 2, separation=3.0, seed=1)
+    for kind in ("cosine", "rbf"):
+        out = label_variation_measure(z, y, k=8, similarity=kind)
+        dense = latent_graph(t(z.astype(np.float64)), 8, similarity=kind)
+        expected = float(label_variation(dense, torch.as_tensor(y), normalized=True))
+        assert out["similarity"] == kind
+        assert out["label_variation_normalized"] == pytest.approx(expected, rel=1e-9)
+
+
+def test_measure_with_an_all_zero_row_matches_dense() -> None:
+    z, y = random_case(51, n=30, signed=False)
+    z[4] = 0.0
+    out = label_variation_measure(z, y, k=4, normalize=True)
+    dense = latent_graph(t(z), 4, normalize=True)
+    assert out["label_variation"] == pytest.approx(
+        float(label_variation(dense, torch.as_tensor(y)))
+    )
+
+
+def test_measure_options_change_the_result() -> None:
+    z, y = planted(1.5, seed=5, n=120)
+    base = label_variation_measure(z, y, k=5)
+    assert base["label_variation"] != label_variation_measure(z, y, k=9)["label_variation"]
+    assert (
+        base["label_variation"]
+        != (label_variation_measure(z, y, k=5, normalize=True)["label_variation"])
+    )
+    assert (
+        base["label_variation"]
+        != (label_variation_measure(z, y, k=5, bandwidth=0.3)["label_variation"])
+    )
+    shifted = z - z.min() + 0.1  # non-negative: auto switches to cosine
+    assert label_variation_measure(shifted, y, k=5)["similarity"] == "cosine"
+
+
+# --------------------------------------------------------------------------- dtype, device
+
+
+def test_half_precision_is_computed_in_float32() -> None:
+    z, _ = random_case(60)
+    half = torch.as_tensor(z, dtype=torch.float16)
+    adjacency = latent_graph(half, 4)
+    assert adjacency.dtype == torch.float32
+    reference = latent_graph(half.float(), 4)
+    torch.testing.assert_close(adjacency, reference)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu() -> None:
+    z, y = random_case(61)
+    cpu = label_variation(latent_graph(t(z), 4, normalize=True), torch.as_tensor(y))
+    gpu = label_variation(latent_graph(t(z).cuda(), 4, normalize=True), torch.as_tensor(y).cuda())
+    assert gpu.device.type == "cuda"
+    assert float(gpu) == pytest.approx(float(cpu), rel=1e-10)
+
+
+# ------------------------------------------------------------------------------ bad input
+
+
+def test_bad_inputs_raise_lcc_input_error() -> None:
+    z, y = random_case(70, n=6)
+    zt = t(z)
+    bad = zt.clone()
+    bad[1, 1] = float("nan")
+    cases = [
+        lambda: latent_graph(bad, 2),
+        lambda: latent_graph(zt, 6),
+        lambda: latent_graph(zt, 0),
+        lambda: latent_graph(zt, 2, similarity="euclid"),
+        lambda: latent_graph(zt, 2, bandwidth=0.0),
+        lambda: latent_graph(zt, 2, bandwidth=float("nan")),
+        lambda: latent_graph(zt, 2, mask=torch.ones(3, 3, dtype=torch.bool)),
+        lambda: latent_graph(zt[:1], 1),
+        lambda: latent_graph(torch.arange(12).reshape(6, 2), 2),
+        lambda: similarity_matrix(np.ones((4, 2))),
+        lambda: label_variation(torch.ones(3, 4), torch.zeros(3, dtype=torch.long)),
+        lambda: label_variation(torch.ones(6, 6), torch.zeros(5, dtype=torch.long)),
+        lambda: label_variation(torch.ones(6, 6), torch.zeros(6)),
+        lambda: label_variation(torch.ones(6, 6), torch.full((6,), -2)),
+        lambda: smoothness([torch.tensor(1.0)]),
+        lambda: gkd_distance(torch.ones(3, 3), torch.ones(4, 4)),
+        lambda: gkd_distance(torch.ones(3, 3), torch.ones(3, 3), mask=torch.ones(2, 2)),
+        lambda: label_variation_measure(z, y, k=6),
+        lambda: label_variation_measure(z, y[:5]),
+        lambda: label_variation_measure(z, y, k=2, similarity="l2"),
+        lambda: label_variation_measure(np.where(z > 0, np.nan, z), y, k=2),
+        lambda: label_variation_measure(z, y.astype(float) + 0.5, k=2),
+    ]
+    for case in cases:
+        with pytest.raises(LCCInputError):
+            case()
