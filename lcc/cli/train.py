@@ -82,6 +82,10 @@ METAVARS = {
     "devices": "N",
     "num_workers": "N",
     "out": "DIR",
+    "labeled_fraction": "F",
+    "labels_per_class": "N",
+    "unlabeled": "DATASET",
+    "labeled_ratio": "R",
 }
 GROUPS = {
     "run": "run",

@@ -182,6 +182,37 @@ class TrainConfig:
         shown="all",
         group="data",
     )
+    labeled_fraction: float | None = _option(
+        None,
+        "keep the labels of a stratified, seeded fraction (0, 1] of the training set; the rest "
+        "is trained on unlabelled (cross-entropy and LCC-family terms see labelled samples only)",
+        kind="float?",
+        shown="all labelled",
+        group="data",
+    )
+    labels_per_class: int | None = _option(
+        None,
+        "keep the labels of this many training samples per class (stratified, seeded); the "
+        "rest is unlabelled",
+        kind="int?",
+        shown="all labelled",
+        group="data",
+    )
+    unlabeled: str | None = _option(
+        None,
+        "add an unlabelled set: a DATASET spec (its labels are ignored) or a folder of images "
+        "without classes; images must have the training set's shape",
+        kind="str?",
+        shown="none",
+        group="data",
+    )
+    labeled_ratio: float = _option(
+        0.5,
+        "share of labelled samples in each batch when some are unlabelled (an epoch is one "
+        "pass over the larger of the two sets)",
+        kind="float",
+        group="data",
+    )
     test_subset: int | None = _option(
         None,
         "use a seeded stratified subset of this many test samples",
@@ -248,7 +279,15 @@ class TrainConfig:
         ):
             if getattr(self, name) < low:
                 raise LCCInputError(f"{_flag(name)} must be >= {low}, got {getattr(self, name)}")
-        for name in ("pca", "subset", "test_subset", "policy_size"):
+        if self.labeled_fraction is not None and not 0 < self.labeled_fraction <= 1:
+            raise LCCInputError(
+                f"--labeled-fraction must be in (0, 1], got {self.labeled_fraction}"
+            )
+        if self.labeled_fraction is not None and self.labels_per_class is not None:
+            raise LCCInputError("pass --labeled-fraction or --labels-per-class, not both")
+        if not 0 < self.labeled_ratio <= 1:
+            raise LCCInputError(f"--labeled-ratio must be in (0, 1], got {self.labeled_ratio}")
+        for name in ("pca", "subset", "test_subset", "policy_size", "labels_per_class"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise LCCInputError(f"{_flag(name)} must be a positive integer, got {value}")

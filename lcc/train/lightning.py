@@ -176,14 +176,35 @@ class _Shard(Dataset):
         return int(self.rows.shape[0])
 
     def __getitem__(self, position: int) -> tuple[Any, Any, int]:
-        x, y = self.dataset[int(self.rows[position])]
-        return x, y, int(position)
+        item = self.dataset[int(self.rows[position])]
+        return item[0], item[1], int(position)
 
     def __getitems__(self, positions: Sequence[int]) -> list[tuple[Any, Any, int]]:
         fetch = getattr(self.dataset, "__getitems__", None)
         rows = [int(self.rows[p]) for p in positions]
-        pairs = fetch(rows) if fetch else [self.dataset[r] for r in rows]
-        return [(x, y, int(p)) for (x, y), p in zip(pairs, positions, strict=True)]
+        items = fetch(rows) if fetch else [self.dataset[r] for r in rows]
+        return [(item[0], item[1], int(p)) for item, p in zip(items, positions, strict=True)]
+
+
+class _EpochBatches(Sampler[list[int]]):
+    """A batch sampler whose order depends only on ``(seed, epoch)``: sets the epoch of
+    ``batches`` and seeds the global RNGs from ``(seed, epoch, rank)`` when iteration starts
+    (exact resume, as :class:`EpochSampler` with ``reseed=True``)."""
+
+    def __init__(self, batches: Any, *, seed: int, rank: int, epoch_fn: Callable[[], int]):
+        self.batches, self.seed, self.rank, self.epoch_fn = batches, seed, rank, epoch_fn
+
+    def set_epoch(self, epoch: int) -> None:  # Lightning calls it; the epoch comes from epoch_fn
+        pass
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        epoch = int(self.epoch_fn())
+        self.batches.set_epoch(epoch)
+        seed_rngs(epoch_seed(self.seed, epoch, self.rank))
+        yield from self.batches
 
 
 class LCCDataModule(pl.LightningDataModule):
@@ -194,10 +215,21 @@ class LCCDataModule(pl.LightningDataModule):
     ``(x, y)``, sharded without padding under DDP (metrics are summed exactly over ranks).
     """
 
-    def __init__(self, bundle: Any, *, batch_size: int = 128, num_workers: int = 0, seed: int = 0):
+    def __init__(
+        self,
+        bundle: Any,
+        *,
+        batch_size: int = 128,
+        num_workers: int = 0,
+        seed: int = 0,
+        train: Any = None,
+        labeled_ratio: float = 0.5,
+    ):
         super().__init__()
         self.bundle = bundle
         self.batch_size, self.num_workers, self.seed = int(batch_size), int(num_workers), int(seed)
+        self.train = train  # a lcc.zoo.labels.MaskedLabels: labelled and unlabelled batches
+        self.labeled_ratio = float(labeled_ratio)
 
     def _rank_world(self) -> tuple[int, int]:
         trainer = self.trainer
@@ -213,6 +245,8 @@ class LCCDataModule(pl.LightningDataModule):
             # the epoch being started, also while Lightning prefetches right after a resume
             return int(trainer.fit_loop.epoch_progress.current.processed) if trainer else 0
 
+        if self.train is not None:
+            return self._mixed_dataloader(rank, world, epoch)
         sampler = EpochSampler(
             len(self.bundle.train),
             seed=self.seed,
@@ -225,6 +259,25 @@ class LCCDataModule(pl.LightningDataModule):
             IndexedDataset(self.bundle.train),
             batch_size=self.batch_size,
             sampler=sampler,
+            num_workers=self.num_workers,
+            persistent_workers=False,
+        )
+
+    def _mixed_dataloader(self, rank: int, world: int, epoch: Callable[[], int]) -> DataLoader:
+        from lcc.zoo.labels import MixedBatchSampler
+
+        batches = MixedBatchSampler(
+            self.train.labeled_indices,
+            self.train.unlabeled_indices,
+            self.batch_size,
+            ratio=self.labeled_ratio,
+            seed=self.seed,
+            num_replicas=world,
+            rank=rank,
+        )
+        return DataLoader(
+            self.train,
+            batch_sampler=_EpochBatches(batches, seed=self.seed, rank=rank, epoch_fn=epoch),
             num_workers=self.num_workers,
             persistent_workers=False,
         )
@@ -406,7 +459,7 @@ class LCCModule(pl.LightningModule):
         self._epoch_start = self._epoch_cpu_start = 0.0
         self._refresh_seconds = 0.0
         self._refresh_stats: dict[str, Any] | None = None
-        self._sums = np.zeros(5)  # loss*B, ce*B, reg*B, correct, count
+        self._sums = np.zeros(6)  # loss*B, ce*B, reg*B, correct, count, labelled
         self._term_sums: dict[str, float] = {}
         self._seen = np.zeros(self.n_train, dtype=bool)
 
@@ -427,11 +480,12 @@ class LCCModule(pl.LightningModule):
             self.regularisation.to(self.device)
 
     def configure_optimizers(self) -> Any:
-        parameters = list(self.model.parameters())
-        if self.regularisation is not None:
-            parameters += list(self.regularisation.parameters())
+        groups: list[dict[str, Any]] = [{"params": list(self.model.parameters())}]
+        own = [] if self.regularisation is None else list(self.regularisation.parameters())
+        if own:  # e.g. k-means centroids: no weight decay pulling them towards 0
+            groups.append({"params": own, "weight_decay": 0.0})
         optimizer = torch.optim.SGD(
-            parameters,
+            groups,
             lr=self.lr,
             momentum=self.momentum,
             weight_decay=self.weight_decay,
@@ -501,6 +555,7 @@ class LCCModule(pl.LightningModule):
             float(term.detach()) * size,
             correct,
             size,
+            int(labelled.sum()),
         )
         self._seen[index.detach().cpu().numpy()] = True
         if self._trainer is not None:
@@ -509,6 +564,19 @@ class LCCModule(pl.LightningModule):
 
     def _world(self) -> int:
         return 1 if self._trainer is None else int(self.trainer.world_size)
+
+    def on_after_backward(self) -> None:
+        """DDP: the regularisers' own parameters live outside the wrapped model, so average
+        their gradients across processes here."""
+        dist = _dist()
+        if dist is None or self.regularisation is None:
+            return
+        world = dist.get_world_size()
+        for parameter in self.regularisation.parameters():
+            if parameter.grad is None:
+                parameter.grad = torch.zeros_like(parameter)
+            dist.all_reduce(parameter.grad)
+            parameter.grad /= world
 
     def on_train_epoch_end(self) -> None:
         epoch = int(self.current_epoch)
@@ -521,16 +589,16 @@ class LCCModule(pl.LightningModule):
         if self.regularisation is not None and self._world() > 1:
             self._merge_recorded(epoch)
         keys = list(self._term_sums)
-        loss, ce, term, correct, count, *terms = _all_reduce_sum(
+        loss, ce, term, correct, count, labelled, *terms = _all_reduce_sum(
             [*self._sums, *(self._term_sums[key] for key in keys)]
         )
-        count = max(count, 1.0)
+        count, labelled = max(count, 1.0), max(labelled, 1.0)
         record: dict[str, Any] = {
             "epoch": epoch,
             "loss": loss / count,
             "ce": ce / count,
             "lcc": term / count,
-            "train_top1": correct / count,
+            "train_top1": correct / labelled,
             "seconds": time.perf_counter() - self._epoch_start,
             "cpu_seconds": time.process_time() - self._epoch_cpu_start,
             "refresh_seconds": self._refresh_seconds,
@@ -629,9 +697,12 @@ class LCCModule(pl.LightningModule):
             raise LCCInputError(
                 "the fresh latent pass needs refresh_data (the non-augmented training set)"
             )
-        dataset: Dataset = (
-            IndexedDataset(self.refresh_data) if rows is None else _Shard(self.refresh_data, rows)
-        )
+        if rows is not None:
+            dataset: Dataset = _Shard(self.refresh_data, rows)
+        elif getattr(self.refresh_data, "yields_index", False):
+            dataset = self.refresh_data  # already (x, y, index), e.g. lcc.zoo.labels.MaskedLabels
+        else:
+            dataset = IndexedDataset(self.refresh_data)
         return DataLoader(
             dataset,
             batch_size=self.refresh_batch_size,
@@ -829,9 +900,12 @@ def _json_value(value: Any) -> Any:
 
 def _epoch_line(record: dict[str, Any], max_epochs: int | None) -> str:
     total = f"/{max_epochs}" if max_epochs else ""
+    terms = record.get("terms")
+    named = ", ".join(f"{key} {value:.4f}" for key, value in terms.items()) if terms else ""
+    regs = f"reg {record['lcc']:.4f} = weighted {named}" if terms else f"LCC {record['lcc']:.4f}"
     text = (
         f"epoch {record['epoch'] + 1}{total}: loss {record['loss']:.4f} "
-        f"(CE {record['ce']:.4f}, LCC {record['lcc']:.4f}), train top-1 "
+        f"(CE {record['ce']:.4f}, {regs}), train top-1 "
         f"{100 * record['train_top1']:.2f}%, {record['seconds']:.1f} s"
     )
     if record.get("refresh"):

@@ -296,6 +296,38 @@ def _loggers(out: Path, resume_from: Path | None = None) -> list[Any]:
     return loggers
 
 
+def _labelled_split(config: TrainConfig, bundle: Any, out: Path, rank: int) -> Any:
+    """With --labeled-fraction / --labels-per-class / --unlabeled: the training set and the
+    non-augmented one as :class:`lcc.zoo.labels.MaskedLabels` (label -1 = unlabelled); None
+    otherwise. The split is saved in ``DIR/split.npz`` and reused when the run is resumed."""
+    from lcc.zoo.labels import MaskedLabels, UnlabeledImages, load_split, save_split, split_labeled
+
+    fraction, per_class = config.labeled_fraction, config.labels_per_class
+    if fraction is None and per_class is None and not config.unlabeled:
+        return None
+    saved = out / "split.npz"
+    n = len(bundle.train)
+    if config.resume and saved.is_file():
+        mask = load_split(saved, n_samples=n)
+    elif fraction is not None or per_class is not None:
+        targets = np.asarray(bundle.targets)
+        mask = split_labeled(targets, fraction=fraction, per_class=per_class, seed=config.seed)
+    else:
+        mask = np.ones(n, dtype=bool)
+    extra = None
+    if config.unlabeled:
+        extra = UnlabeledImages.load(
+            config.unlabeled, bundle, root=config.data_dir, seed=config.seed
+        )
+    train = MaskedLabels(bundle.train, mask, extra)
+    plain = MaskedLabels(
+        bundle.train_plain, mask, None if extra is None else extra.without_augmentation()
+    )
+    if rank == 0:
+        save_split(saved, mask)
+    return train, plain
+
+
 def _build(
     config: TrainConfig, bundle: Any, out: Path, rank: int, report: bool
 ) -> tuple[Any, Any, TrainConfig, Any]:
@@ -322,6 +354,11 @@ def _build(
             f"dataset {config.dataset} has {n_train} training and {n_test} test samples; "
             "both must be non-empty"
         )
+    split = _labelled_split(config, bundle, out, rank)
+    train_set = bundle.train if split is None else split[0]
+    plain_set = bundle.train_plain if split is None else split[1]
+    targets = np.asarray(bundle.targets if split is None else train_set.targets)
+    n_train = len(train_set)
     torch.manual_seed(config.seed)
     model = build_model(
         config.model or "",
@@ -340,7 +377,7 @@ def _build(
         read = [name for reg in regularisers for name in reg.layers if name != OUTPUT]
         probe_layers(model, list(dict.fromkeys(read)), sample)
         for reg in regularisers:
-            reg.check_labels(np.asarray(bundle.targets))
+            reg.check_labels(targets)
 
     module = LCCModule(
         model,
@@ -354,15 +391,24 @@ def _build(
         lr=config.lr,
         momentum=config.momentum,
         weight_decay=config.weight_decay,
-        refresh_data=bundle.train_plain,
+        refresh_data=plain_set,
         refresh_batch_size=config.batch_size,  # fits; larger was slower on CPU (LCCModule)
         num_workers=config.num_workers,
         out_dir=out,
         save_latents=config.save_latents,
         report=report,
     )
+    module.data_counts = {  # type: ignore[attr-defined]
+        "n_labeled": int(np.sum(targets >= 0)),
+        "n_unlabeled": int(np.sum(targets < 0)),
+    }
     data = LCCDataModule(
-        bundle, batch_size=config.batch_size, num_workers=config.num_workers, seed=config.seed
+        bundle,
+        batch_size=config.batch_size,
+        num_workers=config.num_workers,
+        seed=config.seed,
+        train=None if split is None else train_set,
+        labeled_ratio=config.labeled_ratio,
     )
     if rank == 0:
         save_config(config, out / "config.yaml")
@@ -471,6 +517,7 @@ def _metrics(
         "source": None if config.no_lcc else config.source,
         "epochs": config.epochs,
         "n_train": len(bundle.train),
+        **getattr(module, "data_counts", {}),
         "n_test": len(bundle.test),
         "devices": world,
         **module.test_metrics,

@@ -241,6 +241,9 @@ class MaskedLabels(Dataset):
     sample unlabelled. ``index`` is the position in this combined dataset.
     """
 
+    #: items are already ``(x, y, index)`` (the trainer does not wrap it in IndexedDataset)
+    yields_index = True
+
     def __init__(self, dataset: Any, labeled_mask: np.ndarray, unlabeled: Any = None):
         mask = np.asarray(labeled_mask)
         if mask.dtype != bool or mask.shape != (len(dataset),):
