@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from lcc.engine.lgg import distinct_classes_mask, gkd_distance, latent_graph
 from lcc.errors import LCCInputError, check_choice
 from lcc.regularisers.base import OUTPUT, Batch, Regulariser, option
-from lcc.regularisers.label_variation import LGGOptions, attached_zero, check_flag
+from lcc.regularisers.label_variation import GraphOptions, attached_zero, check_flag
 from lcc.zoo.latents import POOLS, LatentRecorder, check_layer_names, first_tensor
 
 __all__ = ["GraphDistillation", "GraphDistillationOptions"]
@@ -66,8 +66,8 @@ def _check_pairs(teacher_layers: Sequence[str], layers: Sequence[str]) -> None:
 
 
 @dataclass
-class GraphDistillationOptions(LGGOptions):
-    """Options of :class:`GraphDistillation` (graph options shared with label variation)."""
+class GraphDistillationOptions(GraphOptions):
+    """Options of :class:`GraphDistillation`: the graph options, the teacher and its layers."""
 
     teacher: str = option(
         "", "teacher: model spec (small-resnet, hf:NAME, ...) or a checkpoint naming its model"

@@ -239,6 +239,7 @@ def test_help_and_registry() -> None:
     text = regulariser_help("gkd")
     for name in ("teacher", "teacher_checkpoint", "teacher_layers", "distinct_classes", "k"):
         assert f"  {name} " in text
+    assert "  normalized " not in text  # no label variation in GKD
     reg = build_regulariser("gkd:teacher=small-cnn,teacher_layers=act1,fc1,layers=a,b,w=0.5")
     assert reg.teacher_layers == ("act1", "fc1") and reg.layers == ("a", "b")
     assert reg.weight == 0.5 and reg.options.normalize is True
