@@ -242,12 +242,9 @@ class GraphDistillation(Regulariser):
             check_layer_names(teacher, hooked)
         teacher.eval()
         teacher.requires_grad_(False)
-        for recorder in self._recorder:
-            recorder.detach()
         self._recorder[:] = []
-        if hooked:
-            pool = self.options.teacher_pool
-            self._recorder.append(LatentRecorder(teacher, hooked, pool=pool).attach())
+        if hooked:  # hooks live only during the teacher's forward (copies stay independent)
+            self._recorder.append(LatentRecorder(teacher, hooked, pool=self.options.teacher_pool))
         self._bound = True
 
     def _teacher_latents(self, x: object) -> dict[str, Tensor]:
@@ -262,13 +259,16 @@ class GraphDistillation(Regulariser):
             teacher.to(device)
             self._device[:] = [device]
         recorder = self._recorder[0] if self._recorder else None
-        if recorder is not None:
-            recorder.clear()
+        outputs: dict[str, Tensor] = {}
         with torch.no_grad():
-            logits = first_tensor(_call(teacher, x), "teacher output")
-            outputs = dict(recorder.outputs) if recorder is not None else {}
-        if recorder is not None:
-            recorder.clear()
+            if recorder is None:
+                logits = first_tensor(_call(teacher, x), "teacher output")
+            else:
+                recorder.clear()
+                with recorder:
+                    logits = first_tensor(_call(teacher, x), "teacher output")
+                outputs = dict(recorder.outputs)
+                recorder.clear()
         outputs[OUTPUT] = logits.reshape(logits.shape[0], -1)
         missing = [name for name in self.teacher_layers if name not in outputs]
         if missing:

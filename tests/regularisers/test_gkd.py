@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import pickle
 
 import numpy as np
 import pytest
@@ -102,6 +103,19 @@ def test_teacher_is_frozen_and_outside_parameters_and_state_dict() -> None:
     for key, value in teacher.state_dict().items():
         torch.testing.assert_close(value, before[key])
     assert "teacher=Sequential" in reg.describe()
+
+
+def test_copies_and_pickles_keep_working_and_leave_no_hooks_on_the_teacher() -> None:
+    teacher, student = mlp(13), mlp(14)
+    x, y = inputs(7)
+    batch = student_batch(student, ["1"], x, y)
+    reg = GraphDistillation(teacher=teacher, teacher_layers=["3"], layers=["1"], k=4)
+    reg.bind(student, num_classes=3)
+    expected = reg(batch).item()
+    assert not teacher._forward_hooks and not teacher[3]._forward_hooks
+    for clone in (copy.deepcopy(reg), pickle.loads(pickle.dumps(reg))):
+        assert clone.teacher is not teacher
+        assert clone(batch).item() == pytest.approx(expected, rel=1e-12)
 
 
 def test_distinct_classes_builds_graphs_between_classes_of_labelled_rows() -> None:
