@@ -203,7 +203,8 @@ class GraphDistillation(Regulariser):
         """Build (or adopt) the frozen teacher and validate its layers."""
         if not self._teacher:
             self._teacher.append(self._build_teacher(num_classes, sample))
-        self._setup()
+        if self.layers:  # else the trainer's default layers come later: checked at first batch
+            self._setup()
 
     def _build_teacher(self, num_classes: int, sample: Any) -> nn.Module:
         from lcc.zoo.models import build_model

@@ -118,6 +118,16 @@ def test_copies_and_pickles_keep_working_and_leave_no_hooks_on_the_teacher() -> 
         assert clone(batch).item() == pytest.approx(expected, rel=1e-12)
 
 
+def test_default_layers_may_arrive_after_bind() -> None:
+    teacher, student = mlp(15), mlp(16)
+    x, y = inputs(8)
+    reg = GraphDistillation(teacher=teacher, k=4)
+    reg.bind(student, num_classes=3)
+    reg.set_default_layers(["1"])
+    batch = student_batch(student, ["1"], x, y)
+    torch.testing.assert_close(reg(batch), core(teacher, ["1"], ["1"], batch, 4))
+
+
 def test_distinct_classes_builds_graphs_between_classes_of_labelled_rows() -> None:
     teacher, student = mlp(5), mlp(6, width=8)
     x, y = inputs(3)
