@@ -480,6 +480,20 @@ def test_measure_with_an_all_zero_row_matches_dense() -> None:
     )
 
 
+def test_measure_never_builds_an_n_by_n_matrix() -> None:
+    import tracemalloc
+
+    z, y, _ = gaussian_mixture(6000, 8, 5, 2, separation=2.0, seed=2)
+    tracemalloc.start()
+    try:
+        out = label_variation_measure(z, y, k=10, normalize=True)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 30e6  # numpy/scipy memory: an N x N matrix would take 36 MB (int8) or more
+    assert 0.0 < out["label_variation_normalized"] < 1.0
+
+
 def test_measure_options_change_the_result() -> None:
     z, y = planted(1.5, seed=5, n=120)
     base = label_variation_measure(z, y, k=5)
