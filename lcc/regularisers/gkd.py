@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from lcc.engine.lgg import distinct_classes_mask, gkd_distance, latent_graph
 from lcc.errors import LCCInputError, check_choice
 from lcc.regularisers.base import OUTPUT, Batch, Regulariser, option
-from lcc.regularisers.label_variation import LGGOptions, attached_zero, check_flag
+from lcc.regularisers.label_variation import GraphOptions, attached_zero, check_flag
 from lcc.zoo.latents import POOLS, LatentRecorder, check_layer_names, first_tensor
 
 __all__ = ["GraphDistillation", "GraphDistillationOptions"]
@@ -66,8 +66,8 @@ def _check_pairs(teacher_layers: Sequence[str], layers: Sequence[str]) -> None:
 
 
 @dataclass
-class GraphDistillationOptions(LGGOptions):
-    """Options of :class:`GraphDistillation` (graph options shared with label variation)."""
+class GraphDistillationOptions(GraphOptions):
+    """Options of :class:`GraphDistillation`: the graph options, the teacher and its layers."""
 
     teacher: str = option(
         "", "teacher: model spec (small-resnet, hf:NAME, ...) or a checkpoint naming its model"
@@ -203,7 +203,8 @@ class GraphDistillation(Regulariser):
         """Build (or adopt) the frozen teacher and validate its layers."""
         if not self._teacher:
             self._teacher.append(self._build_teacher(num_classes, sample))
-        self._setup()
+        if self.layers:  # else the trainer's default layers come later: checked at first batch
+            self._setup()
 
     def _build_teacher(self, num_classes: int, sample: Any) -> nn.Module:
         from lcc.zoo.models import build_model
@@ -242,12 +243,9 @@ class GraphDistillation(Regulariser):
             check_layer_names(teacher, hooked)
         teacher.eval()
         teacher.requires_grad_(False)
-        for recorder in self._recorder:
-            recorder.detach()
         self._recorder[:] = []
-        if hooked:
-            pool = self.options.teacher_pool
-            self._recorder.append(LatentRecorder(teacher, hooked, pool=pool).attach())
+        if hooked:  # hooks live only during the teacher's forward (copies stay independent)
+            self._recorder.append(LatentRecorder(teacher, hooked, pool=self.options.teacher_pool))
         self._bound = True
 
     def _teacher_latents(self, x: object) -> dict[str, Tensor]:
@@ -262,13 +260,16 @@ class GraphDistillation(Regulariser):
             teacher.to(device)
             self._device[:] = [device]
         recorder = self._recorder[0] if self._recorder else None
-        if recorder is not None:
-            recorder.clear()
+        outputs: dict[str, Tensor] = {}
         with torch.no_grad():
-            logits = first_tensor(_call(teacher, x), "teacher output")
-            outputs = dict(recorder.outputs) if recorder is not None else {}
-        if recorder is not None:
-            recorder.clear()
+            if recorder is None:
+                logits = first_tensor(_call(teacher, x), "teacher output")
+            else:
+                recorder.clear()
+                with recorder:
+                    logits = first_tensor(_call(teacher, x), "teacher output")
+                outputs = dict(recorder.outputs)
+                recorder.clear()
         outputs[OUTPUT] = logits.reshape(logits.shape[0], -1)
         missing = [name for name in self.teacher_layers if name not in outputs]
         if missing:

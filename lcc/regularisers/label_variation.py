@@ -6,7 +6,7 @@ samples of distinct classes are not neighbours. The trainer adds ``weight * term
 cross-entropy; the paper's sec. 4.2 also trains on it alone (output layer, ``layers=output``):
 call ``reg(batch)`` as the loss in a custom loop for that.
 
-Shared here by the LGG regularisers: :class:`LGGOptions` (graph options) and
+Shared here by the LGG regularisers: :class:`GraphOptions` / :class:`LGGOptions` and
 :func:`layer_variation` (label variation of one layer's latents, for any batch size).
 
 >>> import torch
@@ -39,6 +39,7 @@ from lcc.regularisers.base import (
 )
 
 __all__ = [
+    "GraphOptions",
     "LGGOptions",
     "LabelVariation",
     "LabelVariationOptions",
@@ -71,7 +72,7 @@ def check_flag(value: object, name: str) -> bool:
 
 
 @dataclass
-class LGGOptions(RegulariserOptions):
+class GraphOptions(RegulariserOptions):
     """Options of the batch latent geometry graph (sec. 3.3), shared by the LGG regularisers."""
 
     k: int = option(10, "neighbours per sample in the batch's latent geometry graph")
@@ -84,11 +85,6 @@ class LGGOptions(RegulariserOptions):
         None, "RBF h in exp(-d^2/h^2); default: RMS distance between the batch's samples"
     )
     normalize: bool = option(False, "degree-normalise the graph (D^-1/2 A D^-1/2)")
-    normalized: bool = option(
-        True,
-        "normalised label variation (share of edge weight between distinct classes, 0..1); "
-        "false: the raw sum of eq. 5, which grows with batch size and k",
-    )
 
     def check(self) -> None:
         super().check()
@@ -104,6 +100,20 @@ class LGGOptions(RegulariserOptions):
                 raise LCCInputError(f"bandwidth must be a positive number, got {self.bandwidth!r}")
             self.bandwidth = value
         self.normalize = check_flag(self.normalize, "normalize")
+
+
+@dataclass
+class LGGOptions(GraphOptions):
+    """Graph options plus the form of label variation (label-variation and smoothness)."""
+
+    normalized: bool = option(
+        True,
+        "normalised label variation (share of edge weight between distinct classes, 0..1); "
+        "false: the raw sum of eq. 5, which grows with batch size and k",
+    )
+
+    def check(self) -> None:
+        super().check()
         self.normalized = check_flag(self.normalized, "normalized")
 
 
