@@ -4,6 +4,11 @@ the plain loop and ``lcc train`` with no change to the trainer."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -147,6 +152,7 @@ def test_bad_regulariser_lists():
 # --------------------------------------------------------------------------- lcc train
 
 
+REPO = Path(__file__).resolve().parents[2]
 TINY = ["--subset", "300", "--test-subset", "100", "--epochs", "2", "--batch-size", "50"]
 
 
@@ -247,3 +253,54 @@ def test_yaml_lists_regularisers(tmp_path, toy_registered):
     assert regs[0].config.k == 3 and regs[1].weight == 0.2 and regs[1].options.power == 1.0
     assert regs[0].weight == config.weight  # lcc takes the top-level LCC options as defaults
     assert np.isclose(regs[1].options.power, 1.0)
+
+
+# --------------------------------------------------------------------------- two at once
+
+
+def _command(out: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable, "-m", "lcc", "train", "small-cnn", "digits", "--out", str(out),
+        "--subset", "400", "--test-subset", "200", "--epochs", "4", "--batch-size", "16",
+        "--reg", "lcc", "--reg", "label-variation:w=0.5,layers=act1,output,k=5",
+        "--source", "recorded", *extra,
+    ]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_lcc_and_label_variation_resume_exactly_after_sigkill(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    whole = subprocess.run(
+        _command(tmp_path / "whole"), capture_output=True, text=True, env=env, timeout=300
+    )
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    expected = json.loads(whole.stdout.strip().splitlines()[-1])
+    history = json.loads((tmp_path / "whole" / "metrics.json").read_text())["history"]
+    assert all(set(r["terms"]) == {"lcc", "label-variation"} for r in history)
+    assert all(r["terms"]["label-variation"] > 0 for r in history)
+    assert history[-1]["terms"]["lcc"] > 0 and expected["refreshes"] == 3
+
+    out = tmp_path / "killed"
+    process = subprocess.Popen(
+        _command(out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env
+    )
+    journal = out / "refreshes.jsonl"
+    deadline = time.monotonic() + 240
+    while not journal.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.5)  # inside epoch 1 or 2: a refresh state and recorded latents are saved
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (out / "metrics.json").exists(), "the run finished before it could be killed"
+    resumed = subprocess.run(
+        _command(out, "--resume"), capture_output=True, text=True, env=env, timeout=300
+    )
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    got = json.loads(resumed.stdout.strip().splitlines()[-1])
+    for key in ("test_top1", "test_top5", "test_loss", "train_loss"):
+        assert got[key] == pytest.approx(expected[key], abs=1e-6), key
+    again = json.loads((out / "metrics.json").read_text())["history"]
+    assert len(again) == len(history)
+    for resumed_record, record in zip(again, history, strict=True):
+        for key, value in record["terms"].items():
+            assert resumed_record["terms"][key] == pytest.approx(value, abs=1e-6), key
