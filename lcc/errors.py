@@ -13,6 +13,8 @@ lcc.errors.LCCInputError: k=5 must be smaller than the number of samples (3); ch
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 
@@ -108,3 +110,30 @@ def check_choice(value: str, choices: tuple[str, ...], *, name: str) -> str:
     if value not in choices:
         raise LCCInputError(f"{name}={value!r} is not one of {', '.join(map(repr, choices))}")
     return value
+
+
+def check_integer(value: object, name: str, low: int) -> int:
+    """``value`` as an int ``>= low`` (numeric strings accepted), else LCCInputError."""
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        value = int(value)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+        raise LCCInputError(f"{name} must be an integer >= {low}, got {value!r}")
+    return int(value)
+
+
+def check_number(value: object, name: str, low: float | None = None) -> float:
+    """``value`` as a finite float (``>= low`` when given), else LCCInputError."""
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise LCCInputError(f"{name} must be a number, got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+        raise LCCInputError(f"{name} must be a number, got {value!r}")
+    number = float(value)
+    if not math.isfinite(number) or (low is not None and number < low):
+        bound = "" if low is None else f" >= {low:g}"
+        raise LCCInputError(f"{name} must be a finite number{bound}, got {value!r}")
+    return number

@@ -43,7 +43,6 @@ line in :mod:`lcc.regularisers` registers it.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -52,7 +51,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lcc.errors import LCCInputError
+from lcc.errors import LCCInputError, check_integer, check_number
 
 __all__ = [
     "OUTPUT",
@@ -141,33 +140,6 @@ def _from_text(text: str, annotation: str, name: str) -> Any:
     if kinds & {"list[str]", "Sequence[str]"}:
         return [part.strip() for part in value.split(",") if part.strip()]
     return text
-
-
-def check_integer(value: object, name: str, low: int) -> int:
-    """``value`` as an int ``>= low`` (numeric strings accepted), else LCCInputError."""
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-        value = int(value)
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise LCCInputError(f"{name} must be an integer >= {low}, got {value!r}")
-    return int(value)
-
-
-def check_number(value: object, name: str, low: float | None = None) -> float:
-    """``value`` as a finite float (``>= low`` when given), else LCCInputError."""
-    if isinstance(value, str):
-        try:
-            value = float(value)
-        except ValueError:
-            raise LCCInputError(f"{name} must be a number, got {value!r}") from None
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
-        raise LCCInputError(f"{name} must be a number, got {value!r}")
-    number = float(value)
-    if not math.isfinite(number) or (low is not None and number < low):
-        bound = "" if low is None else f" >= {low:g}"
-        raise LCCInputError(f"{name} must be a finite number{bound}, got {value!r}")
-    return number
 
 
 @dataclass

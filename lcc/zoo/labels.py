@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from lcc.errors import LCCInputError, as_label_vector
+from lcc.errors import LCCInputError, as_label_vector, check_integer, check_number
 from lcc.io import load_arrays, save_npz_atomic
 from lcc.zoo.datasets import IMAGE_SUFFIXES, DatasetBundle, ImageTensorDataset, load_dataset
 
@@ -387,28 +387,6 @@ class MixedBatchSampler(Sampler[list[int]]):
             part = labeled[b * self.n_labeled : (b + 1) * self.n_labeled]
             rest = unlabeled[b * self.n_unlabeled : (b + 1) * self.n_unlabeled]
             yield [*part.tolist(), *rest.tolist()]
-
-
-def check_integer(value: object, name: str, low: int) -> int:
-    """``value`` as an int ``>= low`` (integral floats, numeric strings), or LCCInputError."""
-    try:
-        number = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        number = math.nan
-    if isinstance(value, bool) or not number.is_integer() or number < low:
-        raise LCCInputError(f"{name} must be an integer >= {low}, got {value!r}")
-    return int(number)
-
-
-def check_number(value: object, name: str) -> float:
-    """``value`` as a finite float (numeric strings too), or LCCInputError."""
-    try:
-        number = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        number = math.nan
-    if isinstance(value, bool) or not math.isfinite(number):
-        raise LCCInputError(f"{name} must be a finite number, got {value!r}")
-    return number
 
 
 def _index_array(values: Sequence[int] | np.ndarray, name: str) -> np.ndarray:
