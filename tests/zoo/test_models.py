@@ -276,7 +276,7 @@ def test_malicious_checkpoint_never_runs(tmp_path, protocol):
         torch.save(state, path)
     else:
         path.write_bytes(pickle.dumps(state, protocol=int(protocol[-1])))
-    with pytest.raises(LCCInputError, match=r"arbitrary unpickling \(io\.open\)"):
+    with pytest.raises(LCCInputError, match=r"arbitrary unpickling \(io\.open[,)]"):
         build_model("small-cnn", 3, input_shape=(1, 8, 8), checkpoint=path)
     assert not marker.exists()
 
