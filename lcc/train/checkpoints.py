@@ -36,14 +36,13 @@ from pathlib import Path
 from typing import IO, Any
 
 import torch
-from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 
 from lcc.errors import LCCInputError
 from lcc.io import TorchLoadError, atomic_write, safe_torch_load
 
 __all__ = [
     "LAST",
-    "AtomicCheckpointIO",
+    "AtomicCheckpointIO",  # noqa: F822 - built on first use, see __getattr__
     "CheckpointInfo",
     "checkpoint_candidates",
     "find_resumable",
@@ -61,10 +60,12 @@ def history_names(keep_last: int = 2) -> list[str]:
 
     >>> history_names(3)
     ['last.ckpt', 'previous.ckpt', 'previous-2.ckpt']
+    >>> history_names(1)
+    ['last.ckpt']
     """
     if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1:
         raise LCCInputError(f"keep_last must be a positive integer, got {keep_last!r}")
-    return [LAST, "previous.ckpt", *(f"previous-{i}.ckpt" for i in range(2, keep_last))]
+    return [LAST, "previous.ckpt", *(f"previous-{i}.ckpt" for i in range(2, keep_last))][:keep_last]
 
 
 @dataclass(frozen=True)
@@ -242,6 +243,7 @@ def save_checkpoint_atomic(
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise _write_error(target, error) from error
+    _remove_leftovers(target.parent, names)
 
     def write(handle: IO[bytes]) -> None:
         torch.save(dict(checkpoint), handle)
@@ -261,6 +263,15 @@ def save_checkpoint_atomic(
         raise
     _remember(target)
     return target
+
+
+def _remove_leftovers(folder: Path, names: list[str]) -> None:
+    """Temporary files of earlier writes killed before their rename (they can be large)."""
+    for name in names[:2]:
+        for pattern in (f".{name}.*.tmp", f".{name}.link"):
+            for leftover in folder.glob(pattern):
+                with contextlib.suppress(OSError):
+                    leftover.unlink()
 
 
 def _check_loads(temporary: Path, target: Path) -> None:
@@ -345,47 +356,65 @@ def _write_error(target: Path, error: OSError) -> LCCInputError:
         fix = "fix that"
     kept = [p.name for p in (target, target.with_name("previous.ckpt")) if p.is_file()]
     left = f"{' and '.join(kept)} left as they were" if kept else "no earlier checkpoint exists"
+    run = target.parent.parent if target.parent.name == "checkpoints" else "DIR"
     return LCCInputError(
         f"cannot write checkpoint {target}: {reason}; {left}; {fix}, then continue with "
-        "`lcc train --out DIR --resume`"
+        f"`lcc train --out {run} --resume`"
     )
 
 
 # --------------------------------------------------------------------------- Lightning
 
 
-class AtomicCheckpointIO(CheckpointIO):
-    """Lightning ``CheckpointIO``: atomic saves with a history, weights-only loads.
+def _plugin_class() -> type:
+    """Build :class:`AtomicCheckpointIO` on first use: importing Lightning takes seconds, and
+    the rest of this module (used by ``lcc train`` before training) does not need it."""
+    from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 
-    Pass it to the trainer, ``pl.Trainer(plugins=[AtomicCheckpointIO(keep_last=2)])``; a
-    ``ModelCheckpoint(filename="last")`` then keeps ``last.ckpt`` and ``previous.ckpt``, and
-    ``trainer.fit(ckpt_path=...)`` loads with ``weights_only=True`` whatever it is asked.
-    """
+    class AtomicCheckpointIO(CheckpointIO):
+        """Lightning ``CheckpointIO``: atomic saves with a history, weights-only loads.
 
-    def __init__(self, keep_last: int = 2, *, verify: bool = True) -> None:
-        history_names(keep_last)  # validates
-        self.keep_last = keep_last
-        self.verify = verify
+        Pass it to the trainer, ``pl.Trainer(plugins=[AtomicCheckpointIO(keep_last=2)])``; a
+        ``ModelCheckpoint(filename="last")`` then keeps ``last.ckpt`` and ``previous.ckpt``, and
+        ``trainer.fit(ckpt_path=...)`` loads with ``weights_only=True`` whatever it is asked.
+        """
 
-    def save_checkpoint(
-        self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
-    ) -> None:
-        if storage_options is not None:
-            raise TypeError("AtomicCheckpointIO takes no storage_options")
-        save_checkpoint_atomic(checkpoint, path, keep_last=self.keep_last, verify=self.verify)
+        def __init__(self, keep_last: int = 2, *, verify: bool = True) -> None:
+            history_names(keep_last)  # validates
+            self.keep_last = keep_last
+            self.verify = verify
 
-    def load_checkpoint(
-        self,
-        path: Any,
-        map_location: Callable[..., Any] | Any | None = None,
-        weights_only: bool | None = None,  # ignored: always True
-    ) -> dict[str, Any]:
-        loaded = safe_torch_load(path, map_location=map_location or "cpu")
-        if not isinstance(loaded, dict):
-            raise LCCInputError(f"checkpoint {path} holds a {type(loaded).__name__}, not a dict")
-        return loaded
+        def save_checkpoint(
+            self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
+        ) -> None:
+            if storage_options is not None:
+                raise TypeError("AtomicCheckpointIO takes no storage_options")
+            save_checkpoint_atomic(checkpoint, path, keep_last=self.keep_last, verify=self.verify)
 
-    def remove_checkpoint(self, path: Any) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            Path(path).unlink()
-        _WRITTEN.pop(Path(path).resolve(), None)
+        def load_checkpoint(
+            self,
+            path: Any,
+            map_location: Callable[..., Any] | Any | None = None,
+            weights_only: bool | None = None,  # ignored: always True
+        ) -> dict[str, Any]:
+            loaded = safe_torch_load(path, map_location=map_location or "cpu")
+            if not isinstance(loaded, dict):
+                kind = type(loaded).__name__
+                raise LCCInputError(f"checkpoint {path} holds a {kind}, not a dict")
+            return loaded
+
+        def remove_checkpoint(self, path: Any) -> None:
+            with contextlib.suppress(FileNotFoundError):
+                Path(path).unlink()
+            _WRITTEN.pop(Path(path).resolve(), None)
+
+    AtomicCheckpointIO.__qualname__ = "AtomicCheckpointIO"  # pickles by reference
+    return AtomicCheckpointIO
+
+
+def __getattr__(name: str) -> Any:
+    if name == "AtomicCheckpointIO":
+        cls = _plugin_class()
+        globals()[name] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
