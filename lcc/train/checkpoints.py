@@ -355,7 +355,8 @@ def _write_error(target: Path, error: OSError) -> LCCInputError:
         reason = error.strerror or str(error)
         fix = "fix that"
     kept = [p.name for p in (target, target.with_name("previous.ckpt")) if p.is_file()]
-    left = f"{' and '.join(kept)} left as they were" if kept else "no earlier checkpoint exists"
+    verb = "left as they were" if len(kept) > 1 else "left as it was"
+    left = f"{' and '.join(kept)} {verb}" if kept else "no earlier checkpoint exists"
     run = target.parent.parent if target.parent.name == "checkpoints" else "DIR"
     return LCCInputError(
         f"cannot write checkpoint {target}: {reason}; {left}; {fix}, then continue with "

@@ -218,7 +218,8 @@ def _prepare_out(config: TrainConfig) -> tuple[Path, Path | None, dict[str, Any]
                 "last checkpoint or choose another --out"
             )
     elif saved_config.is_file():
-        saved = merge_config(TrainConfig(), read_yaml(saved_config))
+        # a run directory that was moved or copied resumes where it is now
+        saved = merge_config(TrainConfig(), read_yaml(saved_config), {"out": config.out})
         differences = resume_differences(saved, config)
         if differences:
             raise LCCInputError(
@@ -269,7 +270,7 @@ def _number(text: str) -> float | int:
     return int(value) if value.is_integer() and "." not in text else value
 
 
-def _earlier_csv_rows(path: Path, checkpoint: Path | None) -> list[dict[str, float]]:
+def _earlier_csv_rows(path: Path, checkpoint: Path | None) -> list[dict[str, float | int]]:
     """Rows of an earlier ``metrics.csv`` up to the checkpoint's epoch and step (Lightning's CSV
     logger deletes the file when it starts, so a resumed run writes them again). A row torn by
     a kill is dropped; the checkpoint is read weights-only."""
@@ -286,7 +287,7 @@ def _earlier_csv_rows(path: Path, checkpoint: Path | None) -> list[dict[str, flo
     kept = []
     for row in rows:
         try:
-            values = {key: float(value) for key, value in row.items() if key and value != ""}
+            values = {key: _number(value) for key, value in row.items() if key and value != ""}
         except ValueError:  # a damaged row
             continue
         if (

@@ -193,7 +193,7 @@ def test_disk_full_at_fsync_is_caught_too(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(io_module.os, "fsync", fsync)
-    with pytest.raises(LCCInputError, match=r"no space left on device; last\.ckpt left as"):
+    with pytest.raises(LCCInputError, match=r"no space left on device; last\.ckpt left as it was"):
         save_checkpoint_atomic(state(1), last)
     assert last.read_bytes() == before and temporaries(tmp_path) == []
 
@@ -212,7 +212,7 @@ def test_read_only_directory_is_one_line(tmp_path, monkeypatch, code):
         save_checkpoint_atomic(state(1), last)
     message = str(caught.value)
     assert f"{tmp_path} is not writable ({os.strerror(code)})" in message
-    assert "last.ckpt left as they were" in message and "\n" not in message
+    assert "last.ckpt left as it was" in message and "\n" not in message
     assert last.read_bytes() == before
 
 
