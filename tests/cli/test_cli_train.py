@@ -269,7 +269,7 @@ def test_sigkill_and_resume_gives_the_same_final_metrics(tmp_path):
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert not (out / "metrics.json").exists(), "the run finished before it could be killed"
-    killed_at = torch.load(checkpoint, weights_only=False)["epoch"]
+    killed_at = torch.load(checkpoint, weights_only=True)["epoch"]
     assert killed_at in (1, 2)  # the checkpoint holds a refresh state and recorded latents
 
     resumed = subprocess.run(

@@ -387,3 +387,49 @@ def test_lcc_train_checkpoints_load_weights_only(lcc_run):
         )
         assert inspect_checkpoint(folder / name).epoch == epoch
     assert find_resumable(lcc_run) == (folder / "last.ckpt", [])
+
+
+@pytest.mark.filterwarnings("ignore:.*treespec:FutureWarning")
+@pytest.mark.filterwarnings("ignore:.*resuming from a checkpoint that ended before the epoch")
+def test_a_mid_epoch_save_through_the_plugin_is_found_and_resumed(tmp_path):
+    """What a graceful stop does: trainer.save_checkpoint(last.ckpt) in the middle of an epoch.
+    find_resumable accepts it (its counters agree) and trainer.fit resumes from it."""
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader, TensorDataset
+
+    class Tiny(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(4, 2)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return torch.nn.functional.cross_entropy(self.layer(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    class StopAt(pl.Callback):
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            if trainer.current_epoch == 1 and batch_idx == 2:
+                trainer.save_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
+                trainer.should_stop = True
+
+    generator = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(32, 4, generator=generator), torch.arange(32) % 2)
+    common = {
+        "logger": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "enable_checkpointing": False,
+        "plugins": [AtomicCheckpointIO()],
+    }
+    pl.Trainer(max_epochs=3, callbacks=[StopAt()], **common).fit(
+        Tiny(), DataLoader(data, batch_size=4)
+    )
+    path, notes = find_resumable(tmp_path)
+    info = inspect_checkpoint(path)
+    assert (path.name, notes, info.epoch, info.global_step) == ("last.ckpt", [], 1, 8 + 3)
+    trainer = pl.Trainer(max_epochs=2, **common)
+    trainer.fit(Tiny(), DataLoader(data, batch_size=4), ckpt_path=path)
+    assert trainer.global_step == 16
