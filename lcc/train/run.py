@@ -247,6 +247,12 @@ def _prepare_out(config: TrainConfig) -> tuple[Path, Path | None, dict[str, Any]
     resume_from = None
     if config.resume and finished is None:
         resume_from = _resume_checkpoint(out, report=True)
+        if resume_from is None and saved_config.is_file():
+            print(
+                f"lcc train: {out} holds no checkpoint yet: starting the run from epoch 1",
+                file=sys.stderr,
+                flush=True,
+            )
     return out, resume_from, finished, created
 
 

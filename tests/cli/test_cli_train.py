@@ -468,3 +468,15 @@ def test_disk_full_during_training_is_one_line_and_keeps_the_checkpoint(
     assert "last.ckpt left as it was" in err and f"lcc train --out {out} --resume" in err
     assert torch.load(last, weights_only=True)["epoch"] == 0
     assert not (out / "metrics.json").exists()
+
+
+def test_resume_before_the_first_checkpoint_starts_over_and_says_so(capsys, tmp_path, two_epochs):
+    import shutil
+
+    run = _copy(two_epochs, tmp_path)  # killed during epoch 1: config.yaml, no checkpoint
+    shutil.rmtree(run / "checkpoints")
+    (run / "metrics.json").unlink()
+    assert main(["train", "--out", str(run), "--resume", "--epochs", "1"]) == 0
+    err = capsys.readouterr().err
+    assert f"lcc train: {run} holds no checkpoint yet: starting the run from epoch 1" in err
+    assert json.loads((run / "metrics.json").read_text())["epochs"] == 1
