@@ -1,13 +1,14 @@
 """Checkpoints that survive kills and full disks, and that never run code when loaded.
 
 :func:`save_checkpoint_atomic` writes a checkpoint to a temporary file beside its destination,
-fsyncs it, checks that it loads with ``weights_only=True``, keeps the checkpoint it replaces
-as ``previous.ckpt`` (``previous-2.ckpt`` ... with ``keep_last`` > 2) and renames it into
-place, so ``last.ckpt`` is always a whole checkpoint and an older one is kept beside it. A full
-disk or a read-only directory is one :class:`~lcc.errors.LCCInputError` line, the old files
-untouched. :class:`AtomicCheckpointIO` is the same as a Lightning ``CheckpointIO`` plugin
-(``pl.Trainer(plugins=[AtomicCheckpointIO()])``): every ``ModelCheckpoint`` and
-``trainer.save_checkpoint`` write goes through it, and every load is weights-only.
+fsyncs it, checks that it loads with ``weights_only=True``, keeps the file it is about to
+replace as ``previous.ckpt`` (``previous-2.ckpt`` ... with ``keep_last`` > 2), then renames the
+new file over the destination: ``last.ckpt`` is always a whole checkpoint, and an older one is
+kept beside it. A full disk or a read-only directory is one :class:`~lcc.errors.LCCInputError`
+line, with the old files untouched. :class:`AtomicCheckpointIO` is the Lightning
+``CheckpointIO`` plugin doing this (``pl.Trainer(plugins=[AtomicCheckpointIO()])``): every
+``ModelCheckpoint`` and ``trainer.save_checkpoint`` write goes through it, and every load is
+weights-only.
 
 :func:`find_resumable` picks, in a run directory, the newest checkpoint that loads and whose
 epoch and step agree with its loop state, with one note per file it had to skip.
