@@ -18,11 +18,16 @@ reader never sees a half-written file and a crash leaves the previous version in
 from __future__ import annotations
 
 import contextlib
+import csv
+import io
 import json
 import os
+import re
 import tempfile
+import warnings
 import zipfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -32,11 +37,20 @@ from lcc.errors import LCCInputError
 
 __all__ = [
     "LATENT_FORMATS",
+    "OutputKind",
+    "TorchLoadError",
     "array_keys",
     "atomic_write",
+    "check_output_path",
+    "describe_load_error",
     "load_arrays",
     "load_latents",
+    "npz_kind",
+    "read_csv_tolerant",
+    "read_jsonl_tolerant",
+    "safe_torch_load",
     "save_npz_atomic",
+    "unsafe_globals",
     "write_json_atomic",
 ]
 
@@ -169,12 +183,20 @@ def _reason(error: BaseException) -> str:
     return text if len(text) <= 200 else text[:197] + "..."
 
 
-def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None]) -> Path:
+def atomic_write(
+    path: str | os.PathLike[str],
+    write: Callable[[IO[bytes]], None],
+    *,
+    before_replace: Callable[[Path], None] | None = None,
+) -> Path:
     """Call ``write(file)`` on a temporary file beside ``path``, fsync it, rename it to ``path``.
 
     The destination's directory must exist. Any ``OSError`` (missing directory, no permission,
-    destination is a directory, disk full) becomes an :class:`LCCInputError` naming ``path``;
-    the temporary file is removed on failure. Returns ``path`` as a :class:`~pathlib.Path`.
+    destination is a directory, disk full) becomes an :class:`LCCInputError` naming ``path``
+    (the ``OSError`` is its ``__cause__``); the temporary file is removed on failure.
+    ``before_replace(temporary)``, if given, runs after the fsync and before the rename (to
+    verify the written file or to keep the old one); an exception there aborts the write and
+    leaves ``path`` untouched. Returns ``path`` as a :class:`~pathlib.Path`.
     """
     target = Path(path)
     directory = target.parent
@@ -197,6 +219,8 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None
             handle.flush()
             os.fsync(handle.fileno())
         os.chmod(temporary, _file_mode(target))
+        if before_replace is not None:
+            before_replace(temporary)
         os.replace(temporary, target)
     except BaseException as error:
         with contextlib.suppress(OSError):
@@ -288,3 +312,321 @@ def _fsync_directory(directory: Path) -> None:
         pass
     finally:
         os.close(descriptor)
+
+
+# --------------------------------------------------------------------------- outputs vs inputs
+
+
+@dataclass(frozen=True)
+class OutputKind:
+    """What a command writes: ``name`` for messages, ``matches(path)`` tells whether an existing
+    file is an earlier output of that kind (and may be overwritten without ``--force``)."""
+
+    name: str
+    matches: Callable[[Path], bool]
+
+
+def npz_kind(name: str, *keys: str) -> OutputKind:
+    """An :class:`OutputKind` for ``.npz`` archives that hold (at least) ``keys``.
+
+    >>> folder = Path(tempfile.mkdtemp())
+    >>> kind = npz_kind("a pair", "a", "b")
+    >>> kind.matches(save_npz_atomic(folder / "p.npz", a=np.zeros(1), b=np.ones(1)))
+    True
+    >>> kind.matches(save_npz_atomic(folder / "q.npz", z=np.zeros(1)))
+    False
+    """
+    wanted = frozenset(keys)
+
+    def matches(path: Path) -> bool:
+        try:
+            if not zipfile.is_zipfile(path):
+                return False
+            with np.load(path, allow_pickle=False) as archive:
+                return wanted <= set(archive.files)
+        except Exception:  # unreadable: not ours
+            return False
+
+    return OutputKind(name, matches)
+
+
+def check_output_path(
+    output: str | os.PathLike[str],
+    inputs: Iterable[str | os.PathLike[str] | None],
+    *,
+    force: bool = False,
+    kind: OutputKind | None = None,
+    label: str = "OUT",
+) -> Path:
+    """Refuse an output path that would destroy an input or a file of another kind.
+
+    ``output`` may not be any of ``inputs`` (``None`` entries are ignored), compared as files:
+    symlinks, ``..`` and hard links to an input count as the input. An existing ``output`` that
+    ``kind`` does not recognise is overwritten only with ``force``. Returns ``output`` as a
+    :class:`~pathlib.Path`; raises :class:`LCCInputError` (one line) otherwise.
+
+    >>> folder = Path(tempfile.mkdtemp())
+    >>> source = save_npz_atomic(folder / "lat.npz", z=np.zeros((2, 1)), y=np.zeros(2))
+    >>> check_output_path(folder / "sub" / ".." / "lat.npz", [source])
+    Traceback (most recent call last):
+    ...
+    lcc.errors.LCCInputError: OUT .../sub/../lat.npz is the input .../lat.npz: ...
+    """
+    out = Path(output).expanduser()
+    for source in inputs:
+        if source is None:
+            continue
+        source_path = Path(source).expanduser()
+        if _same_file(out, source_path):
+            raise LCCInputError(
+                f"{label} {out} is the input {source_path}: writing it would destroy the input; "
+                "choose another output file"
+            )
+    if kind is not None and not force and out.is_file() and not kind.matches(out):
+        raise LCCInputError(
+            f"{label} {out} exists and is not {kind.name}; pass --force to overwrite it, "
+            "or choose another output file"
+        )
+    return out
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet): compare where they would be
+        return a.resolve(strict=False) == b.resolve(strict=False)
+
+
+# --------------------------------------------------------------------------- logs after a kill
+
+
+def read_jsonl_tolerant(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The records of a JSON-lines file, without a torn last line (what a kill leaves).
+
+    A missing file has no records. The last non-blank line is dropped when it is not a JSON
+    object (cut mid-write, or zero bytes after a crash); any earlier such line raises
+    :class:`LCCInputError` naming the file and the line.
+
+    >>> folder = Path(tempfile.mkdtemp())
+    >>> _ = (folder / "log.jsonl").write_text('{"epoch": 1}\\n{"epoch": 2}\\n{"epo')
+    >>> read_jsonl_tolerant(folder / "log.jsonl")
+    [{'epoch': 1}, {'epoch': 2}]
+    """
+    file = Path(path)
+    if not file.is_file():
+        return []
+    lines = [
+        (number, line)
+        for number, line in enumerate(_read_text(file).split("\n"), start=1)
+        if line.strip(" \t\r\x00")
+    ]
+    records: list[dict[str, Any]] = []
+    for position, (number, line) in enumerate(lines):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if isinstance(record, dict):
+            records.append(record)
+        elif position < len(lines) - 1:
+            raise LCCInputError(
+                f"{file} line {number} is not a JSON object ({line[:40]!r}); the file is "
+                "damaged before its last line: repair or remove it"
+            )
+    return records
+
+
+def read_csv_tolerant(path: str | os.PathLike[str]) -> list[dict[str, str]]:
+    """The rows of a CSV file with a header, without a torn last row (what a kill leaves).
+
+    A missing or empty file has no rows. A last line without its newline, or a row whose number
+    of fields differs from the header's, is dropped.
+
+    >>> folder = Path(tempfile.mkdtemp())
+    >>> _ = (folder / "m.csv").write_text("epoch,loss\\n0,1.5\\n1,1.2\\n2,0.9")
+    >>> read_csv_tolerant(folder / "m.csv")
+    [{'epoch': '0', 'loss': '1.5'}, {'epoch': '1', 'loss': '1.2'}]
+    """
+    file = Path(path)
+    if not file.is_file():
+        return []
+    text = _read_text(file)
+    if not text.endswith("\n"):
+        text = text[: text.rfind("\n") + 1]  # the cut last line (and a header-only file: none)
+    rows = []
+    for row in csv.DictReader(io.StringIO(text, newline="")):
+        if None in row or None in row.values():  # more or fewer fields than the header
+            continue
+        rows.append(row)
+    return rows
+
+
+def _read_text(file: Path) -> str:
+    try:
+        return file.read_bytes().decode("utf-8", errors="replace").replace("\r\n", "\n")
+    except OSError as error:
+        raise LCCInputError(f"cannot read {file}: {error.strerror or error}") from error
+
+
+# --------------------------------------------------------------------------- torch files
+
+
+def safe_torch_load(
+    path: str | os.PathLike[str],
+    *,
+    map_location: Any = "cpu",
+    mmap: bool = False,
+    what: str = "checkpoint",
+) -> Any:
+    """``torch.load(path, weights_only=True)``: tensors and plain values, never code.
+
+    Every failure is an :class:`LCCInputError` naming the file (``what`` names its role):
+    missing, empty, truncated, not written by ``torch.save``, or needing arbitrary unpickling
+    (refused, with how to convert it). ``mmap``: map tensors lazily (zip files only).
+
+    >>> import torch
+    >>> folder = Path(tempfile.mkdtemp())
+    >>> torch.save({"w": torch.ones(2), "epoch": 3}, folder / "w.pt")
+    >>> safe_torch_load(folder / "w.pt")["epoch"]
+    3
+    """
+    import torch
+
+    file = Path(path).expanduser()
+    if not file.exists():
+        raise TorchLoadError(file, f"{what} {file} does not exist; check the path", "missing")
+    if file.is_dir():
+        raise TorchLoadError(
+            file, f"cannot read {what} {file}: it is a directory, not a file", "a directory"
+        )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. "Detected pickle protocol 4"
+            return torch.load(
+                file,
+                map_location=map_location,
+                weights_only=True,
+                mmap=mmap and zipfile.is_zipfile(file),
+            )
+    except Exception as error:
+        unsafe = unsafe_globals(file, error)
+        if unsafe:
+            reason = f"needs arbitrary unpickling ({', '.join(unsafe[:3])}), refused"
+            raise TorchLoadError(
+                file,
+                f"refusing to load {what} {file}: it needs arbitrary unpickling "
+                f"({', '.join(unsafe[:3])}), which would execute code from the file; lcc loads "
+                "only tensors and plain values. If you trust the file, convert it once: "
+                "torch.save(its state_dict, 'weights.pt') or safetensors.torch.save_file",
+                reason,
+                unsafe,
+            ) from error
+        reason = describe_load_error(file, error)
+        raise TorchLoadError(file, f"cannot read {what} {file}: {reason}", reason) from error
+
+
+class TorchLoadError(LCCInputError):
+    """:func:`safe_torch_load` failed: ``reason`` in a few words; ``unsafe`` lists the globals
+    of a file that needs arbitrary unpickling (empty for damaged or foreign files)."""
+
+    def __init__(
+        self, path: Path, message: str, reason: str, unsafe: list[str] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.path = path
+        self.reason = reason
+        self.unsafe = list(unsafe or [])
+
+
+_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+
+
+def unsafe_globals(path: str | os.PathLike[str], error: BaseException | None = None) -> list[str]:
+    """Classes or functions that unpickling ``path`` would import (refused by weights-only
+    loading); read statically from the pickle, never executed. Empty when there are none."""
+    import torch
+
+    names: list[str] = []
+    try:
+        if zipfile.is_zipfile(path):
+            names = sorted(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
+        else:
+            names = sorted(_pickle_globals(Path(path)) - _allowed_globals())
+    except Exception:  # damaged archive or not a pickle: fall back to the loader's message
+        names = []
+    if not names and error is not None:
+        names = sorted(set(_GLOBAL.findall(str(error))))
+    return names
+
+
+def _pickle_globals(file: Path) -> set[str]:
+    """``module.name`` of every GLOBAL / STACK_GLOBAL in a plain pickle, read with pickletools
+    (which only parses opcodes); stops quietly at the first byte that is not pickle."""
+    import pickletools
+
+    found: set[str] = set()
+    strings: list[str] = []
+    with file.open("rb") as handle:
+        try:
+            for opcode, argument, _ in pickletools.genops(handle):
+                if opcode.name == "GLOBAL" and isinstance(argument, str):
+                    found.add(argument.replace(" ", "."))
+                elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    found.add(f"{strings[-2]}.{strings[-1]}")
+                elif isinstance(argument, str) and "UNICODE" in opcode.name:
+                    strings.append(argument)
+        except Exception:  # truncated or not a pickle: what was read so far
+            pass
+    return found
+
+
+def _allowed_globals() -> set[str]:
+    """What ``torch.load(weights_only=True)`` accepts (its defaults and add_safe_globals)."""
+    import torch
+
+    allowed: set[str] = set()
+    with contextlib.suppress(Exception):  # private helpers: best effort
+        from torch import _weights_only_unpickler as unpickler
+
+        allowed |= set(unpickler._get_allowed_globals())
+        allowed |= set(unpickler._get_user_allowed_globals())
+    for item in torch.serialization.get_safe_globals():
+        target = item[0] if isinstance(item, tuple) else item
+        allowed.add(f"{getattr(target, '__module__', '')}.{getattr(target, '__qualname__', '')}")
+    return allowed
+
+
+def describe_load_error(path: str | os.PathLike[str], error: BaseException) -> str:
+    """Why ``torch.load`` failed on ``path``, in a few words (empty, truncated, foreign bytes).
+
+    >>> folder = Path(tempfile.mkdtemp())
+    >>> _ = (folder / "empty.ckpt").write_bytes(b"")
+    >>> describe_load_error(folder / "empty.ckpt", EOFError())
+    'empty file (0 bytes)'
+    """
+    file = Path(path)
+    try:
+        size = file.stat().st_size
+        with file.open("rb") as handle:
+            head = handle.read(4)
+    except OSError as os_error:
+        return os_error.strerror or str(os_error)
+    if size == 0:
+        return "empty file (0 bytes)"
+    text = str(error)
+    if head == b"PK\x03\x04" and (not zipfile.is_zipfile(file) or "central directory" in text):
+        return f"truncated ({size} bytes; the archive torch.save writes is incomplete)"
+    if not zipfile.is_zipfile(file):
+        if head.startswith(b"\x80\x02\x8a"):  # the legacy (pre-zip) torch.save format
+            return "truncated or damaged (legacy torch.save format)"
+        return "not a file written by torch.save (unrecognised bytes)"
+    return f"damaged archive ({_unpickler_detail(text) or _reason(error)})"
+
+
+def _unpickler_detail(text: str) -> str:
+    """The useful sentence of torch's weights-only error text (it spans many lines)."""
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        text = text.split(marker, 1)[1]
+        text = text.split("Check the documentation", 1)[0]
+    return _reason(RuntimeError(text.strip())) if text.strip() else ""

@@ -14,7 +14,18 @@ from safetensors.numpy import save_file as save_safetensors_numpy
 from safetensors.torch import save_file as save_safetensors_torch
 
 from lcc.errors import LCCInputError
-from lcc.io import atomic_write, load_arrays, load_latents, save_npz_atomic, write_json_atomic
+from lcc.io import (
+    atomic_write,
+    check_output_path,
+    load_arrays,
+    load_latents,
+    npz_kind,
+    read_csv_tolerant,
+    read_jsonl_tolerant,
+    safe_torch_load,
+    save_npz_atomic,
+    write_json_atomic,
+)
 
 
 def _temporaries(folder: Path) -> list[str]:
@@ -185,3 +196,142 @@ def test_read_only_directory_raises_an_input_error(tmp_path: Path) -> None:
             write_json_atomic(folder / "a.json", {})
     finally:
         folder.chmod(0o700)
+
+
+# --------------------------------------------------------------------------- before_replace
+
+
+def test_before_replace_sees_the_complete_file_and_can_abort(tmp_path: Path) -> None:
+    path = write_json_atomic(tmp_path / "a.json", {"v": 1})
+    seen = []
+
+    def check(temporary: Path) -> None:
+        seen.append(json.loads(temporary.read_text()))
+        assert json.loads(path.read_text()) == {"v": 1}  # not yet replaced
+
+    atomic_write(path, lambda handle: handle.write(b'{"v": 2}'), before_replace=check)
+    assert seen == [{"v": 2}] and json.loads(path.read_text()) == {"v": 2}
+
+    def refuse(temporary: Path) -> None:
+        raise ValueError("does not verify")
+
+    with pytest.raises(ValueError, match="does not verify"):
+        atomic_write(path, lambda handle: handle.write(b"{}"), before_replace=refuse)
+    assert json.loads(path.read_text()) == {"v": 2} and _temporaries(tmp_path) == []
+
+
+# --------------------------------------------------------------------------- outputs vs inputs
+
+
+def test_output_that_resolves_to_an_input_is_refused(tmp_path: Path) -> None:
+    source = save_npz_atomic(tmp_path / "lat.npz", z=np.zeros((2, 1)), y=np.zeros(2))
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "alias.npz").symlink_to(source)
+    os.link(source, tmp_path / "hard.npz")
+    spellings = [
+        source,
+        str(source),
+        tmp_path / "sub" / ".." / "lat.npz",
+        tmp_path / "sub" / "alias.npz",
+        tmp_path / "hard.npz",
+    ]
+    for out in spellings:
+        with pytest.raises(LCCInputError, match=r"is the input .* would destroy the input"):
+            check_output_path(out, [tmp_path / "other.npz", None, source], force=True)
+    # a symlinked input is the file it points to
+    with pytest.raises(LCCInputError, match="is the input"):
+        check_output_path(source, [tmp_path / "sub" / "alias.npz"])
+    new = tmp_path / "new.npz"
+    assert check_output_path(str(new), [source]) == new
+    assert check_output_path(tmp_path / "sub" / ".." / "new.npz", [new.with_name("x.npz")])
+
+
+def test_existing_output_of_another_kind_needs_force(tmp_path: Path) -> None:
+    kind = npz_kind("an lcc cluster result", "clusters", "targets")
+    ours = save_npz_atomic(tmp_path / "ours.npz", clusters=np.zeros(2), targets=np.zeros(2), x=1)
+    theirs = save_npz_atomic(tmp_path / "theirs.npz", z=np.zeros(2), y=np.zeros(2))
+    text = tmp_path / "text.npz"
+    text.write_text("not an archive")
+    assert check_output_path(ours, [], kind=kind) == ours
+    for foreign in (theirs, text):
+        with pytest.raises(LCCInputError, match="exists and is not an lcc cluster result; pass"):
+            check_output_path(foreign, [], kind=kind)
+        assert check_output_path(foreign, [], kind=kind, force=True) == foreign
+    assert check_output_path(tmp_path / "missing.npz", [], kind=kind)
+
+
+# --------------------------------------------------------------------------- logs after a kill
+
+
+def test_jsonl_drops_only_a_torn_last_line(tmp_path: Path) -> None:
+    path = tmp_path / "log.jsonl"
+    assert read_jsonl_tolerant(path) == []
+    records = [{"epoch": e, "layer": "act1", "n": 10 * e} for e in range(3)]
+    whole = "".join(json.dumps(r) + "\n" for r in records)
+    path.write_text(whole)
+    assert read_jsonl_tolerant(path) == records
+    for cut in range(1, len(json.dumps(records[-1])) + 1):  # every possible tear of the last
+        path.write_text(whole[:-cut])
+        assert read_jsonl_tolerant(path) == records[: 2 if cut > 1 else 3], cut
+    path.write_bytes(whole.encode() + b"\x00" * 64)  # a crash can leave zeros at the end
+    assert read_jsonl_tolerant(path) == records
+    path.write_text(whole.replace(json.dumps(records[1]), '{"epoch": 1, "la'))
+    with pytest.raises(LCCInputError, match=r"log\.jsonl line 2 is not a JSON object"):
+        read_jsonl_tolerant(path)
+
+
+def test_csv_drops_a_torn_last_row(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.csv"
+    assert read_csv_tolerant(path) == []
+    path.write_text("epoch,step,loss\n0,3,2.5\n1,7,1.25\n")
+    rows = [{"epoch": "0", "step": "3", "loss": "2.5"}, {"epoch": "1", "step": "7", "loss": "1.25"}]
+    assert read_csv_tolerant(path) == rows
+    path.write_text("epoch,step,loss\n0,3,2.5\n1,7,1.2")  # "1.25" cut to "1.2": dropped
+    assert read_csv_tolerant(path) == rows[:1]
+    path.write_text("epoch,step,loss\n0,3,2.5\n1,7\n")  # fewer fields
+    assert read_csv_tolerant(path) == rows[:1]
+    path.write_text("epoch,st")
+    assert read_csv_tolerant(path) == []
+
+
+# --------------------------------------------------------------------------- torch files
+
+
+class _Marker:
+    def __init__(self, path: Path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_safe_torch_load_refuses_code_and_names_damage(tmp_path: Path) -> None:
+    good = tmp_path / "good.pt"
+    torch.save({"w": torch.arange(3), "epoch": 2, "names": ["a"]}, good)
+    loaded = safe_torch_load(good)
+    assert loaded["epoch"] == 2 and loaded["w"].tolist() == [0, 1, 2]
+    assert safe_torch_load(good, mmap=True)["w"].tolist() == [0, 1, 2]
+    marker = tmp_path / "marker"
+    evil = tmp_path / "evil.pt"
+    torch.save({"w": torch.ones(1), "x": _Marker(marker)}, evil)
+    with pytest.raises(LCCInputError) as caught:
+        safe_torch_load(evil, what="weights")
+    message = str(caught.value)
+    assert message.startswith(f"refusing to load weights {evil}: it needs arbitrary unpickling")
+    assert "(io.open)" in message and "execute code" in message and "\n" not in message
+    assert not marker.exists()
+    cases = {
+        "empty": (b"", "empty file (0 bytes)"),
+        "truncated": (good.read_bytes()[:300], "truncated (300 bytes"),
+        "random": (np.random.default_rng(0).bytes(2000), "not a file written by torch.save"),
+    }
+    for name, (content, words) in cases.items():
+        path = tmp_path / f"{name}.pt"
+        path.write_bytes(content)
+        with pytest.raises(LCCInputError, match=f"cannot read checkpoint .*{name}.pt: ") as caught:
+            safe_torch_load(path)
+        assert words in str(caught.value) and "\n" not in str(caught.value), name
+    with pytest.raises(LCCInputError, match="does not exist"):
+        safe_torch_load(tmp_path / "missing.pt")
+    with pytest.raises(LCCInputError, match="is a directory"):
+        safe_torch_load(tmp_path)

@@ -23,8 +23,13 @@ import numpy as np
 
 from lcc.cli import HelpFormatter
 from lcc.errors import LCCInputError
+from lcc.io import npz_kind
 
 DEFAULT_OUT = "lcc-clusters.npz"
+#: What OUT holds; an existing OUT of another kind is overwritten only with --force.
+CLUSTER_RESULT = npz_kind(
+    "an lcc cluster result", "clusters", "cluster_class", "misclustered", "correctible", "targets"
+)
 
 DESCRIPTION = """\
 Cluster latents with a k-NN graph, match each cluster to its majority class, and compute
@@ -37,6 +42,8 @@ a seeded Gaussian-mixture example is generated instead.
 OUT (.npz) receives: clusters (N,) int64, cluster_class (K,) int64, misclustered (N,) bool,
 correctible (N,) bool, targets (N, D) float32 with NaN rows for non-correctible samples
 (D is the flattened latent dimension, or --pca DIM). stdout gets one JSON line of statistics.
+OUT may not be LATENTS (also via a symlink or ..); an existing OUT that is not an lcc cluster
+result is overwritten only with --force.
 
 examples:
   lcc cluster                                   # generated example -> lcc-clusters.npz
@@ -127,6 +134,12 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         help="cluster a generated Gaussian-mixture example; the only positional is then OUT",
     )
     parser.add_argument(
+        "--force",
+        action="store_true",
+        help="overwrite OUT even when it exists and is not an lcc cluster result "
+        "(OUT may never be LATENTS)",
+    )
+    parser.add_argument(
         "--example-samples",
         type=_positive_int,
         default=2000,
@@ -140,9 +153,10 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     """Run ``lcc cluster`` with parsed ``args``; returns the exit code."""
     from lcc.engine.refresh import RefreshConfig, refresh
-    from lcc.io import load_latents, save_npz_atomic
+    from lcc.io import check_output_path, load_latents, save_npz_atomic
 
     latents, out = _paths(args)
+    check_output_path(out, [latents], force=args.force, kind=CLUSTER_RESULT)
     _check_writable(out)
     progress = _Progress(sys.stderr) if _is_terminal(sys.stderr) else None
     if latents is None:

@@ -2,7 +2,8 @@
 
 :func:`train` loads the dataset and model, picks the layers (default: :func:`default_layers`),
 checks the inputs up front, trains with Lightning (checkpoint every epoch in
-``DIR/checkpoints/last.ckpt``, CSV logs in ``DIR/logs/``, TensorBoard in ``DIR/tensorboard/``),
+``DIR/checkpoints/last.ckpt``, written atomically, the one before kept as ``previous.ckpt``;
+CSV logs in ``DIR/logs/``, TensorBoard in ``DIR/tensorboard/``),
 tests, and writes ``DIR/metrics.json`` atomically. ``DIR/config.yaml`` holds the resolved
 config. Under DDP every process runs :func:`train`; only rank 0 checks and writes the run
 directory.
@@ -150,7 +151,28 @@ def resolve_config(
     saved = Path(merged.out or "") / "config.yaml" if merged.out else None
     if merged.resume and saved is not None and saved.is_file():
         base = merge_config(TrainConfig(), read_yaml(saved))
+    elif merged.resume and saved is not None and not (merged.model and merged.dataset):
+        raise LCCInputError(_no_run_to_resume(saved.parent))
     return merge_config(base, from_file, options).check()
+
+
+def _no_run_to_resume(out: Path) -> str:
+    """The line for ``--resume`` without MODEL/DATASET where ``out`` holds no config.yaml."""
+    from lcc.train.checkpoints import checkpoint_candidates, history_names
+
+    if not out.exists():
+        return f"--resume: there is no run to resume: {out} does not exist; check --out"
+    found = checkpoint_candidates(out)
+    if found:
+        return (
+            f"--resume: {out / 'config.yaml'} is missing, so the settings of the run that wrote "
+            f"{found[0]} are unknown; pass MODEL, DATASET and its other options again"
+        )
+    looked = ", ".join(str(out / "checkpoints" / name) for name in history_names(2))
+    return (
+        f"--resume: there is no run to resume in {out} (looked for {out / 'config.yaml'}, "
+        f"{looked}); start one without --resume: lcc train MODEL DATASET --out {out}"
+    )
 
 
 def _quiet_lightning() -> None:
@@ -181,22 +203,24 @@ def _prepare_out(config: TrainConfig) -> tuple[Path, Path | None, dict[str, Any]
     out = Path(config.out or "").expanduser()
     if out.exists() and not out.is_dir():
         raise LCCInputError(f"--out {out} is a file; pass a directory")
+    from lcc.train.checkpoints import checkpoint_candidates
+
     saved_config = out / "config.yaml"
     metrics_file = out / "metrics.json"
-    last = out / "checkpoints" / "last.ckpt"
     if not config.resume:
         if metrics_file.is_file():
             raise LCCInputError(
                 f"--out {out} already holds a finished run (metrics.json); pass --resume to "
                 "continue it (e.g. with more --epochs) or choose another --out"
             )
-        if saved_config.is_file() or last.is_file():
+        if saved_config.is_file() or checkpoint_candidates(out):
             raise LCCInputError(
                 f"--out {out} holds an unfinished run; pass --resume to continue it from its "
                 "last checkpoint or choose another --out"
             )
     elif saved_config.is_file():
-        saved = merge_config(TrainConfig(), read_yaml(saved_config))
+        # a run directory that was moved or copied resumes where it is now
+        saved = merge_config(TrainConfig(), read_yaml(saved_config), {"out": config.out})
         differences = resume_differences(saved, config)
         if differences:
             raise LCCInputError(
@@ -221,7 +245,15 @@ def _prepare_out(config: TrainConfig) -> tuple[Path, Path | None, dict[str, Any]
             finished = None
         if finished is not None and int(finished.get("epochs", -1)) != config.epochs:
             finished = None  # more (or fewer) epochs asked: continue from the checkpoint
-    resume_from = last if config.resume and last.is_file() else None
+    resume_from = None
+    if config.resume and finished is None:
+        resume_from = _resume_checkpoint(out, report=True)
+        if resume_from is None and saved_config.is_file():
+            print(
+                f"lcc train: {out} holds no checkpoint yet: starting the run from epoch 1",
+                file=sys.stderr,
+                flush=True,
+            )
     return out, resume_from, finished, created
 
 
@@ -247,34 +279,50 @@ def idle_warnings(regularisation: Any, epochs: int) -> list[str]:
     return lines
 
 
+def _resume_checkpoint(out: Path, *, report: bool) -> Path | None:
+    """The checkpoint to resume from (:func:`lcc.train.checkpoints.find_resumable`): None when
+    ``out`` holds none yet; one stderr line per damaged one skipped (``report``); raises
+    :class:`LCCInputError` when there are checkpoints but none loads."""
+    from lcc.train.checkpoints import checkpoint_candidates, find_resumable
+
+    if not checkpoint_candidates(out):
+        return None
+    path, notes = find_resumable(out)
+    if report:
+        for note in notes:
+            print(f"lcc train: warning: {note}", file=sys.stderr, flush=True)
+    return path
+
+
 def _number(text: str) -> float | int:
     value = float(text)
     return int(value) if value.is_integer() and "." not in text else value
 
 
-def _earlier_csv_rows(path: Path, checkpoint: Path | None) -> list[dict[str, float]]:
-    """Rows of an earlier ``metrics.csv`` up to the checkpoint's epoch (Lightning's CSV logger
-    deletes the file when it starts, so a resumed run writes them again)."""
-    import csv
+def _earlier_csv_rows(path: Path, checkpoint: Path | None) -> list[dict[str, float | int]]:
+    """Rows of an earlier ``metrics.csv`` up to the checkpoint's epoch and step (Lightning's CSV
+    logger deletes the file when it starts, so a resumed run writes them again). A row torn by
+    a kill is dropped; the checkpoint is read weights-only."""
+    from lcc.io import read_csv_tolerant, safe_torch_load
 
     if checkpoint is None or not path.is_file():
         return []
     try:
-        saved_epoch = int(
-            torch.load(checkpoint, map_location="cpu", mmap=True, weights_only=False)["epoch"]
-        )
-        with path.open(newline="", encoding="utf-8") as file:
-            rows = list(csv.DictReader(file))
-    except Exception:  # unreadable old log: start a new one
+        saved = safe_torch_load(checkpoint, mmap=True)
+        saved_epoch, saved_step = int(saved["epoch"]), int(saved.get("global_step", -1))
+        rows = read_csv_tolerant(path)
+    except (LCCInputError, KeyError, TypeError, ValueError):  # unreadable: start a new log
         return []
     kept = []
     for row in rows:
-        values = {
-            key: float(value) for key, value in row.items() if key and value not in ("", None)
-        }
+        try:
+            values = {key: _number(value) for key, value in row.items() if key and value != ""}
+        except ValueError:  # a damaged row
+            continue
         if (
             "epoch" in values
             and values["epoch"] <= saved_epoch
+            and (saved_step < 0 or values.get("step", 0) <= saved_step)
             and not any(key.startswith("test/") for key in values)
         ):
             kept.append(values)
@@ -286,8 +334,9 @@ def _loggers(out: Path, resume_from: Path | None = None) -> list[Any]:
 
     earlier = _earlier_csv_rows(out / "logs" / "metrics.csv", resume_from)
     csv_logger = CSVLogger(str(out), name="logs", version="")
-    if earlier:
+    if earlier:  # the logger has just deleted the old file: write those rows back at once
         csv_logger.experiment.metrics.extend(earlier)
+        csv_logger.experiment.save()
     loggers: list[Any] = [csv_logger]
     try:
         loggers.append(TensorBoardLogger(str(out), name="tensorboard", version="", log_graph=False))
@@ -433,17 +482,18 @@ def train(
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from lcc.io import write_json_atomic
+    from lcc.train.checkpoints import AtomicCheckpointIO
 
     config = merge_config(config, {}).check()
     _quiet_lightning()
     rank = launched_rank()
     out = Path(config.out or "").expanduser()
-    resume_from: Path | None = out / "checkpoints" / "last.ckpt"
+    resume_from: Path | None = None
     finished, created = None, False
     if rank == 0:
         out, resume_from, finished, created = _prepare_out(config)
-    elif not (config.resume and resume_from is not None and resume_from.is_file()):
-        resume_from = None
+    elif config.resume:  # the same choice as rank 0's, without its notes
+        resume_from = _resume_checkpoint(out, report=False)
     if finished is not None:
         if report:
             print(f"lcc train: {out} already finished {config.epochs} epochs", file=sys.stderr)
@@ -480,6 +530,7 @@ def train(
         strategy=strategy,
         logger=_loggers(out, resume_from if rank == 0 else None),
         callbacks=[checkpoint, *callbacks],
+        plugins=[AtomicCheckpointIO(keep_last=2)],  # atomic, keeps previous.ckpt, weights-only
         enable_progress_bar=sys.stderr.isatty(),
         enable_model_summary=False,
         num_sanity_val_steps=0,

@@ -22,14 +22,13 @@ torch.Size([2, 10])
 from __future__ import annotations
 
 import importlib
-import pickle
 import warnings
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
+import torch  # noqa: F401 - the doctests use it
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -369,19 +368,13 @@ def _read_state(path: Path) -> Mapping[str, Any]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path))
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError):
-        # Lightning checkpoints may pickle hyperparameter objects: the user named this file.
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as error:
+            return load_file(str(path))
+        except Exception as error:  # SafetensorError: bad header, truncated data
             raise LCCInputError(f"cannot read checkpoint {path} ({_first_line(error)})") from None
-    except Exception as error:
-        raise LCCInputError(f"cannot read checkpoint {path} ({_first_line(error)})") from None
-    if isinstance(obj, nn.Module):
-        return obj.state_dict()
+    from lcc.io import safe_torch_load
+
+    obj = safe_torch_load(path)  # weights_only=True: a file needing more is refused
     if isinstance(obj, Mapping):
         for key in ("state_dict", "model_state_dict", "model"):
             inner = obj.get(key)
@@ -415,7 +408,9 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> list[str]:
     Keys may carry a ``model.`` / ``module.`` prefix. Head tensors whose shape differs (a
     different number of classes) are skipped and keep their new initialisation: their
     names are returned and a warning says so. Any other mismatch is an error.
-    Only load checkpoints you trust (Lightning files may need full unpickling).
+    Loading never runs code from the file (``torch.load(weights_only=True)``): a file that
+    needs arbitrary unpickling (e.g. a pickled module or hyperparameter object) is refused
+    with an :class:`LCCInputError` saying how to convert it.
     """
     path = Path(path).expanduser()
     if not path.is_file():

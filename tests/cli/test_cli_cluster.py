@@ -303,3 +303,57 @@ def test_help_documents_every_option_with_its_default(capsys: pytest.CaptureFixt
     assert "(default: lcc- clusters.npz)" in text or "(default: lcc-clusters.npz)" in text
     positionals = text.split("positional arguments:")[1].split("options:")[0]
     assert "LATENTS" in positionals and "(default: None)" not in positionals
+
+
+# --------------------------------------------------------------------------- never destroy inputs
+
+
+@pytest.mark.parametrize("spelling", ["same", "symlink", "dotdot", "hardlink"])
+def test_out_that_is_the_input_is_refused_and_the_input_kept(
+    spelling: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = latents(tmp_path / "lat.npz", n=50)
+    before = source.read_bytes()
+    (tmp_path / "sub").mkdir()
+    if spelling == "same":
+        out = source
+    elif spelling == "symlink":
+        out = tmp_path / "sub" / "alias.npz"
+        out.symlink_to(source)
+    elif spelling == "dotdot":
+        out = tmp_path / "sub" / ".." / "lat.npz"
+    else:
+        out = tmp_path / "sub" / "linked.npz"
+        os.link(source, out)
+    line = run_error([str(source), str(out)], capsys)
+    assert "is the input" in line and "would destroy the input" in line
+    assert source.read_bytes() == before
+    line = run_error([str(source), str(out), "--force"], capsys)  # --force never allows this
+    assert "is the input" in line
+    assert source.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")) == []
+
+
+def test_existing_out_of_another_kind_needs_force(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = latents(tmp_path / "lat.npz", n=60)
+    other = latents(tmp_path / "other-latents.npz", n=40)  # a user's file, not our output
+    before = other.read_bytes()
+    line = run_error([str(source), str(other)], capsys)
+    assert "exists and is not an lcc cluster result" in line and "--force" in line
+    assert other.read_bytes() == before
+    text = tmp_path / "notes.npz"
+    text.write_bytes(b"my notes, not an archive")
+    assert "is not an lcc cluster result" in run_error([str(source), str(text)], capsys)
+    assert text.read_bytes() == b"my notes, not an archive"
+
+    # an earlier output of lcc cluster is replaced without --force
+    out = tmp_path / "clusters.npz"
+    assert run_cli([str(source), str(out)], capsys)[0] == 0
+    code, stdout, _ = run_cli([str(source), str(out), "--k", "3"], capsys)
+    assert code == 0 and json.loads(stdout)["k"] == 3
+    # and --force replaces the foreign file
+    code, _, _ = run_cli([str(source), str(other), "--force"], capsys)
+    assert code == 0
+    assert set(np.load(other).files) == set(OUTPUT_SCHEMA)

@@ -269,7 +269,7 @@ def test_sigkill_and_resume_gives_the_same_final_metrics(tmp_path):
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert not (out / "metrics.json").exists(), "the run finished before it could be killed"
-    killed_at = torch.load(checkpoint, weights_only=False)["epoch"]
+    killed_at = torch.load(checkpoint, weights_only=True)["epoch"]
     assert killed_at in (1, 2)  # the checkpoint holds a refresh state and recorded latents
 
     resumed = subprocess.run(
@@ -286,3 +286,197 @@ def test_sigkill_and_resume_gives_the_same_final_metrics(tmp_path):
     assert got["refreshes"] == expected["refreshes"] == 3
     journal = (out / "refreshes.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in journal] == [1, 2, 3]  # no duplicates
+
+
+# --------------------------------------------------------------------------- faults and misuse
+
+
+class Payload:
+    """Unpickling this creates ``marker``: the stand-in for code a malicious file would run."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+RUN2 = ["--k", "3", "--subset", "200", "--test-subset", "100", "--batch-size", "50"]
+
+
+@pytest.fixture(scope="module")
+def two_epochs(tmp_path_factory) -> Path:
+    """A finished 2-epoch LCC run: checkpoints/last.ckpt (epoch 1) and previous.ckpt (epoch 0)."""
+    out = tmp_path_factory.mktemp("two") / "run"
+    assert main(["train", "small-cnn", "digits", "--out", str(out), "--epochs", "2", *RUN2]) == 0
+    return out
+
+
+def _copy(run: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(run, tmp_path / "run"))
+
+
+def test_resume_without_a_run_names_the_files_it_looked_for(capsys, tmp_path, two_epochs):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    err = _fails(capsys, ["--out", str(empty), "--resume"])
+    assert f"there is no run to resume in {empty} (looked for {empty / 'config.yaml'}" in err
+    assert str(empty / "checkpoints" / "last.ckpt") in err and "without --resume" in err
+    err = _fails(capsys, ["--out", str(tmp_path / "missing"), "--resume"])
+    assert f"{tmp_path / 'missing'} does not exist" in err
+    assert not (tmp_path / "missing").exists()
+    run = _copy(two_epochs, tmp_path)
+    (run / "config.yaml").unlink()
+    err = _fails(capsys, ["--out", str(run), "--resume"])
+    assert "config.yaml is missing" in err and "last.ckpt" in err
+
+
+def test_out_directory_not_writable_is_one_line(capsys, tmp_path, monkeypatch):
+    import errno
+    import tempfile
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(tempfile, "NamedTemporaryFile", read_only)
+    out = tmp_path / "run"
+    err = _fails(capsys, ["small-cnn", "digits", "--out", str(out), *TINY])
+    assert f"cannot write to --out {out}: Read-only file system" in err
+
+
+@pytest.mark.parametrize(
+    "how",
+    ["truncated", pytest.param("zero-byte", marks=pytest.mark.slow), "random-bytes"],
+)
+def test_resume_falls_back_from_a_damaged_last_checkpoint(capsys, tmp_path, two_epochs, how):
+    run = _copy(two_epochs, tmp_path)
+    last = run / "checkpoints" / "last.ckpt"
+    content = {
+        "truncated": last.read_bytes()[: last.stat().st_size // 3],
+        "zero-byte": b"",
+        "random-bytes": np.random.default_rng(0).bytes(5000),
+    }[how]
+    last.write_bytes(content)
+    earlier = json.loads((two_epochs / "metrics.json").read_text())["history"]
+    assert main(["train", "--out", str(run), "--resume", "--epochs", "3"]) == 0
+    captured = capsys.readouterr()
+    warnings = [line for line in captured.err.splitlines() if "warning" in line]
+    assert warnings == [
+        f"lcc train: warning: checkpoint {last} is unusable ("
+        + {
+            "truncated": f"truncated ({len(content)} bytes; the archive torch.save writes is "
+            "incomplete)",
+            "zero-byte": "empty file (0 bytes)",
+            "random-bytes": "not a file written by torch.save (unrecognised bytes)",
+        }[how]
+        + "); resuming from previous.ckpt (epoch 0, step 4)"
+    ]
+    assert "Traceback" not in captured.err
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert [record["epoch"] for record in metrics["history"]] == [0, 1, 2]
+    assert metrics["history"][0]["loss"] == earlier[0]["loss"]  # epoch 0 came from previous.ckpt
+    journal = [json.loads(line) for line in (run / "refreshes.jsonl").read_text().splitlines()]
+    assert [record["epoch"] for record in journal] == [1, 2]
+    # the next save did not keep the damaged file as previous.ckpt
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 2
+    assert torch.load(run / "checkpoints" / "previous.ckpt", weights_only=True)["epoch"] == 1
+
+
+def test_resume_with_every_checkpoint_damaged_is_one_line(capsys, tmp_path, two_epochs):
+    run = _copy(two_epochs, tmp_path)
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"")
+    previous = run / "checkpoints" / "previous.ckpt"
+    previous.write_bytes(previous.read_bytes()[:1000])
+    err = _fails(capsys, ["--out", str(run), "--resume", "--epochs", "3"])
+    assert f"no usable checkpoint in {run / 'checkpoints'} (last.ckpt: empty file" in err
+    assert "previous.ckpt: truncated (1000 bytes" in err
+
+
+def test_malicious_checkpoint_in_the_run_never_runs(capsys, tmp_path, two_epochs):
+    run = _copy(two_epochs, tmp_path)
+    marker = tmp_path / "marker"
+    saved = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    torch.save({**saved, "lcc_history": Payload(marker)}, run / "checkpoints" / "last.ckpt")
+    (run / "checkpoints" / "previous.ckpt").unlink()
+    err = _fails(capsys, ["--out", str(run), "--resume", "--epochs", "3"])
+    assert "last.ckpt: needs arbitrary unpickling (io.open), refused" in err
+    assert not marker.exists()
+
+
+def test_malicious_checkpoint_option_never_runs(capsys, tmp_path):
+    from lcc.zoo.models import build_model
+
+    marker = tmp_path / "marker"
+    weights = build_model("small-cnn", 10, input_shape=(1, 8, 8)).state_dict()
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": weights, "hyper_parameters": Payload(marker)}, evil)
+    out = tmp_path / "run"
+    err = _fails(capsys, ["small-cnn", "digits", "--checkpoint", str(evil), "--out", str(out)])
+    assert f"refusing to load checkpoint {evil}: it needs arbitrary unpickling (io.open)" in err
+    assert "execute code" in err and "safetensors" in err
+    assert not marker.exists()
+    assert not out.exists()
+
+
+def test_resume_tolerates_torn_logs(capsys, tmp_path, two_epochs):
+    run = _copy(two_epochs, tmp_path)
+    csv_file, journal = run / "logs" / "metrics.csv", run / "refreshes.jsonl"
+    text = csv_file.read_text()
+    csv_file.write_text(text + text.splitlines()[1][:7])  # a row cut by a kill
+    journal.write_text(journal.read_text() + '{"epoch": 2, "layer": "ac')
+    assert main(["train", "--out", str(run), "--resume", "--epochs", "3"]) == 0
+    capsys.readouterr()
+    records = [json.loads(line) for line in journal.read_text().splitlines()]
+    assert [record["epoch"] for record in records] == [1, 2]
+    import csv as csv_module
+
+    with csv_file.open(newline="") as handle:
+        rows = list(csv_module.DictReader(handle))
+    epochs = [row["epoch"] for row in rows if row.get("train/loss")]
+    assert epochs == ["0", "1", "2"]  # one row per epoch: no torn row, nothing twice
+    before = [row for row in csv_module.DictReader(text.splitlines()) if row.get("train/loss")]
+    after = [row for row in rows if row.get("train/loss")]
+    assert after[0] == {key: before[0][key] for key in after[0]}  # written back as they were
+
+
+def test_disk_full_during_training_is_one_line_and_keeps_the_checkpoint(
+    capsys, tmp_path, monkeypatch
+):
+    import errno
+
+    from lcc.train import checkpoints
+
+    out = tmp_path / "run"
+    real_save, calls = torch.save, []
+
+    def fills_up(obj, handle):
+        calls.append(1)
+        if len(calls) > 1:  # the first epoch's checkpoint fits, the second does not
+            handle.write(b"PK\x03\x04")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_save(obj, handle)
+
+    monkeypatch.setattr(checkpoints.torch, "save", fills_up)
+    code = main(["train", "small-cnn", "digits", "--out", str(out), "--epochs", "2", *RUN2])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and lines[0].startswith("epoch 1/2:")  # the per-epoch report, then
+    (err,) = [line for line in lines if not line.startswith("epoch ")]  # one line
+    last = out / "checkpoints" / "last.ckpt"
+    assert err.startswith(f"lcc train: error: cannot write checkpoint {last}: no space left")
+    assert "last.ckpt left as it was" in err and f"lcc train --out {out} --resume" in err
+    assert torch.load(last, weights_only=True)["epoch"] == 0
+    assert not (out / "metrics.json").exists()
+
+
+def test_resume_before_the_first_checkpoint_starts_over_and_says_so(capsys, tmp_path, two_epochs):
+    import shutil
+
+    run = _copy(two_epochs, tmp_path)  # killed during epoch 1: config.yaml, no checkpoint
+    shutil.rmtree(run / "checkpoints")
+    (run / "metrics.json").unlink()
+    assert main(["train", "--out", str(run), "--resume", "--epochs", "1"]) == 0
+    err = capsys.readouterr().err
+    assert f"lcc train: {run} holds no checkpoint yet: starting the run from epoch 1" in err
+    assert json.loads((run / "metrics.json").read_text())["epochs"] == 1

@@ -177,6 +177,16 @@ class Hyper:  # a pickled object that weights-only loading refuses
     lr: float = 0.1
 
 
+class Payload:
+    """Unpickling this runs ``open(marker, "w")``: what a malicious checkpoint would do."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
 def test_checkpoint_round_trips(tmp_path):
     source = randomise(build_model("small-cnn", 10, input_shape=(1, 16, 16)), 1)
     x = torch.randn(4, 1, 16, 16)
@@ -188,7 +198,7 @@ def test_checkpoint_round_trips(tmp_path):
         {
             "state_dict": {f"model.{k}": v for k, v in source.state_dict().items()}
             | {"lcc_loss.dummy": torch.zeros(1)},
-            "hyper_parameters": Hyper(),
+            "hyper_parameters": {"lr": 0.1, "layers": ["act1"]},  # plain values, as Lightning
             "epoch": 3,
         },
         lightning,
@@ -236,6 +246,39 @@ def test_checkpoint_errors(tmp_path):
     junk.write_bytes(b"not a checkpoint")
     with pytest.raises(LCCInputError, match="cannot read"):
         build_model("small-cnn", 3, input_shape=(1, 8, 8), checkpoint=junk)
+    bad_safetensors = tmp_path / "bad.safetensors"
+    bad_safetensors.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    with pytest.raises(LCCInputError, match="cannot read checkpoint"):
+        build_model("small-cnn", 3, input_shape=(1, 8, 8), checkpoint=bad_safetensors)
+
+
+def test_checkpoint_with_pickled_objects_is_refused_without_a_retry(tmp_path):
+    source = build_model("small-cnn", 3, input_shape=(1, 8, 8))
+    path = tmp_path / "hyper.ckpt"
+    torch.save({"state_dict": source.state_dict(), "hyper_parameters": Hyper()}, path)
+    with pytest.raises(LCCInputError) as caught:
+        build_model("small-cnn", 3, input_shape=(1, 8, 8), checkpoint=path)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert "needs arbitrary unpickling (test_models.Hyper)" in message
+    assert "execute code" in message and "safetensors" in message and "state_dict" in message
+
+
+@pytest.mark.parametrize("protocol", ["torch.save", "pickle-2", "pickle-5"])
+def test_malicious_checkpoint_never_runs(tmp_path, protocol):
+    import pickle
+
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.ckpt"
+    state = {"state_dict": build_model("small-cnn", 3, input_shape=(1, 8, 8)).state_dict()}
+    state["x"] = Payload(marker)
+    if protocol == "torch.save":
+        torch.save(state, path)
+    else:
+        path.write_bytes(pickle.dumps(state, protocol=int(protocol[-1])))
+    with pytest.raises(LCCInputError, match=r"arbitrary unpickling \(io\.open[,)]"):
+        build_model("small-cnn", 3, input_shape=(1, 8, 8), checkpoint=path)
+    assert not marker.exists()
 
 
 # --------------------------------------------------------------------------- adapters
