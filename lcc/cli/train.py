@@ -86,6 +86,7 @@ METAVARS = {
     "labels_per_class": "N",
     "unlabeled": "DATASET",
     "labeled_ratio": "R",
+    "checkpoint_every": "MINUTES",
 }
 GROUPS = {
     "run": "run",
@@ -192,6 +193,7 @@ def run(args: argparse.Namespace) -> int:
     from lcc.train.config import field_names
     from lcc.train.lightning import NonFiniteLossError
     from lcc.train.run import launched_rank, resolve_config, train
+    from lcc.train.stopping import TrainingStopped
 
     if hasattr(args, "help_reg"):
         print(_regulariser_help(args.help_reg))
@@ -204,6 +206,10 @@ def run(args: argparse.Namespace) -> int:
         if launched_rank() == 0:
             print(f"lcc train: error: {error}", file=sys.stderr)
         return 1
+    except TrainingStopped as stopped:
+        if launched_rank() == 0:
+            print(f"lcc train: {stopped}", file=sys.stderr, flush=True)
+        return stopped.exit_code
     if launched_rank() == 0:
         summary = {k: v for k, v in metrics.items() if k != "history"}
         summary["out"] = config.out

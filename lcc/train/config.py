@@ -39,7 +39,9 @@ STRATEGIES: tuple[str, ...] = ("auto", "ddp")
 ACCELERATORS: tuple[str, ...] = ("auto", "cpu", "gpu", "cuda", "mps")
 
 #: keys that may differ from the saved config when a run is resumed
-RESUME_MUTABLE: frozenset[str] = frozenset({"epochs", "num_workers", "resume", "data_dir"})
+RESUME_MUTABLE: frozenset[str] = frozenset(
+    {"epochs", "num_workers", "resume", "data_dir", "checkpoint_every"}
+)
 
 
 def _option(
@@ -237,6 +239,13 @@ class TrainConfig:
         "auto", "Lightning accelerator", kind="str", choices=ACCELERATORS, group="system"
     )
     num_workers: int = _option(0, "DataLoader worker processes", kind="int", group="system")
+    checkpoint_every: float | None = _option(
+        None,
+        "also save a mid-epoch checkpoint every this many minutes (SIGTERM/SIGINT always save one)",
+        kind="float?",
+        shown="every epoch only",
+        group="system",
+    )
     keep_checkpoints: bool = _option(
         False,
         "also keep checkpoints/epoch=E.ckpt of every epoch, besides last.ckpt",
@@ -285,6 +294,10 @@ class TrainConfig:
             )
         if self.labeled_fraction is not None and self.labels_per_class is not None:
             raise LCCInputError("pass --labeled-fraction or --labels-per-class, not both")
+        if self.checkpoint_every is not None and not self.checkpoint_every > 0:
+            raise LCCInputError(
+                f"--checkpoint-every must be > 0 minutes, got {self.checkpoint_every}"
+            )
         if not 0 < self.labeled_ratio <= 1:
             raise LCCInputError(f"--labeled-ratio must be in (0, 1], got {self.labeled_ratio}")
         for name in ("pca", "subset", "test_subset", "policy_size", "labels_per_class"):

@@ -104,6 +104,41 @@ def preserved_rng() -> Iterator[None]:
         torch.set_rng_state(states[2])
 
 
+def rng_state() -> dict[str, Any]:
+    """The global Python/NumPy/torch RNG states as checkpoint-safe values (tensors, tuples)."""
+    name, keys, position, has_gauss, cached = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": [name, torch.from_numpy(np.asarray(keys).copy()), position, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Inverse of :func:`rng_state`."""
+    python = state["python"]
+    random.setstate((python[0], tuple(python[1]), python[2]))
+    name, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy(), int(position), int(has_gauss), float(cached)))
+    torch.set_rng_state(state["torch"])
+
+
+class ResumePoint:
+    """Where a mid-epoch checkpoint stopped: ``epoch``, ``batches`` done in it, RNG states.
+
+    A sampler given one (``resume_at``) skips the batches already trained on when it next
+    iterates that epoch, then restores the RNG states, so the rest of the epoch replays
+    exactly as in an uninterrupted run.
+    """
+
+    def __init__(self, epoch: int, batches: int, rng: dict[str, Any] | None):
+        self.epoch, self.batches, self.rng = int(epoch), int(batches), rng
+
+    def take(self, epoch: int) -> ResumePoint | None:
+        """This point if it is for ``epoch`` (a point is used once)."""
+        return self if epoch == self.epoch and self.batches > 0 else None
+
+
 class EpochSampler(Sampler[int]):
     """Indices ``0..n-1`` in an order that depends only on ``(seed, epoch)``; one rank's shard.
 
@@ -138,9 +173,15 @@ class EpochSampler(Sampler[int]):
         self.rank, self.world_size, self.pad = int(rank), int(world_size), bool(pad)
         self.epoch_fn, self.reseed = epoch_fn, bool(reseed)
         self.epoch = 0
+        self.batch_size = 1
+        self.resume: ResumePoint | None = None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
+
+    def resume_at(self, point: ResumePoint, batch_size: int) -> None:
+        """Skip ``point.batches * batch_size`` samples the next time ``point.epoch`` runs."""
+        self.resume, self.batch_size = point, int(batch_size)
 
     def __len__(self) -> int:
         if self.pad:
@@ -163,7 +204,13 @@ class EpochSampler(Sampler[int]):
         epoch = int(self.epoch_fn()) if self.epoch_fn is not None else self.epoch
         if self.reseed:
             seed_rngs(epoch_seed(self.seed, epoch, self.rank))
-        yield from self.indices(epoch)
+        point, self.resume = (self.resume.take(epoch) if self.resume else None), None
+        order = self.indices(epoch)
+        if point is not None:
+            order = order[point.batches * self.batch_size :]
+            if point.rng is not None:
+                set_rng_state(point.rng)
+        yield from order
 
 
 class _Shard(Dataset):
@@ -193,9 +240,14 @@ class _EpochBatches(Sampler[list[int]]):
 
     def __init__(self, batches: Any, *, seed: int, rank: int, epoch_fn: Callable[[], int]):
         self.batches, self.seed, self.rank, self.epoch_fn = batches, seed, rank, epoch_fn
+        self.resume: ResumePoint | None = None
 
     def set_epoch(self, epoch: int) -> None:  # Lightning calls it; the epoch comes from epoch_fn
         pass
+
+    def resume_at(self, point: ResumePoint, batch_size: int) -> None:
+        """Skip ``point.batches`` batches the next time ``point.epoch`` runs."""
+        self.resume = point
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -204,7 +256,36 @@ class _EpochBatches(Sampler[list[int]]):
         epoch = int(self.epoch_fn())
         self.batches.set_epoch(epoch)
         seed_rngs(epoch_seed(self.seed, epoch, self.rank))
-        yield from self.batches
+        point, self.resume = (self.resume.take(epoch) if self.resume else None), None
+        batches = iter(self.batches)
+        if point is not None:
+            for _ in range(point.batches):
+                next(batches, None)
+            if point.rng is not None:
+                set_rng_state(point.rng)
+        yield from batches
+
+
+class ResumableLoader(DataLoader):
+    """A training DataLoader Lightning can checkpoint mid-epoch (its ``state_dict`` protocol):
+    the state is a :class:`ResumePoint` (epoch, batches trained on, RNG states), read from
+    ``progress_fn`` when a checkpoint is saved; loading it makes the sampler skip those batches.
+    """
+
+    def __init__(self, *args: Any, progress_fn: Callable[[], tuple[int, int]], **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.progress_fn = progress_fn
+
+    def _order(self) -> Any:
+        return self.batch_sampler if self.batch_size is None else self.sampler
+
+    def state_dict(self) -> dict[str, Any]:
+        epoch, batches = self.progress_fn()
+        return {"epoch": int(epoch), "batches": int(batches), "rng": rng_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        point = ResumePoint(state["epoch"], state["batches"], state.get("rng"))
+        self._order().resume_at(point, self.batch_size or 1)
 
 
 class LCCDataModule(pl.LightningDataModule):
@@ -245,8 +326,14 @@ class LCCDataModule(pl.LightningDataModule):
             # the epoch being started, also while Lightning prefetches right after a resume
             return int(trainer.fit_loop.epoch_progress.current.processed) if trainer else 0
 
+        def progress() -> tuple[int, int]:  # the epoch in progress and its batches trained on
+            module = trainer.lightning_module if trainer else None
+            if module is None:
+                return 0, 0
+            return int(module.current_epoch), int(getattr(module, "batches_done", 0))
+
         if self.train is not None:
-            return self._mixed_dataloader(rank, world, epoch)
+            return self._mixed_dataloader(rank, world, epoch, progress)
         sampler = EpochSampler(
             len(self.bundle.train),
             seed=self.seed,
@@ -255,15 +342,22 @@ class LCCDataModule(pl.LightningDataModule):
             epoch_fn=epoch,
             reseed=True,
         )
-        return DataLoader(
+        return ResumableLoader(
             IndexedDataset(self.bundle.train),
+            progress_fn=progress,
             batch_size=self.batch_size,
             sampler=sampler,
             num_workers=self.num_workers,
             persistent_workers=False,
         )
 
-    def _mixed_dataloader(self, rank: int, world: int, epoch: Callable[[], int]) -> DataLoader:
+    def _mixed_dataloader(
+        self,
+        rank: int,
+        world: int,
+        epoch: Callable[[], int],
+        progress: Callable[[], tuple[int, int]],
+    ) -> DataLoader:
         from lcc.zoo.labels import MixedBatchSampler
 
         batches = MixedBatchSampler(
@@ -275,8 +369,9 @@ class LCCDataModule(pl.LightningDataModule):
             num_replicas=world,
             rank=rank,
         )
-        return DataLoader(
+        return ResumableLoader(
             self.train,
+            progress_fn=progress,
             batch_sampler=_EpochBatches(batches, seed=self.seed, rank=rank, epoch_fn=epoch),
             num_workers=self.num_workers,
             persistent_workers=False,
@@ -462,6 +557,8 @@ class LCCModule(pl.LightningModule):
         self._sums = np.zeros(6)  # loss*B, ce*B, reg*B, correct, count, labelled
         self._term_sums: dict[str, float] = {}
         self._seen = np.zeros(self.n_train, dtype=bool)
+        self.batches_done = 0  # training steps finished in the current epoch
+        self._mid_epoch: dict[str, Any] | None = None  # a mid-epoch checkpoint's epoch state
 
     @property
     def lcc(self) -> LCC | None:
@@ -490,9 +587,16 @@ class LCCModule(pl.LightningModule):
             momentum=self.momentum,
             weight_decay=self.weight_decay,
         )
-        total = max(1, int(self.trainer.estimated_stepping_batches))
+        totals: list[int] = []
 
         def cosine(step: int) -> float:
+            # the number of steps is read at the first step, not here: asking for it now would
+            # build the train loader before a checkpoint restores its position (mid-epoch resume)
+            if step == 0:
+                return 1.0
+            if not totals:
+                totals.append(max(1, int(self.trainer.estimated_stepping_batches)))
+            total = totals[0]
             return 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine)
@@ -503,7 +607,13 @@ class LCCModule(pl.LightningModule):
 
     # --- training ----------------------------------------------------------------------------
 
+    def on_train_start(self) -> None:
+        self._restored_epoch = int(self.current_epoch) if self._resume_mid_epoch() else None
+
     def on_train_epoch_start(self) -> None:
+        if getattr(self, "_restored_epoch", None) == int(self.current_epoch):
+            self._restored_epoch = None  # continuing a mid-epoch checkpoint: already restored
+            return
         self._epoch_start = time.perf_counter()
         self._epoch_cpu_start = time.process_time()
         self._refresh_seconds = 0.0
@@ -511,6 +621,7 @@ class LCCModule(pl.LightningModule):
         self._sums[:] = 0
         self._term_sums = {}
         self._seen[:] = False
+        self.batches_done = 0
         regs = self.regularisation
         if regs is None:
             return
@@ -558,6 +669,7 @@ class LCCModule(pl.LightningModule):
             int(labelled.sum()),
         )
         self._seen[index.detach().cpu().numpy()] = True
+        self.batches_done += 1
         if self._trainer is not None:
             self.log("loss", loss.detach(), prog_bar=True, on_epoch=False, logger=False)
         return loss
@@ -861,12 +973,49 @@ class LCCModule(pl.LightningModule):
         regs = self.regularisation
         checkpoint["regularisation"] = None if regs is None else regs.state_dict()
         checkpoint["lcc_history"] = self.history
+        checkpoint["epoch_in_progress"] = self._epoch_state()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         saved = checkpoint.get("regularisation")
         if self.regularisation is not None and saved is not None:
             self.regularisation.load_state_dict(saved)
         self.history = list(checkpoint.get("lcc_history") or [])
+        self._mid_epoch = checkpoint.get("epoch_in_progress")
+
+    def _epoch_state(self) -> dict[str, Any]:
+        """What the epoch in progress has accumulated (for a mid-epoch checkpoint)."""
+        stats = self._refresh_stats
+        return {
+            "epoch": int(self.current_epoch) if self._trainer is not None else 0,
+            "batches": int(self.batches_done),
+            "sums": torch.from_numpy(self._sums.copy()),
+            "term_sums": dict(self._term_sums),
+            "seen": torch.from_numpy(self._seen.copy()),
+            "seconds": time.perf_counter() - self._epoch_start,
+            "cpu_seconds": time.process_time() - self._epoch_cpu_start,
+            "refresh_seconds": self._refresh_seconds,
+            "refresh_stats": None
+            if stats is None
+            else {name: {key: s.get(key) for key in _REPORTED} for name, s in stats.items()},
+        }
+
+    def _resume_mid_epoch(self) -> bool:
+        """Continue the epoch a mid-epoch checkpoint stopped in: restore what it accumulated
+        and skip the epoch-start work (refreshes, regulariser hooks) already done."""
+        state, self._mid_epoch = self._mid_epoch, None
+        if not state or state["epoch"] != int(self.current_epoch) or state["batches"] <= 0:
+            return False
+        self.batches_done = int(state["batches"])
+        self._sums[:] = state["sums"].numpy()
+        self._term_sums = dict(state["term_sums"])
+        self._seen[:] = state["seen"].numpy()
+        self._epoch_start = time.perf_counter() - float(state["seconds"])
+        self._epoch_cpu_start = time.process_time() - float(state["cpu_seconds"])
+        self._refresh_seconds = float(state["refresh_seconds"])
+        self._refresh_stats = state["refresh_stats"]
+        if self.regularisation is not None:
+            self.regularisation.epoch = int(self.current_epoch)
+        return True
 
 
 def _layer_stats(states: Mapping[str, Any]) -> dict[str, dict[str, Any]]:

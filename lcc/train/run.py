@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -480,9 +481,11 @@ def train(
     """
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from lcc.io import write_json_atomic
     from lcc.train.checkpoints import AtomicCheckpointIO
+    from lcc.train.stopping import EXIT_CODES, GracefulStop, TrainingStopped, stopping_signals
 
     config = merge_config(config, {}).check()
     _quiet_lightning()
@@ -518,6 +521,7 @@ def train(
         save_on_train_epoch_end=True,
         enable_version_counter=False,
     )
+    stop = GracefulStop(out / "checkpoints" / "last.ckpt", config.checkpoint_every)
     strategy: Any = "auto"
     if config.devices > 1 or config.strategy == "ddp":
         from lightning.pytorch.strategies import DDPStrategy
@@ -529,7 +533,7 @@ def train(
         devices=config.devices,
         strategy=strategy,
         logger=_loggers(out, resume_from if rank == 0 else None),
-        callbacks=[checkpoint, *callbacks],
+        callbacks=[checkpoint, stop, *callbacks],
         plugins=[AtomicCheckpointIO(keep_last=2)],  # atomic, keeps previous.ckpt, weights-only
         enable_progress_bar=sys.stderr.isatty(),
         enable_model_summary=False,
@@ -540,9 +544,27 @@ def train(
         default_root_dir=str(out),
     )
     start = time.perf_counter()
-    trainer.fit(module, datamodule=data, ckpt_path=str(resume_from) if resume_from else None)
-    fit_seconds = time.perf_counter() - start
-    trainer.test(module, datamodule=data, verbose=False)
+    with stopping_signals(trainer) as signals:
+        try:
+            trainer.fit(
+                module, datamodule=data, ckpt_path=str(resume_from) if resume_from else None
+            )
+            fit_seconds = time.perf_counter() - start
+            trainer.test(module, datamodule=data, verbose=False)
+        except (SIGTERMException, SystemExit) as error:
+            if signals.first is None and isinstance(error, SystemExit):
+                raise
+            code = EXIT_CODES.get(signals.first or signal.SIGTERM, 143)
+            resume = f"continue with: lcc train --out {out} --resume"
+            if stop.stopped_at is None:
+                where = "before the end of the epoch in progress; its last checkpoint is kept"
+                if signals.interrupts > 1:
+                    where = "at once (second interrupt); the last checkpoint is kept"
+                raise TrainingStopped(f"stopped {where}; {resume}", code) from None
+            epoch, step = stop.stopped_at
+            raise TrainingStopped(
+                f"stopped at epoch {epoch + 1}/{config.epochs}, step {step}; {resume}", code
+            ) from None
     metrics = _metrics(config, module, bundle, fit_seconds, trainer.world_size)
     if trainer.is_global_zero:
         write_json_atomic(out / "metrics.json", metrics)
