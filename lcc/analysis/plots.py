@@ -1,8 +1,10 @@
 """Pictures of runs and latent spaces, written as PNG and SVG files (matplotlib, Agg).
 
-Every plotting function takes a ``path`` (with or without ``.png``/``.svg``), writes one file
-per format in ``formats`` atomically (:func:`lcc.io.atomic_write`: temp file + rename) and
-returns the paths written. Nothing is shown on screen and no global pyplot state is used.
+Every ``plot_*`` function (and :func:`latent_map`) takes a ``path`` (with or without
+``.png``/``.svg``), writes one file per format in ``formats`` atomically
+(:func:`lcc.io.atomic_write`: temp file + rename) and returns the paths written; the matching
+``*_figure`` function returns the :class:`matplotlib.figure.Figure` instead. Nothing is shown on
+screen and no pyplot state is used (figures are drawn by the Agg canvas).
 
 - :func:`latent_map`: a 2-D embedding of each layer's latents, coloured by class, misclustered
   samples ringed in black, one panel per layer (the LCC paper's Fig. 1-2).
@@ -40,12 +42,18 @@ __all__ = [
     "Embedding",
     "embed_2d",
     "latent_map",
+    "latent_map_figure",
+    "measures_figure",
     "plot_measures",
     "plot_refresh_quality",
     "plot_refresh_seconds",
     "plot_top1",
+    "refresh_quality_figure",
+    "refresh_seconds_figure",
+    "resolve_method",
     "sample_indices",
     "save_figure",
+    "top1_figure",
 ]
 
 #: file formats written by default
@@ -147,6 +155,17 @@ def resolve_method(method: str) -> str:
     return method
 
 
+def _pca_2d(data: np.ndarray) -> np.ndarray:
+    """Scores on the top two principal components (SVD of the centred rows); each component's
+    sign is fixed so that its largest loading is positive, for reproducible pictures."""
+    centred = data - data.mean(axis=0)
+    _, _, components = np.linalg.svd(centred, full_matrices=False)
+    components = components[:2]
+    signs = np.sign(components[np.arange(2), np.abs(components).argmax(axis=1)])
+    signs[signs == 0] = 1.0
+    return centred @ (components * signs[:, None]).T
+
+
 def embed_2d(
     z: Any,
     *,
@@ -158,7 +177,8 @@ def embed_2d(
     """Embed the rows of ``z`` (N, ...) in 2-D with UMAP, PCA or t-SNE (seeded).
 
     ``index``: the rows to embed (default :func:`sample_indices` of ``max_points``). PCA is
-    scikit-learn's on the sampled rows; t-SNE runs on their first 50 principal components.
+    an SVD of the centred sampled rows; t-SNE (scikit-learn) runs on their first 50 principal
+    components.
 
     >>> e = embed_2d(np.random.default_rng(0).normal(size=(50, 4)), method="pca", max_points=20)
     >>> e.coords.shape, e.method
@@ -171,9 +191,7 @@ def embed_2d(
     if data.shape[1] < 2:
         data = np.hstack([data, np.zeros((data.shape[0], 2 - data.shape[1]))])
     if chosen == "pca":
-        from sklearn.decomposition import PCA
-
-        coords = PCA(n_components=2, random_state=seed).fit_transform(data)
+        coords = _pca_2d(data)
     elif chosen == "tsne":
         from sklearn.decomposition import PCA
         from sklearn.manifold import TSNE
@@ -234,6 +252,23 @@ def latent_map(
     title: str | None = None,
     formats: Sequence[str] = FORMATS,
 ) -> list[Path]:
+    """Write :func:`latent_map_figure` to ``path`` (PNG and SVG); returns the paths."""
+    figure = latent_map_figure(
+        z_by_layer, y, misclustered, method=method, max_points=max_points, seed=seed, title=title
+    )
+    return save_figure(figure, path, formats)
+
+
+def latent_map_figure(
+    z_by_layer: Mapping[str, Any],
+    y: Any,
+    misclustered: Mapping[str, Any] | None = None,
+    *,
+    method: str = "auto",
+    max_points: int = MAX_POINTS,
+    seed: int = 0,
+    title: str | None = None,
+) -> Any:
     """One panel per layer: a 2-D embedding of its latents coloured by class (``y``),
     misclustered samples (``misclustered[layer]``, a (N,) bool mask) ringed in black.
 
@@ -298,8 +333,7 @@ def latent_map(
     _latent_legend(figure, classes, colours, with_ring=bool(masks), shown=len(rows), total=n)
     if title:
         figure.suptitle(title, fontsize=11)
-    paths = save_figure(figure, path, formats)
-    return paths
+    return figure
 
 
 def _latent_legend(
@@ -356,6 +390,16 @@ def plot_top1(
     title: str | None = None,
     formats: Sequence[str] = FORMATS,
 ) -> list[Path]:
+    """Write :func:`top1_figure` to ``path`` (PNG and SVG); returns the paths."""
+    return save_figure(top1_figure(histories, test_top1=test_top1, title=title), path, formats)
+
+
+def top1_figure(
+    histories: Mapping[str, Sequence[Mapping[str, Any]]],
+    *,
+    test_top1: Mapping[str, float | None] | None = None,
+    title: str | None = None,
+) -> Any:
     """Training top-1 (%) and loss per epoch, one line per run (``{name: history}``, records
     with ``epoch``, ``train_top1``, ``loss``); each run's final test top-1 as a star."""
     if not histories:
@@ -405,7 +449,7 @@ def plot_top1(
             axis.legend(fontsize=8)
     if title:
         figure.suptitle(title, fontsize=11)
-    return save_figure(figure, path, formats)
+    return figure
 
 
 def plot_refresh_quality(
@@ -415,6 +459,15 @@ def plot_refresh_quality(
     title: str | None = None,
     formats: Sequence[str] = FORMATS,
 ) -> list[Path]:
+    """Write :func:`refresh_quality_figure` to ``path`` (PNG and SVG); returns the paths."""
+    return save_figure(refresh_quality_figure(records, title=title), path, formats)
+
+
+def refresh_quality_figure(
+    records: Sequence[Mapping[str, Any]],
+    *,
+    title: str | None = None,
+) -> Any:
     """Per refresh (epoch) and layer: misclustered fraction, and the model's training accuracy
     on correctly clustered (CC, solid) vs misclustered (MC, dashed) samples and on all (dotted).
 
@@ -463,7 +516,7 @@ def plot_refresh_quality(
             axis.legend(fontsize=8)
     if title:
         figure.suptitle(title, fontsize=11)
-    return save_figure(figure, path, formats)
+    return figure
 
 
 def plot_refresh_seconds(
@@ -473,6 +526,15 @@ def plot_refresh_seconds(
     title: str | None = None,
     formats: Sequence[str] = FORMATS,
 ) -> list[Path]:
+    """Write :func:`refresh_seconds_figure` to ``path`` (PNG and SVG); returns the paths."""
+    return save_figure(refresh_seconds_figure(records, title=title), path, formats)
+
+
+def refresh_seconds_figure(
+    records: Sequence[Mapping[str, Any]],
+    *,
+    title: str | None = None,
+) -> Any:
     """Seconds per refresh stage (collect, knn, graph, cluster, match, targets, ...) as stacked
     bars, one bar per refresh, summed over layers (see
     :func:`lcc.analysis.runs.refresh_stage_seconds`)."""
@@ -499,7 +561,7 @@ def plot_refresh_seconds(
     figure.legend(loc="outside right center", fontsize=8, frameon=False, title="stage")
     if title:
         figure.suptitle(title, fontsize=11)
-    return save_figure(figure, path, formats)
+    return figure
 
 
 def plot_measures(
@@ -509,6 +571,15 @@ def plot_measures(
     title: str | None = None,
     formats: Sequence[str] = FORMATS,
 ) -> list[Path]:
+    """Write :func:`measures_figure` to ``path`` (PNG and SVG); returns the paths."""
+    return save_figure(measures_figure(measures, title=title), path, formats)
+
+
+def measures_figure(
+    measures: Sequence[Mapping[str, Any]],
+    *,
+    title: str | None = None,
+) -> Any:
     """One panel per measure: its value per layer (layers in order of first appearance).
 
     ``measures``: dicts with ``measure``, ``value`` and ``layer`` (e.g. ``lcc measure``'s JSON
@@ -544,7 +615,7 @@ def plot_measures(
         axes[position // n_cols][position % n_cols].set_visible(False)
     if title:
         figure.suptitle(title, fontsize=11)
-    return save_figure(figure, path, formats)
+    return figure
 
 
 def _group(measure: Mapping[str, Any]) -> str:

@@ -39,7 +39,7 @@ import math
 import os
 import re
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -330,18 +330,16 @@ def run_sweep(
     *,
     train_runs: bool = True,
     report: bool = True,
-    train: Callable[..., dict[str, Any]] | None = None,
 ) -> SweepResult:
-    """Run every unfinished run of ``sweep`` in ``out``, then write the table.
+    """Run every unfinished run of ``sweep`` in ``out`` with :func:`lcc.train.run.train`, one
+    after the other, then write the table.
 
     ``train_runs=False`` writes the table from the finished runs only. ``report``: progress
-    and per-epoch lines on stderr. ``train``: the training function (default
-    :func:`lcc.train.run.train`).
+    and per-epoch lines on stderr.
     """
     from lcc.train.lightning import NonFiniteLossError
+    from lcc.train.run import train
 
-    if train is None:
-        from lcc.train.run import train
     root = Path(out).expanduser().resolve()
     if root.exists() and not root.is_dir():
         raise LCCInputError(f"--out {root} is a file; pass a folder for the sweep's runs")
