@@ -376,6 +376,16 @@ def _latent_legend(
 # --------------------------------------------------------------------------- training curves
 
 
+def _epoch_axis(axis: Any, epochs: Sequence[int]) -> None:
+    """Integer epoch ticks (at most ~12) and half an epoch of room on both sides."""
+    if not epochs:
+        return
+    low, high = min(epochs), max(epochs)
+    step = max(1, math.ceil((high - low + 1) / 12))
+    axis.set_xticks(range(low, high + 1, step))
+    axis.set_xlim(low - 0.5, high + 0.5)
+
+
 def _number(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
@@ -406,14 +416,16 @@ def top1_figure(
         raise LCCInputError("plot_top1 needs at least one run's history")
     figure = _figure(11.0, 4.2 + (0.3 if title else 0.0))
     accuracy, loss = figure.subplots(1, 2)
-    for colour, (name, history) in zip(
-        _series_colours(len(histories)), histories.items(), strict=True
+    seen: list[int] = []
+    for position, (colour, (name, history)) in enumerate(
+        zip(_series_colours(len(histories)), histories.items(), strict=True)
     ):
         records = sorted(
             (r for r in history if _number(r.get("epoch")) is not None),
             key=lambda r: r["epoch"],
         )
         epochs = [int(r["epoch"]) + 1 for r in records]
+        seen += epochs
         top1 = [_number(r.get("train_top1")) for r in records]
         values = [(e, 100 * v) for e, v in zip(epochs, top1, strict=True) if v is not None]
         if values:
@@ -426,8 +438,8 @@ def top1_figure(
             loss.plot(*zip(*losses, strict=True), marker="o", color=colour, label=name)
         test = None if test_top1 is None else _number(test_top1.get(name))
         if test is not None and epochs:
-            accuracy.plot(
-                [epochs[-1]],
+            accuracy.plot(  # beside the last epoch, shifted per run so equal values show
+                [epochs[-1] + 0.15 + 0.1 * position],
                 [100 * test],
                 marker="*",
                 markersize=13,
@@ -444,9 +456,11 @@ def top1_figure(
     loss.set_title("training loss per epoch", fontsize=10)
     for axis in (accuracy, loss):
         axis.grid(alpha=0.3)
-        axis.xaxis.get_major_locator().set_params(integer=True)
+        _epoch_axis(axis, seen)
         if axis.has_data():
             axis.legend(fontsize=8)
+    if seen:
+        accuracy.set_xlim(min(seen) - 0.5, max(seen) + 0.6 + 0.1 * len(histories))
     if title:
         figure.suptitle(title, fontsize=11)
     return figure
@@ -502,18 +516,26 @@ def refresh_quality_figure(
                 )
         if points := series("accuracy"):
             accuracy.plot(
-                *zip(*points, strict=True), linestyle=":", color=colour, label=f"{layer} all"
+                *zip(*points, strict=True),
+                linestyle=":",
+                marker="x",
+                color=colour,
+                label=f"{layer} all",
             )
     share.set_title("misclustered samples per refresh", fontsize=10)
     share.set_ylabel("misclustered (% of training samples)")
     accuracy.set_title("training accuracy: CC vs MC samples", fontsize=10)
     accuracy.set_ylabel("accuracy (%)")
+    epochs = sorted({int(r["epoch"]) + 1 for r in usable})
+    shares = [v for r in usable if (v := _number(r.get("misclustered_fraction"))) is not None]
+    share.set_ylim(0, 100 * max([*shares, 0.05]) * 1.15)
+    accuracy.set_ylim(0, 102)
     for axis in (share, accuracy):
         axis.set_xlabel("epoch (refresh at its start)")
         axis.grid(alpha=0.3)
-        axis.xaxis.get_major_locator().set_params(integer=True)
+        _epoch_axis(axis, epochs)
         if axis.has_data():
-            axis.legend(fontsize=8)
+            axis.legend(fontsize=8, loc="best")
     if title:
         figure.suptitle(title, fontsize=11)
     return figure
