@@ -320,7 +320,7 @@ def latent_map_figure(
                 s=size * 3.5,
                 facecolors="none",
                 edgecolors="black",
-                linewidths=0.6,
+                linewidths=0.45,
                 rasterized=True,
             )
             share = 100.0 * float(masks[layer].mean())
