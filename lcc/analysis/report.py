@@ -10,7 +10,8 @@
   ``<run>-layers`` (values per layer at the last refresh, plus any ``measures.jsonl`` lines of
   the run directory: dicts with ``measure``, ``value``, ``layer``, as printed by
   ``lcc measure``), ``<run>-latents`` (when the run saved latents, ``--save-latents``), each as
-  ``.png`` and ``.svg``.
+  ``.png`` and ``.svg``. ``measures.jsonl`` lines with ``"layer": "all"`` (the value over
+  all layers) are left out of the per-layer picture.
 
 Percentages in the tables are ``100 * value`` rounded to 2 decimals; ``-`` marks a value the
 run does not have (a baseline has no refresh). ``out`` must differ from every run directory;
@@ -171,7 +172,9 @@ def _read_measures(run: Run) -> list[dict[str, Any]]:
             raise LCCInputError(
                 f"{file} line {number} is not valid JSON; fix or remove it"
             ) from None
-        if isinstance(record, dict) and "measure" in record and "value" in record:
+        if not isinstance(record, dict) or "measure" not in record or "value" not in record:
+            continue
+        if record.get("layer") != "all":  # lcc measure's value over all layers: not a layer
             records.append(record)
     return records
 
@@ -281,7 +284,11 @@ def write_report(
     taken: set[str] = set()
     for run in runs:
         slug = _slug(run.name, taken)
-        section = Section(title=f"Run {run.name}", text=f"Directory: {run.path}")
+        section = Section(title=f"Run {run.name}", text=f"Directory: {run.path}.")
+        regularisers = run.metrics.get("regularisers")
+        if isinstance(regularisers, list):
+            listed = "; ".join(map(str, regularisers)) or "none (baseline)"
+            section.text += f" Regularisers: {listed}."
         if any("layer" in r for r in run.refreshes):
             section.images.append(
                 Image(
@@ -334,7 +341,7 @@ def write_report(
                 )
             )
         if not section.images:
-            section.text += " (no refreshes: nothing to draw)"
+            section.text += " No refreshes: nothing to draw."
         sections.append(section)
 
     title = "lcc report: " + ", ".join(run.name for run in runs)

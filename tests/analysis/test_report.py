@@ -213,3 +213,22 @@ def test_future_keys_are_carried(tmp_path):
     summary = run_summary(run)
     assert summary["mean_epoch_seconds"] == 3.0 and summary["refreshes"] == 0
     assert run.history[1]["reg/label-variation"] == 0.1
+
+
+def test_measures_file_of_a_run_is_drawn(tmp_path):
+    from lcc.analysis.report import _read_measures
+
+    run = fake_run(tmp_path / "run")
+    lines = [
+        {"measure": "c3", "value": 0.7, "layer": "fc1"},
+        {"measure": "c3", "value": 0.5, "layer": "act1"},
+        {"measure": "c3", "value": 0.6, "layer": "all"},
+    ]
+    (run / "measures.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    assert [m["layer"] for m in _read_measures(load_run(run))] == ["fc1", "act1"]
+    result = write_report([run], tmp_path / "out")
+    check_png(tmp_path / "out" / "run-layers.png", min_size=(150, 200))
+    assert "(run-layers.png)" in result.markdown.read_text(encoding="utf-8")
+    (run / "measures.jsonl").write_text("{not json\n")
+    with pytest.raises(LCCInputError, match="line 1 is not valid JSON"):
+        write_report([run], tmp_path / "out")
