@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from lcc.errors import LCCInputError
 
-SUBCOMMANDS = ("cluster", "layers", "train", "demo", "measure")
+SUBCOMMANDS = ("cluster", "layers", "train", "demo", "measure", "report", "sweep")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):

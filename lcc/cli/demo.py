@@ -45,6 +45,8 @@ runs, in --out DIR:
                   every epoch, Leiden, exact targets, approximate k-NN) on the penultimate
                   layer (small-resnet: pool, 64-d; small-cnn: act1, 128-d), latent source
                   --source
+  report          `lcc report` of baseline vs lcc: report.html (self-contained), report.md,
+                  PNG/SVG pictures; its path is printed last
 
 --quick: MNIST 1,000 samples for 1 epoch, Fashion-MNIST 1,000 / 500 samples, 2 epochs (runs
 named quick-*; small-cnn runs have small-cnn- in their names). Finished runs in DIR are reused
@@ -172,7 +174,8 @@ def run_demo(
     seed: int = 0,
     model: str = DEFAULT_MODEL,
 ) -> dict[str, Any]:
-    """Run the three trainings; returns ``{"pretrain", "baseline", "lcc": metrics, ...}``."""
+    """Run the three trainings and write their report (``lcc report``) in ``out/report``;
+    returns ``{"pretrain", "baseline", "lcc": metrics, "report": report.html path, ...}``."""
     from lcc.train.config import TrainConfig
     from lcc.zoo.datasets import load_dataset
 
@@ -228,7 +231,13 @@ def run_demo(
     corrected = _train(
         TrainConfig(**finetune, out=str(root / f"{prefix}{name}"), source=source), fashion, root
     )
+    from lcc.analysis.report import write_report
+
+    report = write_report(
+        [root / f"{prefix}baseline", root / f"{prefix}{name}"], root / f"{prefix}report"
+    )
     return {
+        "report": str(report.html),
         "pretrain": pretrain,
         "baseline": baseline,
         "lcc": corrected,
@@ -311,4 +320,5 @@ def run(args: argparse.Namespace) -> int:
     )
     print(format_table(baseline, corrected))
     print(f"runs in {result['out']}; demo wall time {result['seconds']:.0f} s")
+    print(f"report: {result['report']}")
     return 0

@@ -1,0 +1,416 @@
+"""A report comparing finished runs: PNG/SVG pictures, ``report.md`` and ``report.html``.
+
+:func:`write_report` reads run directories (:mod:`lcc.analysis.runs`), draws the pictures of
+:mod:`lcc.analysis.plots` and writes, in ``out``:
+
+- ``report.md``: the comparison tables and links to the PNG files beside it;
+- ``report.html``: the same, self-contained (PNGs embedded as base64 ``data:`` URIs, all text
+  escaped), for a browser or an e-mail;
+- ``top1.png`` (runs overlaid) and per run ``<run>-refresh-quality``, ``<run>-refresh-seconds``,
+  ``<run>-layers`` (values per layer at the last refresh, plus any ``measures.jsonl`` lines of
+  the run directory: dicts with ``measure``, ``value``, ``layer``, as printed by
+  ``lcc measure``), ``<run>-latents`` (when the run saved latents, ``--save-latents``), each as
+  ``.png`` and ``.svg``. ``measures.jsonl`` lines with ``"layer": "all"`` (the value over
+  all layers) are left out of the per-layer picture.
+
+Percentages in the tables are ``100 * value`` rounded to 2 decimals; ``-`` marks a value the
+run does not have (a baseline has no refresh). ``out`` must differ from every run directory;
+files already in it are replaced atomically.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lcc.analysis.plots import FORMATS, MAX_POINTS
+from lcc.analysis.runs import Run, load_latent_snapshot, load_runs, run_summary
+from lcc.errors import LCCInputError
+
+__all__ = [
+    "LAYER_COLUMNS",
+    "RUN_COLUMNS",
+    "Report",
+    "format_percent",
+    "format_seconds",
+    "write_report",
+]
+
+#: the comparison table: (header, summary key, formatter name)
+RUN_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("run", "name", "text"),
+    ("test top-1 (%)", "test_top1", "percent"),
+    ("test top-5 (%)", "test_top5", "percent"),
+    ("epochs", "epochs", "integer"),
+    ("mean epoch (s)", "mean_epoch_seconds", "seconds"),
+    ("refreshes", "refreshes", "integer"),
+    ("refresh total (s)", "total_refresh_seconds", "seconds"),
+    ("misclustered, last (%)", "misclustered_fraction", "percent"),
+    ("CC accuracy, last (%)", "accuracy_cc", "percent"),
+    ("MC accuracy, last (%)", "accuracy_mc", "percent"),
+)
+#: the per-layer table of the last refresh: (header, key, formatter name)
+LAYER_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("clusters", "n_clusters", "integer"),
+    ("misclustered (%)", "misclustered_fraction", "percent"),
+    ("correctible (%)", "correctible_fraction", "percent"),
+    ("modularity", "modularity", "fixed"),
+    ("accuracy (%)", "accuracy", "percent"),
+    ("CC accuracy (%)", "accuracy_cc", "percent"),
+    ("MC accuracy (%)", "accuracy_mc", "percent"),
+)
+#: values per layer drawn in ``<run>-layers`` from the last refresh
+LAYER_MEASURES: tuple[str, ...] = (
+    "misclustered_fraction",
+    "modularity",
+    "accuracy_cc",
+    "accuracy_mc",
+)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def format_percent(value: Any) -> str:
+    """``0.8123`` -> ``'81.23'``; missing -> ``'-'``.
+
+    >>> format_percent(0.8123), format_percent(None)
+    ('81.23', '-')
+    """
+    return f"{100 * value:.2f}" if _is_number(value) else "-"
+
+
+def format_seconds(value: Any) -> str:
+    """Seconds with 2 decimals; missing -> ``'-'``.
+
+    >>> format_seconds(1.234)
+    '1.23'
+    """
+    return f"{value:.2f}" if _is_number(value) else "-"
+
+
+def _format(value: Any, kind: str) -> str:
+    if kind == "percent":
+        return format_percent(value)
+    if kind == "seconds":
+        return format_seconds(value)
+    if kind == "fixed":
+        return f"{value:.3f}" if _is_number(value) else "-"
+    if kind == "integer":
+        return str(int(value)) if _is_number(value) else "-"
+    return "-" if value is None else str(value)
+
+
+@dataclass(frozen=True)
+class Table:
+    header: list[str]
+    rows: list[list[str]]
+
+
+@dataclass(frozen=True)
+class Image:
+    caption: str
+    png: Path
+
+
+@dataclass
+class Section:
+    title: str
+    text: str = ""
+    tables: list[Table] = field(default_factory=list)
+    images: list[Image] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Report:
+    """Paths written by :func:`write_report`: ``markdown``, ``html`` and every picture file."""
+
+    markdown: Path
+    html: Path
+    images: list[Path]
+
+
+def _slug(name: str, taken: set[str]) -> str:
+    base = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "run"
+    slug, number = base, 2
+    while slug in taken:
+        slug, number = f"{base}-{number}", number + 1
+    taken.add(slug)
+    return slug
+
+
+def _check_out(out: Path, runs: Sequence[Run]) -> None:
+    if out.exists() and not out.is_dir():
+        raise LCCInputError(f"--out {out} is a file; pass a folder for the report")
+    target = out.resolve()
+    for run in runs:
+        if run.path.resolve() == target:
+            raise LCCInputError(
+                f"--out {out} is the run directory {run.path}; write the report to another folder"
+            )
+
+
+def _read_measures(run: Run) -> list[dict[str, Any]]:
+    file = run.path / "measures.jsonl"
+    if not file.is_file():
+        return []
+    records = []
+    for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            raise LCCInputError(
+                f"{file} line {number} is not valid JSON; fix or remove it"
+            ) from None
+        if not isinstance(record, dict) or "measure" not in record or "value" not in record:
+            continue
+        if record.get("layer") != "all":  # lcc measure's value over all layers: not a layer
+            records.append(record)
+    return records
+
+
+def _layer_measures(run: Run) -> list[dict[str, Any]]:
+    last = run_summary(run)["last_refresh"]
+    values = [
+        {"measure": key, "value": stats.get(key), "layer": layer}
+        for key in LAYER_MEASURES
+        for layer, stats in last.items()
+        if _is_number(stats.get(key))
+    ]
+    return values + _read_measures(run)
+
+
+def _comparison(runs: Sequence[Run]) -> list[Table]:
+    summaries = [run_summary(run) for run in runs]
+    tables = [
+        Table(
+            header=[header for header, _, _ in RUN_COLUMNS],
+            rows=[[_format(s.get(key), kind) for _, key, kind in RUN_COLUMNS] for s in summaries],
+        )
+    ]
+    layer_rows = []
+    for summary, run in zip(summaries, runs, strict=True):
+        refreshed = [r for r in run.history if r.get("refresh")]
+        epoch = run.metrics.get("last_refresh_epoch")
+        if epoch is None and refreshed:
+            epoch = refreshed[-1].get("epoch")
+        for layer, stats in summary["last_refresh"].items():
+            layer_rows.append(
+                [
+                    summary["name"],
+                    str(layer),
+                    _format(None if epoch is None else epoch + 1, "integer"),
+                ]
+                + [_format(stats.get(key), kind) for _, key, kind in LAYER_COLUMNS]
+            )
+    if layer_rows:
+        header = ["run", "layer", "epoch"] + [header for header, _, _ in LAYER_COLUMNS]
+        tables.append(Table(header=header, rows=layer_rows))
+    return tables
+
+
+def write_report(
+    run_dirs: Sequence[str | os.PathLike[str]],
+    out: str | os.PathLike[str],
+    *,
+    max_points: int = MAX_POINTS,
+    method: str = "auto",
+    seed: int = 0,
+    formats: Sequence[str] = FORMATS,
+) -> Report:
+    """Write the report of ``run_dirs`` into ``out`` (created); returns the paths written.
+
+    ``max_points``, ``method``, ``seed``: the latent maps' sample size, embedding
+    (:func:`lcc.analysis.plots.embed_2d`) and seed. ``formats`` must include ``png``.
+    """
+    from lcc.analysis import plots
+    from lcc.io import atomic_write
+
+    if not run_dirs:
+        raise LCCInputError("pass at least one run directory")
+    if "png" not in formats:
+        raise LCCInputError("the report embeds PNG pictures: formats must include 'png'")
+    runs = load_runs(run_dirs)
+    folder = Path(out).expanduser()
+    _check_out(folder, runs)
+    plots.resolve_method(method)
+    plots.sample_indices(max_points + 1, max_points)  # validates max_points up front
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise LCCInputError(
+            f"cannot create --out {folder}: {error.strerror or error}; choose a writable folder"
+        ) from None
+
+    written: list[Path] = []
+
+    def png(paths: list[Path]) -> Path:
+        written.extend(paths)
+        return next(p for p in paths if p.suffix == ".png")
+
+    overview = Section(
+        title="Runs",
+        text="Test accuracy and time per run; the last refresh's values are the mean over "
+        "its layers (per layer below). CC/MC: training accuracy on correctly clustered / "
+        "misclustered samples.",
+        tables=_comparison(runs),
+    )
+    histories = {run.name: run.history for run in runs if run.history}
+    if histories:
+        overview.images.append(
+            Image(
+                "Training top-1 and loss per epoch; stars: final test top-1",
+                png(
+                    plots.plot_top1(
+                        histories,
+                        folder / "top1",
+                        test_top1={run.name: run.metrics.get("test_top1") for run in runs},
+                        formats=formats,
+                    )
+                ),
+            )
+        )
+    sections = [overview]
+    taken: set[str] = set()
+    for run in runs:
+        slug = _slug(run.name, taken)
+        section = Section(title=f"Run {run.name}", text=f"Directory: {run.path}.")
+        regularisers = run.metrics.get("regularisers")
+        if isinstance(regularisers, list):
+            listed = "; ".join(map(str, regularisers)) or "none (baseline)"
+            section.text += f" Regularisers: {listed}."
+        if any("layer" in r for r in run.refreshes):
+            section.images.append(
+                Image(
+                    "Misclustered fraction and CC/MC accuracy per refresh and layer",
+                    png(
+                        plots.plot_refresh_quality(
+                            run.refreshes, folder / f"{slug}-refresh-quality", formats=formats
+                        )
+                    ),
+                )
+            )
+        if any(isinstance(r.get("seconds"), dict) for r in run.refreshes):
+            section.images.append(
+                Image(
+                    "Refresh seconds per stage",
+                    png(
+                        plots.plot_refresh_seconds(
+                            run.refreshes, folder / f"{slug}-refresh-seconds", formats=formats
+                        )
+                    ),
+                )
+            )
+        measures = _layer_measures(run)
+        if len({str(m.get("layer")) for m in measures}) > 1 or _read_measures(run):
+            section.images.append(
+                Image(
+                    "Values per layer at the last refresh (and measures.jsonl)",
+                    png(plots.plot_measures(measures, folder / f"{slug}-layers", formats=formats)),
+                )
+            )
+        snapshot = load_latent_snapshot(run)
+        if snapshot is not None:
+            section.images.append(
+                Image(
+                    f"Latents at the refresh of epoch {snapshot.epoch + 1}, coloured by class, "
+                    "misclustered samples ringed",
+                    png(
+                        plots.latent_map(
+                            snapshot.z,
+                            snapshot.y,
+                            snapshot.misclustered,
+                            method=method,
+                            max_points=max_points,
+                            seed=seed,
+                            path=folder / f"{slug}-latents",
+                            title=f"{run.name}: epoch {snapshot.epoch + 1}",
+                            formats=formats,
+                        )
+                    ),
+                )
+            )
+        if not section.images:
+            section.text += " No refreshes: nothing to draw."
+        sections.append(section)
+
+    title = "lcc report: " + ", ".join(run.name for run in runs)
+    markdown = _markdown(title, sections, folder).encode("utf-8")
+    page = _html(title, sections).encode("utf-8")
+    md_path = atomic_write(folder / "report.md", lambda handle: handle.write(markdown))
+    html_path = atomic_write(folder / "report.html", lambda handle: handle.write(page))
+    return Report(markdown=md_path, html=html_path, images=written)
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+def _md_cell(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
+
+
+def _markdown(title: str, sections: Sequence[Section], folder: Path) -> str:
+    lines = [f"# {_md_cell(title)}", ""]
+    for section in sections:
+        lines += [f"## {_md_cell(section.title)}", ""]
+        if section.text:
+            lines += [_md_cell(section.text), ""]
+        for table in section.tables:
+            lines.append("| " + " | ".join(_md_cell(h) for h in table.header) + " |")
+            lines.append("|" + "|".join("---" for _ in table.header) + "|")
+            lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in table.rows]
+            lines.append("")
+        for image in section.images:
+            link = image.png.relative_to(folder).as_posix()
+            lines += [f"![{_md_cell(image.caption)}]({link})", ""]
+    return "\n".join(lines)
+
+
+_STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }
+table { border-collapse: collapse; margin: 1em 0; font-size: 0.9em; }
+th, td { border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: right; }
+th { background: #f3f3f3; } td:first-child, th:first-child { text-align: left; }
+figure { margin: 1.5em 0; } img { max-width: 100%; } figcaption { color: #555; }
+"""
+
+
+def _html(title: str, sections: Sequence[Section]) -> str:
+    escape = html.escape
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{escape(title)}</title><style>{_STYLE}</style></head><body>",
+        f"<h1>{escape(title)}</h1>",
+    ]
+    for section in sections:
+        parts.append(f"<h2>{escape(section.title)}</h2>")
+        if section.text:
+            parts.append(f"<p>{escape(section.text)}</p>")
+        for table in section.tables:
+            parts.append("<table><thead><tr>")
+            parts += [f"<th>{escape(h)}</th>" for h in table.header]
+            parts.append("</tr></thead><tbody>")
+            for row in table.rows:
+                parts.append("<tr>" + "".join(f"<td>{escape(c)}</td>" for c in row) + "</tr>")
+            parts.append("</tbody></table>")
+        for image in section.images:
+            data = base64.b64encode(image.png.read_bytes()).decode("ascii")
+            parts.append(
+                f'<figure><img src="data:image/png;base64,{data}" '
+                f'alt="{escape(image.caption)}" data-file="{escape(image.png.name)}">'
+                f"<figcaption>{escape(image.caption)} ({escape(image.png.name)})</figcaption>"
+                "</figure>"
+            )
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"
