@@ -895,15 +895,15 @@ class LCCModule(pl.LightningModule):
             logger.log_metrics(flat, step=int(self.global_step))
         if self.out_dir is None:
             return
-        from lcc.io import atomic_write, save_npz_atomic
+        from lcc.io import atomic_write, read_jsonl_tolerant, save_npz_atomic
 
-        lines = []
         journal = self.out_dir / "refreshes.jsonl"
-        if journal.is_file():  # keep earlier epochs only: a resumed run rewrites its epoch
-            for line in journal.read_text(encoding="utf-8").splitlines():
-                with contextlib.suppress(ValueError):
-                    if json.loads(line).get("epoch", -1) < epoch:
-                        lines.append(line)
+        # keep earlier epochs only (a resumed run rewrites its epoch; a torn last line is dropped)
+        lines = [
+            json.dumps(record, default=_json_value)
+            for record in read_jsonl_tolerant(journal)
+            if record.get("epoch", -1) < epoch
+        ]
         for key, state in states.items():
             for name, stats in (getattr(state, "stats", None) or {}).items():
                 record = {"epoch": epoch, "layer": name, **stats}

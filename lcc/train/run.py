@@ -192,6 +192,7 @@ def _quiet_lightning() -> None:
         ".*Total length of .* across ranks is zero.*",
         ".*You called `self.log.*",
         ".*tensorboardX.*",
+        ".*The dirpath has changed from.*",
     ):
         warnings.filterwarnings("ignore", message=pattern)
 

@@ -208,7 +208,7 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
     message = str(caught.value)
     assert "non-finite loss at epoch 1" in message and "last good checkpoint" in message
     assert str(out / "checkpoints" / "last.ckpt") in message
-    saved = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)
+    saved = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
     assert saved["epoch"] == 0
     assert all(
         torch.isfinite(t).all() for t in saved["state_dict"].values() if t.is_floating_point()
