@@ -59,12 +59,14 @@ LCC_OPTIONS = frozenset(
         "policy_size",
         "squared",
         "regularisers",
+        "ce_weight",
         "no_lcc",
     }
 )
 METAVARS = {
     "k": "K",
     "weight": "W",
+    "ce_weight": "W",
     "warmup": "EPOCHS",
     "interval": "EPOCHS",
     "pca": "DIM",

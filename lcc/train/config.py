@@ -153,6 +153,13 @@ class TrainConfig:
         shown="lcc alone (none with --no-lcc)",
         group="lcc",
     )
+    ce_weight: float = _option(
+        1.0,
+        "weight of the cross-entropy; 0 trains on the regularisers alone (e.g. label variation "
+        "of the output as the objective, LGG paper sec. 4.2)",
+        kind="float",
+        group="lcc",
+    )
     no_lcc: bool = _option(
         False, "train without any regulariser (the baseline)", kind="bool", group="lcc"
     )
@@ -314,6 +321,10 @@ class TrainConfig:
             raise LCCInputError(f"--weight must be >= 0, got {self.weight}")
         if self.layers is not None and not self.layers:
             raise LCCInputError("--layers needs at least one layer name")
+        if self.ce_weight < 0:
+            raise LCCInputError(f"--ce-weight must be >= 0, got {self.ce_weight}")
+        if self.ce_weight == 0 and self.no_lcc:
+            raise LCCInputError("--ce-weight 0 with --no-lcc leaves nothing to train on")
         if self.no_lcc and self.regularisers:
             raise LCCInputError(
                 "--no-lcc trains the baseline without regularisers; drop it or drop --reg"

@@ -510,6 +510,7 @@ class LCCModule(pl.LightningModule):
         source: str = "fresh",
         pool: str = "flatten",
         sample: Tensor | None = None,
+        ce_weight: float = 1.0,
         lr: float = 0.1,
         momentum: float = 0.9,
         weight_decay: float = 5e-4,
@@ -525,6 +526,7 @@ class LCCModule(pl.LightningModule):
         self.num_classes = int(num_classes)
         self.n_train = int(n_train)
         self.lr, self.momentum, self.weight_decay = float(lr), float(momentum), float(weight_decay)
+        self.ce_weight = float(ce_weight)
         self.refresh_data = refresh_data
         self.refresh_batch_size = int(refresh_batch_size)
         self.num_workers = int(num_workers)
@@ -656,7 +658,7 @@ class LCCModule(pl.LightningModule):
                 self._term_sums[key] = self._term_sums.get(key, 0.0) + value * int(y.shape[0])
         else:
             term = ce.new_zeros(())
-        loss = ce + term
+        loss = ce + term if self.ce_weight == 1.0 else self.ce_weight * ce + term
         self._check_finite(loss, ce, term, batch_idx)
         size = int(y.shape[0])
         correct = int((logits.detach().argmax(1) == y)[labelled].sum())

@@ -439,6 +439,7 @@ def _build(
         sample=sample,
         num_classes=bundle.num_classes,
         n_train=n_train,
+        ce_weight=config.ce_weight,
         lr=config.lr,
         momentum=config.momentum,
         weight_decay=config.weight_decay,

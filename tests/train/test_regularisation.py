@@ -304,3 +304,20 @@ def test_lcc_and_label_variation_resume_exactly_after_sigkill(tmp_path):
     for resumed_record, record in zip(again, history, strict=True):
         for key, value in record["terms"].items():
             assert resumed_record["terms"][key] == pytest.approx(value, abs=1e-6), key
+
+
+def test_ce_weight_zero_trains_on_the_regularisers_alone():
+    from lcc.regularisers.label_variation import LabelVariation
+    from lcc.train.lightning import LCCModule
+
+    x, y = _data(40)
+    reg = LabelVariation(layers=["output"], weight=1.0, k=3)
+    module = LCCModule(_mlp(), None, num_classes=3, n_train=40, regularisers=[reg], ce_weight=0.0)
+    loss = module.training_step((x, y, torch.arange(40)), 0)
+    logits = module.model(x)
+    expected = reg(Batch(latents={}, y=y, indices=torch.arange(40), logits=logits))
+    assert float(loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-6)
+    with_ce = LCCModule(_mlp(), None, num_classes=3, n_train=40, regularisers=[reg])
+    loss = with_ce.training_step((x, y, torch.arange(40)), 0)
+    ce = nn.functional.cross_entropy(logits, y)
+    assert float(loss.detach()) == pytest.approx(float((ce + expected).detach()), rel=1e-6)
