@@ -208,7 +208,12 @@ class Regularisation:
         for reg in regularisers:
             hooked.extend(name for name in reg.layers if name != OUTPUT and name not in hooked)
         self.layers: tuple[str, ...] = tuple(check_layer_names(model, hooked)) if hooked else ()
-        self.recorder = LatentRecorder(model, list(self.layers), pool=self.pool)  # type: ignore[arg-type]
+        # no hooked layer when every regulariser reads the logits ('output') only
+        self.recorder: Any = (
+            LatentRecorder(model, list(self.layers), pool=self.pool)  # type: ignore[arg-type]
+            if self.layers
+            else _NoHooks()
+        )
         self.recorder.attach()
         self.epoch: int | None = None
         self.terms: dict[str, float] = {}
@@ -574,6 +579,21 @@ class Regularisation:
                 f"{what} has {rows} rows but the batch has {index.shape[0]} indices; call "
                 "observe() right after the forward of the same batch"
             )
+
+
+class _NoHooks:
+    """The recorder of a run that hooks no layer."""
+
+    outputs: dict[str, Tensor] = {}  # noqa: RUF012 - always empty
+
+    def attach(self) -> _NoHooks:
+        return self
+
+    def detach(self) -> None:
+        pass
+
+    def clear(self) -> None:
+        pass
 
 
 class LatentClusterCorrection(Regularisation):
