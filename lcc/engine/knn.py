@@ -197,19 +197,23 @@ def search(
     k: int,
     *,
     metric: Metric = "l2",
+    backend: Backend = "auto",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact ``k`` nearest rows of ``base`` for each row of ``queries``.
 
     Returns ``(indices, distances)``: ``(Q, k)`` int64 row numbers of ``base``, nearest first, and
-    ``(Q, k)`` float32 Euclidean distances. Builds no index (a blocked matrix product + ``topk``),
-    so it is cheap to call many times on small sets; small ones run single-threaded (with two
-    threads on a busy machine, every small product waits for a descheduled thread).
+    ``(Q, k)`` float32 Euclidean distances. Builds no index (faiss brute force, or on the torch
+    backend a blocked matrix product + ``topk``), so it is cheap to call many times on small
+    sets; small ones run single-threaded (with two threads on a busy machine, every small
+    product waits for a descheduled thread). Rows are centred on the base mean first, which
+    leaves distances unchanged and shrinks the rounding error of the distance expansion.
 
     >>> idx, dist = search(np.array([[0.0], [2.0], [10.0]]), np.array([[1.5], [9.0]]), 2)
     >>> idx.tolist(), dist.tolist()
     ([[1, 0], [2, 1]], [[0.5, 1.5], [1.0, 7.0]])
     """
     check_choice(metric, METRICS, name="metric")
+    use_faiss = _use_faiss(backend)
     base_matrix = _as_matrix(base, "base")
     query_matrix = _as_matrix(queries, "queries")
     if query_matrix.shape[1] != base_matrix.shape[1]:
@@ -229,6 +233,10 @@ def search(
         return np.empty((0, k), np.int64), np.empty((0, k), np.float32)
     centre = base_matrix.mean(axis=0, dtype=np.float64).astype(np.float32)
     small = base_matrix.size * query_matrix.shape[0] < _SMALL_WORK
+    if use_faiss:
+        with _faiss_threads(1 if small else None):
+            indices, squared = _faiss_search(base_matrix - centre, query_matrix - centre, int(k))
+        return indices, _to_distance(squared)
     with _torch_threads(1 if small else None):
         indices, squared = _torch_search(base_matrix - centre, query_matrix - centre, int(k))
     return indices, _to_distance(squared)

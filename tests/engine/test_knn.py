@@ -256,14 +256,15 @@ def test_auto_falls_back_to_torch_without_faiss(monkeypatch: pytest.MonkeyPatch)
         knn(z[:10], 2, backend="faiss")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("metric", ["l2", "cosine"])
-def test_search_matches_brute_force(metric: str) -> None:
+def test_search_matches_brute_force(metric: str, backend: str) -> None:
     rng = np.random.default_rng(8)
     base = rng.normal(size=(50, 8)).astype(np.float32) + 1
     queries = rng.normal(size=(20, 8)).astype(np.float32) + 1
     oracle = brute_distances(base, queries, metric)
     for k in (1, 6, 50):
-        indices, distances = search(base, queries, k, metric=metric)
+        indices, distances = search(base, queries, k, metric=metric, backend=backend)
         assert_exact_neighbours(indices, distances, oracle, k, scale=spread(base))
 
 
