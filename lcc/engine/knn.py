@@ -16,7 +16,8 @@ by size (see :func:`choose_index`) -- ``"ivf-flat"`` (k-means inverted lists, ab
 ``"hnsw"`` on request (a graph index, built single-threaded so that it is deterministic). The
 search width (``nprobe`` lists, or ``efSearch``) starts small and doubles until the recall measured
 on a seeded sample of 300 rows against their exact neighbours reaches 0.97; if even the widest
-search misses it, the rows are searched exactly. Unclustered data therefore costs more time
+search misses it, or IVF needs more than an eighth of its lists (then brute force costs no more),
+the rows are searched exactly. Unclustered data therefore costs more time
 rather than silently losing recall; the recall reached is reported in ``Neighbors.recall``.
 k-means is trained on a seeded sample with a seeded faiss k-means, and faiss runs with torch's
 thread count, so a seed gives the same neighbours every time.
@@ -78,6 +79,10 @@ _LISTS_PER_ROOT = 4.0
 _TRAIN_PER_LIST = 32
 _KMEANS_ITERATIONS = 8
 _FIRST_PROBES = 4
+# An IVF search that needs more than this share of the lists to reach the recall target costs
+# about as much as brute force (faiss scans lists several times slower per distance than its
+# blocked matrix products): the rows are then searched exactly.
+_IVF_EXACT_SHARE = 0.125
 # "auto" stores rows as they are (IVF-Flat) while the copy stays under this many bytes, else as
 # product-quantised codes (IVF-PQ) of about this many dimensions per byte, re-ranking this many
 # candidates per neighbour (the factor doubles with nprobe while the recall is short).
@@ -408,7 +413,9 @@ def _approximate_self_search(
         if recall >= _TARGET_RECALL or width >= index.max_width:
             break
         width = min(2 * width, index.max_width)
-    if recall < _TARGET_RECALL:  # the widest search misses the target: search exactly
+    if recall < _TARGET_RECALL or width > index.exact_width:
+        # the widest search misses the target, or the width it needs costs as much as brute
+        # force (little cluster structure): search exactly
         del index
         indices, squared = _faiss_search(matrix, matrix, k + 1)
         return (*_drop_self(indices, squared, np.arange(n)), 1.0)
@@ -439,6 +446,7 @@ class _Index:
 
     first_width: int
     max_width: int
+    exact_width: int  # widths above this cost as much as an exact search
 
     def search(self, queries: np.ndarray, k: int, width: int) -> tuple[np.ndarray, np.ndarray]:
         raise NotImplementedError
@@ -473,6 +481,7 @@ class _Ivf(_Index):
         n_lists = max(1, min(round(_LISTS_PER_ROOT * math.sqrt(n)), n // (4 * (k + 1))))
         self.first_width = min(_FIRST_PROBES, n_lists)
         self.max_width = n_lists
+        self.exact_width = max(self.first_width, int(_IVF_EXACT_SHARE * n_lists))
         train = matrix[np.sort(rng.choice(n, min(n, _TRAIN_PER_LIST * n_lists), replace=False))]
         kmeans = faiss.Kmeans(
             d,
@@ -574,7 +583,7 @@ class _Hnsw(_Index):
     ``efSearch``."""
 
     first_width = _HNSW_FIRST_EF
-    max_width = _HNSW_MAX_EF
+    max_width = exact_width = _HNSW_MAX_EF
 
     def __init__(self, matrix: np.ndarray) -> None:
         faiss = _faiss_module()

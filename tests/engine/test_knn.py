@@ -170,6 +170,7 @@ def test_ivf_flat_probing_every_list_is_brute_force(monkeypatch: pytest.MonkeyPa
     # the first search width already covers every inverted list: the faiss IVF path itself
     # (not the exact fallback) must then return the brute-force neighbours
     monkeypatch.setattr(knn_module, "_FIRST_PROBES", 10**6)
+    monkeypatch.setattr(knn_module, "_IVF_EXACT_SHARE", 1.0)  # no switch to brute force
     z = clustered_with_copies(seed=11)
     nb = knn(z, 5, mode="approximate", index="ivf-flat")
     assert nb.recall == 1.0
@@ -192,8 +193,12 @@ def test_approximate_with_an_unreachable_target_is_exact(
 
 @pytest.mark.parametrize("index", INDEX_KINDS)
 @pytest.mark.parametrize("k", [3, 20])
-def test_every_index_keeps_the_recall_guarantee_on_overlapping_clusters(index: str, k: int) -> None:
-    # overlapping blobs in 24 intrinsic dimensions: the first width misses 0.97 for IVF
+def test_every_index_keeps_the_recall_guarantee_on_overlapping_clusters(
+    monkeypatch: pytest.MonkeyPatch, index: str, k: int
+) -> None:
+    # overlapping blobs in 24 intrinsic dimensions: the first width misses 0.97 for IVF; the
+    # switch to brute force is off, so that the index itself has to reach the target
+    monkeypatch.setattr(knn_module, "_IVF_EXACT_SHARE", 1.0)
     z, _, _ = gaussian_mixture(4_000, 48, 20, 3, intrinsic_dim=24, separation=1.2, seed=13)
     exact = knn(z, k)
     nb = knn(z, k, mode="approximate", index=index, seed=1)
@@ -211,14 +216,31 @@ def test_every_index_keeps_the_recall_guarantee_on_overlapping_clusters(index: s
 
 def test_the_recall_target_drives_the_search_width(monkeypatch: pytest.MonkeyPatch) -> None:
     # with no target the first (narrow) width is kept: recall drops well below the guarantee,
-    # so the widening is what keeps it
+    # so the widening is what keeps it (brute-force switch off: the IVF search answers)
+    monkeypatch.setattr(knn_module, "_IVF_EXACT_SHARE", 1.0)
     z, _, _ = gaussian_mixture(4_000, 48, 20, 3, intrinsic_dim=24, separation=1.2, seed=13)
     exact = knn(z, 10)
     guarded = knn_recall(knn(z, 10, mode="approximate", index="ivf-flat"), exact)
     monkeypatch.setattr(knn_module, "_TARGET_RECALL", 0.0)
     narrow = knn(z, 10, mode="approximate", index="ivf-flat")
-    assert knn_recall(narrow, exact) < 0.95 <= guarded
+    assert knn_recall(narrow, exact) < 0.95 <= guarded < 1.0
     assert narrow.recall < 0.95
+
+
+def test_ivf_switches_to_brute_force_when_it_would_scan_too_many_lists(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # unclustered data: the recall target needs many lists; once the width passes the share
+    # where brute force is as cheap, the result is the exact one (recall 1.0) ...
+    z = np.random.default_rng(15).normal(size=(3_000, 24)).astype(np.float32)
+    nb = knn(z, 5, mode="approximate", index="ivf-flat")
+    assert nb.recall == 1.0
+    assert_exact_neighbours(nb.indices, nb.distances, self_distances(z), 5, scale=spread(z))
+    # ... while without the switch the IVF search itself answers, approximately
+    monkeypatch.setattr(knn_module, "_IVF_EXACT_SHARE", 1.0)
+    ivf = knn(z, 5, mode="approximate", index="ivf-flat")
+    assert 0.97 <= ivf.recall < 1.0
+    assert knn_recall(ivf, knn(z, 5)) >= 0.95
 
 
 def test_choose_index_by_size() -> None:
