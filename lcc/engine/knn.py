@@ -81,7 +81,7 @@ _APPROXIMATE_MIN_ROWS = 2_000
 _LISTS_PER_ROOT = 8.0
 _TRAIN_PER_LIST = 16
 _KMEANS_ITERATIONS = 4
-_FIRST_PROBES = 4
+_FIRST_PROBES = 2
 # An IVF search that needs more than this share of the lists to reach the recall target costs
 # about as much as brute force (faiss scans lists about 25 times slower per distance than its
 # blocked matrix products): the rows are then searched exactly.
@@ -509,9 +509,9 @@ class _Ivf(_Index):
         else:
             self.index = faiss.IndexIVFFlat(self.quantizer, d, n_lists)
             self.index.is_trained = True
-        # one coarse assignment for adding (first column) and for searching up to twice the
-        # first width (the usual case): the quantizer pass costs as much as the list scans
-        self.probes, self.probe_distances = self._assign(min(2 * self.first_width, n_lists))
+        # one coarse assignment for adding (first column) and for searching up to four times
+        # the first width (the usual case): a quantizer pass costs as much as the list scans
+        self.probes, self.probe_distances = self._assign(min(4 * self.first_width, n_lists))
         first = np.ascontiguousarray(self.probes[:, 0])
         self.index.add_core(n, faiss.swig_ptr(matrix), None, faiss.swig_ptr(first))
         del first
