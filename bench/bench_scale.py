@@ -44,7 +44,7 @@ import numpy as np
 TARGETS = {"seconds_1.28M": 180.0, "memory_gib_1.28M": 8.0, "seconds_250k": 15.0}
 TARGET_RECALL = 0.95
 TARGET_ARI = 0.95
-STAGE_ORDER = ("check", "pca", "knn", "graph", "cluster", "match", "targets")
+STAGE_ORDER = ("check", "pca", "search", "graph", "cluster", "match", "targets")
 
 
 def peak_mib() -> float:
@@ -177,7 +177,9 @@ def table(rows: list[dict[str, Any]], subset: dict[str, Any] | None) -> str:
     header += " | peak RSS MiB | k-NN recall (est.) | clusters | misclustered |"
     lines = [header, "|---" * (len(STAGE_ORDER) + 6) + "|"]
     for row in rows:
-        seconds = row["seconds"]
+        seconds = dict(row["seconds"])
+        # the refresh's "knn" holds PCA, search and graph: show the search alone
+        seconds["search"] = seconds["knn"] - seconds.get("pca", 0.0) - seconds["graph"]
         stages = " | ".join(f"{seconds.get(s, 0.0):.2f}" for s in STAGE_ORDER)
         lines.append(
             f"| {row['n']:,} | {seconds['total']:.2f} | {stages} | {row['peak_mib']:.0f} | "
