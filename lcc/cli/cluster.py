@@ -106,7 +106,8 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         "--knn",
         choices=KNN_MODES,
         default="exact",
-        help="k-NN search: exact (flat) or approximate (faster, recall >= 0.95)",
+        help="k-NN search: exact (brute force) or approximate (faiss IVF, widened until the "
+        "recall measured on 300 sampled rows reaches 0.97)",
     )
     parser.add_argument(
         "--pca",

@@ -405,7 +405,8 @@ def _approximate_self_search(
     """Self k-NN through a faiss index, widened until the sampled recall reaches the target.
 
     Returns indices, squared distances and the recall measured on the sample at the chosen
-    width (1.0 when the widest search missed the target and the rows were searched exactly).
+    width; 1.0 when the rows were searched exactly instead (the widest search missed the
+    target, or IVF needed more lists than brute force costs).
     """
     n = matrix.shape[0]
     rng = np.random.default_rng(seed)

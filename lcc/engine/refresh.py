@@ -128,9 +128,9 @@ class Refresh:
 
     ``d`` is the dimension the targets live in (the PCA dimension when ``config.pca`` is set;
     then apply ``projection`` to latents before comparing them with targets, as
-    :meth:`loss` does). ``seconds`` has keys ``"knn"`` (PCA, k-NN search and graph
-    construction together), ``"cluster"``, ``"match"``, ``"targets"``, ``"total"``, and the
-    parts of ``"knn"``: ``"pca"`` and ``"graph"``.
+    :meth:`loss` does). ``seconds`` has keys ``"check"`` (the chunked NaN/inf scan),
+    ``"knn"`` (PCA, k-NN search and graph construction together), ``"cluster"``, ``"match"``,
+    ``"targets"``, ``"total"``, and the parts of ``"knn"``: ``"pca"`` and ``"graph"``.
     """
 
     config: RefreshConfig
