@@ -23,6 +23,7 @@ from typing import overload
 import numpy as np
 import torch
 from sklearn.decomposition import PCA
+from threadpoolctl import threadpool_limits
 
 from lcc.errors import LCCInputError, as_latent_matrix
 
@@ -153,7 +154,11 @@ def fit_pca(z: object, dim: int, *, seed: int = 0, sample: int = PCA_SAMPLE_ROWS
             raise LCCInputError(f"PCA dim={dim} must be smaller than the sample of {sample} rows")
     else:
         matrix = as_latent_matrix(z)
-    pca = PCA(n_components=int(dim), random_state=seed).fit(matrix)
+    # One BLAS thread: the fit is a (D x D) covariance and its eigendecomposition, where
+    # multi-threaded LAPACK on a busy 2-core machine was measured 30-100x slower (a 512 x 512
+    # eigh: 0.03 s on one thread, 0.1-3.8 s on two).
+    with threadpool_limits(limits=1, user_api="blas"):
+        pca = PCA(n_components=int(dim), random_state=seed).fit(matrix)
     return Projection(pca.mean_.astype(np.float32), pca.components_.T.astype(np.float32))
 
 
