@@ -514,9 +514,9 @@ class _Ivf(_Index):
         else:
             self.index = faiss.IndexIVFFlat(self.quantizer, d, n_lists)
             self.index.is_trained = True
-        # one coarse assignment for adding (first column) and for searching up to four times
-        # the first width (the usual case): a quantizer pass costs as much as the list scans
-        self.probes, self.probe_distances = self._assign(min(4 * self.first_width, n_lists))
+        # one coarse assignment for adding (first column) and for searching up to twice the
+        # first width (the usual case): a quantizer pass costs as much as the list scans
+        self.probes, self.probe_distances = self._assign(min(2 * self.first_width, n_lists))
         first = np.ascontiguousarray(self.probes[:, 0])
         self.index.add_core(n, faiss.swig_ptr(matrix), None, faiss.swig_ptr(first))
         del first
