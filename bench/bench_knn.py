@@ -1,9 +1,13 @@
-"""Benchmark k-NN search: exact faiss, exact torch fallback, approximate mode (time and recall).
+"""Benchmark k-NN search: exact faiss, exact torch fallback, approximate mode per index (time and
+recall).
 
 Run ``python bench/bench_knn.py`` (N=50,000 x 512, 100 classes, k in {5, 50}); ``--n 5000`` for a
-quick look. Latents come from :func:`lcc.synthetic.gaussian_mixture`, or from ``--latents FILE``
-(``.npy``, or ``.npz`` with the rows under ``z``). Times are wall-clock seconds (best and median of
-``--repeats`` runs for the fast modes); on a shared machine they are noisy.
+quick look; ``--pca 64`` searches the 64 leading principal components (the fast refresh mode).
+Latents come from :func:`lcc.synthetic.gaussian_mixture`, or from ``--latents FILE`` (``.npy``,
+or ``.npz`` with the rows under ``z``). The approximate mode runs once per ``--indexes`` entry
+(``auto`` is what the refresh uses; ``ivf-flat``, ``ivf-pq``, ``hnsw`` force one faiss index),
+one table row each. Times are wall-clock seconds (best and median of ``--repeats`` runs for the
+fast modes); on a shared machine they are noisy.
 """
 
 from __future__ import annotations
@@ -45,6 +49,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-torch", action="store_true", help="skip the slow torch fallback")
     parser.add_argument("--latents", help=".npy file, or .npz with key z, instead of synthetic")
+    parser.add_argument("--pca", type=int, default=0, help="search this many PCA components")
+    parser.add_argument(
+        "--indexes", nargs="+", default=["auto"], choices=["auto", "ivf-flat", "ivf-pq", "hnsw"]
+    )
     return parser.parse_args()
 
 
@@ -64,19 +72,28 @@ def main() -> None:
             seed=args.seed,
         )
         print(f"latents: {z.shape[0]} x {z.shape[1]}, intrinsic dim {args.intrinsic_dim or 'full'}")
+    if args.pca:
+        from lcc.engine.projection import fit_pca
+
+        z = fit_pca(z, args.pca, seed=args.seed).apply(z)
+        print(f"searching the {args.pca} leading principal components")
     rows = []
-    for k in args.k:
+    for k, index in [(k, index) for k in args.k for index in args.indexes]:
         exact, faiss_times = timed(lambda k=k: knn(z, k, backend="faiss"), 1)
         torch_time = float("nan")
         if not args.skip_torch:
             fallback, torch_times = timed(lambda k=k: knn(z, k, backend="torch"), 1)
             torch_time = torch_times[0]
             np.testing.assert_allclose(fallback.distances, exact.distances, rtol=1e-3, atol=1e-3)
-        approx, approx_times = timed(lambda k=k: knn(z, k, mode="approximate"), args.repeats)
+        approx, approx_times = timed(
+            lambda k=k, index=index: knn(z, k, mode="approximate", index=index, seed=args.seed),
+            args.repeats,
+        )
         _, graph_times = timed(lambda exact=exact: knn_graph(exact), args.repeats)
         recall = knn_recall(approx, exact)
         row = {
             "k": k,
+            "index": index,
             "exact_faiss_s": round(faiss_times[0], 2),
             "exact_torch_s": round(torch_time, 2),
             "approx_best_s": round(min(approx_times), 3),
@@ -88,13 +105,13 @@ def main() -> None:
         print(json.dumps(row), flush=True)
         rows.append(row)
     print(
-        "\n| k | exact faiss s | exact torch s | approx s (best / median) | recall | est. recall |"
-        " graph s |"
+        "\n| k | index | exact faiss s | exact torch s | approx s (best / median) | recall |"
+        " est. recall | graph s |"
     )
-    print("|---" * 7 + "|")
+    print("|---" * 8 + "|")
     for row in rows:
         print(
-            f"| {row['k']} | {row['exact_faiss_s']} | {row['exact_torch_s']} | "
+            f"| {row['k']} | {row['index']} | {row['exact_faiss_s']} | {row['exact_torch_s']} | "
             f"{row['approx_best_s']} / {row['approx_median_s']} | {row['recall']} | "
             f"{row['estimated_recall']} | {row['graph_best_s']} |"
         )

@@ -1,11 +1,18 @@
 """Reading latents from disk and writing results atomically.
 
 :func:`load_latents` reads ``z`` (N, ...) and ``y`` (N,) from a ``.npz`` or ``.safetensors``
-file, turning every failure (missing file, corrupt file, unknown extension, missing key) into
-an :class:`~lcc.errors.LCCInputError` that names the file. The writers
-(:func:`atomic_write`, :func:`save_npz_atomic`, :func:`write_json_atomic`) write to a temporary
-file in the destination directory, flush it to disk and rename it over the destination, so a
-reader never sees a half-written file and a crash leaves the previous version intact.
+file, or from a ``.npy`` pair (see :func:`load_npy_pair`: a directory holding ``z.npy`` and
+``y.npy``, or a latents ``.npy`` plus a labels ``.npy``), turning every failure (missing file,
+corrupt file, unknown extension, missing key, wrong dtype, mismatched lengths) into an
+:class:`~lcc.errors.LCCInputError` that names the file. ``.npy`` latents are memory-mapped
+read-only (float16 or float32 stay as stored, nothing is copied through a zip archive), so
+1.28M x 512 latents cost no RAM until they are read.
+
+The writers (:func:`atomic_write`, :func:`save_npz_atomic`, :func:`save_npy_atomic`,
+:func:`write_json_atomic`, and :func:`npy_memmap_atomic` for arrays filled in chunks) write to
+a temporary file in the destination directory, flush it to disk and rename it over the
+destination, so a reader never sees a half-written file and a crash leaves the previous
+version intact.
 
 >>> import tempfile, pathlib, numpy as np
 >>> folder = pathlib.Path(tempfile.mkdtemp())
@@ -26,7 +33,7 @@ import re
 import tempfile
 import warnings
 import zipfile
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -37,6 +44,8 @@ from lcc.errors import LCCInputError
 
 __all__ = [
     "LATENT_FORMATS",
+    "NPY_LABELS",
+    "NPY_LATENTS",
     "OutputKind",
     "TorchLoadError",
     "array_keys",
@@ -45,28 +54,147 @@ __all__ = [
     "describe_load_error",
     "load_arrays",
     "load_latents",
+    "load_npy_pair",
+    "npy_memmap_atomic",
     "npz_kind",
     "read_csv_tolerant",
     "read_jsonl_tolerant",
     "safe_torch_load",
+    "save_npy_atomic",
     "save_npz_atomic",
     "unsafe_globals",
     "write_json_atomic",
 ]
 
-#: File name suffixes :func:`load_latents` reads.
+#: File name suffixes :func:`load_arrays` reads.
 LATENT_FORMATS: tuple[str, ...] = (".npz", ".safetensors")
+#: File names of the latents and labels in a ``.npy`` pair directory.
+NPY_LATENTS = "z.npy"
+NPY_LABELS = "y.npy"
+#: Latent dtypes a ``.npy`` pair may hold (read as stored, memory-mapped).
+NPY_LATENT_DTYPES: tuple[str, ...] = ("float16", "float32", "float64")
 
 
-def load_latents(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Read latents ``z`` and labels ``y`` from a ``.npz`` or ``.safetensors`` file.
+def load_latents(
+    path: str | os.PathLike[str], *, labels: str | os.PathLike[str] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Read latents ``z`` and labels ``y`` from a ``.npz``/``.safetensors`` file or a ``.npy`` pair.
 
-    Arrays are returned as stored (not yet validated: :func:`lcc.engine.refresh.refresh` checks
-    them);
-    bfloat16 latents from a safetensors file come back as float32.
+    ``path`` is a ``.npz`` or ``.safetensors`` file with keys ``z`` and ``y``; or a directory
+    holding ``z.npy`` and ``y.npy``; or a latents ``.npy`` file, with ``labels`` naming the
+    labels ``.npy`` (see :func:`load_npy_pair`). Arrays are returned as stored (not yet
+    validated: :func:`lcc.engine.refresh.refresh` checks them); ``.npy`` latents come back as a
+    read-only memory map; bfloat16 latents from a safetensors file come back as float32.
     """
+    file = Path(path)
+    if file.is_dir() or file.suffix.lower() == ".npy":
+        return load_npy_pair(file, labels)
+    if labels is not None:
+        raise LCCInputError(
+            f"labels={labels} applies to .npy latents only; {file} holds its own y array"
+        )
     arrays = load_arrays(path, keys=("z", "y"))
     return arrays["z"], arrays["y"]
+
+
+def load_npy_pair(
+    path: str | os.PathLike[str], labels: str | os.PathLike[str] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Latents (memory-mapped, read-only) and labels from a pair of ``.npy`` files.
+
+    ``path`` is either a directory holding ``z.npy`` (N, ...) and ``y.npy`` (N,), or the
+    latents ``.npy`` itself, with ``labels`` the labels ``.npy`` (``labels`` also overrides a
+    directory's ``y.npy``). Latents must be float16, float32 or float64 and are returned as a
+    ``numpy.memmap`` in their stored dtype; labels must be integers and are read into memory.
+    Object arrays are never unpickled.
+
+    >>> import tempfile, pathlib
+    >>> folder = pathlib.Path(tempfile.mkdtemp())
+    >>> _ = save_npy_atomic(folder / "z.npy", np.ones((3, 2), np.float16))
+    >>> _ = save_npy_atomic(folder / "y.npy", np.array([0, 1, 1]))
+    >>> z, y = load_npy_pair(folder)
+    >>> z.dtype.name, z.shape, y.tolist()
+    ('float16', (3, 2), [0, 1, 1])
+    """
+    source = Path(path)
+    if source.is_dir():
+        latents_file = source / NPY_LATENTS
+        labels_file = Path(labels) if labels is not None else source / NPY_LABELS
+        if not latents_file.is_file():
+            raise LCCInputError(
+                f"directory {source} has no {NPY_LATENTS}; put the latents there as {NPY_LATENTS} "
+                f"and the labels as {NPY_LABELS}"
+            )
+    elif source.suffix.lower() == ".npy":
+        latents_file = source
+        if labels is None:
+            raise LCCInputError(
+                f"{source} holds latents only; pass the labels .npy too (lcc cluster: "
+                f"--labels Y.npy), or pass a directory holding {NPY_LATENTS} and {NPY_LABELS}"
+            )
+        labels_file = Path(labels)
+    else:
+        raise LCCInputError(f"cannot read {source} as a .npy pair: expected a directory or a .npy")
+    if not latents_file.exists():
+        raise LCCInputError(f"file not found: {latents_file}; check the path")
+    if not labels_file.is_file():
+        raise LCCInputError(
+            f"labels file not found: {labels_file}; save the labels (N,) integers as "
+            f"{labels_file.name if labels_file.suffix == '.npy' else NPY_LABELS}"
+        )
+    z = _open_npy(latents_file, mmap=True)
+    if z.dtype.name not in NPY_LATENT_DTYPES:
+        raise LCCInputError(
+            f"{latents_file} holds {z.dtype} values; latents must be float16 or float32 "
+            "(save them with z.astype(np.float32))"
+        )
+    if z.ndim < 2:
+        raise LCCInputError(
+            f"{latents_file} has shape {z.shape}; latents must have shape (N, d, ...) with one "
+            "row per sample"
+        )
+    y = np.asarray(_open_npy(labels_file, mmap=False))
+    if not (np.issubdtype(y.dtype, np.integer) or y.dtype == bool):
+        raise LCCInputError(
+            f"{labels_file} holds {y.dtype} values; labels must be integers "
+            "(save them with y.astype(np.int64))"
+        )
+    if y.ndim != 1 or y.shape[0] != z.shape[0]:
+        raise LCCInputError(
+            f"{labels_file} has shape {y.shape} but {latents_file} has {z.shape[0]} rows; "
+            "pass one label per latent row, shape (N,)"
+        )
+    return z, y
+
+
+def _open_npy(file: Path, *, mmap: bool) -> np.ndarray:
+    """``np.load`` of one ``.npy`` (memory-mapped read-only when ``mmap``), never unpickling."""
+    if file.is_dir():
+        raise LCCInputError(f"cannot read {file}: it is a directory, not a .npy file")
+    try:
+        with file.open("rb") as handle:
+            magic = handle.read(6)
+        if magic != b"\x93NUMPY":
+            raise LCCInputError(
+                f"cannot read {file}: not a .npy file (corrupt or another format); "
+                "write it with numpy.save"
+            )
+        if mmap:
+            array = np.load(file, mmap_mode="r", allow_pickle=False)
+        else:
+            array = np.load(file, allow_pickle=False)
+    except LCCInputError:
+        raise
+    except ValueError as error:
+        if "pickle" in str(error) or "object" in str(error):
+            raise LCCInputError(
+                f"cannot read {file}: it holds Python objects (an object array); save numeric "
+                "arrays only"
+            ) from error
+        raise LCCInputError(f"cannot read {file} as .npy: {_reason(error)}") from error
+    except Exception as error:  # OSError, truncated data, bad header...
+        raise LCCInputError(f"cannot read {file} as .npy: {_reason(error)}") from error
+    return array
 
 
 def load_arrays(path: str | os.PathLike[str], keys: tuple[str, ...]) -> dict[str, np.ndarray]:
@@ -243,6 +371,70 @@ def save_npz_atomic(path: str | os.PathLike[str], **arrays: Any) -> Path:
     if not arrays:
         raise LCCInputError("save_npz_atomic needs at least one array")
     return atomic_write(path, lambda handle: np.savez(handle, **arrays))
+
+
+def save_npy_atomic(path: str | os.PathLike[str], array: np.ndarray) -> Path:
+    """Write one array to a ``.npy`` at exactly ``path``, atomically (never pickled).
+
+    >>> import tempfile, pathlib
+    >>> out = save_npy_atomic(pathlib.Path(tempfile.mkdtemp()) / "a.npy", np.arange(3))
+    >>> np.load(out).tolist()
+    [0, 1, 2]
+    """
+    data = np.asarray(array)
+    return atomic_write(path, lambda handle: np.save(handle, data, allow_pickle=False))
+
+
+@contextlib.contextmanager
+def npy_memmap_atomic(
+    path: str | os.PathLike[str], shape: tuple[int, ...], dtype: Any
+) -> Iterator[np.memmap]:
+    """A writable memory-mapped ``.npy`` of ``shape`` and ``dtype``, renamed to ``path`` on success.
+
+    Fill it in chunks inside the ``with`` block; on normal exit it is flushed, fsynced and
+    renamed over ``path`` (readers never see a half-written file), on an exception the
+    temporary file is removed and ``path`` is untouched. The array must not be used after the
+    block.
+
+    >>> import tempfile, pathlib
+    >>> out = pathlib.Path(tempfile.mkdtemp()) / "z.npy"
+    >>> with npy_memmap_atomic(out, (4, 2), np.float16) as z:
+    ...     z[:2], z[2:] = 1.0, 2.0
+    >>> np.load(out).tolist()
+    [[1.0, 1.0], [1.0, 1.0], [2.0, 2.0], [2.0, 2.0]]
+    """
+    target = Path(path)
+    directory = target.parent
+    if not directory.is_dir():
+        raise LCCInputError(
+            f"cannot write {target}: directory {directory} does not exist; create it first"
+        )
+    if target.is_dir():
+        raise LCCInputError(f"cannot write {target}: it is a directory; pass a file name")
+    try:
+        descriptor, name = tempfile.mkstemp(dir=directory, prefix=f".{target.name}.", suffix=".tmp")
+        os.close(descriptor)
+    except OSError as error:
+        raise LCCInputError(f"cannot write {target}: {_os_reason(error)}") from error
+    temporary = Path(name)
+    try:
+        array = np.lib.format.open_memmap(
+            temporary, mode="w+", dtype=np.dtype(dtype), shape=tuple(int(s) for s in shape)
+        )
+        yield array
+        array.flush()
+        del array
+        with temporary.open("rb+") as handle:
+            os.fsync(handle.fileno())
+        os.chmod(temporary, _file_mode(target))
+        os.replace(temporary, target)
+    except BaseException as error:
+        with contextlib.suppress(OSError):
+            temporary.unlink()
+        if isinstance(error, OSError):
+            raise LCCInputError(f"cannot write {target}: {_os_reason(error)}") from error
+        raise
+    _fsync_directory(directory)
 
 
 def write_json_atomic(

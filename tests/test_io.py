@@ -19,10 +19,12 @@ from lcc.io import (
     check_output_path,
     load_arrays,
     load_latents,
+    npy_memmap_atomic,
     npz_kind,
     read_csv_tolerant,
     read_jsonl_tolerant,
     safe_torch_load,
+    save_npy_atomic,
     save_npz_atomic,
     write_json_atomic,
 )
@@ -335,3 +337,60 @@ def test_safe_torch_load_refuses_code_and_names_damage(tmp_path: Path) -> None:
         safe_torch_load(tmp_path / "missing.pt")
     with pytest.raises(LCCInputError, match="is a directory"):
         safe_torch_load(tmp_path)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_npy_pair_directory_is_memory_mapped_in_its_dtype(tmp_path: Path, dtype) -> None:
+    z = np.random.default_rng(1).normal(size=(7, 2, 3)).astype(dtype)
+    y = np.array([3, 7, 42, 3, 7, 42, 0], dtype=np.int32)
+    save_npy_atomic(tmp_path / "z.npy", z)
+    save_npy_atomic(tmp_path / "y.npy", y)
+    got_z, got_y = load_latents(tmp_path)
+    assert isinstance(got_z, np.memmap) and got_z.dtype == dtype and not got_z.flags.writeable
+    np.testing.assert_array_equal(got_z, z)
+    np.testing.assert_array_equal(got_y, y)
+    # the latents file itself, with the labels named explicitly
+    np.save(tmp_path / "other.npy", y[::-1].copy())
+    got_z, got_y = load_latents(tmp_path / "z.npy", labels=tmp_path / "other.npy")
+    np.testing.assert_array_equal(got_z, z)
+    np.testing.assert_array_equal(got_y, y[::-1])
+    # a directory's y.npy can be overridden too
+    assert load_latents(tmp_path, labels=tmp_path / "other.npy")[1].tolist() == y[::-1].tolist()
+
+
+def test_npy_pair_errors_name_the_file_and_the_fix(tmp_path: Path) -> None:
+    np.save(tmp_path / "z.npy", np.ones((4, 2), np.float32))
+    with pytest.raises(LCCInputError, match="labels file not found"):
+        load_latents(tmp_path)
+    with pytest.raises(LCCInputError, match="--labels"):
+        load_latents(tmp_path / "z.npy")
+    np.save(tmp_path / "y.npy", np.arange(4))
+    np.savez(tmp_path / "a.npz", z=np.ones((4, 2)), y=np.arange(4))
+    with pytest.raises(LCCInputError, match=r"\.npy latents only"):
+        load_latents(tmp_path / "a.npz", labels=tmp_path / "y.npy")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(LCCInputError, match=r"has no z\.npy"):
+        load_latents(tmp_path / "empty")
+    np.save(tmp_path / "y.npy", np.arange(5))
+    with pytest.raises(LCCInputError, match=r"shape \(5,\) but .* 4 rows") as caught:
+        load_latents(tmp_path)
+    assert "\n" not in str(caught.value)
+
+
+def test_npy_memmap_atomic_renames_on_success_and_cleans_up_on_failure(tmp_path: Path) -> None:
+    path = tmp_path / "z.npy"
+    with npy_memmap_atomic(path, (5, 3), np.float16) as z:
+        assert not path.exists()  # still a temporary file
+        z[:] = np.arange(15).reshape(5, 3)
+    loaded = np.load(path)
+    assert loaded.dtype == np.float16 and loaded.tolist()[4] == [12.0, 13.0, 14.0]
+    with pytest.raises(RuntimeError, match="boom"), npy_memmap_atomic(path, (2, 2), np.float32):
+        raise RuntimeError("boom")
+    assert np.load(path).shape == (5, 3)  # the previous file is intact
+    assert _temporaries(tmp_path) == []
+    missing = tmp_path / "missing" / "z.npy"
+    with (
+        pytest.raises(LCCInputError, match="does not exist"),
+        npy_memmap_atomic(missing, (2, 2), np.float32),
+    ):
+        pass

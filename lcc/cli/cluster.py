@@ -1,12 +1,15 @@
 """``lcc cluster``: cluster latents, match clusters to classes and write correction targets.
 
-Reads ``z`` (N, ...) and ``y`` (N,) from LATENTS (``.npz`` or ``.safetensors``), runs
-:func:`lcc.engine.refresh.refresh` and writes OUT, an ``.npz`` with ``clusters`` (N,) int64,
-``cluster_class`` (K,) int64, ``misclustered`` (N,) bool, ``correctible`` (N,) bool and
-``targets`` (N, D) float32 (NaN rows for samples without a target). stdout gets exactly one
-JSON line (the refresh summary plus ``latents`` and ``out``); stage progress goes to stderr
-only when stderr is a terminal. Without LATENTS (or with ``--example``) a seeded generated
-example is clustered, so ``lcc cluster`` alone runs and writes ``lcc-clusters.npz``.
+Reads ``z`` (N, ...) and ``y`` (N,) from LATENTS (``.npz`` or ``.safetensors``; or a ``.npy``
+pair, memory-mapped: a directory holding ``z.npy`` and ``y.npy``, or a latents ``.npy`` with
+``--labels Y.npy``), runs :func:`lcc.engine.refresh.refresh` and writes OUT, an ``.npz`` with
+``clusters`` (N,) int64, ``cluster_class`` (K,) int64, ``misclustered`` (N,) bool,
+``correctible`` (N,) bool and ``targets`` (N, D) float32 (NaN rows for samples without a
+target). stdout gets exactly one JSON line (the refresh summary plus ``latents`` and ``out``).
+Stage progress with per-stage seconds goes to stderr: a live line on a terminal; elsewhere
+plain lines, only once the run has taken more than :data:`QUIET_SECONDS`. Without LATENTS (or
+with ``--example``) a seeded generated example is clustered, so ``lcc cluster`` alone runs and
+writes ``lcc-clusters.npz``.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import json
 import os
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
@@ -31,13 +36,18 @@ CLUSTER_RESULT = npz_kind(
     "an lcc cluster result", "clusters", "cluster_class", "misclustered", "correctible", "targets"
 )
 
+#: Off a terminal, stage lines appear only once a run has taken this many seconds.
+QUIET_SECONDS = 5.0
+
 DESCRIPTION = """\
 Cluster latents with a k-NN graph, match each cluster to its majority class, and compute
 the LCC correction target of every correctible (misclustered but fixable) sample.
 
 LATENTS is a .npz or .safetensors file holding z (N, ...) float latents and y (N,)
-non-negative integer labels (need not be contiguous). Without LATENTS, or with --example,
-a seeded Gaussian-mixture example is generated instead.
+non-negative integer labels (need not be contiguous); or, for large data, a .npy pair read
+memory-mapped (nothing copied through a zip archive): a directory holding z.npy (float16 or
+float32) and y.npy (integers), or a latents .npy with --labels Y.npy. Without LATENTS, or
+with --example, a seeded Gaussian-mixture example is generated instead.
 
 OUT (.npz) receives: clusters (N,) int64, cluster_class (K,) int64, misclustered (N,) bool,
 correctible (N,) bool, targets (N, D) float32 with NaN rows for non-correctible samples
@@ -49,6 +59,8 @@ examples:
   lcc cluster                                   # generated example -> lcc-clusters.npz
   lcc cluster latents.npz clusters.npz --k 10 --method louvain
   lcc cluster latents.npz fast.npz --knn approximate --pca 64 --targets approximate
+  lcc cluster run/latents/ out.npz --knn approximate --pca 64   # run/latents/{z,y}.npy
+  lcc cluster z.npy out.npz --labels y.npy
 """
 
 
@@ -67,8 +79,8 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         nargs="?",
         default=argparse.SUPPRESS,
         metavar="LATENTS",
-        help=".npz or .safetensors file with keys z (N, ...) and y (N,); "
-        "omit to cluster a generated example",
+        help=".npz or .safetensors file with keys z (N, ...) and y (N,), a directory holding "
+        "z.npy and y.npy, or a latents .npy (with --labels); omit to cluster a generated example",
     )
     parser.add_argument(
         "out",
@@ -76,6 +88,13 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         default=DEFAULT_OUT,
         metavar="OUT",
         help="output .npz file (written atomically)",
+    )
+    parser.add_argument(
+        "--labels",
+        default=None,
+        metavar="Y.npy",
+        help="labels .npy (N,) integers, when LATENTS is a latents .npy; None: y.npy in a "
+        "LATENTS directory",
     )
     parser.add_argument("--k", type=int, default=5, help="neighbours per sample in the k-NN graph")
     parser.add_argument(
@@ -95,7 +114,8 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         "--knn",
         choices=KNN_MODES,
         default="exact",
-        help="k-NN search: exact (flat) or approximate (faster, recall >= 0.95)",
+        help="k-NN search: exact (brute force) or approximate (faiss IVF, widened until the "
+        "recall measured on 300 sampled rows reaches 0.97)",
     )
     parser.add_argument(
         "--pca",
@@ -158,13 +178,14 @@ def run(args: argparse.Namespace) -> int:
     latents, out = _paths(args)
     check_output_path(out, [latents], force=args.force, kind=CLUSTER_RESULT)
     _check_writable(out)
-    progress = _Progress(sys.stderr) if _is_terminal(sys.stderr) else None
+    progress = _Progress(sys.stderr, terminal=_is_terminal(sys.stderr))
     if latents is None:
+        if args.labels is not None:
+            raise LCCInputError("--labels applies to a LATENTS .npy; drop it for the example")
         z, y = example(args.example_samples, seed=args.seed)
     else:
-        if progress:
-            progress("load")
-        z, y = load_latents(latents)
+        with progress.stage("load"):
+            z, y = load_latents(latents, labels=args.labels)
     config = RefreshConfig(
         k=args.k,
         method=args.method,
@@ -176,23 +197,23 @@ def run(args: argparse.Namespace) -> int:
         resolution=args.resolution,
         seed=args.seed,
     )
-    result = refresh(z, y, config, classes=args.classes, progress=progress)
-    if progress:
-        progress("write")
-    save_npz_atomic(
-        out,
-        clusters=result.clusters.astype(np.int64, copy=False),
-        cluster_class=result.cluster_class.astype(np.int64, copy=False),
-        misclustered=result.misclustered.astype(bool, copy=False),
-        correctible=result.correctible.astype(bool, copy=False),
-        targets=result.targets.dense().astype(np.float32, copy=False),
+    result = refresh(
+        z, y, config, classes=args.classes, progress=progress.start, stage_done=progress.done
     )
-    if progress:  # before the JSON line, which may go to the same terminal
-        progress.finish(
-            f"wrote {out}: {result.n} samples, {result.n_clusters} clusters, "
-            f"{result.misclustered_fraction:.1%} misclustered, "
-            f"{result.correctible_fraction:.1%} correctible"
+    with progress.stage("write"):
+        save_npz_atomic(
+            out,
+            clusters=result.clusters.astype(np.int64, copy=False),
+            cluster_class=result.cluster_class.astype(np.int64, copy=False),
+            misclustered=result.misclustered.astype(bool, copy=False),
+            correctible=result.correctible.astype(bool, copy=False),
+            targets=result.targets.dense().astype(np.float32, copy=False),
         )
+    progress.finish(  # before the JSON line, which may go to the same terminal
+        f"wrote {out}: {result.n} samples, {result.n_clusters} clusters, "
+        f"{result.misclustered_fraction:.1%} misclustered, "
+        f"{result.correctible_fraction:.1%} correctible"
+    )
     summary = result.summary()
     summary["latents"] = "example" if latents is None else str(latents)
     summary["out"] = str(out)
@@ -282,18 +303,52 @@ def _is_terminal(stream: IO[str]) -> bool:
 
 
 class _Progress:
-    """One self-overwriting status line on a terminal: the current stage and elapsed time."""
+    """Stage progress on stderr, with the seconds of every finished stage.
 
-    def __init__(self, stream: IO[str]) -> None:
-        self.stream = stream
-        self.start = time.perf_counter()
+    On a terminal: a self-overwriting line for the running stage, and one line per finished
+    stage. Elsewhere (a log file, a pipe): nothing for quick runs; once the run has taken more
+    than :data:`QUIET_SECONDS`, the finished stages so far and then each stage as it finishes,
+    one plain line each.
+    """
 
-    def __call__(self, stage: str) -> None:
-        elapsed = time.perf_counter() - self.start
-        self.stream.write(f"\r\x1b[Klcc cluster: {stage}... ({elapsed:.1f} s)")
+    def __init__(self, stream: IO[str], *, terminal: bool) -> None:
+        self.stream, self.terminal = stream, terminal
+        self.start_time = time.perf_counter()
+        self.pending: list[str] = []
+        self.shown = terminal
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start_time
+
+    def start(self, stage: str) -> None:
+        """A stage begins (the live line, on a terminal only)."""
+        if self.terminal:
+            self.stream.write(f"\r\x1b[Klcc cluster: {stage}... ({self.elapsed():.1f} s)")
+            self.stream.flush()
+
+    def done(self, stage: str, seconds: float) -> None:
+        """A stage ended after ``seconds``."""
+        line = f"lcc cluster: {stage} {seconds:.2f} s (total {self.elapsed():.1f} s)"
+        if not self.shown and self.elapsed() > QUIET_SECONDS:
+            self.shown = True
+        if not self.shown:
+            self.pending.append(line)
+            return
+        prefix = "\r\x1b[K" if self.terminal else ""
+        self.stream.write("".join(f"{prefix}{text}\n" for text in [*self.pending, line]))
         self.stream.flush()
+        self.pending = []
+
+    @contextmanager
+    def stage(self, stage: str) -> Iterator[None]:
+        """Time a stage of the command itself (loading, writing)."""
+        self.start(stage)
+        started = time.perf_counter()
+        yield
+        self.done(stage, time.perf_counter() - started)
 
     def finish(self, message: str) -> None:
-        elapsed = time.perf_counter() - self.start
-        self.stream.write(f"\r\x1b[Klcc cluster: {message} ({elapsed:.1f} s)\n")
-        self.stream.flush()
+        if self.shown:
+            prefix = "\r\x1b[K" if self.terminal else ""
+            self.stream.write(f"{prefix}lcc cluster: {message} ({self.elapsed():.1f} s)\n")
+            self.stream.flush()

@@ -5,20 +5,23 @@ never its own neighbour, even when it has exact duplicates). :func:`search` answ
 a separate base set. Both return Euclidean distances; with ``metric="cosine"`` rows are
 L2-normalised first, so the distance is ``sqrt(2 - 2 cos)`` and the order is the cosine order.
 
-Backends: faiss (``IndexFlatL2``) when it is importable, otherwise a pure-torch search that walks
-the rows in blocks (``cdist``-style matrix product + ``topk``), so memory stays bounded and an
-``N x N`` matrix is never built.
+Exact mode: faiss brute force (``faiss.knn``, blocked matrix products, no copy of the data) when
+faiss is importable, otherwise a pure-torch search that walks the rows in blocks (matrix product +
+``topk``), so memory stays bounded and an ``N x N`` matrix is never built.
 
-Approximate mode is an inverted-file (IVF) search batched by cell: k-means (faiss, seeded) splits
-the rows into about ``2 sqrt(N)`` cells; the rows of each cell are searched exactly against the
-members of the cells whose centroids are nearest to that cell's centroid (about 8 cells' worth of
-rows), many cells of similar size in one padded batched matrix product. Scanning whole cells with
-matrix products is an order of magnitude faster per distance than faiss's per-query IVF scan, so
-more can be scanned for the same time. The number of rows scanned per cell doubles until the
-recall measured on a random sample of rows against their exact neighbours reaches 0.97, so
-unclustered data costs more time rather than silently losing recall.
+Approximate mode (faiss; below 2,000 rows, or without faiss, it searches exactly): an index chosen
+by size (see :func:`choose_index`) -- ``"ivf-flat"`` (k-means inverted lists, about
+``8 sqrt(N)`` of them, rows stored as they are), ``"ivf-pq"`` for data whose copy would exceed
+1 GiB (rows stored as product-quantised codes, candidates re-ranked with exact distances), or
+``"hnsw"`` on request (a graph index, built single-threaded so that it is deterministic). The
+search width (``nprobe`` lists, or ``efSearch``) starts small and doubles until the recall measured
+on a seeded sample of 300 rows against their exact neighbours reaches 0.97; if even the widest
+search misses it, or IVF needs more than a sixteenth of its lists (then brute force costs no
+more), the rows are searched exactly. Unclustered data therefore costs more time
+rather than silently losing recall; the recall reached is reported in ``Neighbors.recall``.
+k-means is trained on a seeded sample with a seeded faiss k-means, and faiss runs with torch's
+thread count, so a seed gives the same neighbours every time.
 
->>> import numpy as np
 >>> z = np.array([[0.0, 0.0], [1.0, 0.0], [3.0, 0.0], [3.0, 1.0]])
 >>> nb = knn(z, 1)
 >>> nb.indices[:, 0].tolist(), nb.distances[:, 0].tolist()
@@ -28,11 +31,9 @@ unclustered data costs more time rather than silently losing recall.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import partial
 from types import ModuleType
 from typing import Literal
 
@@ -41,35 +42,65 @@ import torch
 
 from lcc.errors import LCCInputError, as_latent_matrix, check_choice, check_k
 
+__all__ = [
+    "BACKENDS",
+    "INDEXES",
+    "METRICS",
+    "MODES",
+    "Neighbors",
+    "choose_index",
+    "knn",
+    "knn_recall",
+    "search",
+]
+
 Metric = Literal["l2", "cosine"]
 KnnMode = Literal["exact", "approximate"]
 Backend = Literal["auto", "faiss", "torch"]
+IndexKind = Literal["auto", "ivf-flat", "ivf-pq", "hnsw"]
 
 METRICS: tuple[str, ...] = ("l2", "cosine")
 MODES: tuple[str, ...] = ("exact", "approximate")
 BACKENDS: tuple[str, ...] = ("auto", "faiss", "torch")
+INDEXES: tuple[str, ...] = ("auto", "ivf-flat", "ivf-pq", "hnsw")
 
 # Largest distance block (in float32 entries) the torch search materialises at once: 64 MiB.
 _BLOCK_ENTRIES = 1 << 24
 # Searches with fewer multiply-adds than this run single-threaded.
 _SMALL_WORK = 1 << 28
-# Approximate mode: cells probed per cell, k-means iterations and training points per cell.
-_PROBES = 8
-_CELLS_PER_ROOT = 2.0
-_KMEANS_ITERATIONS = 4
-_POINTS_PER_CELL = 16
 # Approximate mode widens its search until the recall measured on this many rows reaches the
 # target (the margin above 0.95 covers the sampling error).
 _RECALL_SAMPLE = 300
 _TARGET_RECALL = 0.97
-# Factor by which the rows scanned per cell grow while the measured recall is below target.
-_GROWTH = 2
 # Below this many rows the approximate mode is not faster than the exact one; it searches exactly.
 _APPROXIMATE_MIN_ROWS = 2_000
-# Approximate mode: floats (queries, candidates and scores) one batch of cells handles at once.
-_GROUP_ENTRIES = 1 << 21
-# torch.topk keeps a heap (fast) when the row is at least this many times longer than k.
-_HEAP_RATIO = 64
+# IVF: lists per square root of N, training rows per list and k-means iterations; first nprobe.
+# Measured on 250,000 planted latents (3,000 sub-clusters, PCA 64): 4,000 lists reach recall
+# 0.99 with 2-4 probes, 2,000 lists need 16-32 (many small lists beat few large ones: a list
+# scan costs about 25 times more per distance than a matrix product).
+_LISTS_PER_ROOT = 8.0
+_TRAIN_PER_LIST = 16
+_KMEANS_ITERATIONS = 4
+# First nprobe 4, not less: IVF misses are biased (a row near the edge of its list gets list-mates
+# from another cluster instead of its true neighbours in the next list), and on 100,000 planted
+# latents in 3,000 small sub-clusters 2 probes (recall 0.991) let Leiden merge 200 sub-clusters
+# (ARI 0.84 to the planted ones) where 4 probes (recall 0.998) keep them (ARI 0.96).
+_FIRST_PROBES = 4
+# An IVF search that needs more than this share of the lists to reach the recall target costs
+# about as much as brute force (faiss scans lists about 25 times slower per distance than its
+# blocked matrix products): the rows are then searched exactly.
+_IVF_EXACT_SHARE = 1 / 16
+# "auto" stores rows as they are (IVF-Flat) while the copy stays under this many bytes, else as
+# product-quantised codes (IVF-PQ) of about this many dimensions per byte, re-ranking this many
+# candidates per neighbour (the factor doubles with nprobe while the recall is short).
+_FLAT_INDEX_BYTES = 1 << 30
+_PQ_DIMS_PER_CODE = 8
+_PQ_CANDIDATES = 4
+# HNSW: links per node, construction beam, first and widest search beam.
+_HNSW_LINKS = 32
+_HNSW_CONSTRUCTION = 40
+_HNSW_FIRST_EF = 32
+_HNSW_MAX_EF = 4_096
 
 
 @dataclass(frozen=True)
@@ -123,14 +154,16 @@ def knn(
     metric: Metric = "l2",
     seed: int = 0,
     backend: Backend = "auto",
+    index: IndexKind = "auto",
 ) -> Neighbors:
     """The ``k`` nearest other rows of every row of ``z`` (shape ``(N, ...)``, flattened).
 
-    ``mode="approximate"`` trades a little recall for speed: it searches each k-means cell
-    against its nearest cells, widening the search until the recall measured on a sample of 300
-    rows reaches 0.97 (reported as ``Neighbors.recall``); ``seed`` drives its random choices.
-    Below 2,000 rows it searches exactly. ``backend`` picks faiss or the torch fallback
-    ("auto": faiss when importable).
+    ``mode="approximate"`` trades a little recall for speed: it searches a faiss index
+    (``index``: ``"auto"`` picks with :func:`choose_index`; or ``"ivf-flat"``, ``"ivf-pq"``,
+    ``"hnsw"``), widening the search until the recall measured on a sample of 300 rows reaches
+    0.97 (reported as ``Neighbors.recall``), exact if no width reaches it; ``seed`` drives its
+    random choices. Below 2,000 rows, or on the torch backend, it searches exactly.
+    ``backend`` picks faiss or the torch fallback ("auto": faiss when importable).
 
     >>> nb = knn(np.array([[0.0], [1.0], [3.0], [7.0]]), 2, backend="torch")
     >>> nb.indices.tolist(), nb.distances.tolist()
@@ -138,20 +171,36 @@ def knn(
     """
     check_choice(metric, METRICS, name="metric")
     check_choice(mode, MODES, name="mode")
+    check_choice(index, INDEXES, name="index")
     use_faiss = _use_faiss(backend)
     matrix = as_latent_matrix(z)
     k = check_k(k, matrix.shape[0])
     matrix = _prepare(matrix, metric)
-    if mode == "approximate" and matrix.shape[0] >= _APPROXIMATE_MIN_ROWS:
-        indices, squared, recall = _ivf_self_search(matrix, k, seed=seed, use_faiss=use_faiss)
-        return Neighbors(indices, _to_distance(squared), recall=recall)
-    if use_faiss:
-        indices, squared = _faiss_search(matrix, matrix, k + 1)
-        indices, squared = _drop_self(indices, squared, np.arange(matrix.shape[0]))
-    else:
+    rows = np.arange(matrix.shape[0])
+    if not use_faiss:
         indices, squared = _torch_search(matrix, matrix, k + 1)
-        indices, squared = _drop_self(indices, squared, np.arange(matrix.shape[0]))
-    return Neighbors(indices, _to_distance(squared))
+        return Neighbors(*_finish(*_drop_self(indices, squared, rows)))
+    with _faiss_threads():
+        if mode == "approximate" and matrix.shape[0] >= _APPROXIMATE_MIN_ROWS:
+            kind = choose_index(*matrix.shape) if index == "auto" else index
+            indices, squared, recall = _approximate_self_search(matrix, k, kind, seed)
+            return Neighbors(indices, _to_distance(squared), recall=recall)
+        indices, squared = _faiss_search(matrix, matrix, k + 1)
+    return Neighbors(*_finish(*_drop_self(indices, squared, rows)))
+
+
+def choose_index(n_samples: int, dim: int) -> str:
+    """The approximate index ``knn(..., index="auto")`` uses for ``n_samples`` rows of ``dim``.
+
+    ``"ivf-flat"`` while a float32 copy of the rows fits in 1 GiB (1.28M rows up to 209
+    dimensions), else ``"ivf-pq"``, which stores about one byte per 8 dimensions. HNSW is never
+    chosen automatically: on the measured data IVF-Flat reaches the same recall sooner and
+    deterministically with all threads.
+
+    >>> choose_index(1_280_000, 64), choose_index(1_280_000, 512)
+    ('ivf-flat', 'ivf-pq')
+    """
+    return "ivf-flat" if n_samples * dim * 4 <= _FLAT_INDEX_BYTES else "ivf-pq"
 
 
 def search(
@@ -160,19 +209,23 @@ def search(
     k: int,
     *,
     metric: Metric = "l2",
+    backend: Backend = "auto",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact ``k`` nearest rows of ``base`` for each row of ``queries``.
 
     Returns ``(indices, distances)``: ``(Q, k)`` int64 row numbers of ``base``, nearest first, and
-    ``(Q, k)`` float32 Euclidean distances. Builds no index (a blocked matrix product + ``topk``),
-    so it is cheap to call many times on small sets; small ones run single-threaded (with two
-    threads on a busy machine, every small product waits for a descheduled thread).
+    ``(Q, k)`` float32 Euclidean distances. Builds no index (faiss brute force, or on the torch
+    backend a blocked matrix product + ``topk``), so it is cheap to call many times on small
+    sets; small ones run single-threaded (with two threads on a busy machine, every small
+    product waits for a descheduled thread). Rows are centred on the base mean first, which
+    leaves distances unchanged and shrinks the rounding error of the distance expansion.
 
     >>> idx, dist = search(np.array([[0.0], [2.0], [10.0]]), np.array([[1.5], [9.0]]), 2)
     >>> idx.tolist(), dist.tolist()
     ([[1, 0], [2, 1]], [[0.5, 1.5], [1.0, 7.0]])
     """
     check_choice(metric, METRICS, name="metric")
+    use_faiss = _use_faiss(backend)
     base_matrix = _as_matrix(base, "base")
     query_matrix = _as_matrix(queries, "queries")
     if query_matrix.shape[1] != base_matrix.shape[1]:
@@ -192,6 +245,10 @@ def search(
         return np.empty((0, k), np.int64), np.empty((0, k), np.float32)
     centre = base_matrix.mean(axis=0, dtype=np.float64).astype(np.float32)
     small = base_matrix.size * query_matrix.shape[0] < _SMALL_WORK
+    if use_faiss:
+        with _faiss_threads(1 if small else None):
+            indices, squared = _faiss_search(base_matrix - centre, query_matrix - centre, int(k))
+        return indices, _to_distance(squared)
     with _torch_threads(1 if small else None):
         indices, squared = _torch_search(base_matrix - centre, query_matrix - centre, int(k))
     return indices, _to_distance(squared)
@@ -298,11 +355,10 @@ def _drop_self(
 
 
 def _faiss_search(base: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact k nearest ``base`` rows of each query (faiss brute force; ``base`` is not copied)."""
     faiss = _faiss_module()
-    index = faiss.IndexFlatL2(base.shape[1])
-    index.add(base)
-    squared, indices = index.search(queries, k)
-    return indices.astype(np.int64), squared
+    squared, indices = faiss.knn(np.ascontiguousarray(queries), base, k)
+    return indices.astype(np.int64, copy=False), squared
 
 
 def _torch_search(base: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -339,274 +395,236 @@ def _squared_norms(rows: torch.Tensor) -> torch.Tensor:
     return torch.einsum("ij,ij->i", rows, rows)
 
 
-def _kmeans(
-    matrix: np.ndarray, n_cells: int, *, rng: np.random.Generator, seed: int, use_faiss: bool
-) -> np.ndarray:
-    """Seeded k-means centroids ``(n_cells, D)`` trained on a subsample of the rows."""
-    n_train = min(matrix.shape[0], _POINTS_PER_CELL * n_cells)
-    sample = matrix[np.sort(rng.choice(matrix.shape[0], n_train, replace=False))]
-    if use_faiss:
-        faiss = _faiss_module()
-        kmeans = faiss.Kmeans(
-            matrix.shape[1],
-            n_cells,
-            niter=_KMEANS_ITERATIONS,
-            seed=seed,
-            max_points_per_centroid=_POINTS_PER_CELL,
-            min_points_per_centroid=1,
-        )
-        kmeans.train(np.ascontiguousarray(sample))
-        return np.asarray(kmeans.centroids, dtype=np.float32)
-    return _torch_kmeans(sample, n_cells, rng)
+def _finish(indices: np.ndarray, squared: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return indices, _to_distance(squared)
 
 
-def _torch_kmeans(sample: np.ndarray, n_cells: int, rng: np.random.Generator) -> np.ndarray:
-    """Lloyd iterations from a random sample of rows (the fallback when faiss is missing)."""
-    points = torch.from_numpy(np.ascontiguousarray(sample))
-    centroids = points[torch.from_numpy(rng.choice(points.shape[0], n_cells, replace=False))]
-    for _ in range(_KMEANS_ITERATIONS):
-        assign = _nearest_centroid(points, centroids)
-        sums = torch.zeros_like(centroids).index_add_(0, assign, points)
-        counts = torch.bincount(assign, minlength=n_cells)
-        filled = counts > 0
-        centroids = centroids.clone()
-        centroids[filled] = sums[filled] / counts[filled, None].to(sums.dtype)
-    return centroids.numpy()
-
-
-def _nearest_centroid(points: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
-    norms = _squared_norms(centroids)
-    block = max(1, _BLOCK_ENTRIES // max(1, centroids.shape[0]))
-    parts = [
-        torch.addmm(norms[None, :], points[s : s + block], centroids.T, alpha=-2.0).argmin(dim=1)
-        for s in range(0, points.shape[0], block)
-    ]
-    return torch.cat(parts)
-
-
-def _ivf_self_search(
-    matrix: np.ndarray, k: int, *, seed: int, use_faiss: bool
+def _approximate_self_search(
+    matrix: np.ndarray, k: int, kind: str, seed: int
 ) -> tuple[np.ndarray, np.ndarray, float]:
-    """Approximate self k-NN: exact search of each k-means cell against its nearest cells.
+    """Self k-NN through a faiss index, widened until the sampled recall reaches the target.
 
-    Returns indices, squared distances and the recall estimated on a random sample of rows.
+    Returns indices, squared distances and the recall measured on the sample at the chosen
+    width; 1.0 when the rows were searched exactly instead (the widest search missed the
+    target, or IVF needed more lists than brute force costs).
     """
     n = matrix.shape[0]
-    n_cells = max(1, min(n // (2 * (k + 1)), round(_CELLS_PER_ROOT * math.sqrt(n))))
     rng = np.random.default_rng(seed)
-    centroids = _kmeans(matrix, n_cells, rng=rng, seed=seed, use_faiss=use_faiss)
-    points = torch.from_numpy(matrix)
-    with torch.no_grad():
-        assign = _nearest_centroid(points, torch.from_numpy(centroids)).numpy()
-    cells = _Cells.build(assign, centroids)
-    need, recall = _choose_budget(matrix, k, cells, assign, rng, start=_PROBES * n / n_cells)
-    scan = _Scan(cells, cells.n_used(need), torch.from_numpy(matrix), k, _HEAP_RATIO * k <= need)
-    groups, large = cells.plan(scan.n_used, matrix.shape[1])
-    work = [partial(scan.batch, group) for group in groups]
-    work += [partial(scan.large, int(cell)) for cell in large]
-    if scan.heap:  # all torch: its threads split each product and selection
-        for item in work:
-            item()
-    else:  # the NumPy selection holds the GIL: overlap it with another item's product
-        _run_parallel(lambda item: work[item](), list(range(len(work))))
-    return scan.indices, scan.squared, recall
+    sample = np.sort(rng.choice(n, min(n, _RECALL_SAMPLE), replace=False))
+    _, exact_sq = _drop_self(*_faiss_search(matrix, matrix[sample], k + 1), sample)
+    index = _build_index(kind, matrix, k, rng, seed)
+    width = index.first_width
+    while True:
+        with _faiss_threads(1):  # a few hundred queries: one thread, no waiting on a busy core
+            _, found_sq = _drop_self(*index.search(matrix[sample], k + 1, width), sample)
+        recall = _sample_recall(found_sq, exact_sq, matrix)
+        if recall >= _TARGET_RECALL or width >= index.max_width:
+            break
+        width = min(2 * width, index.max_width)
+    if recall < _TARGET_RECALL or width > index.exact_width:
+        # the widest search misses the target, or the width it needs costs as much as brute
+        # force (little cluster structure): search exactly
+        del index
+        indices, squared = _faiss_search(matrix, matrix, k + 1)
+        return (*_drop_self(indices, squared, np.arange(n)), 1.0)
+    indices, squared = index.search_all(k + 1, width)
+    del index
+    short = np.flatnonzero((indices < 0).any(axis=1))  # lists probed held fewer than k + 1 rows
+    if short.size:
+        indices[short], squared[short] = _faiss_search(matrix, matrix[short], k + 1)
+    return (*_drop_self(indices, squared, np.arange(n)), recall)
 
 
-class _Scan:
-    """Searches cells against their chosen candidates, writing into ``indices`` and ``squared``."""
+def _sample_recall(found_sq: np.ndarray, exact_sq: np.ndarray, matrix: np.ndarray) -> float:
+    """Fraction of the sample's k neighbour slots filled by a true k nearest neighbour.
+
+    A found neighbour counts when its distance is within the exact k-th distance (up to float32
+    rounding of the distance expansion), so ties between equidistant rows are never misses.
+    """
+    if exact_sq.size == 0:
+        return 1.0
+    scale = float(np.einsum("ij,ij->i", matrix[:1024], matrix[:1024]).max(initial=1.0))
+    tolerance = 1e-5 * max(scale, 1.0)
+    hits = found_sq <= exact_sq[:, -1:] + tolerance
+    return float(hits.mean())
+
+
+class _Index:
+    """A faiss index over all rows with a width knob: ``search`` (sample) and ``search_all``."""
+
+    first_width: int
+    max_width: int
+    exact_width: int  # widths above this cost as much as an exact search
+
+    def search(self, queries: np.ndarray, k: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+    def search_all(self, k: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+
+def _build_index(
+    kind: str, matrix: np.ndarray, k: int, rng: np.random.Generator, seed: int
+) -> _Index:
+    if kind == "hnsw":
+        return _Hnsw(matrix)
+    return _Ivf(matrix, k, rng, seed, pq=kind == "ivf-pq")
+
+
+class _Ivf(_Index):
+    """IVF-Flat or IVF-PQ over ``matrix``, lists assigned once for adding and searching all rows.
+
+    Width: ``nprobe``. The coarse assignment of every row (the ``nprobe`` nearest centroids) is
+    computed once, used both to add the rows (first centroid) and to search them (faiss
+    ``search_preassigned``). IVF-PQ searches ``_PQ_CANDIDATES * width / first_width * k``
+    candidates and keeps the ``k`` nearest by exact distance.
+    """
 
     def __init__(
-        self, cells: _Cells, n_used: np.ndarray, points: torch.Tensor, k: int, heap: bool
+        self, matrix: np.ndarray, k: int, rng: np.random.Generator, seed: int, *, pq: bool
     ) -> None:
-        self.cells, self.n_used, self.points, self.k, self.heap = cells, n_used, points, k, heap
-        self.norms = _squared_norms(points)
-        self.indices = np.empty((points.shape[0], k), np.int64)
-        self.squared = np.empty((points.shape[0], k), np.float32)
-
-    def batch(self, group: np.ndarray) -> None:
-        """All cells of ``group`` at once, padded to a common size."""
-        members, valid, candidates = self.cells.padded(group, self.n_used)
-        found, found_sq = self._nearest(members, self._gather(candidates), 0)
-        found = np.take_along_axis(candidates[:, None, :], found, axis=2)
-        self.indices[members[valid]], self.squared[members[valid]] = found[valid], found_sq[valid]
-
-    def large(self, cell: int) -> None:
-        """One cell, its candidates gathered once, its members in blocks of bounded size."""
-        members, _, candidates = self.cells.padded(np.array([cell]), self.n_used)
-        base = self._gather(candidates)
-        rows = max(1, _GROUP_ENTRIES // candidates.shape[1])
-        for first in range(0, members.shape[1], rows):
-            block = members[:, first : first + rows]
-            found, found_sq = self._nearest(block, base, first)
-            self.indices[block[0]], self.squared[block[0]] = candidates[0, found[0]], found_sq[0]
-
-    def _gather(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rows ``(G, m, D)`` and squared norms ``(G, m)`` of row ids ``(G, m)`` (-1: inf norm)."""
-        flat = torch.from_numpy(np.maximum(rows, 0).ravel())
-        picked = self.points.index_select(0, flat).view(*rows.shape, -1)
-        norms = self.norms.index_select(0, flat).view(rows.shape)
-        return picked, norms.masked_fill(torch.from_numpy(rows < 0), math.inf)
-
-    def _nearest(
-        self, queries: np.ndarray, base: tuple[torch.Tensor, torch.Tensor], first: int
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Positions in ``base`` and squared distances of the k nearest of each query row id.
-
-        Batched over the leading axis. Query ``j`` is base row ``first + j`` and is skipped
-        (its duplicates are not).
-        """
-        (q, q_norms), (b, b_norms) = self._gather(queries), base
-        with torch.no_grad():
-            scores = torch.baddbmm(b_norms[:, None, :], q, b.transpose(1, 2), alpha=-2.0)
-            scores.diagonal(offset=first, dim1=1, dim2=2).fill_(math.inf)
-        positions, values = _smallest(scores.numpy(), self.k, heap=self.heap)
-        return positions, values + q_norms.numpy()[:, :, None]
-
-
-def _smallest(scores: np.ndarray, k: int, *, heap: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Positions and values of the ``k`` smallest scores along the last axis, smallest first.
-
-    ``heap``: ``torch.topk``, fast while ``k`` is small next to the row length (see
-    ``_HEAP_RATIO``); otherwise a NumPy partition, then sorting the ``k`` winners, is faster.
-    """
-    if heap:
-        values, positions = torch.topk(torch.from_numpy(scores), k, dim=-1, largest=False)
-        return positions.numpy(), values.numpy()
-    positions = np.argpartition(scores, k - 1, axis=-1)[..., :k]
-    values = np.take_along_axis(scores, positions, axis=-1)
-    order = np.argsort(values, axis=-1, kind="stable")
-    return np.take_along_axis(positions, order, axis=-1), np.take_along_axis(values, order, axis=-1)
-
-
-def _choose_budget(
-    matrix: np.ndarray,
-    k: int,
-    cells: _Cells,
-    assign: np.ndarray,
-    rng: np.random.Generator,
-    *,
-    start: float,
-) -> tuple[int, float]:
-    """Smallest candidate count per cell (``start``, grown as needed) reaching the recall target.
-
-    The recall is measured on a random sample of rows against their exact neighbours: an exact
-    neighbour is found exactly when its cell is among the cells searched for the row's cell.
-    """
-    n = matrix.shape[0]
-    sample = np.sort(rng.choice(n, min(n, _RECALL_SAMPLE), replace=False))
-    exact, squared = _torch_search(matrix, matrix[sample], k + 1)
-    neighbour_cells = assign[_drop_self(exact, squared, sample)[0]]
-    sample_cells = assign[sample]
-    # rank[a, b]: position of cell b in the ranking of cell a
-    rank = np.empty_like(cells.ranked)
-    np.put_along_axis(rank, cells.ranked, np.arange(cells.ranked.shape[1])[None, :], axis=1)
-    neighbour_rank = rank[sample_cells[:, None], neighbour_cells]
-    need = max(int(start), k + 1)
-    while True:
-        recall = float((neighbour_rank < cells.n_used(need)[sample_cells, None]).mean())
-        if recall >= _TARGET_RECALL or need >= n:
-            return need, recall
-        need = min(n, int(_GROWTH * need))
-
-
-@dataclass(frozen=True)
-class _Cells:
-    """Inverted file: rows grouped by cell; for each cell, all cells by centroid distance."""
-
-    order: np.ndarray  # row ids sorted by cell
-    starts: np.ndarray  # (n_cells + 1,) offsets of each cell in ``order``
-    ranked: np.ndarray  # (n_cells, n_cells) cells by increasing centroid distance, own cell first
-    reach: np.ndarray  # (n_cells, n_cells) rows in the first j + 1 cells of each ranking
-
-    @classmethod
-    def build(cls, assign: np.ndarray, centroids: np.ndarray) -> _Cells:
-        n_cells = centroids.shape[0]
-        order = np.argsort(assign, kind="stable")
-        sizes = np.bincount(assign, minlength=n_cells)
-        starts = np.concatenate([[0], np.cumsum(sizes)])
-        ranked = _torch_search(centroids, centroids, n_cells)[0]
-        own = np.arange(n_cells)
-        # Put each cell first in its own ranking, even when another centroid coincides with it.
-        others = ranked[ranked != own[:, None]].reshape(n_cells, n_cells - 1)
-        ranked = np.concatenate([own[:, None], others], axis=1)
-        return cls(order, starts, ranked, np.cumsum(sizes[ranked], axis=1))
-
-    @property
-    def sizes(self) -> np.ndarray:
-        """Rows per cell."""
-        return np.diff(self.starts)
-
-    def n_used(self, need: int) -> np.ndarray:
-        """Per cell: how many of its nearest cells (itself first) hold at least ``need`` rows."""
-        return np.minimum((self.reach < need).sum(axis=1) + 1, self.ranked.shape[1])
-
-    def plan(self, n_used: np.ndarray, dim: int) -> tuple[list[np.ndarray], np.ndarray]:
-        """Batches of non-empty cells of similar size, and the cells too large to batch.
-
-        A batch holds its queries, candidates and scores in about ``_GROUP_ENTRIES`` floats.
-        """
-        sizes = self.sizes
-        widths = self.reach[np.arange(sizes.size), n_used - 1]
-        cells = np.flatnonzero(sizes > 0)
-        cells = cells[np.lexsort((-widths[cells], -sizes[cells]))]
-        cost = sizes[cells] * (dim + widths[cells]) + widths[cells] * dim
-        large, cells = cells[cost > _GROUP_ENTRIES], cells[cost <= _GROUP_ENTRIES]
-        groups = []
-        first = 0
-        while first < cells.size:
-            rows, width = int(sizes[cells[first]]), int(widths[cells[first]])
-            last = first + 1
-            while last < cells.size:
-                width = max(width, int(widths[cells[last]]))
-                if (last + 1 - first) * (rows * (dim + width) + width * dim) > _GROUP_ENTRIES:
-                    break
-                last += 1
-            groups.append(cells[first:last])
-            first = last
-        return groups, large
-
-    def padded(
-        self, group: np.ndarray, n_used: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Members ``(G, m)``, their validity mask and candidates ``(G, c)`` of cells ``group``.
-
-        Padding is ``-1``. Each cell's candidates are the rows of its ``n_used`` nearest cells,
-        its own rows first, in the order of its members.
-        """
-        sizes = self.sizes[group]
-        columns = np.arange(sizes.max())
-        valid = columns[None, :] < sizes[:, None]
-        members = np.where(
-            valid,
-            self.order[np.minimum(self.starts[group, None] + columns, self.order.size - 1)],
-            -1,
+        faiss = _faiss_module()
+        n, d = matrix.shape
+        self.matrix, self.pq = matrix, pq
+        n_lists = max(1, min(round(_LISTS_PER_ROOT * math.sqrt(n)), n // (4 * (k + 1))))
+        self.first_width = min(_FIRST_PROBES, n_lists)
+        self.max_width = n_lists
+        self.exact_width = max(self.first_width, int(_IVF_EXACT_SHARE * n_lists))
+        train = matrix[np.sort(rng.choice(n, min(n, _TRAIN_PER_LIST * n_lists), replace=False))]
+        kmeans = faiss.Kmeans(
+            d,
+            n_lists,
+            niter=_KMEANS_ITERATIONS,
+            seed=seed,
+            max_points_per_centroid=_TRAIN_PER_LIST,
+            min_points_per_centroid=1,
         )
-        used = n_used[group]
-        slots = np.arange(used.max())[None, :] < used[:, None]
-        used_cells = self.ranked[group, : used.max()][slots]
-        lengths = self.sizes[used_cells]
-        total = self.reach[group, used - 1]
-        offsets = np.cumsum(lengths) - lengths
-        flat = np.arange(lengths.sum()) - np.repeat(offsets - self.starts[used_cells], lengths)
-        candidates = np.full((group.size, int(total.max())), -1, np.int64)
-        candidates[np.arange(candidates.shape[1])[None, :] < total[:, None]] = self.order[flat]
-        return members, valid, candidates
+        kmeans.train(np.ascontiguousarray(train))
+        self.quantizer = faiss.IndexFlatL2(d)
+        self.quantizer.add(kmeans.centroids)
+        if pq:
+            bits = int(min(8, max(1, math.log2(max(2, train.shape[0] // 16)))))
+            self.index = faiss.IndexIVFPQ(self.quantizer, d, n_lists, _pq_codes(d), bits)
+            self.index.do_polysemous_training = False  # slow, and unused by this search
+            self.index.pq.cp.seed = seed
+            self.index.pq.cp.niter = _KMEANS_ITERATIONS
+            self.index.pq.cp.min_points_per_centroid = 1  # small data: no faiss warning
+            with _faiss_threads(1):  # many tiny k-means: threads only wait on each other
+                self.index.train(np.ascontiguousarray(train))
+        else:
+            self.index = faiss.IndexIVFFlat(self.quantizer, d, n_lists)
+            self.index.is_trained = True
+        # one coarse assignment for adding (first column) and for searching up to twice the
+        # first width (the usual case): a quantizer pass costs as much as the list scans
+        self.probes, self.probe_distances = self._assign(min(2 * self.first_width, n_lists))
+        first = np.ascontiguousarray(self.probes[:, 0])
+        self.index.add_core(n, faiss.swig_ptr(matrix), None, faiss.swig_ptr(first))
+        del first
+
+    def _assign(self, width: int) -> tuple[np.ndarray, np.ndarray]:
+        distances, lists = self.quantizer.search(self.matrix, width)
+        return lists, distances
+
+    def _candidates(self, k: int, width: int) -> int:
+        if not self.pq:
+            return k
+        factor = _PQ_CANDIDATES * max(1, width // self.first_width)
+        return min(self.matrix.shape[0], factor * k)
+
+    def search(self, queries: np.ndarray, k: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+        self.index.nprobe = width
+        distances, indices = self.index.search(
+            np.ascontiguousarray(queries), self._candidates(k, width)
+        )
+        return self._refine(queries, indices, distances, k)
+
+    def search_all(self, k: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+        if width > self.probes.shape[1]:
+            self.probes, self.probe_distances = self._assign(width)
+        lists = np.ascontiguousarray(self.probes[:, :width])
+        distances_q = np.ascontiguousarray(self.probe_distances[:, :width])
+        self.probes = self.probe_distances = np.empty((0, 0))
+        self.index.nprobe = width
+        distances, indices = self.index.search_preassigned(
+            self.matrix, self._candidates(k, width), lists, distances_q
+        )
+        del lists, distances_q
+        return self._refine(self.matrix, indices, distances, k)
+
+    def _refine(
+        self, queries: np.ndarray, indices: np.ndarray, distances: np.ndarray, k: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        if not self.pq:
+            return indices.astype(np.int64, copy=False), distances
+        return _rerank(self.matrix, queries, indices, k)
 
 
-def _run_parallel(work: Callable[[int], None], items: list[int]) -> None:
-    """Run ``work`` on every item with one single-threaded worker per torch thread.
+def _pq_codes(dim: int) -> int:
+    """Sub-quantisers of the PQ codes: a divisor of ``dim`` near ``dim / _PQ_DIMS_PER_CODE``."""
+    wanted = max(1, dim // _PQ_DIMS_PER_CODE)
+    return max(m for m in range(1, wanted + 1) if dim % m == 0)
 
-    Many small matrix products parallelise better this way than with threads inside each
-    product, and a core taken by another process then delays one worker, not every product.
-    """
-    workers = torch.get_num_threads()
-    if workers <= 1 or len(items) <= 1:
-        for item in items:
-            work(item)
+
+def _rerank(
+    base: np.ndarray, queries: np.ndarray, candidates: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` candidates of each query nearest by exact distance (``-1`` candidates: skipped)."""
+    n, c = candidates.shape
+    indices = np.empty((n, k), np.int64)
+    squared = np.empty((n, k), np.float32)
+    rows = max(1, _BLOCK_ENTRIES // max(1, c * base.shape[1]))
+    base_t = torch.from_numpy(base)
+    with torch.no_grad():
+        for start in range(0, n, rows):
+            block = torch.from_numpy(np.ascontiguousarray(candidates[start : start + rows]))
+            valid = block >= 0
+            gathered = base_t.index_select(0, block.clamp(min=0).reshape(-1)).view(*block.shape, -1)
+            q = torch.from_numpy(np.ascontiguousarray(queries[start : start + rows]))
+            values = (gathered - q[:, None, :]).square_().sum(dim=-1)
+            values.masked_fill_(~valid, math.inf)
+            best, order = torch.topk(values, k, dim=1, largest=False, sorted=True)
+            indices[start : start + rows] = torch.gather(block, 1, order).numpy()
+            squared[start : start + rows] = best.numpy()
+    return indices, squared
+
+
+class _Hnsw(_Index):
+    """HNSW-Flat (built on one thread: a multi-threaded build is not deterministic). Width:
+    ``efSearch``."""
+
+    first_width = _HNSW_FIRST_EF
+    max_width = exact_width = _HNSW_MAX_EF
+
+    def __init__(self, matrix: np.ndarray) -> None:
+        faiss = _faiss_module()
+        self.matrix = matrix
+        self.index = faiss.IndexHNSWFlat(matrix.shape[1], _HNSW_LINKS)
+        self.index.hnsw.efConstruction = _HNSW_CONSTRUCTION
+        with _faiss_threads(1):
+            self.index.add(matrix)
+
+    def search(self, queries: np.ndarray, k: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+        self.index.hnsw.efSearch = max(width, k)
+        distances, indices = self.index.search(np.ascontiguousarray(queries), k)
+        return indices.astype(np.int64, copy=False), distances
+
+    def search_all(self, k: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.search(self.matrix, k, width)
+
+
+@contextmanager
+def _faiss_threads(threads: int | None = None) -> Iterator[None]:
+    """Run faiss with ``threads`` OpenMP threads (default: torch's count), then restore it."""
+    faiss = _faiss_module()
+    if faiss is None:
+        yield
         return
-    with _torch_threads(1), ThreadPoolExecutor(max_workers=workers) as pool:
-        for _ in pool.map(work, items):
-            pass
+    previous = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(max(1, threads or torch.get_num_threads()))
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(previous)
 
 
 @contextmanager

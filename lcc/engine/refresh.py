@@ -7,12 +7,19 @@ One refresh runs, in order: optional PCA (:func:`lcc.engine.projection.fit_pca`)
 (:func:`lcc.engine.targets.exact_targets` or :func:`lcc.engine.targets.approximate_targets`).
 Every input is validated before any work starts, and every stage is timed.
 
+Latents may be a read-only memory map (``np.load(path, mmap_mode="r")``) in float16, float32 or
+float64: they are checked for NaN/inf in row chunks (stage ``"check"``), PCA is fitted on a sample
+and applied in chunks, so with ``pca`` set the full-dimensional latents are never converted to
+float32 in memory; without PCA they are converted once, for the k-NN search.
+
 >>> from lcc.synthetic import gaussian_mixture
 >>> z, y, _ = gaussian_mixture(n_samples=300, dim=8, n_classes=3, clusters_per_class=2, seed=0)
 >>> r = refresh(z, y, k=5, seed=0)
 >>> r.n, r.d, r.clusters.shape, r.targets.dense().shape
 (300, 8, (300,), (300, 8))
->>> sorted(r.seconds) == sorted(["pca", "knn", "graph", "cluster", "match", "targets", "total"])
+>>> sorted(r.seconds) == sorted(
+...     ["check", "pca", "knn", "graph", "cluster", "match", "targets", "total"]
+... )
 True
 """
 
@@ -62,7 +69,9 @@ METRICS: tuple[str, ...] = ("l2", "cosine")
 WEIGHTS: tuple[str, ...] = ("unweighted", "rbf")
 
 #: Stage names reported to a ``progress`` callback, in order ("pca" only when PCA is on).
-STAGES: tuple[str, ...] = ("pca", "knn", "graph", "cluster", "match", "targets")
+STAGES: tuple[str, ...] = ("check", "pca", "knn", "graph", "cluster", "match", "targets")
+#: Latent entries converted to float32 at once by the NaN/inf check.
+CHECK_CHUNK_ENTRIES = 1 << 22
 
 
 @dataclass(frozen=True)
@@ -119,9 +128,9 @@ class Refresh:
 
     ``d`` is the dimension the targets live in (the PCA dimension when ``config.pca`` is set;
     then apply ``projection`` to latents before comparing them with targets, as
-    :meth:`loss` does). ``seconds`` has keys ``"knn"`` (PCA, k-NN search and graph
-    construction together), ``"cluster"``, ``"match"``, ``"targets"``, ``"total"``, and the
-    parts of ``"knn"``: ``"pca"`` and ``"graph"``.
+    :meth:`loss` does). ``seconds`` has keys ``"check"`` (the chunked NaN/inf scan),
+    ``"knn"`` (PCA, k-NN search and graph construction together), ``"cluster"``, ``"match"``,
+    ``"targets"``, ``"total"``, and the parts of ``"knn"``: ``"pca"`` and ``"graph"``.
     """
 
     config: RefreshConfig
@@ -194,6 +203,7 @@ def refresh(
     *,
     classes: Sequence[int] | np.ndarray | None = None,
     progress: Callable[[str], None] | None = None,
+    stage_done: Callable[[str, float], None] | None = None,
     **overrides: Any,
 ) -> Refresh:
     """Cluster latents ``z`` (N, ...) and build correction targets for labels ``y`` (N,).
@@ -201,28 +211,32 @@ def refresh(
     ``config`` defaults to :class:`RefreshConfig`; keyword ``overrides`` replace its fields
     (``refresh(z, y, k=10, method="louvain")``). ``classes`` restricts correctible samples to
     those classes. ``progress``, if given, is called with each stage name of :data:`STAGES`
-    as the stage starts. Raises :class:`LCCInputError` before any work on bad input.
+    as the stage starts, and ``stage_done`` with the stage name and its seconds as it ends.
+    Raises :class:`LCCInputError` before any work on bad input.
     """
     start = time.perf_counter()
     z, y, config, classes = _validate(z, y, config, classes, overrides)
     seconds: dict[str, float] = {}
     notify = progress or _silent
+    done = stage_done or _silent_done
 
-    with _timed(seconds, "pca", notify if config.pca is not None else _silent):
+    with _timed(seconds, "check", notify, done):
+        _check_finite(z)
+    with _timed(seconds, "pca", notify, done, shown=config.pca is not None):
         projection, z = _project(z, config)
-    with _timed(seconds, "knn", notify):
+    with _timed(seconds, "knn", notify, done):
         neighbors = knn(z, config.k, mode=config.knn, metric=config.metric, seed=config.seed)
-    with _timed(seconds, "graph", notify):
+    with _timed(seconds, "graph", notify, done):
         adjacency = knn_graph(neighbors, weights=config.weights)
         del neighbors
-    with _timed(seconds, "cluster", notify):
+    with _timed(seconds, "cluster", notify, done):
         clustering = cluster_graph(
             adjacency, config.method, resolution=config.resolution, seed=config.seed
         )
         del adjacency
-    with _timed(seconds, "match", notify):
+    with _timed(seconds, "match", notify, done):
         matching = match_clusters(clustering.labels, y)
-    with _timed(seconds, "targets", notify):
+    with _timed(seconds, "targets", notify, done):
         targets = _targets(z, y, clustering.labels, matching, config, classes)
 
     seconds["knn"] += seconds["pca"] + seconds["graph"]
@@ -248,7 +262,7 @@ def _validate(
     classes: object,
     overrides: dict[str, Any],
 ) -> tuple[np.ndarray, np.ndarray, RefreshConfig, np.ndarray | None]:
-    matrix = as_latent_matrix(z)
+    matrix = _latent_rows(z)
     labels = as_label_vector(y, matrix.shape[0])
     if config is None:
         config = RefreshConfig()
@@ -267,9 +281,37 @@ def _validate(
     return matrix, labels, config, as_class_subset(classes)
 
 
+def _latent_rows(z: object) -> np.ndarray:
+    """Latents as an ``(N, D)`` float array; a float NumPy array (or memory map) keeps its dtype
+    and is not copied (its values are checked later, in chunks, by :func:`_check_finite`)."""
+    if not (isinstance(z, np.ndarray) and z.dtype.kind == "f" and z.ndim >= 2):
+        return as_latent_matrix(z)
+    if z.shape[0] < 2:
+        raise LCCInputError(f"z has {z.shape[0]} sample(s); at least 2 are needed")
+    rows = z.reshape(z.shape[0], -1)
+    if rows.shape[1] == 0:
+        raise LCCInputError("z has latent dimension 0; pass non-empty latents")
+    return rows
+
+
+def _check_finite(z: np.ndarray) -> None:
+    """Raise :class:`LCCInputError` naming the rows with NaN or inf, reading ``z`` in chunks."""
+    step = max(1, CHECK_CHUNK_ENTRIES // max(1, z.shape[1]))
+    bad = [
+        start + np.flatnonzero(~np.isfinite(z[start : start + step]).all(axis=1))
+        for start in range(0, z.shape[0], step)
+    ]
+    rows = np.concatenate(bad) if bad else np.zeros(0, np.int64)
+    if rows.size:
+        raise LCCInputError(
+            f"z contains NaN or inf in {rows.size} row(s) (first: {rows[:5].tolist()}); "
+            "check the model for diverging activations or drop those samples"
+        )
+
+
 def _project(z: np.ndarray, config: RefreshConfig) -> tuple[Projection | None, np.ndarray]:
     if config.pca is None:
-        return None, z
+        return None, np.ascontiguousarray(z, dtype=np.float32)
     projection = fit_pca(z, config.pca, seed=config.seed)
     projected = np.ascontiguousarray(projection.apply(z), dtype=np.float32)
     return projection, projected
@@ -294,14 +336,26 @@ def _silent(stage: str) -> None:
     """A progress callback that shows nothing."""
 
 
+def _silent_done(stage: str, seconds: float) -> None:
+    """A stage-done callback that shows nothing."""
+
+
 @contextmanager
-def _timed(seconds: dict[str, float], stage: str, notify: Callable[[str], None]) -> Iterator[None]:
-    notify(stage)
+def _timed(
+    seconds: dict[str, float],
+    stage: str,
+    notify: Callable[[str], None],
+    done: Callable[[str, float], None],
+    *,
+    shown: bool = True,
+) -> Iterator[None]:
+    if shown:
+        notify(stage)
     start = time.perf_counter()
-    try:
-        yield
-    finally:
-        seconds[stage] = time.perf_counter() - start
+    yield
+    seconds[stage] = time.perf_counter() - start
+    if shown:
+        done(stage, seconds[stage])
 
 
 def _check_pca(pca: object, n_samples: int, dim: int) -> int | None:

@@ -5,7 +5,8 @@ least ``k`` correctly clustered (CC) samples; its target is the mean of its ``k`
 samples of class ``t``. *Approximate* targets: one random CC representative per cluster; a MC
 sample is correctible when some cluster matched to its class has a representative, and its
 target is the nearest such representative. Both are computed class by class with exact searches
-(:func:`lcc.engine.knn.search`), in query chunks so memory stays bounded.
+(:func:`lcc.engine.knn.search`: one faiss brute-force search per class for the exact targets, the
+torch search for the approximate ones), in query chunks so memory stays bounded.
 
 >>> import numpy as np
 >>> z = np.array([[0.0], [1.0], [2.0], [10.0], [11.0], [1.5]], dtype=np.float32)
@@ -31,7 +32,6 @@ __all__ = ["Targets", "approximate_targets", "choose_representatives", "exact_ta
 
 #: Upper bound (bytes) on the temporary blocks of one query chunk (distances, gathered rows).
 CHUNK_BYTES = 64 * 2**20
-#: Searches with fewer multiply-adds than this run on one thread (see ``_search``).
 
 
 @dataclass(frozen=True)
@@ -100,12 +100,15 @@ def exact_targets(
     *,
     classes: Sequence[int] | np.ndarray | None = None,
     metric: str = "l2",
+    backend: str = "auto",
 ) -> Targets:
     """Eq. 7: each correctible sample's target is the mean of its k nearest CC same-class samples.
 
     Neighbours are found with ``metric`` (``"l2"``: Euclidean, as in the paper; ``"cosine"``:
     on L2-normalised rows); the target is always the mean of the raw latents. Restricted to
-    samples whose class is in ``classes`` when given. Ties between equidistant neighbours are
+    samples whose class is in ``classes`` when given. One exact search per class (all its
+    correctible samples against its CC samples; query chunks only bound memory), by faiss
+    (``backend="auto"``, when importable) or torch. Ties between equidistant neighbours are
     broken as :func:`lcc.engine.knn.search` breaks them.
     """
     z = as_latent_matrix(z)
@@ -122,7 +125,7 @@ def exact_targets(
         queries = members[correctible[members]]
         rows = np.searchsorted(indices, queries)
         for chunk in _chunks(queries.shape[0], base.shape[0], k, z.shape[1]):
-            found, _ = search(base, z[queries[chunk]], k, metric=metric)
+            found, _ = search(base, z[queries[chunk]], k, metric=metric, backend=backend)
             vectors[rows[chunk]] = base[found].mean(axis=1)
     return Targets(indices=indices, vectors=vectors, n_samples=n)
 
@@ -196,7 +199,7 @@ def approximate_targets(
         queries = members[correctible[members]]
         rows = np.searchsorted(indices, queries)
         for chunk in _chunks(queries.shape[0], base.shape[0], 1, z.shape[1]):
-            found, _ = search(base, z[queries[chunk]], 1)
+            found, _ = search(base, z[queries[chunk]], 1, backend="torch")
             vectors[rows[chunk]] = base[found[:, 0]]
     return Targets(indices=indices, vectors=vectors, n_samples=n)
 

@@ -19,15 +19,20 @@ torch.Size([5, 3])
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import numpy.typing as npt
 import torch
 from torch import Tensor, nn
 
 from lcc.errors import LCCInputError, check_choice
+from lcc.io import npy_memmap_atomic
 
 Pool = Literal["flatten", "avg", "max"]
 POOLS: tuple[str, ...] = ("flatten", "avg", "max")
@@ -267,6 +272,8 @@ def collect_latents(
     *,
     pool: Pool = "flatten",
     device: str | torch.device | None = None,
+    memmap_dir: str | os.PathLike[str] | None = None,
+    memmap_dtype: npt.DTypeLike = np.float32,
 ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
     """One eval-mode pass without gradients over ``loader``; latents ordered by dataset index.
 
@@ -275,12 +282,26 @@ def collect_latents(
     predictions (N,) int64)``, each array allocated once (no per-batch copies kept).
     ``device`` is where batches go (default: the model's device). Modes are restored.
 
+    With ``memmap_dir`` (an existing directory), each layer's latents are written into
+    ``memmap_dir/<layer>.npy`` (``memmap_dtype``: float16 or float32) through a memory map
+    instead of RAM; the files appear atomically once the pass has covered every sample, and
+    are returned opened read-only (``np.load(..., mmap_mode="r")``), ready for
+    :func:`lcc.engine.refresh.refresh`. A failed pass leaves no file behind.
+
     >>> from torch.utils.data import DataLoader, TensorDataset
     >>> data = TensorDataset(torch.randn(6, 3), torch.tensor([0, 1, 0, 1, 0, 1]), torch.arange(6))
     >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
     >>> z, y, pred = collect_latents(model, DataLoader(data, batch_size=4), ["0"])
     >>> z["0"].shape, z["0"].dtype, y.tolist()
     ((6, 4), dtype('float32'), [0, 1, 0, 1, 0, 1])
+    >>> import tempfile
+    >>> folder = tempfile.mkdtemp()
+    >>> z16, _, _ = collect_latents(model, DataLoader(data, batch_size=4), ["0"],
+    ...                             memmap_dir=folder, memmap_dtype=np.float16)
+    >>> z16["0"].dtype.name, bool(np.allclose(z16["0"], z["0"], atol=1e-2))
+    ('float16', True)
+    >>> sorted(os.listdir(folder))
+    ['0.npy']
     """
     names = check_layer_names(model, layers)
     try:
@@ -290,6 +311,41 @@ def collect_latents(
     if n == 0:
         raise LCCInputError("the loader's dataset is empty; nothing to collect")
     target = torch.device(device) if device is not None else _model_device(model)
+    files = _latent_files(memmap_dir, names, memmap_dtype)
+    with contextlib.ExitStack() as stack:
+        latents, labels, predictions = _collect(
+            model, loader, names, n, pool, target, files, memmap_dtype, stack
+        )
+    if files:  # renamed into place when the stack closed: reopen read-only
+        latents = {name: np.load(files[name], mmap_mode="r") for name in latents}
+    return latents, labels, predictions
+
+
+def _latent_files(
+    folder: str | os.PathLike[str] | None, names: list[str], dtype: npt.DTypeLike
+) -> dict[str, Path]:
+    """``{layer: folder/<layer>.npy}``, or ``{}`` without a folder; checks folder and dtype."""
+    if folder is None:
+        return {}
+    directory = Path(folder)
+    if not directory.is_dir():
+        raise LCCInputError(f"memmap_dir {directory} is not a directory; create it first")
+    if np.dtype(dtype) not in (np.dtype(np.float16), np.dtype(np.float32)):
+        raise LCCInputError(f"memmap_dtype must be float16 or float32, got {np.dtype(dtype)}")
+    return {name: directory / f"{name}.npy" for name in names}
+
+
+def _collect(
+    model: nn.Module,
+    loader: Any,
+    names: list[str],
+    n: int,
+    pool: Pool,
+    target: torch.device,
+    files: dict[str, Path],
+    dtype: npt.DTypeLike,
+    stack: contextlib.ExitStack,
+) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
     latents: dict[str, np.ndarray] = {}
     labels = np.zeros(n, dtype=np.int64)
     predictions = np.zeros(n, dtype=np.int64)
@@ -307,7 +363,12 @@ def collect_latents(
                     raise LCCInputError(f"layer {name!r} did not run in the model's forward pass")
                 out = recorder.outputs[name].detach().to("cpu", torch.float32)
                 if name not in latents:
-                    latents[name] = np.empty((n, out.shape[1]), dtype=np.float32)
+                    shape = (n, out.shape[1])
+                    latents[name] = (
+                        stack.enter_context(npy_memmap_atomic(files[name], shape, dtype))
+                        if files
+                        else np.empty(shape, dtype=np.float32)
+                    )
                 latents[name][rows] = out.numpy()
             labels[rows] = y.to("cpu", torch.int64).reshape(-1).numpy()
             predictions[rows] = logits.detach().reshape(logits.shape[0], -1).argmax(1).cpu().numpy()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -167,8 +168,9 @@ def test_progress_goes_to_stderr_only_on_a_terminal(
     code = main(["cluster", str(latents(tmp_path / "l.npz")), str(out)])
     assert code == 0
     shown = terminal.getvalue()
-    for stage in ("load", "knn", "graph", "cluster", "match", "targets", "write"):
+    for stage in ("load", "check", "knn", "graph", "cluster", "match", "targets", "write"):
         assert f"{stage}..." in shown
+        assert re.search(rf"lcc cluster: {stage} \d+\.\d\d s \(total", shown)  # its seconds
     assert f"wrote {out}" in shown
     assert len(capsys.readouterr().out.splitlines()) == 1
 
@@ -357,3 +359,146 @@ def test_existing_out_of_another_kind_needs_force(
     code, _, _ = run_cli([str(source), str(other), "--force"], capsys)
     assert code == 0
     assert set(np.load(other).files) == set(OUTPUT_SCHEMA)
+
+
+def npy_pair(folder: Path, n: int = 400, dtype=np.float16) -> tuple[np.ndarray, np.ndarray]:
+    """A directory holding z.npy (``dtype``) and y.npy; returns the arrays as written."""
+    z, y, _ = gaussian_mixture(n, 12, 3, 2, separation=1.5, seed=5)
+    folder.mkdir(exist_ok=True)
+    np.save(folder / "z.npy", z.astype(dtype))
+    np.save(folder / "y.npy", y)
+    return z.astype(dtype), y
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_float16_npy_pair_gives_the_clusters_of_in_memory_float32(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], fast: bool
+) -> None:
+    from lcc.engine.refresh import refresh
+
+    z16, y = npy_pair(tmp_path / "latents", n=2_500)  # above the approximate-search threshold
+    options = ["--knn", "approximate", "--pca", "6", "--targets", "approximate"] if fast else []
+    out = tmp_path / "out.npz"
+    code, stdout, stderr = run_cli([str(tmp_path / "latents"), str(out), *options], capsys)
+    assert code == 0 and stderr == ""
+    summary = json.loads(stdout)
+    assert summary["latents"] == str(tmp_path / "latents") and summary["n"] == 2_500
+    settings = {"knn": "approximate", "pca": 6, "targets": "approximate"} if fast else {}
+    expected = refresh(z16.astype(np.float32), y, **settings)
+    with np.load(out) as archive:
+        np.testing.assert_array_equal(archive["clusters"], expected.clusters)
+        np.testing.assert_array_equal(archive["correctible"], expected.correctible)
+        np.testing.assert_allclose(
+            archive["targets"], expected.targets.dense(), rtol=1e-5, atol=1e-5
+        )
+
+
+def test_latents_npy_with_labels_option(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _, y = npy_pair(tmp_path / "pair", dtype=np.float32)
+    np.save(tmp_path / "labels.npy", y)
+    out = tmp_path / "out.npz"
+    code, stdout, _ = run_cli(
+        [str(tmp_path / "pair" / "z.npy"), str(out), "--labels", str(tmp_path / "labels.npy")],
+        capsys,
+    )
+    assert code == 0
+    summary = check_summary(stdout, 400, 12, 5)
+    summary["_y"] = y
+    check_output(out, 400, 12, summary)
+
+
+def _pair(folder: Path, z: object, y: object) -> Path:
+    folder.mkdir()
+    if z is not None:
+        np.save(folder / "z.npy", z, allow_pickle=True)
+    if y is not None:
+        np.save(folder / "y.npy", y, allow_pickle=True)
+    return folder
+
+
+NPY_BAD_INPUTS = {
+    "int-latents": (lambda f: _pair(f, np.ones((6, 2), np.int64), np.arange(6)), "float16 or"),
+    "object-latents": (
+        lambda f: _pair(f, np.array([[{"a": 1}]] * 6, dtype=object), np.arange(6)),
+        "Python objects",
+    ),
+    "object-labels": (
+        lambda f: _pair(f, np.ones((6, 2), np.float32), np.array([{}] * 6, dtype=object)),
+        "Python objects",
+    ),
+    "float-labels": (
+        lambda f: _pair(f, np.ones((6, 2), np.float32), np.arange(6.0)),
+        "labels must be integers",
+    ),
+    "length-mismatch": (
+        lambda f: _pair(f, np.ones((6, 2), np.float16), np.arange(5)),
+        "has shape (5,) but",
+    ),
+    "2d-labels": (
+        lambda f: _pair(f, np.ones((6, 2), np.float16), np.zeros((6, 2), np.int64)),
+        "shape (N,)",
+    ),
+    "1d-latents": (lambda f: _pair(f, np.ones(6, np.float32), np.arange(6)), "shape (N, d"),
+    "missing-y": (lambda f: _pair(f, np.ones((6, 2), np.float32), None), "labels file not found"),
+    "missing-z": (lambda f: _pair(f, None, np.arange(6)), "has no z.npy"),
+    "nan": (
+        lambda f: _pair(
+            f, np.array([[0, np.nan]] + [[i, i] for i in range(5)], np.float16), np.arange(6)
+        ),
+        "NaN or inf",
+    ),
+    "not-npy": (
+        lambda f: (_pair(f, None, np.arange(6)), (f / "z.npy").write_bytes(b"PK\x03\x04junk"))[0],
+        "not a .npy file",
+    ),
+    "truncated": (
+        lambda f: (
+            _pair(f, np.ones((600, 8), np.float32), np.arange(600)),
+            (f / "z.npy").write_bytes((f / "z.npy").read_bytes()[:500]),
+        )[0],
+        "cannot read",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(NPY_BAD_INPUTS))
+def test_bad_npy_pair_gives_one_line_and_exit_code_2(
+    case: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    make, expected = NPY_BAD_INPUTS[case]
+    folder = make(tmp_path / "latents")
+    out = tmp_path / "out.npz"
+    line = run_error([str(folder), str(out)], capsys)
+    assert line.startswith("lcc cluster: error: ")
+    assert expected in line
+    assert not out.exists()
+
+
+def test_latents_npy_needs_labels(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    npy_pair(tmp_path / "pair")
+    z_file, out = str(tmp_path / "pair" / "z.npy"), str(tmp_path / "out.npz")
+    assert "--labels" in run_error([z_file, out], capsys)
+    missing = run_error([z_file, out, "--labels", str(tmp_path / "nope.npy")], capsys)
+    assert "labels file not found" in missing
+    npz = latents(tmp_path / "l.npz", n=50)
+    assert ".npy latents only" in run_error([str(npz), out, "--labels", z_file], capsys)
+
+
+def test_stage_seconds_reach_a_log_only_for_slow_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import lcc.cli.cluster as cluster_module
+
+    source = str(latents(tmp_path / "latents.npz"))
+    out = str(tmp_path / "out.npz")
+    _, _, quick = run_cli([source, out], capsys)
+    assert quick == ""  # a quick run off a terminal prints nothing
+    monkeypatch.setattr(cluster_module, "QUIET_SECONDS", 0.0)  # every run counts as slow
+    code, stdout, stderr = run_cli([source, out], capsys)
+    assert code == 0 and len(stdout.splitlines()) == 1
+    lines = stderr.splitlines()
+    assert "\r" not in stderr and "\x1b" not in stderr
+    stages = [line.split()[2] for line in lines[:-1]]
+    assert stages == ["load", "check", "knn", "graph", "cluster", "match", "targets", "write"]
+    assert all(line.startswith("lcc cluster: ") and " s (total " in line for line in lines[:-1])
+    assert lines[-1].startswith(f"lcc cluster: wrote {out}")

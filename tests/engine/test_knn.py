@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import lcc.engine.knn as knn_module
-from lcc.engine.knn import Neighbors, knn, knn_recall, search
+from lcc.engine.knn import Neighbors, choose_index, knn, knn_recall, search
 from lcc.errors import LCCInputError
 from lcc.synthetic import gaussian_mixture
 
@@ -146,20 +146,17 @@ def test_approximate_recall_on_clustered_latents(backend: str, k: int, separatio
     assert not (approximate.indices == rows).any()
 
 
-SELECTIONS = {"heap": 1, "partition": 10**9}  # values of knn._HEAP_RATIO forcing each path
+INDEX_KINDS = ["ivf-flat", "ivf-pq", "hnsw"]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("selection", sorted(SELECTIONS))
-def test_approximate_is_deterministic_under_a_seed(
-    monkeypatch: pytest.MonkeyPatch, backend: str, selection: str
-) -> None:
-    monkeypatch.setattr(knn_module, "_HEAP_RATIO", SELECTIONS[selection])
+@pytest.mark.parametrize("index", INDEX_KINDS)
+def test_approximate_is_deterministic_under_a_seed(index: str) -> None:
     z, _, _ = gaussian_mixture(3_000, 32, 10, 2, seed=5)
-    a = knn(z, 5, mode="approximate", seed=7, backend=backend)
-    b = knn(z, 5, mode="approximate", seed=7, backend=backend)
+    a = knn(z, 5, mode="approximate", seed=7, index=index)
+    b = knn(z, 5, mode="approximate", seed=7, index=index)
     np.testing.assert_array_equal(a.indices, b.indices)
     np.testing.assert_array_equal(a.distances, b.distances)
+    assert a.recall == b.recall
 
 
 def clustered_with_copies(seed: int) -> np.ndarray:
@@ -169,47 +166,96 @@ def clustered_with_copies(seed: int) -> np.ndarray:
     return np.concatenate([z, z[rng.choice(len(z), 100, replace=False)]])
 
 
-@pytest.mark.parametrize("selection", sorted(SELECTIONS))
-@pytest.mark.parametrize("batch_floats", [None, 5_000])  # 5,000: every cell is searched alone
-def test_approximate_with_an_unreachable_target_is_exact(
-    monkeypatch: pytest.MonkeyPatch, selection: str, batch_floats: int | None
-) -> None:
-    # the widening stops only when every cell searches all rows: the result must be exact
-    monkeypatch.setattr(knn_module, "_TARGET_RECALL", 1.01)
-    monkeypatch.setattr(knn_module, "_HEAP_RATIO", SELECTIONS[selection])
-    if batch_floats is not None:
-        monkeypatch.setattr(knn_module, "_GROUP_ENTRIES", batch_floats)
+def test_ivf_flat_probing_every_list_is_brute_force(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the first search width already covers every inverted list: the faiss IVF path itself
+    # (not the exact fallback) must then return the brute-force neighbours
+    monkeypatch.setattr(knn_module, "_FIRST_PROBES", 10**6)
+    monkeypatch.setattr(knn_module, "_IVF_EXACT_SHARE", 1.0)  # no switch to brute force
     z = clustered_with_copies(seed=11)
-    nb = knn(z, 5, mode="approximate")
+    nb = knn(z, 5, mode="approximate", index="ivf-flat")
     assert nb.recall == 1.0
     assert not (nb.indices == np.arange(len(z))[:, None]).any()
     assert_exact_neighbours(nb.indices, nb.distances, self_distances(z), 5, scale=spread(z))
 
 
-@pytest.mark.parametrize("k", [3, 20])
-def test_approximate_search_paths_agree(monkeypatch: pytest.MonkeyPatch, k: int) -> None:
-    # batched cells vs one cell at a time in small row blocks, heap vs partition selection:
-    # the same candidates are searched, so the same neighbour distances come back
+@pytest.mark.parametrize("index", INDEX_KINDS)
+def test_approximate_with_an_unreachable_target_is_exact(
+    monkeypatch: pytest.MonkeyPatch, index: str
+) -> None:
+    # no width reaches the target: the rows are searched exactly and the recall says so
+    monkeypatch.setattr(knn_module, "_TARGET_RECALL", 1.01)
     z = clustered_with_copies(seed=12)
+    nb = knn(z, 5, mode="approximate", index=index)
+    assert nb.recall == 1.0
+    assert not (nb.indices == np.arange(len(z))[:, None]).any()
+    assert_exact_neighbours(nb.indices, nb.distances, self_distances(z), 5, scale=spread(z))
+
+
+@pytest.mark.parametrize("index", INDEX_KINDS)
+@pytest.mark.parametrize("k", [3, 20])
+def test_every_index_keeps_the_recall_guarantee_on_overlapping_clusters(
+    monkeypatch: pytest.MonkeyPatch, index: str, k: int
+) -> None:
+    # overlapping blobs in 24 intrinsic dimensions: the first width misses 0.97 for IVF; the
+    # switch to brute force is off, so that the index itself has to reach the target
+    monkeypatch.setattr(knn_module, "_IVF_EXACT_SHARE", 1.0)
+    z, _, _ = gaussian_mixture(4_000, 48, 20, 3, intrinsic_dim=24, separation=1.2, seed=13)
     exact = knn(z, k)
-    results = []
-    for selection in sorted(SELECTIONS):
-        for batch_floats in (knn_module._GROUP_ENTRIES, 5_000):
-            monkeypatch.setattr(knn_module, "_HEAP_RATIO", SELECTIONS[selection])
-            monkeypatch.setattr(knn_module, "_GROUP_ENTRIES", batch_floats)
-            results.append(knn(z, k, mode="approximate", seed=3))
+    nb = knn(z, k, mode="approximate", index=index, seed=1)
+    recall = knn_recall(nb, exact)
+    assert recall >= 0.95
+    assert abs(nb.recall - recall) <= 0.03
     rows = np.arange(len(z))[:, None]
-    atol = 1e-5 * spread(z)  # float32 expansion error on squared distances, as above
-    first = results[0].distances.astype(np.float64) ** 2
-    for nb in results:
-        assert nb.recall == results[0].recall
-        assert knn_recall(nb, exact) >= 0.9
-        squared = nb.distances.astype(np.float64) ** 2
-        np.testing.assert_allclose(squared, first, rtol=1e-4, atol=atol)
-        true = ((z[rows].astype(np.float64) - z[nb.indices]) ** 2).sum(axis=-1)
-        np.testing.assert_allclose(squared, true, rtol=1e-4, atol=atol)
-        assert not (nb.indices == rows).any()
-        assert all(len(set(row.tolist())) == k for row in nb.indices)
+    squared = nb.distances.astype(np.float64) ** 2
+    true = ((z[rows].astype(np.float64) - z[nb.indices]) ** 2).sum(axis=-1)
+    np.testing.assert_allclose(squared, true, rtol=1e-4, atol=1e-5 * spread(z))
+    assert (np.diff(nb.distances, axis=1) >= 0).all()
+    assert not (nb.indices == rows).any()
+    assert all(len(set(row.tolist())) == k for row in nb.indices)
+
+
+def test_the_recall_target_drives_the_search_width(monkeypatch: pytest.MonkeyPatch) -> None:
+    # with no target the first (narrow) width is kept: recall drops well below the guarantee,
+    # so the widening is what keeps it (brute-force switch off: the IVF search answers)
+    monkeypatch.setattr(knn_module, "_IVF_EXACT_SHARE", 1.0)
+    z, _, _ = gaussian_mixture(4_000, 48, 20, 3, intrinsic_dim=24, separation=1.2, seed=13)
+    exact = knn(z, 10)
+    guarded = knn_recall(knn(z, 10, mode="approximate", index="ivf-flat"), exact)
+    monkeypatch.setattr(knn_module, "_TARGET_RECALL", 0.0)
+    narrow = knn(z, 10, mode="approximate", index="ivf-flat")
+    assert knn_recall(narrow, exact) < 0.95 <= guarded < 1.0
+    assert narrow.recall < 0.95
+
+
+def test_ivf_switches_to_brute_force_when_it_would_scan_too_many_lists(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # unclustered data: the recall target needs many lists; once the width passes the share
+    # where brute force is as cheap, the result is the exact one (recall 1.0) ...
+    z = np.random.default_rng(15).normal(size=(3_000, 24)).astype(np.float32)
+    nb = knn(z, 5, mode="approximate", index="ivf-flat")
+    assert nb.recall == 1.0
+    assert_exact_neighbours(nb.indices, nb.distances, self_distances(z), 5, scale=spread(z))
+    # ... while without the switch the IVF search itself answers, approximately
+    monkeypatch.setattr(knn_module, "_IVF_EXACT_SHARE", 1.0)
+    ivf = knn(z, 5, mode="approximate", index="ivf-flat")
+    assert 0.97 <= ivf.recall < 1.0
+    assert knn_recall(ivf, knn(z, 5)) >= 0.95
+
+
+def test_choose_index_by_size() -> None:
+    assert choose_index(50_000, 64) == "ivf-flat"
+    assert choose_index(1_280_000, 64) == "ivf-flat"
+    assert choose_index(1_280_000, 512) == "ivf-pq"
+    assert choose_index(2**30 // (4 * 64), 64) == "ivf-flat"
+    assert choose_index(2**30 // (4 * 64) + 1, 64) == "ivf-pq"
+
+
+def test_approximate_below_the_size_threshold_is_exact() -> None:
+    z = clustered_with_copies(seed=14)[:1_500]
+    nb = knn(z, 4, mode="approximate")
+    assert nb.recall == 1.0
+    assert_exact_neighbours(nb.indices, nb.distances, self_distances(z), 4, scale=spread(z))
 
 
 def test_backends_agree_on_distances() -> None:
@@ -225,20 +271,22 @@ def test_auto_falls_back_to_torch_without_faiss(monkeypatch: pytest.MonkeyPatch)
     nb = knn(z[:200], 4)
     oracle = self_distances(z[:200])
     assert_exact_neighbours(nb.indices, nb.distances, oracle, 4, scale=spread(z[:200]))
-    approx = knn(z, 4, mode="approximate")
-    assert knn_recall(approx, knn(z, 4)) >= 0.9
+    approx = knn(z, 4, mode="approximate")  # the torch fallback is exact
+    assert approx.recall == 1.0
+    assert_exact_neighbours(approx.indices, approx.distances, self_distances(z), 4, scale=spread(z))
     with pytest.raises(LCCInputError, match="faiss"):
         knn(z[:10], 2, backend="faiss")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("metric", ["l2", "cosine"])
-def test_search_matches_brute_force(metric: str) -> None:
+def test_search_matches_brute_force(metric: str, backend: str) -> None:
     rng = np.random.default_rng(8)
     base = rng.normal(size=(50, 8)).astype(np.float32) + 1
     queries = rng.normal(size=(20, 8)).astype(np.float32) + 1
     oracle = brute_distances(base, queries, metric)
     for k in (1, 6, 50):
-        indices, distances = search(base, queries, k, metric=metric)
+        indices, distances = search(base, queries, k, metric=metric, backend=backend)
         assert_exact_neighbours(indices, distances, oracle, k, scale=spread(base))
 
 
@@ -278,6 +326,7 @@ def test_knn_recall_matches_a_set_loop() -> None:
         (np.zeros((5, 3)), {"k": 1, "metric": "manhattan"}, "metric"),
         (np.zeros((5, 3)), {"k": 1, "mode": "fast"}, "mode"),
         (np.zeros((5, 3)), {"k": 1, "backend": "annoy"}, "backend"),
+        (np.zeros((5, 3)), {"k": 1, "index": "lsh"}, "index"),
         (np.zeros((5, 3)), {"k": 1, "metric": "cosine"}, "all-zero rows"),
         (np.array([["a", "b"], ["c", "d"]]), {"k": 1}, "numeric"),
     ],

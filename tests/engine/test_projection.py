@@ -124,3 +124,47 @@ def test_apply_rejects_wrong_width_and_projection_checks_shapes() -> None:
         projection.apply(torch.zeros(4, 7))
     with pytest.raises(LCCInputError, match="components"):
         Projection(np.zeros(3), np.zeros((4, 2)))
+
+
+def test_fit_on_a_sample_uses_exactly_the_seeded_rows() -> None:
+    z = spectrum_data(3_000, 30, seed=9)
+    projection = fit_pca(z, 5, seed=4, sample=1_000)
+    rows = np.sort(np.random.default_rng(4).choice(3_000, 1_000, replace=False))
+    mean, components, _ = svd_oracle(z[rows], 5)
+    np.testing.assert_allclose(projection.mean, mean, rtol=1e-5, atol=1e-4)
+    ours = projection.components.astype(np.float64)
+    np.testing.assert_allclose(ours @ ours.T, components @ components.T, atol=1e-4)
+    assert np.abs(projection.mean - z.mean(axis=0)).max() > 1e-3  # not the full data's mean
+    # and the sampled subspace is the full data's one up to sampling noise
+    _, full, _ = svd_oracle(z, 5)
+    np.testing.assert_allclose(ours @ ours.T, full @ full.T, atol=0.05)
+
+
+def test_apply_in_chunks_matches_the_formula(monkeypatch: pytest.MonkeyPatch) -> None:
+    import lcc.engine.projection as projection_module
+
+    z = spectrum_data(500, 16, seed=10)
+    projection = fit_pca(z, 4)
+    expected = (z - projection.mean.astype(np.float64)) @ projection.components.astype(np.float64)
+    monkeypatch.setattr(projection_module, "APPLY_CHUNK_ENTRIES", 16 * 7)  # 7 rows a chunk
+    chunked = projection.apply(z)
+    assert chunked.shape == (500, 4) and chunked.dtype == np.float32
+    np.testing.assert_allclose(chunked, expected, rtol=1e-4, atol=1e-3)
+
+
+def test_float16_memory_map_fits_and_projects_like_its_float32_values(tmp_path) -> None:
+    z16 = spectrum_data(2_000, 24, seed=11).astype(np.float16)
+    np.save(tmp_path / "z.npy", z16)
+    mapped = np.load(tmp_path / "z.npy", mmap_mode="r")
+    from_map = fit_pca(mapped, 6, seed=2, sample=800)
+    in_memory = fit_pca(z16.astype(np.float32), 6, seed=2, sample=800)
+    np.testing.assert_array_equal(from_map.mean, in_memory.mean)
+    np.testing.assert_allclose(from_map.components, in_memory.components, atol=1e-6)
+    np.testing.assert_allclose(
+        from_map.apply(mapped), in_memory.apply(z16.astype(np.float32)), rtol=1e-5, atol=1e-4
+    )
+
+
+def test_fit_pca_rejects_a_bad_sample_size() -> None:
+    with pytest.raises(LCCInputError, match="sample"):
+        fit_pca(spectrum_data(30, 6, seed=8), 2, sample=1)

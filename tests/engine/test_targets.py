@@ -48,11 +48,12 @@ def assert_targets_equal(got: Targets, expected: dict[int, np.ndarray], n: int) 
         np.testing.assert_allclose(got.vectors, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["faiss", "torch"])
 @pytest.mark.parametrize(("k", "metric", "seed"), [(1, "l2", 0), (5, "l2", 1), (7, "cosine", 2)])
-def test_exact_targets_match_brute_force(k: int, metric: str, seed: int) -> None:
+def test_exact_targets_match_brute_force(k: int, metric: str, seed: int, backend: str) -> None:
     z, y, clusters = planted(seed=seed)
     cc = match_clusters(clusters, y).correctly_clustered
-    got = exact_targets(z, y, cc, k, metric=metric)
+    got = exact_targets(z, y, cc, k, metric=metric, backend=backend)
     assert got.n_correctible > 50
     assert_targets_equal(got, brute_force_exact(z, y, cc, k, metric=metric), len(y))
 
@@ -74,8 +75,21 @@ def test_exact_targets_with_tiny_chunks_match_brute_force(monkeypatch) -> None:
     z, y, clusters = planted(n=300, seed=4)
     cc = match_clusters(clusters, y).correctly_clustered
     monkeypatch.setattr(targets_module, "CHUNK_BYTES", 4 * 100)  # a few queries per chunk
-    got = exact_targets(z, y, cc, 3)
-    assert_targets_equal(got, brute_force_exact(z, y, cc, 3), len(y))
+    for backend in ("faiss", "torch"):
+        got = exact_targets(z, y, cc, 3, backend=backend)
+        assert_targets_equal(got, brute_force_exact(z, y, cc, 3), len(y))
+
+
+def test_exact_targets_of_many_classes_match_brute_force() -> None:
+    # 200 classes x 3 sub-clusters: one faiss search per class, with 1-30 CC samples per class
+    z, y, sub = gaussian_mixture(3_000, 8, 200, 3, separation=3.0, seed=9)
+    rng = np.random.default_rng(9)
+    clusters = np.where(rng.random(3_000) < 0.2, rng.integers(0, 600, 3_000), sub)
+    cc = match_clusters(clusters, y).correctly_clustered
+    got = exact_targets(z, y, cc, 4)
+    expected = brute_force_exact(z, y, cc, 4)
+    assert len(expected) > 100
+    assert_targets_equal(got, expected, len(y))
 
 
 def test_exact_targets_flatten_trailing_dimensions() -> None:
@@ -186,6 +200,8 @@ def test_bad_inputs_are_rejected() -> None:
         exact_targets(z, y, cc, 60)
     with pytest.raises(LCCInputError, match="metric"):
         exact_targets(z, y, cc, 2, metric="manhattan")
+    with pytest.raises(LCCInputError, match="backend"):
+        exact_targets(z, y, cc, 2, backend="gpu")
     with pytest.raises(LCCInputError, match="NaN"):
         exact_targets(np.full_like(z, np.nan), y, cc, 2)
     with pytest.raises(LCCInputError, match="matching has"):

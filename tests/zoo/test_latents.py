@@ -303,3 +303,33 @@ def test_collect_latents_rejects_partial_or_unindexed_loaders():
         collect_latents(net, pairs, ["fc1"])
     with pytest.raises(LCCInputError, match="closest"):
         collect_latents(net, loader, ["fc"])
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_collect_latents_into_memory_maps_matches_ram(tmp_path, dtype) -> None:
+    net = make_net()
+    loader, _, _ = _loader(shuffle=True)
+    in_ram, labels, predictions = collect_latents(net, loader, ["pool", "fc1"])
+    mapped, labels_m, predictions_m = collect_latents(
+        net, loader, ["pool", "fc1"], memmap_dir=tmp_path, memmap_dtype=dtype
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fc1.npy", "pool.npy"]
+    for name in ("pool", "fc1"):
+        assert isinstance(mapped[name], np.memmap) and mapped[name].dtype == dtype
+        np.testing.assert_array_equal(mapped[name], in_ram[name].astype(dtype))
+        np.testing.assert_array_equal(np.load(tmp_path / f"{name}.npy"), mapped[name])
+    assert labels_m.tolist() == labels.tolist()
+    assert predictions_m.tolist() == predictions.tolist()
+
+
+def test_collect_latents_memory_maps_leave_nothing_on_failure(tmp_path) -> None:
+    net = make_net()
+    loader, _, _ = _loader(n=10, batch_size=4)
+    partial = DataLoader(loader.dataset, batch_size=4, drop_last=True)
+    with pytest.raises(LCCInputError, match="covered 8 of 10"):
+        collect_latents(net, partial, ["fc1"], memmap_dir=tmp_path)
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(LCCInputError, match="float16 or float32"):
+        collect_latents(net, loader, ["fc1"], memmap_dir=tmp_path, memmap_dtype=np.int8)
+    with pytest.raises(LCCInputError, match="not a directory"):
+        collect_latents(net, loader, ["fc1"], memmap_dir=tmp_path / "missing")
