@@ -57,12 +57,12 @@ __all__ = [
 Metric = Literal["l2", "cosine"]
 KnnMode = Literal["exact", "approximate"]
 Backend = Literal["auto", "faiss", "torch"]
-IndexKind = Literal["auto", "ivf-flat", "ivf-pq", "hnsw"]
+IndexKind = Literal["auto", "cells", "ivf-flat", "ivf-pq", "hnsw"]
 
 METRICS: tuple[str, ...] = ("l2", "cosine")
 MODES: tuple[str, ...] = ("exact", "approximate")
 BACKENDS: tuple[str, ...] = ("auto", "faiss", "torch")
-INDEXES: tuple[str, ...] = ("auto", "ivf-flat", "ivf-pq", "hnsw")
+INDEXES: tuple[str, ...] = ("auto", "cells", "ivf-flat", "ivf-pq", "hnsw")
 
 # Largest distance block (in float32 entries) the torch search materialises at once: 64 MiB.
 _BLOCK_ENTRIES = 1 << 24
@@ -158,12 +158,14 @@ def knn(
 ) -> Neighbors:
     """The ``k`` nearest other rows of every row of ``z`` (shape ``(N, ...)``, flattened).
 
-    ``mode="approximate"`` trades a little recall for speed: it searches a faiss index
-    (``index``: ``"auto"`` picks with :func:`choose_index`; or ``"ivf-flat"``, ``"ivf-pq"``,
-    ``"hnsw"``), widening the search until the recall measured on a sample of 300 rows reaches
-    0.97 (reported as ``Neighbors.recall``), exact if no width reaches it; ``seed`` drives its
-    random choices. Below 2,000 rows, or on the torch backend, it searches exactly.
-    ``backend`` picks faiss or the torch fallback ("auto": faiss when importable).
+    ``mode="approximate"`` trades a little recall for speed: up to 100,000 rows it searches
+    k-means cells against their nearest cells (:mod:`lcc.engine.cells`, faster there), above
+    that a faiss index (``index``: ``"auto"`` picks with :func:`choose_index`; or ``"cells"``,
+    ``"ivf-flat"``, ``"ivf-pq"``, ``"hnsw"``), widening the search until the recall measured on
+    a sample of 300 rows reaches 0.97 (reported as ``Neighbors.recall``), exact if no width
+    reaches it; ``seed`` drives its random choices. Below 2,000 rows, or on the torch backend,
+    it searches exactly. ``backend`` picks faiss or the torch fallback ("auto": faiss when
+    importable).
 
     >>> nb = knn(np.array([[0.0], [1.0], [3.0], [7.0]]), 2, backend="torch")
     >>> nb.indices.tolist(), nb.distances.tolist()
@@ -180,6 +182,12 @@ def knn(
     if not use_faiss:
         indices, squared = _torch_search(matrix, matrix, k + 1)
         return Neighbors(*_finish(*_drop_self(indices, squared, rows)))
+    if mode == "approximate" and matrix.shape[0] >= _APPROXIMATE_MIN_ROWS:
+        from lcc.engine import cells
+
+        if index == "cells" or (index == "auto" and matrix.shape[0] <= cells.MAX_ROWS):
+            indices, squared, recall = cells.cells_self_search(matrix, k, seed=seed, use_faiss=True)
+            return Neighbors(indices, _to_distance(squared), recall=recall)
     with _faiss_threads():
         if mode == "approximate" and matrix.shape[0] >= _APPROXIMATE_MIN_ROWS:
             kind = choose_index(*matrix.shape) if index == "auto" else index

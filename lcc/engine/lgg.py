@@ -209,25 +209,23 @@ def _rbf_scale(flat: Tensor, h: float | None) -> Tensor:
     return mean_sq.clamp_min(torch.finfo(flat.dtype).tiny)
 
 
-class _PairGram(torch.autograd.Function):
-    """Entries ``x_i . x_j`` of a precomputed Gram matrix at pairs (i, j), differentiable in x.
+class _Gram(torch.autograd.Function):
+    """``x x^T`` from a precomputed (exactly symmetric) Gram matrix, differentiable in ``x``.
 
-    The forward reuses the Gram matrix the k-NN selection computed; the backward is one dense
-    product ``(W + W^T) x`` with ``W`` the scattered pair gradients.
+    The forward reuses the Gram matrix the k-NN selection computed; the backward is one
+    product ``(W + W^T) x`` (autograd's would be two).
     """
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, gram: Tensor, i: Tensor, j: Tensor) -> Tensor:
-        ctx.save_for_backward(x, i, j)
-        return gram[i, j]
+    def forward(ctx: Any, x: Tensor, gram: Tensor) -> Tensor:
+        ctx.save_for_backward(x)
+        return gram
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None, None]:
-        x, i, j = ctx.saved_tensors
-        n = x.shape[0]
-        weights = x.new_zeros(n, n).index_put_((i, j), grad.to(x.dtype), accumulate=True)
-        return (weights + weights.T) @ x, None, None, None
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None]:
+        (x,) = ctx.saved_tensors
+        return (grad + grad.T).to(x.dtype) @ x, None
 
 
 def normalize_adjacency(adjacency: Tensor) -> Tensor:
@@ -288,7 +286,7 @@ def latent_graph(
     else:
         base = flat - flat.mean(dim=0, keepdim=True)
     with torch.no_grad():
-        gram = base @ base.T
+        gram = _symmetric(base @ base.T)
         if not bool(torch.isfinite(gram.diagonal()).all()):  # a NaN/inf row spoils its norm
             raise _not_finite("z")
         if kind == "cosine":
@@ -298,23 +296,20 @@ def latent_graph(
             scores = 2.0 * gram - norms[:, None] - norms[None, :]
         scores.masked_fill_(~allowed, float("-inf"))
         chosen = torch.zeros(n, n, dtype=torch.bool, device=device)
-        chosen.scatter_(1, scores.topk(k, dim=1).indices, True)
-        keep = torch.triu((chosen | chosen.T) & allowed, diagonal=1)
-        i, j = keep.nonzero(as_tuple=True)
-    dots = _PairGram.apply(base, gram, i, j)
+        chosen.scatter_(1, scores.topk(k, dim=1, sorted=False).indices, True)
+        keep = ((chosen | chosen.T) & allowed).to(flat.dtype)
+    dots = _Gram.apply(base, gram)  # dense (B, B): fewer, larger operations than pair lists
     if kind == "cosine":
         values = dots.clamp_min(0.0)
     else:
         norms = base.square().sum(dim=1)
-        squared = (norms[i] + norms[j] - 2.0 * dots).clamp_min(0.0)
+        squared = (norms[:, None] + norms[None, :] - 2.0 * dots).clamp_min(0.0)
         if h is None:  # mean squared distance over distinct pairs, as in _rbf_scale
             scale = (2.0 * norms.sum() / (n - 1)).clamp_min(torch.finfo(flat.dtype).tiny)
         else:
             scale = torch.as_tensor(h * h, dtype=flat.dtype, device=device)
         values = torch.exp(-squared / scale)
-    adjacency = flat.new_zeros(n, n).index_put(
-        (torch.cat([i, j]), torch.cat([j, i])), torch.cat([values, values])
-    )
+    adjacency = values * keep
     return normalize_adjacency(adjacency) if normalize else adjacency
 
 
@@ -351,16 +346,13 @@ def label_variation(adjacency: Tensor, y: Tensor, *, normalized: bool = False) -
     n = adjacency.shape[0]
     labels = _labels(y, n, adjacency.device)
     labeled = labels >= 0
-    # one-hot V (unlabelled rows zero); (A V)_ic = weight from i to class c, self loops removed
-    values, classes = torch.unique(labels.clamp_min(0), return_inverse=True)
-    columns = torch.arange(values.numel(), device=adjacency.device)
-    onehot = ((classes[:, None] == columns[None, :]) & labeled[:, None]).to(adjacency.dtype)
-    to_class = adjacency @ onehot - adjacency.diagonal()[:, None] * onehot
-    mask = labeled[:, None].to(adjacency.dtype)
-    variation = (to_class * (mask - onehot)).sum()  # weight from labelled i to other classes
+    pairs = labeled[:, None] & labeled[None, :]  # ordered pairs of labelled samples
+    distinct = pairs & (labels[:, None] != labels[None, :])  # ... of distinct classes (i != j)
+    variation = (adjacency * distinct.to(adjacency.dtype)).sum()
     if not normalized:
         return variation
-    total = (to_class * mask).sum()
+    pairs.fill_diagonal_(False)
+    total = (adjacency * pairs.to(adjacency.dtype)).sum()
     return variation / torch.where(total != 0, total, torch.ones_like(total))
 
 

@@ -147,7 +147,9 @@ def layer_variations(batch: Batch, layers: tuple[str, ...], options: LGGOptions)
     if not layers:
         raise LCCInputError("no layer to read; pass layers=NAME[,NAME...] (or the trainer's)")
     labeled = batch.labeled
-    y = batch.y[labeled]
+    if bool(labeled.all()):  # the usual case: no copy of each layer's latents
+        return [layer_variation(batch.layer(name), batch.labels, options) for name in layers]
+    y = batch.labels[labeled]
     return [layer_variation(batch.layer(name)[labeled], y, options) for name in layers]
 
 
