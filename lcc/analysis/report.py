@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 import os
 import re
 from collections.abc import Sequence
@@ -33,6 +32,7 @@ from typing import Any
 from lcc.analysis.plots import FORMATS, MAX_POINTS
 from lcc.analysis.runs import Run, load_latent_snapshot, load_runs, run_summary
 from lcc.errors import LCCInputError
+from lcc.io import read_jsonl_tolerant
 
 __all__ = [
     "LAYER_COLUMNS",
@@ -159,20 +159,9 @@ def _check_out(out: Path, runs: Sequence[Run]) -> None:
 
 
 def _read_measures(run: Run) -> list[dict[str, Any]]:
-    file = run.path / "measures.jsonl"
-    if not file.is_file():
-        return []
     records = []
-    for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError:
-            raise LCCInputError(
-                f"{file} line {number} is not valid JSON; fix or remove it"
-            ) from None
-        if not isinstance(record, dict) or "measure" not in record or "value" not in record:
+    for record in read_jsonl_tolerant(run.path / "measures.jsonl"):
+        if "measure" not in record or "value" not in record:
             continue
         if record.get("layer") != "all":  # lcc measure's value over all layers: not a layer
             records.append(record)

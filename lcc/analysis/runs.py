@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from lcc.errors import LCCInputError
+from lcc.io import read_jsonl_tolerant
 
 __all__ = [
     "LatentSnapshot",
@@ -149,21 +150,8 @@ def _read_json(file: Path) -> Any:
 
 
 def _read_jsonl(file: Path) -> list[dict[str, Any]]:
-    if not file.is_file():
-        return []
-    records = []
-    for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError:
-            raise LCCInputError(
-                f"{file} line {number} is not valid JSON; rerun lcc train"
-            ) from None
-        if isinstance(record, dict):
-            records.append(record)
-    return records
+    """The records of a JSON-lines log (a torn last line, left by a kill, is dropped)."""
+    return read_jsonl_tolerant(file)
 
 
 def latent_files(run: Run) -> dict[int, dict[str, Path]]:

@@ -22,6 +22,12 @@ k-NN graph, clusters are matched to classes, and each misclustered sample gets a
 mean of its k nearest correctly clustered neighbours of its class). SGD with momentum and a
 cosine learning-rate schedule over --epochs.
 
+--reg NAME[:key=value,...] (repeatable) picks any combination of the family instead: lcc,
+label-variation, smoothness, gkd, kmeans (`--help-reg NAME` lists a regulariser's options;
+lcc takes the LCC options below as defaults). --labeled-fraction / --labels-per-class /
+--unlabeled train with few labels. SIGTERM or Ctrl+C saves a mid-epoch checkpoint and says
+how to resume (exit 143 / 130).
+
 Run directory --out DIR: config.yaml (the resolved config; reusable with --config),
 checkpoints/last.ckpt (every epoch, LCC state included), metrics.json (test top-1/top-5,
 per-epoch times), refreshes.jsonl (per refresh and layer: clusters, misclustered and

@@ -1053,7 +1053,8 @@ def _epoch_line(record: dict[str, Any], max_epochs: int | None) -> str:
     total = f"/{max_epochs}" if max_epochs else ""
     terms = record.get("terms")
     named = ", ".join(f"{key} {value:.4f}" for key, value in terms.items()) if terms else ""
-    regs = f"reg {record['lcc']:.4f} = weighted {named}" if terms else f"LCC {record['lcc']:.4f}"
+    total_term = f"{record['lcc']:.4f}"
+    regs = f"regularisers {total_term}; unweighted {named}" if terms else f"LCC {total_term}"
     text = (
         f"epoch {record['epoch'] + 1}{total}: loss {record['loss']:.4f} "
         f"(CE {record['ce']:.4f}, {regs}), train top-1 "
