@@ -229,6 +229,9 @@ def test_measures_file_of_a_run_is_drawn(tmp_path):
     result = write_report([run], tmp_path / "out")
     check_png(tmp_path / "out" / "run-layers.png", min_size=(150, 200))
     assert "(run-layers.png)" in result.markdown.read_text(encoding="utf-8")
-    (run / "measures.jsonl").write_text("{not json\n")
-    with pytest.raises(LCCInputError, match="line 1 is not valid JSON"):
+    good = json.dumps(lines[0])
+    (run / "measures.jsonl").write_text(f"{good}\n{{not json")  # torn last line: dropped
+    assert [m["layer"] for m in _read_measures(load_run(run))] == ["fc1"]
+    (run / "measures.jsonl").write_text(f"{{not json\n{good}\n")  # damaged before the end
+    with pytest.raises(LCCInputError, match="line 1 is not a JSON object"):
         write_report([run], tmp_path / "out")
