@@ -6,7 +6,8 @@ Faster than a faiss IVF index on latents of up to 100,000 rows (measured on 2 co
 2.6 s vs 11.2 s and 2.5 s vs 19.5 s), where one padded batched product per group of similar
 cells beats the index's per-list scans; its cost grows about quadratically, and at 250,000
 PCA-64 rows it took 86 s against faiss IVF's 5 s (issue 10). :func:`lcc.engine.knn.knn` uses
-it up to :data:`MAX_ROWS` rows, faiss above. The search widens the rows scanned per cell
+it up to :data:`MAX_ROWS` rows unless its recall budget grows past :data:`MAX_GROWTH` (many
+small, mixed clusters), faiss otherwise. The search widens the rows scanned per cell
 until the recall measured on a sample of 300 rows reaches 0.97, as the faiss path does.
 """
 
@@ -36,6 +37,10 @@ __all__ = ["MAX_ROWS", "cells_self_search"]
 
 #: largest number of rows :func:`lcc.engine.knn.knn` searches with cells (faiss above)
 MAX_ROWS = 100_000
+#: ``index="auto"`` leaves cells for faiss when the recall target needs more than this many
+#: times the first budget: 1x on the 100-class latents above, 56x on 1,000 classes x 3
+#: sub-clusters at 50,000 rows (PCA 64), where cells took 6.5 s and faiss IVF 1.2 s
+MAX_GROWTH = 4
 # Cells probed per cell, k-means iterations and training points per cell.
 _PROBES = 8
 _CELLS_PER_ROOT = 2.0
@@ -95,11 +100,14 @@ def _nearest_centroid(points: torch.Tensor, centroids: torch.Tensor) -> torch.Te
 
 
 def cells_self_search(
-    matrix: np.ndarray, k: int, *, seed: int, use_faiss: bool
-) -> tuple[np.ndarray, np.ndarray, float]:
+    matrix: np.ndarray, k: int, *, seed: int, use_faiss: bool, max_growth: float | None = None
+) -> tuple[np.ndarray, np.ndarray, float] | None:
     """Approximate self k-NN: exact search of each k-means cell against its nearest cells.
 
-    Returns indices, squared distances and the recall estimated on a random sample of rows.
+    Returns indices, squared distances and the recall estimated on a random sample of rows;
+    None (before the expensive scan) when reaching the recall target needs more than
+    ``max_growth`` times the first budget -- many small, mixed clusters, where a faiss index is
+    the faster choice.
     """
     n = matrix.shape[0]
     n_cells = max(1, min(n // (2 * (k + 1)), round(_CELLS_PER_ROOT * math.sqrt(n))))
@@ -109,7 +117,10 @@ def cells_self_search(
     with torch.no_grad():
         assign = _nearest_centroid(points, torch.from_numpy(centroids)).numpy()
     cells = _Cells.build(assign, centroids)
-    need, recall = _choose_budget(matrix, k, cells, assign, rng, start=_PROBES * n / n_cells)
+    start = _PROBES * n / n_cells
+    need, recall = _choose_budget(matrix, k, cells, assign, rng, start=start)
+    if max_growth is not None and need > max_growth * max(start, k + 1):
+        return None
     scan = _Scan(cells, cells.n_used(need), torch.from_numpy(matrix), k, _HEAP_RATIO * k <= need)
     groups, large = cells.plan(scan.n_used, matrix.shape[1])
     work = [partial(scan.batch, group) for group in groups]

@@ -186,8 +186,10 @@ def knn(
         from lcc.engine import cells
 
         if index == "cells" or (index == "auto" and matrix.shape[0] <= cells.MAX_ROWS):
-            indices, squared, recall = cells.cells_self_search(matrix, k, seed=seed, use_faiss=True)
-            return Neighbors(indices, _to_distance(squared), recall=recall)
+            growth = None if index == "cells" else cells.MAX_GROWTH
+            found = cells.cells_self_search(matrix, k, seed=seed, use_faiss=True, max_growth=growth)
+            if found is not None:  # else: many small clusters, faiss is the faster choice
+                return Neighbors(found[0], _to_distance(found[1]), recall=found[2])
     with _faiss_threads():
         if mode == "approximate" and matrix.shape[0] >= _APPROXIMATE_MIN_ROWS:
             kind = choose_index(*matrix.shape) if index == "auto" else index

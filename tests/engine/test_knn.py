@@ -358,3 +358,18 @@ def test_neighbors_validates_shapes() -> None:
             Neighbors(np.zeros((3, 1), dtype=int), np.zeros((3, 1))),
             Neighbors(np.zeros((2, 1), dtype=int), np.zeros((2, 1))),
         )
+
+
+def test_cells_step_aside_for_faiss_when_their_budget_grows():
+    from lcc.engine import cells
+    from lcc.synthetic import planted_latents
+
+    # many small sub-clusters, mixed within each k-means cell: the cells budget must grow
+    data = planted_latents(6_000, 16, 300, 3, separation=3.0, intrinsic_dim=None, seed=1)
+    z = np.asarray(data.z, dtype=np.float32)
+    assert cells.cells_self_search(z, 5, seed=0, use_faiss=True, max_growth=1.0) is None
+    found = cells.cells_self_search(z, 5, seed=0, use_faiss=True)
+    assert found is not None and found[2] >= 0.97
+    auto = knn(z, 5, mode="approximate")
+    exact = knn(z, 5)
+    assert auto.recall >= 0.97 and knn_recall(auto, exact) >= 0.95
