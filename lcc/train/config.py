@@ -246,6 +246,20 @@ class TrainConfig:
         "auto", "Lightning accelerator", kind="str", choices=ACCELERATORS, group="system"
     )
     num_workers: int = _option(0, "DataLoader worker processes", kind="int", group="system")
+    latents_on_disk: bool = _option(
+        False,
+        "keep the training-set latents of refreshes in memory-mapped files in DIR/latents "
+        "instead of RAM (for large training sets)",
+        kind="bool",
+        group="system",
+    )
+    latents_dtype: str = _option(
+        "float32",
+        "dtype of latents kept on disk (float16 halves the files)",
+        kind="str",
+        choices=("float32", "float16"),
+        group="system",
+    )
     checkpoint_every: float | None = _option(
         None,
         "also save a mid-epoch checkpoint every this many minutes (SIGTERM/SIGINT always save one)",

@@ -510,6 +510,8 @@ class LCCModule(pl.LightningModule):
         source: str = "fresh",
         pool: str = "flatten",
         sample: Tensor | None = None,
+        latents_dir: str | Path | None = None,
+        latents_dtype: str = "float32",
         ce_weight: float = 1.0,
         lr: float = 0.1,
         momentum: float = 0.9,
@@ -550,6 +552,8 @@ class LCCModule(pl.LightningModule):
                 n_samples=self.n_train,
                 num_classes=self.num_classes,
                 sample=sample,
+                latents_dir=latents_dir,
+                latents_dtype=latents_dtype,
             )
         self.history: list[dict[str, Any]] = []  # one record per finished epoch
         self.test_metrics: dict[str, float] = {}

@@ -45,9 +45,11 @@ broadcast the picklable states.
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -75,6 +77,8 @@ from lcc.regularisers.lcc import (
 from lcc.zoo.latents import POOLS, LatentRecorder, check_layer_names, collect_latents
 
 SOURCES: tuple[str, ...] = ("fresh", "recorded")
+#: dtypes of latents kept on disk (``latents_dir``)
+LATENT_DTYPES: tuple[str, ...] = ("float32", "float16")
 
 #: the latents of the whole training set handed to a refresh (its historical name)
 Collected = TrainingLatents
@@ -168,7 +172,10 @@ class Regularisation:
     first :meth:`start_epoch`); ``device``: where the fresh pass runs (default: the model's);
     ``default_layers``: layers of regularisers that name none; ``num_classes``/``sample`` (a few
     training inputs): when given, :meth:`bind` runs now, so regulariser parameters exist before
-    you build the optimiser (add :meth:`parameters` to it).
+    you build the optimiser (add :meth:`parameters` to it). ``latents_dir``: keep the latents
+    of the whole training set (fresh pass and recorded buffers) in memory-mapped ``.npy``
+    files there instead of RAM, as ``latents_dtype`` (``float32`` or ``float16``): for
+    training sets whose latents do not fit in memory.
     """
 
     def __init__(
@@ -183,6 +190,8 @@ class Regularisation:
         default_layers: Sequence[str] | None = None,
         num_classes: int | None = None,
         sample: Any = None,
+        latents_dir: str | os.PathLike[str] | None = None,
+        latents_dtype: str = "float32",
     ) -> None:
         regularisers = list(regularisers)
         for reg in regularisers:
@@ -204,6 +213,10 @@ class Regularisation:
         self.regularisers = nn.ModuleList(regularisers)
         self.keys = unique_keys(regularisers)
         self.device = None if device is None else torch.device(device)
+        self.latents_dir = None if latents_dir is None else Path(latents_dir)
+        self.latents_dtype = check_choice(latents_dtype, LATENT_DTYPES, name="latents_dtype")
+        if self.latents_dir is not None:
+            self.latents_dir.mkdir(parents=True, exist_ok=True)
         hooked: list[str] = []
         for reg in regularisers:
             hooked.extend(name for name in reg.layers if name != OUTPUT and name not in hooked)
@@ -338,7 +351,13 @@ class Regularisation:
             )
         try:
             latents, y, predictions = collect_latents(
-                self.model, loader, layers, pool=self.pool, device=self.device
+                self.model,
+                loader,
+                layers,
+                pool=self.pool,
+                device=self.device,
+                memmap_dir=self.latents_dir,
+                memmap_dtype=np.dtype(self.latents_dtype),
             )
         finally:  # collect_latents restores every submodule's train/eval mode itself
             self.recorder.clear()  # our hooks saw the eval pass too: drop those outputs
@@ -457,7 +476,7 @@ class Regularisation:
             out = out.reshape(out.shape[0], -1)
             self._check_rows(out.shape[0], index, f"the output of layer {name!r}")
             if name not in self._latents or self._latents[name].shape[1] != out.shape[1]:
-                self._latents[name] = np.zeros((n, out.shape[1]), dtype=np.float32)
+                self._latents[name] = self._recorded_buffer(name, (n, out.shape[1]))
             torch.from_numpy(self._latents[name])[index] = out
         stamp = -1 if self.epoch is None else self.epoch
         torch.from_numpy(self._recorded_at)[index] = max(stamp, 0)  # type: ignore[arg-type]
@@ -571,6 +590,15 @@ class Regularisation:
             self._labels = np.full(n, -1, dtype=np.int64)
             self._recorded_at = np.full(n, -1, dtype=np.int64)
             self._latents = {}
+
+    def _recorded_buffer(self, name: str, shape: tuple[int, int]) -> np.ndarray:
+        """A zeroed (N, D) buffer for recorded latents: in RAM, or a memory-mapped
+        ``recorded-<layer>.npy`` in ``latents_dir``."""
+        if self.latents_dir is None:
+            return np.zeros(shape, dtype=np.float32)
+        path = self.latents_dir / f"recorded-{name}.npy"
+        dtype = np.dtype(self.latents_dtype)
+        return np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
 
     @staticmethod
     def _check_rows(rows: int, index: Tensor, what: str) -> None:

@@ -440,6 +440,8 @@ def _build(
         num_classes=bundle.num_classes,
         n_train=n_train,
         ce_weight=config.ce_weight,
+        latents_dir=out / "latents" if config.latents_on_disk else None,
+        latents_dtype=config.latents_dtype,
         lr=config.lr,
         momentum=config.momentum,
         weight_decay=config.weight_decay,

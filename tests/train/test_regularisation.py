@@ -321,3 +321,28 @@ def test_ce_weight_zero_trains_on_the_regularisers_alone():
     loss = with_ce.training_step((x, y, torch.arange(40)), 0)
     ce = nn.functional.cross_entropy(logits, y)
     assert float(loss.detach()) == pytest.approx(float((ce + expected).detach()), rel=1e-6)
+
+
+@pytest.mark.parametrize("source", ["fresh", "recorded"])
+def test_latents_on_disk_give_the_same_refresh_as_in_memory(tmp_path, source):
+    x, y = _data(150)
+    loader = DataLoader(TensorDataset(x, y, torch.arange(len(y))), batch_size=50)
+    losses = []
+    for folder in (None, tmp_path / "latents"):
+        model = _mlp()
+        regs = Regularisation(
+            model, [LCC(layers=["act"], k=3, warmup=1)], source=source, latents_dir=folder
+        )
+        for epoch in range(3):
+            regs.start_epoch(epoch, loader)
+            for xb, yb, index in loader:
+                logits = model(xb)
+                regs.observe(index, logits, yb)
+        layer = regs.regularisers[0].state.layers["act"]
+        losses.append((layer.clusters, layer.target_indices, layer.target_vectors))
+        regs.close()
+    for in_memory, on_disk_result in zip(*losses, strict=True):
+        np.testing.assert_array_equal(in_memory, on_disk_result)
+    name = "recorded-act.npy" if source == "recorded" else "act.npy"
+    on_disk = np.load(tmp_path / "latents" / name, mmap_mode="r")
+    assert on_disk.shape == (150, 12) and on_disk.dtype == np.float32

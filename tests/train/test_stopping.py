@@ -85,17 +85,18 @@ def test_a_signal_saves_mid_epoch_and_the_run_resumes_exactly(tmp_path, sig, cod
 
 
 @pytest.mark.slow
-def test_periodic_checkpoints_survive_sigkill_at_random_moments(tmp_path):
+@pytest.mark.parametrize("extra", [[], SEMI], ids=["lcc", "kmeans-lcc-few-labels"])
+def test_periodic_checkpoints_survive_sigkill_at_random_moments(tmp_path, extra):
     whole = tmp_path / "whole"
-    expected = _finish(_command(whole))
+    expected = _finish(_command(whole, *extra))
     out = tmp_path / "killed"
     periodic = ("--checkpoint-every", "0.002")  # minutes: about every 0.1 s
     rng = random.Random(7)
     kills = 0
     for _ in range(3):
-        extra = ("--resume",) if kills else ()
+        resume = ("--resume",) if kills else ()
         process = subprocess.Popen(
-            _command(out, *periodic, *extra),
+            _command(out, *extra, *periodic, *resume),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             env=ENV,
@@ -109,7 +110,7 @@ def test_periodic_checkpoints_survive_sigkill_at_random_moments(tmp_path):
         process.wait()
         kills += 1
     assert kills >= 1
-    got = _finish(_command(out, *periodic, "--resume"))
+    got = _finish(_command(out, *extra, *periodic, "--resume"))
     _same_run(out, got, whole, expected)
 
 
