@@ -330,7 +330,7 @@ class LCCDataModule(pl.LightningDataModule):
             module = trainer.lightning_module if trainer else None
             if module is None:
                 return 0, 0
-            return int(module.current_epoch), int(getattr(module, "batches_done", 0))
+            return int(getattr(module, "batches_epoch", 0)), int(getattr(module, "batches_done", 0))
 
         if self.train is not None:
             return self._mixed_dataloader(rank, world, epoch, progress)
@@ -563,7 +563,8 @@ class LCCModule(pl.LightningModule):
         self._sums = np.zeros(6)  # loss*B, ce*B, reg*B, correct, count, labelled
         self._term_sums: dict[str, float] = {}
         self._seen = np.zeros(self.n_train, dtype=bool)
-        self.batches_done = 0  # training steps finished in the current epoch
+        self.batches_done = 0  # training steps finished in epoch ``batches_epoch``
+        self.batches_epoch = 0
         self._mid_epoch: dict[str, Any] | None = None  # a mid-epoch checkpoint's epoch state
 
     @property
@@ -628,6 +629,7 @@ class LCCModule(pl.LightningModule):
         self._term_sums = {}
         self._seen[:] = False
         self.batches_done = 0
+        self.batches_epoch = int(self.current_epoch)
         regs = self.regularisation
         if regs is None:
             return
@@ -992,7 +994,9 @@ class LCCModule(pl.LightningModule):
         """What the epoch in progress has accumulated (for a mid-epoch checkpoint)."""
         stats = self._refresh_stats
         return {
-            "epoch": int(self.current_epoch) if self._trainer is not None else 0,
+            # the epoch the counts belong to: a stop right after an epoch ends (Lightning's
+            # current_epoch already moved on) must not read as the next epoch's progress
+            "epoch": int(self.batches_epoch),
             "batches": int(self.batches_done),
             "sums": torch.from_numpy(self._sums.copy()),
             "term_sums": dict(self._term_sums),
@@ -1012,6 +1016,7 @@ class LCCModule(pl.LightningModule):
         if not state or state["epoch"] != int(self.current_epoch) or state["batches"] <= 0:
             return False
         self.batches_done = int(state["batches"])
+        self.batches_epoch = int(state["epoch"])
         self._sums[:] = state["sums"].numpy()
         self._term_sums = dict(state["term_sums"])
         self._seen[:] = state["seen"].numpy()

@@ -569,9 +569,10 @@ def train(
             raise TrainingStopped(
                 f"stopped at epoch {epoch + 1}/{config.epochs}, step {step}; {resume}", code
             ) from None
-    metrics = _metrics(config, module, bundle, fit_seconds, trainer.world_size)
-    if trainer.is_global_zero:
-        write_json_atomic(out / "metrics.json", metrics)
+        # a signal from here on lets the finished run write its metrics (then exit 0)
+        metrics = _metrics(config, module, bundle, fit_seconds, trainer.world_size)
+        if trainer.is_global_zero:
+            write_json_atomic(out / "metrics.json", metrics)
     return metrics
 
 

@@ -97,4 +97,5 @@ class GracefulStop(pl.Callback):
         if not isinstance(exception, SIGTERMException) or not trainer.training:
             return
         trainer.save_checkpoint(self.path)
-        self.stopped_at = (int(module.current_epoch), int(getattr(module, "batches_done", 0)))
+        epoch = int(getattr(module, "batches_epoch", module.current_epoch))
+        self.stopped_at = (epoch, int(getattr(module, "batches_done", 0)))
