@@ -311,6 +311,18 @@ def _reason(error: BaseException) -> str:
     return text if len(text) <= 200 else text[:197] + "..."
 
 
+def _writable_target(path: str | os.PathLike[str]) -> Path:
+    """``path`` as a Path whose folder exists and which is not a folder, else LCCInputError."""
+    target = Path(path)
+    if not target.parent.is_dir():
+        raise LCCInputError(
+            f"cannot write {target}: directory {target.parent} does not exist; create it first"
+        )
+    if target.is_dir():
+        raise LCCInputError(f"cannot write {target}: it is a directory; pass a file name")
+    return target
+
+
 def atomic_write(
     path: str | os.PathLike[str],
     write: Callable[[IO[bytes]], None],
@@ -326,14 +338,8 @@ def atomic_write(
     verify the written file or to keep the old one); an exception there aborts the write and
     leaves ``path`` untouched. Returns ``path`` as a :class:`~pathlib.Path`.
     """
-    target = Path(path)
+    target = _writable_target(path)
     directory = target.parent
-    if not directory.is_dir():
-        raise LCCInputError(
-            f"cannot write {target}: directory {directory} does not exist; create it first"
-        )
-    if target.is_dir():
-        raise LCCInputError(f"cannot write {target}: it is a directory; pass a file name")
     try:
         handle = tempfile.NamedTemporaryFile(  # noqa: SIM115 - closed below, renamed on success
             mode="wb", dir=directory, prefix=f".{target.name}.", suffix=".tmp", delete=False
@@ -403,14 +409,8 @@ def npy_memmap_atomic(
     >>> np.load(out).tolist()
     [[1.0, 1.0], [1.0, 1.0], [2.0, 2.0], [2.0, 2.0]]
     """
-    target = Path(path)
+    target = _writable_target(path)
     directory = target.parent
-    if not directory.is_dir():
-        raise LCCInputError(
-            f"cannot write {target}: directory {directory} does not exist; create it first"
-        )
-    if target.is_dir():
-        raise LCCInputError(f"cannot write {target}: it is a directory; pass a file name")
     try:
         descriptor, name = tempfile.mkstemp(dir=directory, prefix=f".{target.name}.", suffix=".tmp")
         os.close(descriptor)
