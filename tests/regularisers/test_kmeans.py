@@ -21,13 +21,7 @@ from lcc.zoo.latents import LatentRecorder
 DIM, N_CLASSES = 8, 3
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models: intra-op threads only add contention on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class MLP(nn.Module):

@@ -22,13 +22,7 @@ from lcc.zoo.datasets import IndexedDataset
 N, DIM, N_CLASSES = 240, 8, 4
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models: intra-op threads only add contention on a shared 2-core machine (100x)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class MLP(nn.Module):
