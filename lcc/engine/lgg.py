@@ -19,6 +19,9 @@ device; float16/bfloat16 inputs are computed in float32.
 4. optionally ``D^-1/2 A D^-1/2`` (``normalize=True``; a vertex of degree 0 stays isolated).
 
 The k-NN selection is piecewise constant: gradients flow through the kept similarities.
+:func:`batch_graph` returns the graph as its ``O(B k)`` edge list (what the losses use: one
+Gram matrix without gradient for the selection and the values, a sparse backward);
+:func:`latent_graph` as the dense (B, B) matrix.
 
 **Label variation** (def. 6, eq. 5) with the one-hot label matrix ``V`` and ``L = D - A``:
 ``sigma = tr(V^T L V) = sum over ordered pairs (i, j), y_i != y_j, of A_ij``, i.e. every
@@ -29,18 +32,20 @@ distinct classes, 0 when none does. Unlabelled samples (``y == -1``) are left ou
 and columns of ``A`` are dropped before the sums.
 
 >>> z = torch.tensor([[-1.5, 0.0], [-1.4, 0.0], [1.5, 0.0], [1.6, 0.0]])  # signed: RBF
->>> adjacency = latent_graph(z, 1)
->>> (adjacency > 0).int().tolist()
+>>> (latent_graph(z, 1) > 0).int().tolist()
 [[0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1], [0, 0, 1, 0]]
->>> float(label_variation(adjacency, torch.tensor([0, 0, 1, 1])))
+>>> graph = batch_graph(z, 1)
+>>> float(label_variation(graph, torch.tensor([0, 0, 1, 1])))
 0.0
->>> float(label_variation(adjacency, torch.tensor([0, 1, 0, 1]), normalized=True))
+>>> float(label_variation(graph, torch.tensor([0, 1, 0, 1]), normalized=True))
 1.0
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -53,7 +58,9 @@ from lcc.errors import LCCInputError, as_latent_matrix, check_choice, check_k
 
 __all__ = [
     "SIMILARITIES",
+    "BatchGraph",
     "Similarity",
+    "batch_graph",
     "distinct_classes_mask",
     "gkd_distance",
     "label_variation",
@@ -69,6 +76,7 @@ Similarity = Literal["auto", "cosine", "rbf"]
 SIMILARITIES: tuple[str, ...] = ("auto", "cosine", "rbf")
 
 _HALF = (torch.float16, torch.bfloat16)
+_EPS = 1e-12  # F.normalize's: rows shorter than this are scaled by 1 / _EPS
 # Rows of the measure's pair list whose weights are computed at once (bounds the memory).
 _PAIR_CHUNK = 8192
 
@@ -155,7 +163,8 @@ def resolve_similarity(z: Tensor | np.ndarray, similarity: str = "auto") -> str:
     check_choice(similarity, SIMILARITIES, name="similarity")
     if similarity != "auto":
         return similarity
-    negative = bool((z < 0).any())
+    size = z.numel() if isinstance(z, Tensor) else z.size
+    negative = bool(z.min() < 0) if size else False  # NaN compares False, as in (z < 0).any()
     return "rbf" if negative else "cosine"
 
 
@@ -209,23 +218,160 @@ def _rbf_scale(flat: Tensor, h: float | None) -> Tensor:
     return mean_sq.clamp_min(torch.finfo(flat.dtype).tiny)
 
 
-class _Gram(torch.autograd.Function):
-    """``x x^T`` from a precomputed (exactly symmetric) Gram matrix, differentiable in ``x``.
+# ------------------------------------------------------------------ the graph's edges
+# The two functions below fuse what autograd would do in many element-wise passes over
+# (B, D) and (B, B) tensors: one Gram matrix (no gradient) serves the k-NN selection and the
+# edges' values, and the backward is one sparse product over the O(B k) edges.
 
-    The forward reuses the Gram matrix the k-NN selection computed; the backward is one
-    product ``(W + W^T) x`` (autograd's would be two).
+
+def _nearest_pairs(scores: Tensor, k: int, masked: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Union of each row's ``k`` best ``scores`` as ordered pairs (``masked``: ``-inf`` marks
+    pairs not allowed beyond the diagonal).
+
+    Returns ``rows``, ``cols`` (every pair in both directions, sorted by row) and ``crow``,
+    their CSR row offsets.
+    """
+    n = scores.shape[0]
+    nearest = scores.topk(k, dim=1, sorted=False)
+    source = torch.arange(n, device=scores.device).repeat_interleave(k)
+    target = nearest.indices.reshape(-1)
+    keys = torch.cat([source * n + target, target * n + source])
+    if masked:  # a row with fewer than k allowed pairs picks -inf ones: not edges
+        keys = keys[(nearest.values.reshape(-1) > float("-inf")).repeat(2)]
+    chosen = torch.zeros(n, n, dtype=torch.uint8, device=scores.device)
+    chosen.view(-1)[keys] = 1
+    rows, cols = chosen.nonzero(as_tuple=True)  # sorted: row-major order
+    crow = torch.zeros(n + 1, dtype=torch.long, device=scores.device)
+    torch.cumsum(torch.bincount(rows, minlength=n), dim=0, out=crow[1:])
+    return rows, cols, crow
+
+
+def _pair_values(matrix: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+    """``matrix[i, j]`` on the pairs, read from the upper triangle: exactly symmetric."""
+    return matrix[torch.minimum(rows, cols), torch.maximum(rows, cols)]
+
+
+def _pair_product(
+    grad: Tensor, rows: Tensor, cols: Tensor, crow: Tensor, x: Tensor
+) -> tuple[Tensor, Tensor]:
+    """``(G x, G)`` for the symmetric sparse ``G_ij = grad_ij + grad_ji`` on the pairs.
+
+    Row ``i`` of ``x`` enters both pair ``(i, j)`` and pair ``(j, i)``, hence the sum.
+    """
+    n = x.shape[0]
+    square = grad.new_zeros(n, n).index_put_((rows, cols), grad)
+    both = (grad + square[cols, rows]).to(x.dtype)
+    with warnings.catch_warnings():  # "sparse CSR tensor support is in beta state"
+        warnings.simplefilter("ignore", UserWarning)
+        pairs = torch.sparse_csr_tensor(crow, cols, both, (n, n))
+    return pairs @ x, both
+
+
+def _select(gram: Tensor, scores: Tensor, k: int, allowed: Tensor | None) -> tuple[Tensor, ...]:
+    """Check ``gram``'s diagonal, then the union k-NN pairs by ``scores`` (changed in place:
+    only entries that cannot become edges: the diagonal and the disallowed pairs)."""
+    if not bool(torch.isfinite(gram.diagonal()).all()):  # a NaN/inf row spoils its norm
+        raise _not_finite("z")
+    scores.fill_diagonal_(float("-inf"))
+    if allowed is not None:
+        scores.masked_fill_(~allowed, float("-inf"))
+    return _nearest_pairs(scores, k, masked=allowed is not None)
+
+
+class _CosineEdges(torch.autograd.Function):
+    """``cos(x_i, x_j)`` on the union k-NN pairs by cosine; returns ``(values, rows, cols)``.
+
+    Rows are scaled as by ``F.normalize(x, eps=1e-12)``: an all-zero row has cosine 0.
     """
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, gram: Tensor) -> Tensor:
-        ctx.save_for_backward(x)
-        return gram
+    def forward(  # type: ignore[override]
+        ctx: Any, x: Tensor, k: int, allowed: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        length = torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min_(_EPS)
+        unit = x / length
+        gram = unit @ unit.T
+        rows, cols, crow = _select(gram, gram, k, allowed)  # edges keep their entries
+        ctx.save_for_backward(unit, length, rows, cols, crow)
+        ctx.mark_non_differentiable(rows, cols)
+        return _pair_values(gram, rows, cols), rows, cols
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None]:
-        (x,) = ctx.saved_tensors
-        return (grad + grad.T).to(x.dtype) @ x, None
+    def backward(ctx: Any, grad: Tensor, *_: Any) -> tuple[Tensor, None, None]:
+        unit, length, rows, cols, crow = ctx.saved_tensors
+        grad_x, _ = _pair_product(grad, rows, cols, crow, unit)  # d/d unit
+        # d(x / |x|) = (I - u u^T) / |x|; below eps the scale is the constant 1 / eps
+        radial = torch.linalg.vecdot(grad_x, unit, dim=1).unsqueeze(1)
+        grad_x.addcmul_(radial.mul_(length > _EPS), unit, value=-1.0)
+        return grad_x.div_(length), None, None
+
+
+class _DistanceEdges(torch.autograd.Function):
+    """``||x_i - x_j||^2`` on the union k-NN pairs by L2 distance, and ``sum_i ||x_i - mean||^2``
+    (the default RBF bandwidth's numerator); returns ``(squared, spread, rows, cols)``.
+
+    Computed on centred rows (less rounding in the Gram matrix; distances are unchanged).
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, x: Tensor, k: int, allowed: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        centred = x - x.mean(dim=0, keepdim=True)
+        gram = centred @ centred.T
+        norms = gram.diagonal().clone()
+        # minus the squared distances, exactly symmetric (n_i + n_j commutes)
+        scores = gram.mul_(2.0).sub_(norms[:, None] + norms[None, :])
+        rows, cols, crow = _select(scores, scores, k, allowed)
+        raw = _pair_values(scores, rows, cols).neg_()
+        ctx.save_for_backward(centred, rows, cols, crow, raw >= 0)
+        ctx.mark_non_differentiable(rows, cols)
+        ctx.set_materialize_grads(False)
+        return raw.clamp_min_(0.0), norms.sum(), rows, cols
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(
+        ctx: Any, grad: Tensor | None, grad_spread: Tensor | None, *_: Any
+    ) -> tuple[Tensor | None, None, None]:
+        centred, rows, cols, crow, positive = ctx.saved_tensors
+        if grad is None:
+            grad_x = torch.zeros_like(centred)
+        else:  # d||c_i - c_j||^2 / dc_i = 2 (c_i - c_j), summed over the pairs of i
+            product, both = _pair_product(grad * positive, rows, cols, crow, centred)
+            degree = both.new_zeros(centred.shape[0]).index_add_(0, rows, both)
+            grad_x = product.mul_(-2.0).addcmul_(degree.mul_(2.0).unsqueeze(1), centred)
+        if grad_spread is not None:
+            grad_x.addcmul_(centred, 2.0 * grad_spread)
+        # Both outputs are invariant to translating every row: the centring's backward
+        # (subtracting the mean of grad_x over rows) would subtract zero.
+        return grad_x, None, None
+
+
+@dataclass(frozen=True)
+class BatchGraph:
+    """A batch's latent geometry graph as the list of its edges (``O(B k)``, not ``B x B``).
+
+    ``rows``/``cols``: every ordered pair ``(i, j)`` joined by an edge, both directions of each
+    undirected edge, sorted by row, no self loops; ``weights``: ``A_ij`` (differentiable).
+
+    >>> graph = batch_graph(torch.tensor([[0.0], [1.0], [3.0]]), 1, similarity="rbf")
+    >>> graph.rows.tolist(), graph.cols.tolist()
+    ([0, 1, 1, 2], [1, 0, 2, 1])
+    >>> graph.dense().shape
+    torch.Size([3, 3])
+    """
+
+    size: int
+    rows: Tensor
+    cols: Tensor
+    weights: Tensor
+
+    def dense(self) -> Tensor:
+        """The (B, B) adjacency matrix (differentiable in :attr:`weights`)."""
+        adjacency = self.weights.new_zeros(self.size, self.size)
+        return adjacency.index_put((self.rows, self.cols), self.weights)
 
 
 def normalize_adjacency(adjacency: Tensor) -> Tensor:
@@ -245,6 +391,65 @@ def normalize_adjacency(adjacency: Tensor) -> Tensor:
     return adjacency * (inverse[:, None] * inverse[None, :])  # symmetric factor
 
 
+def batch_graph(
+    z: Tensor,
+    k: int,
+    *,
+    similarity: str = "auto",
+    bandwidth: float | None = None,
+    normalize: bool = False,
+    mask: Tensor | None = None,
+) -> BatchGraph:
+    """The LGG of ``z`` (steps 1-4 of sec. 3.3) as a :class:`BatchGraph` edge list.
+
+    ``k`` (1 <= k < B) nearest by similarity, no self loops, union-symmetrised with weight
+    ``S_ij``; ``normalize``: ``D^-1/2 A D^-1/2``. ``mask`` (B, B) bool (symmetrised with its
+    transpose) lists the pairs allowed as edges: the k nearest are chosen among them
+    (e.g. :func:`distinct_classes_mask` for graphs between distinct classes only); a vertex
+    with fewer than ``k`` allowed pairs keeps all of them. One Gram matrix, computed without
+    gradient, serves the k-NN selection and the edges' values; gradients flow through the
+    ``O(B k)`` edges only.
+
+    >>> graph = batch_graph(torch.tensor([[1.0, 0.0], [1.0, 0.1], [0.0, 1.0]]), 1)
+    >>> list(zip(graph.rows.tolist(), graph.cols.tolist()))
+    [(0, 1), (1, 0), (1, 2), (2, 1)]
+    >>> [round(w, 3) for w in graph.weights.tolist()]
+    [0.995, 0.995, 0.1, 0.1]
+    """
+    flat = _latents(z, check_finite=False)  # checked on the Gram diagonal (cheaper)
+    kind = resolve_similarity(flat, similarity)
+    h = _bandwidth(bandwidth)
+    n = flat.shape[0]
+    k = check_k(k, n)
+    allowed = None if mask is None else _allowed_pairs(mask, n, flat.device)
+    if kind == "cosine":
+        dots, rows, cols = _CosineEdges.apply(flat, k, allowed)
+        weights = dots.clamp_min(0.0)
+    else:
+        squared, spread, rows, cols = _DistanceEdges.apply(flat, k, allowed)
+        if h is None:  # mean squared distance over distinct pairs, as in _rbf_scale
+            scale = (2.0 * spread / (n - 1)).clamp_min(torch.finfo(flat.dtype).tiny)
+        else:
+            scale = torch.as_tensor(h * h, dtype=flat.dtype, device=flat.device)
+        weights = torch.exp(-squared / scale)
+    if normalize:
+        degree = weights.new_zeros(n).index_add(0, rows, weights)
+        inverse = torch.where(
+            degree > 0, degree.clamp_min(torch.finfo(degree.dtype).tiny).rsqrt(), 0.0
+        )
+        weights = weights * (inverse[rows] * inverse[cols])  # a product: exactly symmetric
+    return BatchGraph(size=n, rows=rows, cols=cols, weights=weights)
+
+
+def _allowed_pairs(mask: object, n: int, device: torch.device) -> Tensor:
+    if not isinstance(mask, Tensor) or mask.shape != (n, n):
+        raise LCCInputError(
+            f"mask must be a ({n}, {n}) bool tensor of allowed pairs, got {_describe(mask)}"
+        )
+    pairs = mask.to(device=device, dtype=torch.bool)
+    return pairs & pairs.T
+
+
 def latent_graph(
     z: Tensor,
     k: int,
@@ -254,63 +459,16 @@ def latent_graph(
     normalize: bool = False,
     mask: Tensor | None = None,
 ) -> Tensor:
-    """Dense (B, B) symmetric adjacency of the LGG of ``z`` (steps 1-4 of sec. 3.3).
-
-    ``k`` (1 <= k < B) nearest by similarity, no self loops, union-symmetrised with weight
-    ``S_ij``; ``normalize``: ``D^-1/2 A D^-1/2``. ``mask`` (B, B) bool (symmetrised with its
-    transpose) lists the pairs allowed as edges: the k nearest are chosen among them
-    (e.g. :func:`distinct_classes_mask` for graphs between distinct classes only); a vertex
-    with fewer than ``k`` allowed pairs keeps all of them.
+    """Dense (B, B) symmetric adjacency of the LGG of ``z``: :func:`batch_graph` as a matrix.
 
     >>> z = torch.tensor([[0.0], [1.0], [3.0], [7.0]])
     >>> (latent_graph(z, 1, similarity="rbf") > 0).int().tolist()
     [[0, 1, 0, 0], [1, 0, 1, 0], [0, 1, 0, 1], [0, 0, 1, 0]]
     """
-    flat = _latents(z, check_finite=False)  # checked below on the Gram diagonal (cheaper)
-    kind = resolve_similarity(flat, similarity)
-    h = _bandwidth(bandwidth)
-    n = flat.shape[0]
-    k = check_k(k, n)
-    device = flat.device
-    allowed = ~torch.eye(n, dtype=torch.bool, device=device)
-    if mask is not None:
-        if not isinstance(mask, Tensor) or mask.shape != (n, n):
-            raise LCCInputError(
-                f"mask must be a ({n}, {n}) bool tensor of allowed pairs, got {_describe(mask)}"
-            )
-        pairs = mask.to(device=device, dtype=torch.bool)
-        allowed = allowed & pairs & pairs.T
-    # One Gram matrix (no gradient) serves the k-NN selection and the kept edges' values.
-    if kind == "cosine":
-        base = F.normalize(flat, dim=1, eps=1e-12)
-    else:
-        base = flat - flat.mean(dim=0, keepdim=True)
-    with torch.no_grad():
-        gram = _symmetric(base @ base.T)
-        if not bool(torch.isfinite(gram.diagonal()).all()):  # a NaN/inf row spoils its norm
-            raise _not_finite("z")
-        if kind == "cosine":
-            scores = gram.clone()
-        else:  # minus the squared distance: same order as the RBF similarity
-            norms = gram.diagonal()
-            scores = 2.0 * gram - norms[:, None] - norms[None, :]
-        scores.masked_fill_(~allowed, float("-inf"))
-        chosen = torch.zeros(n, n, dtype=torch.bool, device=device)
-        chosen.scatter_(1, scores.topk(k, dim=1, sorted=False).indices, True)
-        keep = ((chosen | chosen.T) & allowed).to(flat.dtype)
-    dots = _Gram.apply(base, gram)  # dense (B, B): fewer, larger operations than pair lists
-    if kind == "cosine":
-        values = dots.clamp_min(0.0)
-    else:
-        norms = base.square().sum(dim=1)
-        squared = (norms[:, None] + norms[None, :] - 2.0 * dots).clamp_min(0.0)
-        if h is None:  # mean squared distance over distinct pairs, as in _rbf_scale
-            scale = (2.0 * norms.sum() / (n - 1)).clamp_min(torch.finfo(flat.dtype).tiny)
-        else:
-            scale = torch.as_tensor(h * h, dtype=flat.dtype, device=device)
-        values = torch.exp(-squared / scale)
-    adjacency = values * keep
-    return normalize_adjacency(adjacency) if normalize else adjacency
+    graph = batch_graph(
+        z, k, similarity=similarity, bandwidth=bandwidth, normalize=normalize, mask=mask
+    )
+    return graph.dense()
 
 
 def distinct_classes_mask(y: Tensor) -> Tensor:
@@ -328,13 +486,14 @@ def distinct_classes_mask(y: Tensor) -> Tensor:
 # ------------------------------------------------------------------------ label variation
 
 
-def label_variation(adjacency: Tensor, y: Tensor, *, normalized: bool = False) -> Tensor:
+def label_variation(graph: BatchGraph | Tensor, y: Tensor, *, normalized: bool = False) -> Tensor:
     """Label variation ``tr(V^T L V)`` of a graph (def. 6, eq. 5), as a scalar tensor.
 
-    Sum of ``A_ij`` over ordered pairs ``i != j`` of labelled samples of distinct classes (each
-    undirected edge twice); ``normalized``: divided by the sum of ``A_ij`` over all ordered
-    pairs ``i != j`` of labelled samples (0 for a graph without edges). Samples with
-    ``y == -1`` are ignored. Differentiable in ``adjacency``.
+    ``graph``: a :class:`BatchGraph` (what the losses use: sums over its edges) or a dense
+    (B, B) adjacency. Sum of ``A_ij`` over ordered pairs ``i != j`` of labelled samples of
+    distinct classes (each undirected edge twice); ``normalized``: divided by the sum of
+    ``A_ij`` over all ordered pairs ``i != j`` of labelled samples (0 for a graph without
+    edges). Samples with ``y == -1`` are ignored. Differentiable in the edge weights.
 
     >>> a = torch.tensor([[0.0, 1.0, 0.5], [1.0, 0.0, 0.0], [0.5, 0.0, 0.0]])
     >>> float(label_variation(a, torch.tensor([0, 1, 0])))
@@ -342,17 +501,28 @@ def label_variation(adjacency: Tensor, y: Tensor, *, normalized: bool = False) -
     >>> float(label_variation(a, torch.tensor([0, 1, 0]), normalized=True))
     0.6666666865348816
     """
-    adjacency = _square(adjacency)
-    n = adjacency.shape[0]
-    labels = _labels(y, n, adjacency.device)
-    labeled = labels >= 0
-    pairs = labeled[:, None] & labeled[None, :]  # ordered pairs of labelled samples
-    distinct = pairs & (labels[:, None] != labels[None, :])  # ... of distinct classes (i != j)
-    variation = (adjacency * distinct.to(adjacency.dtype)).sum()
-    if not normalized:
+    if isinstance(graph, BatchGraph):
+        weights, rows, cols = graph.weights, graph.rows, graph.cols
+        labels = _labels(y, graph.size, weights.device)
+        distinct = labels[rows] != labels[cols]
+        if bool(labels.min() >= 0):  # every sample labelled: every edge counts
+            variation = (weights * distinct).sum()
+            total = weights.sum() if normalized else None
+        else:
+            labeled = labels >= 0
+            pairs = labeled[rows] & labeled[cols]  # the edges between labelled samples
+            variation = (weights * (distinct & pairs)).sum()
+            total = (weights * pairs).sum() if normalized else None
+    else:
+        adjacency = _square(graph)
+        labels = _labels(y, adjacency.shape[0], adjacency.device)
+        labeled = labels >= 0
+        pairs = labeled[:, None] & labeled[None, :]  # ordered pairs of labelled samples
+        distinct = pairs & (labels[:, None] != labels[None, :])  # ... of distinct classes
+        variation = (adjacency * distinct).sum()
+        total = (adjacency * pairs.fill_diagonal_(False)).sum() if normalized else None
+    if total is None:
         return variation
-    pairs.fill_diagonal_(False)
-    total = (adjacency * pairs.to(adjacency.dtype)).sum()
     return variation / torch.where(total != 0, total, torch.ones_like(total))
 
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lcc.engine.lgg import SIMILARITIES, label_variation, latent_graph
+from lcc.engine.lgg import SIMILARITIES, batch_graph, label_variation
 from lcc.errors import LCCInputError, check_choice
 from lcc.regularisers.base import (
     Batch,
@@ -132,14 +132,14 @@ def layer_variation(z: Tensor, y: Tensor, options: LGGOptions) -> Tensor:
     n = int(z.shape[0])
     if n < 2:
         return attached_zero(z)
-    adjacency = latent_graph(
+    graph = batch_graph(
         z,
         min(options.k, n - 1),
         similarity=options.similarity,
         bandwidth=options.bandwidth,
         normalize=options.normalize,
     )
-    return label_variation(adjacency, y, normalized=options.normalized)
+    return label_variation(graph, y, normalized=options.normalized)
 
 
 def layer_variations(batch: Batch, layers: tuple[str, ...], options: LGGOptions) -> list[Tensor]:

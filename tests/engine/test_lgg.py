@@ -10,6 +10,8 @@ import pytest
 import torch
 
 from lcc.engine.lgg import (
+    BatchGraph,
+    batch_graph,
     distinct_classes_mask,
     gkd_distance,
     label_variation,
@@ -176,6 +178,56 @@ def test_graph_on_planted_data_matches_the_loop_with_a_fixed_bandwidth() -> None
     z, _ = planted(2.0)
     got = latent_graph(t(z), 5, bandwidth=1.5).numpy()
     np.testing.assert_allclose(got, oracle_graph(z, 5, "rbf", h=1.5), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["cosine", "rbf"])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_edge_list_is_the_union_graph_in_row_order(kind: str, normalize: bool) -> None:
+    z, _ = random_case(5, n=30, signed=kind == "rbf")
+    graph = batch_graph(t(z), 4, similarity=kind, normalize=normalize)
+    expected = oracle_graph(z, 4, kind, normalize=normalize)
+    pairs = list(zip(graph.rows.tolist(), graph.cols.tolist(), strict=True))
+    # every ordered pair of the union k-NN sets once, sorted, whatever its weight (cosine
+    # edges may weigh 0 after clamping, so the pattern comes from the oracle's k-NN sets)
+    sim = oracle_similarity(z, kind)
+    nearest = [
+        set(sorted((j for j in range(30) if j != i), key=lambda j: -sim[i, j])[:4])
+        for i in range(30)
+    ]
+    union = sorted(
+        (i, j) for i in range(30) for j in range(30) if j in nearest[i] or i in nearest[j]
+    )
+    assert pairs == union
+    np.testing.assert_allclose(
+        graph.weights.numpy(), expected[graph.rows.numpy(), graph.cols.numpy()], rtol=1e-10
+    )
+    np.testing.assert_array_equal(
+        graph.dense().numpy(), latent_graph(t(z), 4, similarity=kind, normalize=normalize).numpy()
+    )
+
+
+@pytest.mark.parametrize("normalized", [False, True])
+def test_label_variation_of_the_edge_list_matches_the_pair_sum(normalized: bool) -> None:
+    z, y = random_case(6, n=30)
+    y[[2, 7]] = -1  # unlabelled samples stay in the graph but out of the sums
+    graph = batch_graph(t(z), 4, normalize=True)
+    expected = oracle_variation(oracle_graph(z, 4, "rbf", normalize=True), y, normalized)
+    got = float(label_variation(graph, torch.as_tensor(y), normalized=normalized))
+    assert got == pytest.approx(expected, rel=1e-10)
+    labelled = np.where(y < 0, 0, y)  # the all-labelled shortcut gives the oracle's value too
+    expected = oracle_variation(oracle_graph(z, 4, "rbf", normalize=True), labelled, normalized)
+    got = float(label_variation(graph, torch.as_tensor(labelled), normalized=normalized))
+    assert got == pytest.approx(expected, rel=1e-10)
+
+
+def test_a_mask_without_allowed_pairs_gives_an_empty_graph_and_zero_gradient() -> None:
+    z = _stable_point(12)
+    none = torch.zeros(10, 10, dtype=torch.bool)
+    graph = batch_graph(z, 3, mask=none)
+    assert isinstance(graph, BatchGraph) and graph.rows.numel() == 0
+    loss = label_variation(graph, torch.arange(10) % 3, normalized=True)
+    loss.backward()
+    assert float(loss.detach()) == 0.0 and z.grad is not None and torch.all(z.grad == 0)
 
 
 def test_mask_restricts_edges_to_allowed_pairs() -> None:
@@ -396,6 +448,37 @@ def test_label_variation_gradients(kind, bandwidth, normalize, normalized) -> No
             latents, 3, similarity=kind, bandwidth=bandwidth, normalize=normalize
         )
         return label_variation(adjacency, y, normalized=normalized)
+
+    assert torch.autograd.gradcheck(loss, (z,), eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("kind", "bandwidth", "normalize"),
+    [("cosine", None, False), ("cosine", None, True), ("rbf", None, False), ("rbf", 0.8, True)],
+)
+def test_edge_weight_gradients_for_any_weighting_of_the_edges(kind, bandwidth, normalize) -> None:
+    """The sparse backward against finite differences, with a weighting that differs between
+    (i, j) and (j, i): a backward that used one direction only would fail."""
+    z = _stable_point(23, signed=kind == "rbf")
+    pattern = batch_graph(z.detach(), 3, similarity=kind)  # fixed near the stable point
+    coefficients = torch.rand(pattern.rows.numel(), generator=torch.Generator().manual_seed(0))
+
+    def loss(latents: torch.Tensor) -> torch.Tensor:
+        graph = batch_graph(latents, 3, similarity=kind, bandwidth=bandwidth, normalize=normalize)
+        assert torch.equal(graph.rows, pattern.rows) and torch.equal(graph.cols, pattern.cols)
+        return (graph.weights * coefficients.double()).sum()
+
+    assert torch.autograd.gradcheck(loss, (z,), eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(("kind", "normalized"), [("cosine", True), ("rbf", False)])
+def test_label_variation_of_the_edge_list_gradients(kind: str, normalized: bool) -> None:
+    z = _stable_point(24, signed=kind == "rbf")
+    y = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, -1, 2])
+
+    def loss(latents: torch.Tensor) -> torch.Tensor:
+        graph = batch_graph(latents, 3, similarity=kind, normalize=True)
+        return label_variation(graph, y, normalized=normalized)
 
     assert torch.autograd.gradcheck(loss, (z,), eps=1e-6, atol=1e-6)
 
