@@ -434,10 +434,10 @@ def batch_graph(
         weights = torch.exp(-squared / scale)
     if normalize:
         degree = weights.new_zeros(n).index_add(0, rows, weights)
-        inverse = torch.where(
-            degree > 0, degree.clamp_min(torch.finfo(degree.dtype).tiny).rsqrt(), 0.0
-        )
-        weights = weights * (inverse[rows] * inverse[cols])  # a product: exactly symmetric
+        # A vertex of degree 0 has only edges of weight 0 (clamped cosines): its finite
+        # 1/sqrt(tiny) multiplies zeros. The product of the two factors is exactly symmetric.
+        inverse = degree.clamp_min(torch.finfo(degree.dtype).tiny).rsqrt()
+        weights = weights * (inverse[rows] * inverse[cols])
     return BatchGraph(size=n, rows=rows, cols=cols, weights=weights)
 
 
