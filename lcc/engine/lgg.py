@@ -267,6 +267,11 @@ def _pair_product(
     return pairs @ x, both
 
 
+def _full_precision(x: Tensor) -> torch.autocast:
+    """Autocast off: the k-NN selection needs the Gram matrix in ``x``'s precision (float32+)."""
+    return torch.autocast(x.device.type, enabled=False)
+
+
 def _select(gram: Tensor, scores: Tensor, k: int, allowed: Tensor | None) -> tuple[Tensor, ...]:
     """Check ``gram``'s diagonal, then the union k-NN pairs by ``scores`` (changed in place:
     only entries that cannot become edges: the diagonal and the disallowed pairs)."""
@@ -288,9 +293,10 @@ class _CosineEdges(torch.autograd.Function):
     def forward(  # type: ignore[override]
         ctx: Any, x: Tensor, k: int, allowed: Tensor | None
     ) -> tuple[Tensor, Tensor, Tensor]:
-        length = torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min_(_EPS)
-        unit = x / length
-        gram = unit @ unit.T
+        with _full_precision(x):
+            length = torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min_(_EPS)
+            unit = x / length
+            gram = unit @ unit.T
         rows, cols, crow = _select(gram, gram, k, allowed)  # edges keep their entries
         ctx.save_for_backward(unit, length, rows, cols, crow)
         ctx.mark_non_differentiable(rows, cols)
@@ -318,8 +324,9 @@ class _DistanceEdges(torch.autograd.Function):
     def forward(  # type: ignore[override]
         ctx: Any, x: Tensor, k: int, allowed: Tensor | None
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        centred = x - x.mean(dim=0, keepdim=True)
-        gram = centred @ centred.T
+        with _full_precision(x):
+            centred = x - x.mean(dim=0, keepdim=True)
+            gram = centred @ centred.T
         norms = gram.diagonal().clone()
         # minus the squared distances, exactly symmetric (n_i + n_j commutes)
         scores = gram.mul_(2.0).sub_(norms[:, None] + norms[None, :])

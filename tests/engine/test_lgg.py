@@ -605,6 +605,19 @@ def test_half_precision_is_computed_in_float32() -> None:
     torch.testing.assert_close(adjacency, reference)
 
 
+@pytest.mark.parametrize("signed", [False, True])
+def test_autocast_does_not_lower_the_graphs_precision(signed: bool) -> None:
+    """Under mixed precision the Gram matrix would be bfloat16 and pick other neighbours."""
+    z = torch.as_tensor(planted(0.5, seed=8, n=200)[0], dtype=torch.float32)
+    z = z if signed else z.abs()
+    reference = batch_graph(z, 10)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = batch_graph(z, 10)
+    assert torch.equal(mixed.rows, reference.rows) and torch.equal(mixed.cols, reference.cols)
+    assert mixed.weights.dtype == torch.float32
+    torch.testing.assert_close(mixed.weights, reference.weights)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_matches_cpu() -> None:
     z, y = random_case(61)
