@@ -124,6 +124,11 @@ def _square(adjacency: object, name: str = "adjacency") -> Tensor:
 
 def _labels(y: object, n: int | None, device: torch.device) -> Tensor:
     """(n,) int64 labels on ``device`` (any length when ``n`` is None); -1 marks unlabelled."""
+    return _checked_labels(y, n, device)[0]
+
+
+def _checked_labels(y: object, n: int | None, device: torch.device) -> tuple[Tensor, bool]:
+    """:func:`_labels` and whether every sample is labelled (one reduction for both)."""
     labels = torch.as_tensor(y, device=device)
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         raise LCCInputError(f"y must hold integer class labels, got dtype {labels.dtype}")
@@ -133,11 +138,10 @@ def _labels(y: object, n: int | None, device: torch.device) -> Tensor:
         raise LCCInputError(
             f"y has shape {tuple(labels.shape)} but there are {n} samples; pass one label per row"
         )
-    if labels.numel() and int(labels.min()) < -1:
-        raise LCCInputError(
-            f"y must hold labels >= 0 (or -1 for unlabelled), got {int(labels.min())}"
-        )
-    return labels.long()
+    lowest = int(labels.min()) if labels.numel() else 0
+    if lowest < -1:
+        raise LCCInputError(f"y must hold labels >= 0 (or -1 for unlabelled), got {lowest}")
+    return labels.long(), lowest >= 0
 
 
 def _bandwidth(bandwidth: float | None) -> float | None:
@@ -510,9 +514,9 @@ def label_variation(graph: BatchGraph | Tensor, y: Tensor, *, normalized: bool =
     """
     if isinstance(graph, BatchGraph):
         weights, rows, cols = graph.weights, graph.rows, graph.cols
-        labels = _labels(y, graph.size, weights.device)
+        labels, all_labelled = _checked_labels(y, graph.size, weights.device)
         distinct = labels[rows] != labels[cols]
-        if bool(labels.min() >= 0):  # every sample labelled: every edge counts
+        if all_labelled:  # every edge counts
             variation = (weights * distinct).sum()
             total = weights.sum() if normalized else None
         else:
@@ -530,6 +534,8 @@ def label_variation(graph: BatchGraph | Tensor, y: Tensor, *, normalized: bool =
         total = (adjacency * pairs.fill_diagonal_(False)).sum() if normalized else None
     if total is None:
         return variation
+    if isinstance(graph, BatchGraph):  # weights >= 0: a zero total has a zero variation
+        return variation / total.clamp_min(torch.finfo(total.dtype).tiny)
     return variation / torch.where(total != 0, total, torch.ones_like(total))
 
 
