@@ -1,27 +1,10 @@
-"""Latent geometry graphs (LGG) of a batch, label variation, its smoothness, and the GKD distance.
+"""Label variation of latent geometry graphs (LGG), its smoothness, and the GKD distance.
 
 Functional core of the LGG regularisers (paper *latent geometry graphs*, sec. 3.3 and 4.1-4.3).
 Everything on tensors is differentiable, batched (no loop over samples) and runs on the input's
-device; float16/bfloat16 inputs are computed in float32.
-
-**Graph** (sec. 3.3) of a batch ``Z`` (B, D) at one layer:
-
-1. similarity ``S``: cosine when every latent is non-negative (``similarity="auto"``), clamped at
-   0 when forced on signed latents; otherwise an RBF kernel of the L2 distance
-   ``S_ij = exp(-||z_i - z_j||^2 / h^2)``. The paper does not give ``h``; by default ``h^2`` is
-   the mean squared distance over the batch's distinct pairs (kept in the autograd graph), so
-   rescaling ``Z`` leaves ``S`` unchanged and a typical pair weighs about ``e^-1``; pass
-   ``bandwidth=h`` to fix it;
-2. each vertex keeps its ``k`` most similar other vertices (no self loops);
-3. symmetrised as a union: ``A_ij = A_ji = S_ij`` when ``j`` is among the k nearest of ``i`` or
-   ``i`` among those of ``j``, else 0 (``S`` is symmetric, so the weight is the similarity
-   itself, never an average of one-sided entries);
-4. optionally ``D^-1/2 A D^-1/2`` (``normalize=True``; a vertex of degree 0 stays isolated).
-
-The k-NN selection is piecewise constant: gradients flow through the kept similarities.
-:func:`batch_graph` returns the graph as its ``O(B k)`` edge list (what the losses use: one
-Gram matrix without gradient for the selection and the values, a sparse backward);
-:func:`latent_graph` as the dense (B, B) matrix.
+device; float16/bfloat16 inputs are computed in float32. The graphs themselves (sec. 3.3) are
+built by :mod:`lcc.engine.lgg_graph` (re-exported here): :func:`batch_graph` as edge lists,
+:func:`latent_graph` as a dense matrix.
 
 **Label variation** (def. 6, eq. 5) with the one-hot label matrix ``V`` and ``L = D - A``:
 ``sigma = tr(V^T L V) = sum over ordered pairs (i, j), y_i != y_j, of A_ij``, i.e. every
@@ -32,8 +15,6 @@ distinct classes, 0 when none does. Unlabelled samples (``y == -1``) are left ou
 and columns of ``A`` are dropped before the sums.
 
 >>> z = torch.tensor([[-1.5, 0.0], [-1.4, 0.0], [1.5, 0.0], [1.6, 0.0]])  # signed: RBF
->>> (latent_graph(z, 1) > 0).int().tolist()
-[[0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1], [0, 0, 1, 0]]
 >>> graph = batch_graph(z, 1)
 >>> float(label_variation(graph, torch.tensor([0, 0, 1, 1])))
 0.0
@@ -43,10 +24,8 @@ and columns of ``A`` are dropped before the sums.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
@@ -54,6 +33,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lcc.engine.lgg_graph import (
+    SIMILARITIES,
+    BatchGraph,
+    Similarity,
+    _bandwidth,
+    _describe,
+    _latents,
+    batch_graph,
+    latent_graph,
+    resolve_similarity,
+)
 from lcc.errors import LCCInputError, as_latent_matrix, check_choice, check_k
 
 __all__ = [
@@ -72,44 +62,11 @@ __all__ = [
     "smoothness",
 ]
 
-Similarity = Literal["auto", "cosine", "rbf"]
-SIMILARITIES: tuple[str, ...] = ("auto", "cosine", "rbf")
-
-_HALF = (torch.float16, torch.bfloat16)
-_EPS = 1e-12  # F.normalize's: rows shorter than this are scaled by 1 / _EPS
 # Rows of the measure's pair list whose weights are computed at once (bounds the memory).
 _PAIR_CHUNK = 8192
 
 
 # ----------------------------------------------------------------------------------- checks
-
-
-def _latents(z: object, name: str = "z", *, check_finite: bool = True) -> Tensor:
-    """(B, D) floating tensor (trailing dims flattened, half precision upcast), validated."""
-    if not isinstance(z, Tensor) or not z.is_floating_point():
-        raise LCCInputError(f"{name} must be a floating-point torch tensor, got {_describe(z)}")
-    if z.ndim < 2 or z.shape[0] < 2:
-        raise LCCInputError(
-            f"{name} must have shape (B, D, ...) with at least 2 rows, got {tuple(z.shape)}"
-        )
-    flat = z.reshape(z.shape[0], -1)
-    if flat.shape[1] == 0:
-        raise LCCInputError(f"{name} has latent dimension 0; pass non-empty latents")
-    if flat.dtype in _HALF:
-        flat = flat.float()
-    if check_finite and not bool(torch.isfinite(flat).all()):
-        raise _not_finite(name)
-    return flat
-
-
-def _not_finite(name: str) -> LCCInputError:
-    return LCCInputError(f"{name} contains NaN or inf; check the model for diverging activations")
-
-
-def _describe(value: object) -> str:
-    if isinstance(value, Tensor):
-        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
-    return type(value).__name__
 
 
 def _square(adjacency: object, name: str = "adjacency") -> Tensor:
@@ -144,32 +101,7 @@ def _checked_labels(y: object, n: int | None, device: torch.device) -> tuple[Ten
     return labels.long(), lowest >= 0
 
 
-def _bandwidth(bandwidth: float | None) -> float | None:
-    if bandwidth is None:
-        return None
-    if isinstance(bandwidth, bool) or not isinstance(bandwidth, (int, float, np.floating)):
-        raise LCCInputError(f"bandwidth must be a positive number or None, got {bandwidth!r}")
-    value = float(bandwidth)
-    if not np.isfinite(value) or value <= 0:
-        raise LCCInputError(f"bandwidth must be a positive finite number, got {bandwidth!r}")
-    return value
-
-
 # ------------------------------------------------------------------------------- the graph
-
-
-def resolve_similarity(z: Tensor | np.ndarray, similarity: str = "auto") -> str:
-    """``"cosine"`` or ``"rbf"``: ``auto`` picks cosine when every latent is non-negative.
-
-    >>> resolve_similarity(torch.tensor([[0.0, 1.0]])), resolve_similarity(np.array([[-1.0]]))
-    ('cosine', 'rbf')
-    """
-    check_choice(similarity, SIMILARITIES, name="similarity")
-    if similarity != "auto":
-        return similarity
-    size = z.numel() if isinstance(z, Tensor) else z.size
-    negative = bool(z.min() < 0) if size else False  # NaN compares False, as in (z < 0).any()
-    return "rbf" if negative else "cosine"
 
 
 def _symmetric(matrix: Tensor) -> Tensor:
@@ -222,169 +154,6 @@ def _rbf_scale(flat: Tensor, h: float | None) -> Tensor:
     return mean_sq.clamp_min(torch.finfo(flat.dtype).tiny)
 
 
-# ------------------------------------------------------------------ the graph's edges
-# The two functions below fuse what autograd would do in many element-wise passes over
-# (B, D) and (B, B) tensors: one Gram matrix (no gradient) serves the k-NN selection and the
-# edges' values, and the backward is one sparse product over the O(B k) edges.
-
-
-def _nearest_pairs(scores: Tensor, k: int, masked: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """Union of each row's ``k`` best ``scores`` as ordered pairs (``masked``: ``-inf`` marks
-    pairs not allowed beyond the diagonal).
-
-    Returns ``rows``, ``cols`` (every pair in both directions, sorted by row) and ``crow``,
-    their CSR row offsets.
-    """
-    n = scores.shape[0]
-    nearest = scores.topk(k, dim=1, sorted=False)
-    source = torch.arange(n, device=scores.device).repeat_interleave(k)
-    target = nearest.indices.reshape(-1)
-    keys = torch.cat([source * n + target, target * n + source])
-    if masked:  # a row with fewer than k allowed pairs picks -inf ones: not edges
-        keys = keys[(nearest.values.reshape(-1) > float("-inf")).repeat(2)]
-    chosen = torch.zeros(n, n, dtype=torch.uint8, device=scores.device)
-    chosen.view(-1)[keys] = 1
-    rows, cols = chosen.nonzero(as_tuple=True)  # sorted: row-major order
-    crow = torch.zeros(n + 1, dtype=torch.long, device=scores.device)
-    torch.cumsum(torch.bincount(rows, minlength=n), dim=0, out=crow[1:])
-    return rows, cols, crow
-
-
-def _pair_values(matrix: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
-    """``matrix[i, j]`` on the pairs, read from the upper triangle: exactly symmetric."""
-    return matrix[torch.minimum(rows, cols), torch.maximum(rows, cols)]
-
-
-def _pair_product(
-    grad: Tensor, rows: Tensor, cols: Tensor, crow: Tensor, x: Tensor
-) -> tuple[Tensor, Tensor]:
-    """``(G x, G)`` for the symmetric sparse ``G_ij = grad_ij + grad_ji`` on the pairs.
-
-    Row ``i`` of ``x`` enters both pair ``(i, j)`` and pair ``(j, i)``, hence the sum.
-    """
-    n = x.shape[0]
-    square = grad.new_zeros(n, n).index_put_((rows, cols), grad)
-    both = (grad + square[cols, rows]).to(x.dtype)
-    with warnings.catch_warnings():  # "sparse CSR tensor support is in beta state"
-        warnings.simplefilter("ignore", UserWarning)
-        pairs = torch.sparse_csr_tensor(crow, cols, both, (n, n))
-    return pairs @ x, both
-
-
-def _full_precision(x: Tensor) -> torch.autocast:
-    """Autocast off: the k-NN selection needs the Gram matrix in ``x``'s precision (float32+)."""
-    return torch.autocast(x.device.type, enabled=False)
-
-
-def _select(gram: Tensor, scores: Tensor, k: int, allowed: Tensor | None) -> tuple[Tensor, ...]:
-    """Check ``gram``'s diagonal, then the union k-NN pairs by ``scores`` (changed in place:
-    only entries that cannot become edges: the diagonal and the disallowed pairs)."""
-    if not bool(torch.isfinite(gram.diagonal()).all()):  # a NaN/inf row spoils its norm
-        raise _not_finite("z")
-    scores.fill_diagonal_(float("-inf"))
-    if allowed is not None:
-        scores.masked_fill_(~allowed, float("-inf"))
-    return _nearest_pairs(scores, k, masked=allowed is not None)
-
-
-class _CosineEdges(torch.autograd.Function):
-    """``cos(x_i, x_j)`` on the union k-NN pairs by cosine; returns ``(values, rows, cols)``.
-
-    Rows are scaled as by ``F.normalize(x, eps=1e-12)``: an all-zero row has cosine 0.
-    """
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any, x: Tensor, k: int, allowed: Tensor | None
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        with _full_precision(x):
-            length = torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min_(_EPS)
-            unit = x / length
-            gram = unit @ unit.T
-        rows, cols, crow = _select(gram, gram, k, allowed)  # edges keep their entries
-        ctx.save_for_backward(unit, length, rows, cols, crow)
-        ctx.mark_non_differentiable(rows, cols)
-        return _pair_values(gram, rows, cols), rows, cols
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, grad: Tensor, *_: Any) -> tuple[Tensor, None, None]:
-        unit, length, rows, cols, crow = ctx.saved_tensors
-        grad_x, _ = _pair_product(grad, rows, cols, crow, unit)  # d/d unit
-        # d(x / |x|) = (I - u u^T) / |x|; below eps the scale is the constant 1 / eps
-        radial = torch.linalg.vecdot(grad_x, unit, dim=1).unsqueeze(1)
-        grad_x.addcmul_(radial.mul_(length > _EPS), unit, value=-1.0)
-        return grad_x.div_(length), None, None
-
-
-class _DistanceEdges(torch.autograd.Function):
-    """``||x_i - x_j||^2`` on the union k-NN pairs by L2 distance, and ``sum_i ||x_i - mean||^2``
-    (the default RBF bandwidth's numerator); returns ``(squared, spread, rows, cols)``.
-
-    Computed on centred rows (less rounding in the Gram matrix; distances are unchanged).
-    """
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any, x: Tensor, k: int, allowed: Tensor | None
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        with _full_precision(x):
-            centred = x - x.mean(dim=0, keepdim=True)
-            gram = centred @ centred.T
-        norms = gram.diagonal().clone()
-        # minus the squared distances, exactly symmetric (n_i + n_j commutes)
-        scores = gram.mul_(2.0).sub_(norms[:, None] + norms[None, :])
-        rows, cols, crow = _select(scores, scores, k, allowed)
-        raw = _pair_values(scores, rows, cols).neg_()
-        ctx.save_for_backward(centred, rows, cols, crow, raw >= 0)
-        ctx.mark_non_differentiable(rows, cols)
-        ctx.set_materialize_grads(False)
-        return raw.clamp_min_(0.0), norms.sum(), rows, cols
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(
-        ctx: Any, grad: Tensor | None, grad_spread: Tensor | None, *_: Any
-    ) -> tuple[Tensor | None, None, None]:
-        centred, rows, cols, crow, positive = ctx.saved_tensors
-        if grad is None:
-            grad_x = torch.zeros_like(centred)
-        else:  # d||c_i - c_j||^2 / dc_i = 2 (c_i - c_j), summed over the pairs of i
-            product, both = _pair_product(grad * positive, rows, cols, crow, centred)
-            degree = both.new_zeros(centred.shape[0]).index_add_(0, rows, both)
-            grad_x = product.mul_(-2.0).addcmul_(degree.mul_(2.0).unsqueeze(1), centred)
-        if grad_spread is not None:
-            grad_x.addcmul_(centred, 2.0 * grad_spread)
-        # Both outputs are invariant to translating every row: the centring's backward
-        # (subtracting the mean of grad_x over rows) would subtract zero.
-        return grad_x, None, None
-
-
-@dataclass(frozen=True)
-class BatchGraph:
-    """A batch's latent geometry graph as the list of its edges (``O(B k)``, not ``B x B``).
-
-    ``rows``/``cols``: every ordered pair ``(i, j)`` joined by an edge, both directions of each
-    undirected edge, sorted by row, no self loops; ``weights``: ``A_ij`` (differentiable).
-
-    >>> graph = batch_graph(torch.tensor([[0.0], [1.0], [3.0]]), 1, similarity="rbf")
-    >>> graph.rows.tolist(), graph.cols.tolist()
-    ([0, 1, 1, 2], [1, 0, 2, 1])
-    >>> graph.dense().shape
-    torch.Size([3, 3])
-    """
-
-    size: int
-    rows: Tensor
-    cols: Tensor
-    weights: Tensor
-
-    def dense(self) -> Tensor:
-        """The (B, B) adjacency matrix (differentiable in :attr:`weights`)."""
-        adjacency = self.weights.new_zeros(self.size, self.size)
-        return adjacency.index_put((self.rows, self.cols), self.weights)
-
-
 def normalize_adjacency(adjacency: Tensor) -> Tensor:
     """``D^-1/2 A D^-1/2`` with ``D`` the row sums; rows of degree 0 stay zero.
 
@@ -400,86 +169,6 @@ def normalize_adjacency(adjacency: Tensor) -> Tensor:
         positive, degree.clamp_min(torch.finfo(degree.dtype).tiny).rsqrt(), torch.zeros_like(degree)
     )
     return adjacency * (inverse[:, None] * inverse[None, :])  # symmetric factor
-
-
-def batch_graph(
-    z: Tensor,
-    k: int,
-    *,
-    similarity: str = "auto",
-    bandwidth: float | None = None,
-    normalize: bool = False,
-    mask: Tensor | None = None,
-) -> BatchGraph:
-    """The LGG of ``z`` (steps 1-4 of sec. 3.3) as a :class:`BatchGraph` edge list.
-
-    ``k`` (1 <= k < B) nearest by similarity, no self loops, union-symmetrised with weight
-    ``S_ij``; ``normalize``: ``D^-1/2 A D^-1/2``. ``mask`` (B, B) bool (symmetrised with its
-    transpose) lists the pairs allowed as edges: the k nearest are chosen among them
-    (e.g. :func:`distinct_classes_mask` for graphs between distinct classes only); a vertex
-    with fewer than ``k`` allowed pairs keeps all of them. One Gram matrix, computed without
-    gradient, serves the k-NN selection and the edges' values; gradients flow through the
-    ``O(B k)`` edges only.
-
-    >>> graph = batch_graph(torch.tensor([[1.0, 0.0], [1.0, 0.1], [0.0, 1.0]]), 1)
-    >>> list(zip(graph.rows.tolist(), graph.cols.tolist()))
-    [(0, 1), (1, 0), (1, 2), (2, 1)]
-    >>> [round(w, 3) for w in graph.weights.tolist()]
-    [0.995, 0.995, 0.1, 0.1]
-    """
-    flat = _latents(z, check_finite=False)  # checked on the Gram diagonal (cheaper)
-    kind = resolve_similarity(flat, similarity)
-    h = _bandwidth(bandwidth)
-    n = flat.shape[0]
-    k = check_k(k, n)
-    allowed = None if mask is None else _allowed_pairs(mask, n, flat.device)
-    if kind == "cosine":
-        dots, rows, cols = _CosineEdges.apply(flat, k, allowed)
-        weights = dots.clamp_min(0.0)
-    else:
-        squared, spread, rows, cols = _DistanceEdges.apply(flat, k, allowed)
-        if h is None:  # mean squared distance over distinct pairs, as in _rbf_scale
-            scale = (2.0 * spread / (n - 1)).clamp_min(torch.finfo(flat.dtype).tiny)
-        else:
-            scale = torch.as_tensor(h * h, dtype=flat.dtype, device=flat.device)
-        weights = torch.exp(-squared / scale)
-    if normalize:
-        degree = weights.new_zeros(n).index_add(0, rows, weights)
-        # A vertex of degree 0 has only edges of weight 0 (clamped cosines): its finite
-        # 1/sqrt(tiny) multiplies zeros. The product of the two factors is exactly symmetric.
-        inverse = degree.clamp_min(torch.finfo(degree.dtype).tiny).rsqrt()
-        weights = weights * (inverse[rows] * inverse[cols])
-    return BatchGraph(size=n, rows=rows, cols=cols, weights=weights)
-
-
-def _allowed_pairs(mask: object, n: int, device: torch.device) -> Tensor:
-    if not isinstance(mask, Tensor) or mask.shape != (n, n):
-        raise LCCInputError(
-            f"mask must be a ({n}, {n}) bool tensor of allowed pairs, got {_describe(mask)}"
-        )
-    pairs = mask.to(device=device, dtype=torch.bool)
-    return pairs & pairs.T
-
-
-def latent_graph(
-    z: Tensor,
-    k: int,
-    *,
-    similarity: str = "auto",
-    bandwidth: float | None = None,
-    normalize: bool = False,
-    mask: Tensor | None = None,
-) -> Tensor:
-    """Dense (B, B) symmetric adjacency of the LGG of ``z``: :func:`batch_graph` as a matrix.
-
-    >>> z = torch.tensor([[0.0], [1.0], [3.0], [7.0]])
-    >>> (latent_graph(z, 1, similarity="rbf") > 0).int().tolist()
-    [[0, 1, 0, 0], [1, 0, 1, 0], [0, 1, 0, 1], [0, 0, 1, 0]]
-    """
-    graph = batch_graph(
-        z, k, similarity=similarity, bandwidth=bandwidth, normalize=normalize, mask=mask
-    )
-    return graph.dense()
 
 
 def distinct_classes_mask(y: Tensor) -> Tensor:
@@ -500,11 +189,12 @@ def distinct_classes_mask(y: Tensor) -> Tensor:
 def label_variation(graph: BatchGraph | Tensor, y: Tensor, *, normalized: bool = False) -> Tensor:
     """Label variation ``tr(V^T L V)`` of a graph (def. 6, eq. 5), as a scalar tensor.
 
-    ``graph``: a :class:`BatchGraph` (what the losses use: sums over its edges) or a dense
-    (B, B) adjacency. Sum of ``A_ij`` over ordered pairs ``i != j`` of labelled samples of
-    distinct classes (each undirected edge twice); ``normalized``: divided by the sum of
-    ``A_ij`` over all ordered pairs ``i != j`` of labelled samples (0 for a graph without
-    edges). Samples with ``y == -1`` are ignored. Differentiable in the edge weights.
+    ``graph``: a :class:`BatchGraph` (what the losses use: sums over its edges; the graphs of
+    several layers give one value per layer) or a dense (B, B) adjacency. Sum of ``A_ij`` over
+    ordered pairs ``i != j`` of labelled samples of distinct classes (each undirected edge
+    twice); ``normalized``: divided by the sum of ``A_ij`` over all ordered pairs ``i != j`` of
+    labelled samples (0 for a graph without edges). Samples with ``y == -1`` are ignored.
+    Differentiable in the edge weights.
 
     >>> a = torch.tensor([[0.0, 1.0, 0.5], [1.0, 0.0, 0.0], [0.5, 0.0, 0.0]])
     >>> float(label_variation(a, torch.tensor([0, 1, 0])))
@@ -513,38 +203,56 @@ def label_variation(graph: BatchGraph | Tensor, y: Tensor, *, normalized: bool =
     0.6666666865348816
     """
     if isinstance(graph, BatchGraph):
-        weights, rows, cols = graph.weights, graph.rows, graph.cols
-        labels, all_labelled = _checked_labels(y, graph.size, weights.device)
-        distinct = labels[rows] != labels[cols]
-        if all_labelled:  # every edge counts
-            variation = (weights * distinct).sum()
-            total = weights.sum() if normalized else None
-        else:
-            labeled = labels >= 0
-            pairs = labeled[rows] & labeled[cols]  # the edges between labelled samples
-            variation = (weights * (distinct & pairs)).sum()
-            total = (weights * pairs).sum() if normalized else None
-    else:
-        adjacency = _square(graph)
-        labels = _labels(y, adjacency.shape[0], adjacency.device)
-        labeled = labels >= 0
-        pairs = labeled[:, None] & labeled[None, :]  # ordered pairs of labelled samples
-        distinct = pairs & (labels[:, None] != labels[None, :])  # ... of distinct classes
-        variation = (adjacency * distinct).sum()
-        total = (adjacency * pairs.fill_diagonal_(False)).sum() if normalized else None
-    if total is None:
+        return _edge_variation(graph, y, normalized)
+    adjacency = _square(graph)
+    labels = _labels(y, adjacency.shape[0], adjacency.device)
+    labeled = labels >= 0
+    pairs = labeled[:, None] & labeled[None, :]  # ordered pairs of labelled samples
+    distinct = pairs & (labels[:, None] != labels[None, :])  # ... of distinct classes (i != j)
+    variation = (adjacency * distinct).sum()
+    if not normalized:
         return variation
-    if isinstance(graph, BatchGraph):  # weights >= 0: a zero total has a zero variation
-        return variation / total.clamp_min(torch.finfo(total.dtype).tiny)
+    total = (adjacency * pairs.fill_diagonal_(False)).sum()
     return variation / torch.where(total != 0, total, torch.ones_like(total))
 
 
-def smoothness(variations: Sequence[Tensor]) -> Tensor:
+def _edge_variation(graph: BatchGraph, y: Tensor, normalized: bool) -> Tensor:
+    """:func:`label_variation` of an edge list: () for one graph, (layers,) for several."""
+    weights, n = graph.weights, graph.size
+    labels, all_labelled = _checked_labels(y, n, weights.device)
+    source, target = graph.rows.remainder(n), graph.cols.remainder(n)
+    counted = labels[source] != labels[target]  # edges between distinct classes
+    if not all_labelled:
+        labeled = labels >= 0
+        pairs = labeled[source] & labeled[target]  # the edges between labelled samples
+        counted = counted & pairs
+    if graph.layers is None:
+        variation = (weights * counted).sum()
+        total = (weights if all_labelled else weights * pairs).sum() if normalized else None
+    else:
+        layer = graph.edge_layers()
+        sums = weights.new_zeros(graph.count)
+        variation = sums.index_add(0, layer, weights * counted)
+        if normalized:
+            total = sums.index_add(0, layer, weights if all_labelled else weights * pairs)
+        else:
+            total = None
+    if total is None:
+        return variation
+    # weights >= 0: a zero total has a zero variation, and 0 / tiny = 0
+    return variation / total.clamp_min(torch.finfo(total.dtype).tiny)
+
+
+def smoothness(variations: Sequence[Tensor] | Tensor) -> Tensor:
     """Eq. 8: ``sum_l |sigma(l+1) - sigma(l)|`` over consecutive layers (at least two).
+
+    ``variations``: scalar tensors, or one (layers,) tensor.
 
     >>> float(smoothness([torch.tensor(3.0), torch.tensor(1.0), torch.tensor(2.0)]))
     3.0
     """
+    if isinstance(variations, Tensor) and variations.ndim == 1 and variations.numel() >= 2:
+        return (variations[1:] - variations[:-1]).abs().sum()
     values = list(variations)
     if len(values) < 2:
         raise LCCInputError(

@@ -7,7 +7,7 @@ cross-entropy; the paper's sec. 4.2 also trains on it alone (output layer, ``lay
 call ``reg(batch)`` as the loss in a custom loop for that.
 
 Shared here by the LGG regularisers: :class:`GraphOptions` / :class:`LGGOptions` and
-:func:`layer_variation` (label variation of one layer's latents, for any batch size).
+:func:`layer_variations` (label variation of each layer's latents, for any batch size).
 
 >>> import torch
 >>> from lcc.regularisers.base import Batch
@@ -45,7 +45,6 @@ __all__ = [
     "LabelVariationOptions",
     "attached_zero",
     "check_flag",
-    "layer_variation",
     "layer_variations",
 ]
 
@@ -123,34 +122,32 @@ def attached_zero(z: Tensor) -> Tensor:
     return zero.float() if zero.dtype in (torch.float16, torch.bfloat16) else zero
 
 
-def layer_variation(z: Tensor, y: Tensor, options: LGGOptions) -> Tensor:
-    """Label variation of the LGG of ``z`` (rows labelled ``y``, all >= 0) under ``options``.
+def layer_variations(batch: Batch, layers: tuple[str, ...], options: LGGOptions) -> Tensor:
+    """(layers,) label variation of each layer's LGG on the batch's labelled samples.
 
-    Batches with at most ``k`` rows use ``k = rows - 1`` (a complete graph); with fewer than two
-    rows the term is an exact zero attached to ``z``.
+    The graphs of all layers are built together (:func:`lcc.engine.lgg.batch_graph` on the
+    list). Batches with at most ``k`` labelled rows use ``k = rows - 1`` (complete graphs);
+    with fewer than two rows the terms are exact zeros attached to the latents.
     """
-    n = int(z.shape[0])
+    if not layers:
+        raise LCCInputError("no layer to read; pass layers=NAME[,NAME...] (or the trainer's)")
+    labeled = batch.labeled
+    latents = [batch.layer(name) for name in layers]
+    y = batch.labels
+    if not bool(labeled.all()):  # the usual case keeps every row: no copy of the latents
+        latents = [z[labeled] for z in latents]
+        y = y[labeled]
+    n = int(y.shape[0])
     if n < 2:
-        return attached_zero(z)
+        return torch.stack([attached_zero(z) for z in latents])
     graph = batch_graph(
-        z,
+        latents,
         min(options.k, n - 1),
         similarity=options.similarity,
         bandwidth=options.bandwidth,
         normalize=options.normalize,
     )
     return label_variation(graph, y, normalized=options.normalized)
-
-
-def layer_variations(batch: Batch, layers: tuple[str, ...], options: LGGOptions) -> list[Tensor]:
-    """Label variation of each layer on the batch's labelled samples."""
-    if not layers:
-        raise LCCInputError("no layer to read; pass layers=NAME[,NAME...] (or the trainer's)")
-    labeled = batch.labeled
-    if bool(labeled.all()):  # the usual case: no copy of each layer's latents
-        return [layer_variation(batch.layer(name), batch.labels, options) for name in layers]
-    y = batch.labels[labeled]
-    return [layer_variation(batch.layer(name)[labeled], y, options) for name in layers]
 
 
 @dataclass
@@ -171,4 +168,4 @@ class LabelVariation(Regulariser):
     Options = LabelVariationOptions
 
     def forward(self, batch: Batch) -> Tensor:
-        return torch.stack(layer_variations(batch, self.layers, self.options)).mean()
+        return layer_variations(batch, self.layers, self.options).mean()

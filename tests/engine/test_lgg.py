@@ -8,9 +8,19 @@ import math
 import numpy as np
 import pytest
 import torch
+from oracles import (
+    oracle_graph,
+    oracle_similarity,
+    oracle_variation,
+    planted,
+    random_case,
+    stable_point,
+    t,
+    three_layers,
+    trace_variation,
+)
 
 from lcc.engine.lgg import (
-    BatchGraph,
     batch_graph,
     distinct_classes_mask,
     gkd_distance,
@@ -18,112 +28,13 @@ from lcc.engine.lgg import (
     label_variation_measure,
     latent_graph,
     normalize_adjacency,
-    resolve_similarity,
     similarity_matrix,
     smoothness,
 )
 from lcc.errors import LCCInputError
 from lcc.synthetic import gaussian_mixture
 
-# ------------------------------------------------------------------------------ oracles
-
-
-def oracle_similarity(z: np.ndarray, kind: str, h: float | None = None) -> np.ndarray:
-    """Sec. 3.3 step 1, one pair at a time: cosine (clamped at 0) or exp(-d^2 / h^2)."""
-    n = len(z)
-    sim = np.zeros((n, n))
-    if kind == "cosine":
-        for i in range(n):
-            for j in range(n):
-                ni, nj = np.linalg.norm(z[i]), np.linalg.norm(z[j])
-                cos = float(z[i] @ z[j]) / (ni * nj) if ni > 0 and nj > 0 else 0.0
-                sim[i, j] = max(cos, 0.0)
-        return sim
-    sq = np.array([[float(np.sum((z[i] - z[j]) ** 2)) for j in range(n)] for i in range(n)])
-    if h is None:
-        h2 = sum(sq[i, j] for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
-    else:
-        h2 = h * h
-    return np.exp(-sq / h2)
-
-
-def oracle_graph(
-    z: np.ndarray,
-    k: int,
-    kind: str,
-    h: float | None = None,
-    normalize: bool = False,
-    allowed: np.ndarray | None = None,
-) -> np.ndarray:
-    """Steps 2-4: k most similar others, union with w_ij = S_ij, then D^-1/2 A D^-1/2."""
-    sim = oracle_similarity(z, kind, h)
-    n = len(z)
-    nearest = []
-    for i in range(n):
-        candidates = [j for j in range(n) if j != i and (allowed is None or allowed[i, j])]
-        candidates.sort(key=lambda j: -sim[i, j])
-        nearest.append(set(candidates[:k]))
-    adjacency = np.zeros((n, n))
-    for i in range(n):
-        for j in range(n):
-            if j in nearest[i] or i in nearest[j]:
-                adjacency[i, j] = sim[i, j]
-    if normalize:
-        degree = adjacency.sum(axis=1)
-        for i in range(n):
-            for j in range(n):
-                if degree[i] > 0 and degree[j] > 0:
-                    adjacency[i, j] /= math.sqrt(degree[i] * degree[j])
-    return adjacency
-
-
-def oracle_variation(adjacency: np.ndarray, y: np.ndarray, normalized: bool = False) -> float:
-    """Eq. 5: sum of A_ij over (ordered) pairs of labelled samples of distinct classes."""
-    across, total = 0.0, 0.0
-    for i in range(len(y)):
-        for j in range(len(y)):
-            if i == j or y[i] < 0 or y[j] < 0:
-                continue
-            total += adjacency[i, j]
-            if y[i] != y[j]:
-                across += adjacency[i, j]
-    if normalized:
-        return across / total if total > 0 else 0.0
-    return across
-
-
-def trace_variation(adjacency: np.ndarray, y: np.ndarray) -> float:
-    """Eq. 5's other side: tr(V^T L V) on the labelled samples, L = D - A."""
-    keep = y >= 0
-    sub = adjacency[np.ix_(keep, keep)].copy()
-    np.fill_diagonal(sub, 0.0)
-    labels = y[keep]
-    classes = np.unique(labels)
-    v = (labels[:, None] == classes[None, :]).astype(float)
-    laplacian = np.diag(sub.sum(axis=1)) - sub
-    return float(np.trace(v.T @ laplacian @ v))
-
-
-def random_case(seed: int, n: int = 24, d: int = 5, signed: bool = True):
-    rng = np.random.default_rng(seed)
-    z = rng.normal(size=(n, d))
-    if not signed:
-        z = np.abs(z)
-    y = rng.integers(0, 3, n)
-    return z, y
-
-
-def planted(separation: float, seed: int = 0, n: int = 90):
-    """Overlapping blobs: 3 classes x 2 sub-clusters (harder the smaller the separation)."""
-    z, y, _ = gaussian_mixture(n, 6, 3, 2, separation=separation, noise=1.0, seed=seed)
-    return z.astype(np.float64), y
-
-
-def t(array: np.ndarray) -> torch.Tensor:
-    return torch.as_tensor(array, dtype=torch.float64)
-
-
-# ------------------------------------------------------------------------------ the graph
+# ---------------------------------------------------------- similarity, masks, normalisation
 
 
 @pytest.mark.parametrize("kind", ["cosine", "rbf"])
@@ -133,15 +44,6 @@ def test_similarity_matches_the_formula(kind: str, bandwidth: float | None) -> N
     got = similarity_matrix(t(z), similarity=kind, bandwidth=bandwidth).numpy()
     expected = oracle_similarity(z, kind, None if kind == "cosine" else bandwidth)
     np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-12)
-
-
-def test_auto_picks_cosine_for_non_negative_latents_and_rbf_otherwise() -> None:
-    z, _ = random_case(1, signed=False)
-    assert resolve_similarity(t(z)) == "cosine"
-    np.testing.assert_allclose(similarity_matrix(t(z)).numpy(), oracle_similarity(z, "cosine"))
-    z[3, 2] = -0.01
-    assert resolve_similarity(t(z)) == "rbf"
-    np.testing.assert_allclose(similarity_matrix(t(z)).numpy(), oracle_similarity(z, "rbf"))
 
 
 def test_forced_cosine_clamps_negative_similarity_and_zero_rows() -> None:
@@ -160,52 +62,6 @@ def test_default_bandwidth_makes_rbf_scale_free_and_a_fixed_one_does_not() -> No
     assert not torch.allclose(similarity_matrix(t(3.5 * z), similarity="rbf", bandwidth=2.0), fixed)
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-@pytest.mark.parametrize("kind", ["cosine", "rbf"])
-@pytest.mark.parametrize("k", [1, 3, 7])
-@pytest.mark.parametrize("normalize", [False, True])
-def test_graph_matches_the_loop(seed: int, kind: str, k: int, normalize: bool) -> None:
-    z, _ = random_case(seed, signed=kind == "rbf")
-    got = latent_graph(t(z), k, similarity=kind, normalize=normalize).numpy()
-    expected = oracle_graph(z, k, kind, normalize=normalize)
-    np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-12)
-    np.testing.assert_array_equal(got, got.T)
-    assert np.all(np.diag(got) == 0)
-    assert np.all((got > 0).sum(axis=1) >= k)  # union: at least k edges per vertex
-
-
-def test_graph_on_planted_data_matches_the_loop_with_a_fixed_bandwidth() -> None:
-    z, _ = planted(2.0)
-    got = latent_graph(t(z), 5, bandwidth=1.5).numpy()
-    np.testing.assert_allclose(got, oracle_graph(z, 5, "rbf", h=1.5), rtol=1e-10, atol=1e-12)
-
-
-@pytest.mark.parametrize("kind", ["cosine", "rbf"])
-@pytest.mark.parametrize("normalize", [False, True])
-def test_edge_list_is_the_union_graph_in_row_order(kind: str, normalize: bool) -> None:
-    z, _ = random_case(5, n=30, signed=kind == "rbf")
-    graph = batch_graph(t(z), 4, similarity=kind, normalize=normalize)
-    expected = oracle_graph(z, 4, kind, normalize=normalize)
-    pairs = list(zip(graph.rows.tolist(), graph.cols.tolist(), strict=True))
-    # every ordered pair of the union k-NN sets once, sorted, whatever its weight (cosine
-    # edges may weigh 0 after clamping, so the pattern comes from the oracle's k-NN sets)
-    sim = oracle_similarity(z, kind)
-    nearest = [
-        set(sorted((j for j in range(30) if j != i), key=lambda j: -sim[i, j])[:4])
-        for i in range(30)
-    ]
-    union = sorted(
-        (i, j) for i in range(30) for j in range(30) if j in nearest[i] or i in nearest[j]
-    )
-    assert pairs == union
-    np.testing.assert_allclose(
-        graph.weights.numpy(), expected[graph.rows.numpy(), graph.cols.numpy()], rtol=1e-10
-    )
-    np.testing.assert_array_equal(
-        graph.dense().numpy(), latent_graph(t(z), 4, similarity=kind, normalize=normalize).numpy()
-    )
-
-
 @pytest.mark.parametrize("normalized", [False, True])
 def test_label_variation_of_the_edge_list_matches_the_pair_sum(normalized: bool) -> None:
     z, y = random_case(6, n=30)
@@ -220,25 +76,20 @@ def test_label_variation_of_the_edge_list_matches_the_pair_sum(normalized: bool)
     assert got == pytest.approx(expected, rel=1e-10)
 
 
-def test_a_mask_without_allowed_pairs_gives_an_empty_graph_and_zero_gradient() -> None:
-    z = _stable_point(12)
-    none = torch.zeros(10, 10, dtype=torch.bool)
-    graph = batch_graph(z, 3, mask=none)
-    assert isinstance(graph, BatchGraph) and graph.rows.numel() == 0
-    loss = label_variation(graph, torch.arange(10) % 3, normalized=True)
-    loss.backward()
-    assert float(loss.detach()) == 0.0 and z.grad is not None and torch.all(z.grad == 0)
-
-
-def test_mask_restricts_edges_to_allowed_pairs() -> None:
-    z, y = random_case(3)
-    mask = distinct_classes_mask(torch.as_tensor(y))
-    allowed = np.array([[y[i] != y[j] for j in range(len(y))] for i in range(len(y))])
-    np.testing.assert_array_equal(mask.numpy(), allowed)
-    got = latent_graph(t(z), 3, mask=mask).numpy()
-    np.testing.assert_allclose(got, oracle_graph(z, 3, "rbf", allowed=allowed), rtol=1e-10)
-    assert not np.any(got[~allowed])
-    assert not np.allclose(got, latent_graph(t(z), 3).numpy())  # the mask changes the graph
+@pytest.mark.parametrize("normalized", [False, True])
+def test_label_variation_of_several_layers_is_one_value_per_layer(normalized: bool) -> None:
+    layers = three_layers(31)
+    _, y = random_case(31, n=24)
+    y[[0, 3]] = -1
+    got = label_variation(
+        batch_graph(layers, 4, normalize=True), torch.as_tensor(y), normalized=normalized
+    )
+    assert got.shape == (3,)
+    for index, z in enumerate(layers):
+        kind = "cosine" if index != 1 else "rbf"
+        expected = oracle_variation(oracle_graph(z.numpy(), 4, kind, normalize=True), y, normalized)
+        assert float(got[index]) == pytest.approx(expected, rel=1e-10)
+    assert float(smoothness(got)) == pytest.approx(float(smoothness(list(got))))
 
 
 def test_distinct_classes_mask_leaves_unlabelled_out() -> None:
@@ -413,22 +264,6 @@ def test_gkd_mask_restricts_the_sum() -> None:
 # ------------------------------------------------------------------------------- gradients
 
 
-def _stable_point(seed: int, n: int = 10, d: int = 4, signed: bool = True, k: int = 3):
-    """Random latents whose k-NN sets survive gradcheck's perturbations: the first seed from
-    ``seed`` on whose k-th and (k+1)-th similarities differ by > 1e-4 in every row (the
-    similarity ``auto`` picks: RBF for signed latents, cosine otherwise)."""
-    while True:
-        z, _ = random_case(seed, n=n, d=d, signed=signed)
-        if not signed:
-            z = z + 0.1
-        sim = oracle_similarity(z, "rbf" if signed else "cosine", 1.0)
-        np.fill_diagonal(sim, -np.inf)
-        ordered = -np.sort(-sim, axis=1)
-        if np.min(ordered[:, k - 1] - ordered[:, k]) > 1e-4:  # >> gradcheck's eps = 1e-6
-            return t(z).requires_grad_(True)
-        seed += 1000
-
-
 @pytest.mark.parametrize(
     ("kind", "bandwidth", "normalize", "normalized"),
     [
@@ -440,7 +275,7 @@ def _stable_point(seed: int, n: int = 10, d: int = 4, signed: bool = True, k: in
     ],
 )
 def test_label_variation_gradients(kind, bandwidth, normalize, normalized) -> None:
-    z = _stable_point(20, signed=kind == "rbf")
+    z = stable_point(20, signed=kind == "rbf")
     y = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, -1, 2])
 
     def loss(latents: torch.Tensor) -> torch.Tensor:
@@ -452,28 +287,9 @@ def test_label_variation_gradients(kind, bandwidth, normalize, normalized) -> No
     assert torch.autograd.gradcheck(loss, (z,), eps=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize(
-    ("kind", "bandwidth", "normalize"),
-    [("cosine", None, False), ("cosine", None, True), ("rbf", None, False), ("rbf", 0.8, True)],
-)
-def test_edge_weight_gradients_for_any_weighting_of_the_edges(kind, bandwidth, normalize) -> None:
-    """The sparse backward against finite differences, with a weighting that differs between
-    (i, j) and (j, i): a backward that used one direction only would fail."""
-    z = _stable_point(23, signed=kind == "rbf")
-    pattern = batch_graph(z.detach(), 3, similarity=kind)  # fixed near the stable point
-    coefficients = torch.rand(pattern.rows.numel(), generator=torch.Generator().manual_seed(0))
-
-    def loss(latents: torch.Tensor) -> torch.Tensor:
-        graph = batch_graph(latents, 3, similarity=kind, bandwidth=bandwidth, normalize=normalize)
-        assert torch.equal(graph.rows, pattern.rows) and torch.equal(graph.cols, pattern.cols)
-        return (graph.weights * coefficients.double()).sum()
-
-    assert torch.autograd.gradcheck(loss, (z,), eps=1e-6, atol=1e-6)
-
-
 @pytest.mark.parametrize(("kind", "normalized"), [("cosine", True), ("rbf", False)])
 def test_label_variation_of_the_edge_list_gradients(kind: str, normalized: bool) -> None:
-    z = _stable_point(24, signed=kind == "rbf")
+    z = stable_point(24, signed=kind == "rbf")
     y = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, -1, 2])
 
     def loss(latents: torch.Tensor) -> torch.Tensor:
@@ -484,7 +300,7 @@ def test_label_variation_of_the_edge_list_gradients(kind: str, normalized: bool)
 
 
 def test_smoothness_gradients() -> None:
-    layers = [_stable_point(s, d=3 + s % 3) for s in (30, 31, 32)]
+    layers = [stable_point(s, d=3 + s % 3) for s in (30, 31, 32)]
     y = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 1, 2])
 
     def loss(*latents: torch.Tensor) -> torch.Tensor:
@@ -497,8 +313,8 @@ def test_smoothness_gradients() -> None:
 
 @pytest.mark.parametrize("distinct", [False, True])
 def test_gkd_gradients(distinct: bool) -> None:
-    teacher = _stable_point(40, d=6).detach()
-    student = _stable_point(41, d=3)
+    teacher = stable_point(40, d=6).detach()
+    student = stable_point(41, d=3)
     y = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 1, 2])
     mask = distinct_classes_mask(y) if distinct else None
     target = latent_graph(teacher, 3, normalize=True, mask=mask)
@@ -510,7 +326,7 @@ def test_gkd_gradients(distinct: bool) -> None:
 
 
 def test_gkd_gradient_is_zero_not_nan_at_a_perfect_match() -> None:
-    z = _stable_point(42)
+    z = stable_point(42)
     target = latent_graph(z.detach(), 3, normalize=True)
     gkd_distance(target, latent_graph(z, 3, normalize=True)).backward()
     assert z.grad is not None and torch.all(z.grad == 0)
@@ -594,28 +410,6 @@ def test_measure_options_change_the_result() -> None:
 
 
 # --------------------------------------------------------------------------- dtype, device
-
-
-def test_half_precision_is_computed_in_float32() -> None:
-    z, _ = random_case(60)
-    half = torch.as_tensor(z, dtype=torch.float16)
-    adjacency = latent_graph(half, 4)
-    assert adjacency.dtype == torch.float32
-    reference = latent_graph(half.float(), 4)
-    torch.testing.assert_close(adjacency, reference)
-
-
-@pytest.mark.parametrize("signed", [False, True])
-def test_autocast_does_not_lower_the_graphs_precision(signed: bool) -> None:
-    """Under mixed precision the Gram matrix would be bfloat16 and pick other neighbours."""
-    z = torch.as_tensor(planted(0.5, seed=8, n=200)[0], dtype=torch.float32)
-    z = z if signed else z.abs()
-    reference = batch_graph(z, 10)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        mixed = batch_graph(z, 10)
-    assert torch.equal(mixed.rows, reference.rows) and torch.equal(mixed.cols, reference.cols)
-    assert mixed.weights.dtype == torch.float32
-    torch.testing.assert_close(mixed.weights, reference.weights)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
