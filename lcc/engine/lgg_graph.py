@@ -175,30 +175,29 @@ def _pair_values(grams: Tensor, graph: Tensor, rows: Tensor, cols: Tensor) -> Te
 
 def _pair_products(
     grad: Tensor, pairs: tuple[Tensor, ...], xs: Sequence[Tensor], wanted: Sequence[bool]
-) -> tuple[list[Tensor | None], Tensor]:
-    """``G_g x_g`` for each wanted graph g, with the symmetric sparse ``G_ij = grad_ij + grad_ji``
-    (row ``i`` of ``x`` enters pair ``(i, j)`` and pair ``(j, i)``); also ``G``'s values."""
-    graph, rows, cols, crow = pairs
+) -> list[tuple[Tensor, Tensor, slice] | None]:
+    """For each wanted graph g: ``G_g x_g`` with the symmetric sparse ``G_ij = grad_ij +
+    grad_ji`` on its pairs (row ``i`` of ``x`` enters pair ``(i, j)`` and pair ``(j, i)``),
+    ``G_g``'s values, and the slice of its edges. One (B, B) scratch matrix at a time."""
+    _, rows, cols, crow = pairs
     n = xs[0].shape[0]
-    square = grad.new_zeros(len(xs), n, n).index_put_((graph, rows, cols), grad)
-    both = grad + square[graph, cols, rows]
     bounds = crow[::n].tolist()  # first edge of each graph
-    products: list[Tensor | None] = []
+    products: list[tuple[Tensor, Tensor, slice] | None] = []
     for g, (x, needed) in enumerate(zip(xs, wanted, strict=True)):
         if not needed:
             products.append(None)
             continue
-        first, last = bounds[g], bounds[g + 1]
+        edges = slice(bounds[g], bounds[g + 1])
+        mine, source, target = grad[edges], rows[edges], cols[edges]
+        square = mine.new_zeros(n, n).index_put_((source, target), mine)
+        both = (mine + square[target, source]).to(x.dtype)
         with warnings.catch_warnings():  # "sparse CSR tensor support is in beta state"
             warnings.simplefilter("ignore", UserWarning)
             matrix = torch.sparse_csr_tensor(
-                crow[g * n : (g + 1) * n + 1] - first,
-                cols[first:last],
-                both[first:last].to(x.dtype),
-                (n, n),
+                crow[g * n : (g + 1) * n + 1] - bounds[g], target, both, (n, n)
             )
-        products.append(matrix @ x)
-    return products, both
+        products.append((matrix @ x, both, edges))
+    return products
 
 
 class _CosineEdges(torch.autograd.Function):
@@ -235,12 +234,15 @@ class _CosineEdges(torch.autograd.Function):
         saved = ctx.saved_tensors
         pairs, units, lengths = saved[:4], saved[4 : 4 + ctx.count], saved[4 + ctx.count :]
         wanted = ctx.needs_input_grad[2:]
-        products, _ = _pair_products(grad, pairs, units, wanted)  # d/d unit
         grads: list[Tensor | None] = []
-        for grad_x, unit, length in zip(products, units, lengths, strict=True):
-            if grad_x is not None:  # d(x / |x|) = (I - u u^T) / |x|; below eps: 1 / eps
-                radial = torch.linalg.vecdot(grad_x, unit, dim=1).unsqueeze(1)
-                grad_x.addcmul_(radial.mul_(length > _EPS), unit, value=-1.0).div_(length)
+        products = _pair_products(grad, pairs, units, wanted)  # d/d unit
+        for product, unit, length in zip(products, units, lengths, strict=True):
+            if product is None:
+                grads.append(None)
+                continue
+            grad_x = product[0]  # d(x / |x|) = (I - u u^T) / |x|; below eps: 1 / eps
+            radial = torch.linalg.vecdot(grad_x, unit, dim=1).unsqueeze(1)
+            grad_x.addcmul_(radial.mul_(length > _EPS), unit, value=-1.0).div_(length)
             grads.append(grad_x)
         return None, None, *grads
 
@@ -288,15 +290,14 @@ class _DistanceEdges(torch.autograd.Function):
             for c, needed in zip(centred, wanted, strict=True)
         ]
         if grad is not None:  # d||c_i - c_j||^2 / dc_i = 2 (c_i - c_j), summed over i's pairs
-            graph, rows, _, _ = pairs
-            products, both = _pair_products(grad * positive, pairs, centred, wanted)
-            n = centred[0].shape[0]
-            degree = both.new_zeros(len(centred), n).index_put_((graph, rows), both, True)
+            rows = pairs[1]
+            products = _pair_products(grad * positive, pairs, centred, wanted)
             for g, product in enumerate(products):
-                if product is not None:
-                    grads[g] = product.mul_(-2.0).addcmul_(
-                        degree[g, :, None], centred[g], value=2.0
-                    )
+                if product is None:
+                    continue
+                grad_x, both, edges = product
+                degree = both.new_zeros(grad_x.shape[0]).index_add_(0, rows[edges], both)
+                grads[g] = grad_x.mul_(-2.0).addcmul_(degree[:, None], centred[g], value=2.0)
         if grad_spread is not None:
             for g, grad_x in enumerate(grads):
                 if grad_x is not None:
