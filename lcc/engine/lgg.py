@@ -221,25 +221,21 @@ def _edge_variation(graph: BatchGraph, y: Tensor, normalized: bool) -> Tensor:
     weights, n = graph.weights, graph.size
     labels, all_labelled = _checked_labels(y, n, weights.device)
     source, target = graph.rows.remainder(n), graph.cols.remainder(n)
-    counted = labels[source] != labels[target]  # edges between distinct classes
-    if not all_labelled:
+    if not all_labelled:  # only the edges between labelled samples count
         labeled = labels >= 0
-        pairs = labeled[source] & labeled[target]  # the edges between labelled samples
-        counted = counted & pairs
-    if graph.layers is None:
-        variation = (weights * counted).sum()
-        total = (weights if all_labelled else weights * pairs).sum() if normalized else None
-    else:
-        layer = graph.edge_layers()
-        sums = weights.new_zeros(graph.count)
-        variation = sums.index_add(0, layer, weights * counted)
-        if normalized:
-            total = sums.index_add(0, layer, weights if all_labelled else weights * pairs)
-        else:
-            total = None
-    if total is None:
+        weights = weights * (labeled[source] & labeled[target])
+    layer = None if graph.layers is None else graph.edge_layers()
+
+    def per_graph(values: Tensor) -> Tensor:
+        if layer is None:
+            return values.sum()
+        return values.new_zeros(graph.count).index_add(0, layer, values)
+
+    variation = per_graph(weights * (labels[source] != labels[target]))
+    if not normalized:
         return variation
     # weights >= 0: a zero total has a zero variation, and 0 / tiny = 0
+    total = per_graph(weights)
     return variation / total.clamp_min(torch.finfo(total.dtype).tiny)
 
 

@@ -31,6 +31,7 @@ pass a list of tensors. :func:`latent_graph` returns the dense (B, B) matrix.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -156,12 +157,16 @@ def _stacked_pairs(scores: Tensor, k: int, masked: bool) -> tuple[Tensor, Tensor
     return graph, rows, cols, crow
 
 
-def _select(grams: Tensor, k: int, allowed: Tensor | None) -> tuple[Tensor, ...]:
+def _select(
+    grams: Tensor, k: int, allowed: Tensor | None, names: Sequence[str]
+) -> tuple[Tensor, ...]:
     """The pairs by ``grams`` (G, B, B) as scores, changed in place only where no edge can
-    be: the diagonal (after checking it is finite) and the disallowed pairs."""
+    be: the diagonal (after checking it is finite) and the disallowed pairs. ``names``: the
+    graphs' latents, for the error message."""
     diagonal = grams.diagonal(dim1=1, dim2=2)
-    if not bool(torch.isfinite(diagonal).all()):  # a NaN/inf row spoils its norm
-        raise _not_finite("z")
+    finite = torch.isfinite(diagonal).all(dim=1)  # a NaN/inf row spoils its norm
+    if not bool(finite.all()):
+        raise _not_finite(names[int((~finite).nonzero()[0])])
     diagonal.fill_(float("-inf"))
     if allowed is not None:
         grams.masked_fill_(~allowed, float("-inf"))
@@ -203,13 +208,13 @@ def _pair_products(
 class _CosineEdges(torch.autograd.Function):
     """``cos(x_i, x_j)`` on each graph's union k-NN pairs by cosine.
 
-    ``apply(k, allowed, *xs)`` returns ``(values, graph, rows, cols)``. Rows are scaled as by
+    ``apply(k, allowed, names, *xs)`` returns ``(values, graph, rows, cols)``. Rows are scaled as by
     ``F.normalize(x, eps=1e-12)``: an all-zero row has cosine 0.
     """
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, k: int, allowed: Tensor | None, *xs: Tensor
+        ctx: Any, k: int, allowed: Tensor | None, names: tuple[str, ...], *xs: Tensor
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         n = xs[0].shape[0]
         grams = xs[0].new_empty(len(xs), n, n)
@@ -221,7 +226,7 @@ class _CosineEdges(torch.autograd.Function):
                 torch.mm(unit, unit.T, out=grams[g])
                 units.append(unit)
                 lengths.append(length)
-        pairs = _select(grams, k, allowed)  # edges keep their entries
+        pairs = _select(grams, k, allowed, names)  # edges keep their entries
         ctx.save_for_backward(*pairs, *units, *lengths)
         ctx.count = len(xs)
         graph, rows, cols, _ = pairs
@@ -233,7 +238,7 @@ class _CosineEdges(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor, *_: Any) -> tuple[Tensor | None, ...]:
         saved = ctx.saved_tensors
         pairs, units, lengths = saved[:4], saved[4 : 4 + ctx.count], saved[4 + ctx.count :]
-        wanted = ctx.needs_input_grad[2:]
+        wanted = ctx.needs_input_grad[3:]
         grads: list[Tensor | None] = []
         products = _pair_products(grad, pairs, units, wanted)  # d/d unit
         for product, unit, length in zip(products, units, lengths, strict=True):
@@ -244,20 +249,20 @@ class _CosineEdges(torch.autograd.Function):
             radial = torch.linalg.vecdot(grad_x, unit, dim=1).unsqueeze(1)
             grad_x.addcmul_(radial.mul_(length > _EPS), unit, value=-1.0).div_(length)
             grads.append(grad_x)
-        return None, None, *grads
+        return None, None, None, *grads
 
 
 class _DistanceEdges(torch.autograd.Function):
     """``||x_i - x_j||^2`` on each graph's union k-NN pairs by L2 distance.
 
-    ``apply(k, allowed, *xs)`` returns ``(squared, spread, graph, rows, cols)``, ``spread``
+    ``apply(k, allowed, names, *xs)`` returns ``(squared, spread, graph, rows, cols)``, ``spread``
     (G,) holding ``sum_i ||x_i - mean||^2`` (the default RBF bandwidth's numerator). Computed
     on centred rows (less rounding in the Gram matrix; distances are unchanged).
     """
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, k: int, allowed: Tensor | None, *xs: Tensor
+        ctx: Any, k: int, allowed: Tensor | None, names: tuple[str, ...], *xs: Tensor
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         n = xs[0].shape[0]
         grams = xs[0].new_empty(len(xs), n, n)
@@ -269,7 +274,7 @@ class _DistanceEdges(torch.autograd.Function):
         norms = grams.diagonal(dim1=1, dim2=2).clone()  # (G, B)
         # minus the squared distances, exactly symmetric (n_i + n_j commutes)
         grams.mul_(2.0).sub_(norms[:, :, None] + norms[:, None, :])
-        pairs = _select(grams, k, allowed)
+        pairs = _select(grams, k, allowed, names)
         graph, rows, cols, _ = pairs
         raw = _pair_values(grams, graph, rows, cols).neg_()
         ctx.save_for_backward(*pairs, raw >= 0, *centred)
@@ -284,7 +289,7 @@ class _DistanceEdges(torch.autograd.Function):
     ) -> tuple[Tensor | None, ...]:
         saved = ctx.saved_tensors
         pairs, positive, centred = saved[:4], saved[4], saved[5:]
-        wanted = ctx.needs_input_grad[2:]
+        wanted = ctx.needs_input_grad[3:]
         grads: list[Tensor | None] = [
             torch.zeros_like(c) if needed else None
             for c, needed in zip(centred, wanted, strict=True)
@@ -304,7 +309,7 @@ class _DistanceEdges(torch.autograd.Function):
                     grad_x.addcmul_(centred[g], 2.0 * grad_spread[g])
         # Both outputs are invariant to translating every row: the centring's backward
         # (subtracting the mean of grad_x over rows) would subtract zero.
-        return None, None, *grads
+        return None, None, None, *grads
 
 
 # ------------------------------------------------------------------------------ the graph
@@ -389,9 +394,7 @@ def batch_graph(
                 f"{name} has {flat.shape[0]} rows on {flat.device}, z[0] {n} on "
                 f"{flats[0].device}; pass the layers of one batch"
             )
-    dtype = flats[0].dtype
-    for flat in flats[1:]:
-        dtype = torch.promote_types(dtype, flat.dtype)
+    dtype = functools.reduce(torch.promote_types, (flat.dtype for flat in flats))
     flats = [flat.to(dtype) for flat in flats]  # checked on the Gram diagonals (cheaper)
     h = _bandwidth(bandwidth)
     k = check_k(k, n)
@@ -401,7 +404,9 @@ def batch_graph(
     for kind in ("cosine", "rbf"):
         members = [index for index, found in enumerate(kinds) if found == kind]
         if members:
-            parts.append(_edges(kind, [flats[index] for index in members], members, k, allowed, h))
+            chosen = [flats[index] for index in members]
+            named = tuple(names[index] for index in members)
+            parts.append(_edges(kind, chosen, named, members, k, allowed, h))
     if len(parts) == 1:
         rows, cols, weights = parts[0]
     else:  # layers of both similarities
@@ -416,15 +421,22 @@ def batch_graph(
 
 
 def _edges(
-    kind: str, xs: list[Tensor], members: list[int], k: int, allowed: Tensor | None, h: float | None
+    kind: str,
+    xs: list[Tensor],
+    names: tuple[str, ...],
+    members: list[int],
+    k: int,
+    allowed: Tensor | None,
+    h: float | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``(rows, cols, weights)`` of the graphs of ``xs`` (layers ``members``), one similarity."""
+    """``(rows, cols, weights)`` of the graphs of ``xs`` (layers ``members``, latents named
+    ``names``), one similarity."""
     n = xs[0].shape[0]
     if kind == "cosine":
-        values, graph, rows, cols = _CosineEdges.apply(k, allowed, *xs)
+        values, graph, rows, cols = _CosineEdges.apply(k, allowed, names, *xs)
         weights = values.clamp_min(0.0)
     else:
-        squared, spread, graph, rows, cols = _DistanceEdges.apply(k, allowed, *xs)
+        squared, spread, graph, rows, cols = _DistanceEdges.apply(k, allowed, names, *xs)
         if h is None:  # mean squared distance over distinct pairs, 2 spread / (B - 1)
             scale = (2.0 * spread / (n - 1)).clamp_min(torch.finfo(spread.dtype).tiny)
             weights = torch.exp(-squared / scale[graph])

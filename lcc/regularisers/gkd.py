@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lcc.engine.lgg import batch_graph, distinct_classes_mask, gkd_distance
+from lcc.engine.lgg import distinct_classes_mask, gkd_distance, latent_graph
 from lcc.errors import LCCInputError, check_choice
 from lcc.regularisers.base import OUTPUT, Batch, Regulariser, option
 from lcc.regularisers.label_variation import GraphOptions, attached_zero, check_flag
@@ -307,8 +307,8 @@ class GraphDistillation(Regulariser):
             "mask": mask,
         }
         k = min(options.k, n - 1)
-        target = batch_graph(teacher_z.to(student_z.device), k, **graph).dense()
-        return gkd_distance(target, batch_graph(student_z, k, **graph).dense())
+        target = latent_graph(teacher_z.to(student_z.device), k, **graph)
+        return gkd_distance(target, latent_graph(student_z, k, **graph))
 
     def describe(self) -> str:
         text = super().describe()

@@ -123,6 +123,16 @@ def test_layers_of_different_batches_are_refused() -> None:
         batch_graph([], 3)
 
 
+def test_non_finite_latents_name_their_layer() -> None:
+    layers = three_layers(33)
+    layers[2] = layers[2].clone()
+    layers[2][4, 1] = float("nan")
+    with pytest.raises(LCCInputError, match=r"z\[2\] contains NaN"):
+        batch_graph(layers, 3)
+    with pytest.raises(LCCInputError, match=r"^z contains NaN"):
+        batch_graph(layers[2], 3)
+
+
 def test_a_mask_without_allowed_pairs_gives_an_empty_graph_and_zero_gradient() -> None:
     z = stable_point(12)
     none = torch.zeros(10, 10, dtype=torch.bool)
