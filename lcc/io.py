@@ -244,6 +244,10 @@ def _readable(path: str | os.PathLike[str], keys: tuple[str, ...]) -> Path:
     """``path`` as a Path when it names an existing file of a known format, else LCCInputError."""
     file = Path(path)
     suffix = file.suffix.lower()
+    if file.is_dir():
+        raise LCCInputError(
+            f"cannot read {file}: it is a directory; pass a {' or '.join(LATENT_FORMATS)} file"
+        )
     if suffix not in LATENT_FORMATS:
         raise LCCInputError(
             f"cannot read {file}: unknown file type {suffix or '(no extension)'!r}; "
@@ -251,8 +255,6 @@ def _readable(path: str | os.PathLike[str], keys: tuple[str, ...]) -> Path:
         )
     if not file.exists():
         raise LCCInputError(f"file not found: {file}; check the path")
-    if file.is_dir():
-        raise LCCInputError(f"cannot read {file}: it is a directory, not a {suffix} file")
     return file
 
 

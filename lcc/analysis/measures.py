@@ -18,8 +18,9 @@ name               value (context keys)                                         
                    ``classes``, ``active``)
 ``clusters``       misclustered fraction (``k``, ``n_clusters``, ``accuracy``,  no
                    ``accuracy_cc``, ``accuracy_mc``, ...)
-``label-variation`` normalised label variation (``k``, ``similarity``,          no
-                   ``label_variation``, ``label_variation_normalized``, ...)
+``label-variation`` fraction of the graph's edge weight that joins two     no
+                   classes (``k``, ``similarity``, ``label_variation``,
+                   ``label_variation_normalized``, ...)
 =================  ===========================================================  ==========
 
 Every layer goes through :func:`lcc.analysis.intraclass.neurons` first (conv feature maps
@@ -36,8 +37,11 @@ max-pooled to one value per channel).
 from __future__ import annotations
 
 import math
+import os
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -52,6 +56,7 @@ __all__ = [
     "MeasureInput",
     "MeasureOptions",
     "parse_measures",
+    "read_measure_input",
     "run_measures",
 ]
 
@@ -69,7 +74,9 @@ class MeasureInput:
     ``y_super`` as their superclasses, and c3, c4, clusters and label-variation use the
     model's classes, ``y_super`` (their lines say so with ``"labels": "y_super"``; omit
     ``y_super`` to measure them on ``y``). ``predictions`` (N,), the model's predicted
-    classes, give ``clusters`` its CC/MC accuracies.
+    classes, give ``clusters`` its CC/MC accuracies; ``clusters`` then runs on the labels the
+    predictions were made for: ``y_super`` when they lie in its range, else ``y`` (a model
+    trained on the subclasses), and predictions beyond both ranges are refused.
     """
 
     layers: Mapping[str, Any]
@@ -132,6 +139,25 @@ class _Prepared:
         """Which input the classes come from: ``"y_super"`` or ``"y"``."""
         return "y" if self.y_super is None else "y_super"
 
+    def predicted_classes(self) -> tuple[np.ndarray, str]:
+        """The labels the predictions were made for, and their name: without predictions the
+        model's classes; else the first of ``y_super``, ``y`` whose range holds every
+        prediction (a model trained on the subclasses predicts beyond ``y_super``'s range)."""
+        if self.predictions is None:
+            return self.classes, self.labels
+        candidates = [("y", self.y)] if self.y_super is None else [
+            ("y_super", self.y_super), ("y", self.y)
+        ]  # fmt: skip
+        top = int(self.predictions.max(initial=0))
+        for name, labels in candidates:
+            if top <= int(labels.max(initial=0)):
+                return labels, name
+        names = " and ".join(f"{name} up to {int(labels.max())}" for name, labels in candidates)
+        raise LCCInputError(
+            f"predictions hold class {top} but the labels go {names}; save the predictions "
+            "of the model trained on these labels (or drop the predictions)"
+        )
+
 
 # --------------------------------------------------------------------------- c1-c4
 
@@ -181,6 +207,8 @@ def _neuron_lines(
     for layer, part in parts.items():
         value = intraclass.combine_neurons([part], options.top_k, reduce)
         top = min(options.top_k, part.values.shape[1])
+        if name == "c1" and options.top_k >= part.values.shape[1]:
+            _warn_all_neurons(layer, options.top_k, part.values.shape[1])
         lines.append(_line(name, value, layer, data, top_k=top, **{count_key: count}, **context))
     if len(parts) > 1:
         value = intraclass.combine_neurons(list(parts.values()), options.top_k, reduce)
@@ -198,6 +226,16 @@ def _neuron_lines(
             )
         )
     return lines
+
+
+def _warn_all_neurons(layer: str, top_k: int, neurons: int) -> None:
+    warnings.warn(
+        f"c1 of layer {layer}: top_k={top_k} (--top-k) is not below its {neurons} neurons, so "
+        f"c1 averages every neuron (top_k={neurons} in the line) and the selectivities of a "
+        "superclass's subclasses cancel (exactly 0 with two subclasses per superclass); pass "
+        f"a top_k below {neurons}",
+        stacklevel=4,
+    )
 
 
 def _c2(data: _Prepared, options: MeasureOptions) -> list[dict[str, Any]]:
@@ -249,13 +287,14 @@ def _layer_lines(
 
 def _clusters(data: _Prepared, options: MeasureOptions) -> list[dict[str, Any]]:
     k = options.k if options.k is not None else DEFAULT_K["clusters"]
+    classes, labels = data.predicted_classes()
     lines = []
     for layer, z in data.layers.items():
         out = intraclass.cluster_measure(
-            z, data.classes, data.predictions, k=k, method=options.method, seed=options.seed
+            z, classes, data.predictions, k=k, method=options.method, seed=options.seed
         )
         value = out["misclustered_fraction"]
-        lines.append(_line("clusters", value, layer, data, **out, labels=data.labels))
+        lines.append(_line("clusters", value, layer, data, **out, labels=labels))
     return lines
 
 
@@ -323,7 +362,8 @@ MEASURES: dict[str, Measure] = {
         Measure(
             "label-variation",
             "label variation of the latent geometry graph (k-NN, cosine or RBF); value = "
-            "normalised label variation (0: no edge joins two classes, 1: every edge does)",
+            "its share of the graph's total edge weight (0: no edge joins two classes, 1: "
+            "every edge does)",
             False,
             _label_variation,
         ),
@@ -437,6 +477,8 @@ def _validate(names: list[str], data: _Prepared, options: MeasureOptions) -> Non
                 f"class {label} has a single sample; c4 needs pairs within every class: "
                 "drop it or collect more samples"
             )
+    if "clusters" in names:
+        data.predicted_classes()  # predictions beyond every label range: refused up front
     graph = [name for name in names if name in DEFAULT_K]
     for name in graph:
         check_k(options.k if options.k is not None else DEFAULT_K[name], data.n)
@@ -456,3 +498,66 @@ def _validate(names: list[str], data: _Prepared, options: MeasureOptions) -> Non
             raise LCCInputError(
                 f"bandwidth={options.bandwidth!r} must be a positive number (or None: default)"
             )
+
+
+# --------------------------------------------------------------------------- files
+
+
+def read_measure_input(
+    path: str | os.PathLike[str],
+    layers: Sequence[str] | None = None,
+    superclass_key: str | None = None,
+) -> MeasureInput:
+    """A :class:`MeasureInput` from a ``.npz`` / ``.safetensors`` file: ``z`` (one layer) or
+    ``z_<LAYER>`` (several), ``y``, optional superclass labels (``superclass_key``, default
+    ``y_super`` when present) and ``predictions``; ``layers`` keeps only those layers.
+
+    >>> import tempfile
+    >>> from lcc.io import save_npz_atomic
+    >>> path = Path(tempfile.mkdtemp()) / "l.npz"
+    >>> _ = save_npz_atomic(path, z_a=np.ones((4, 2)), z_b=np.ones((4, 3)), y=np.arange(4) % 2)
+    >>> data = read_measure_input(path)
+    >>> sorted(data.layers), data.y_super is None
+    (['a', 'b'], True)
+    """
+    from lcc.io import array_keys, load_arrays
+
+    file = Path(path)
+    keys = array_keys(file)
+    stored = {_layer_name(key): key for key in keys if key == "z" or key.startswith("z_")}
+    if not stored:
+        raise LCCInputError(
+            f"{file} holds no latents (keys found: {', '.join(keys) or 'none'}); save them "
+            "under z (one layer) or z_<LAYER> (several)"
+        )
+    if layers:
+        missing = [layer for layer in layers if layer not in stored]
+        if missing:
+            raise LCCInputError(
+                f"{file} has no layer {missing[0]!r} (layers: {', '.join(stored)}); "
+                "pass --layers among those, or omit it"
+            )
+        stored = {layer: stored[layer] for layer in dict.fromkeys(layers)}
+    if superclass_key is not None and superclass_key not in keys:
+        raise LCCInputError(
+            f"{file} has no key {superclass_key!r} for --superclass-key (keys found: "
+            f"{', '.join(keys)}); save the superclass labels under it"
+        )
+    if superclass_key is None and "y_super" in keys:
+        superclass_key = "y_super"
+    wanted = [*stored.values(), "y"]
+    if superclass_key is not None:
+        wanted.append(superclass_key)
+    if "predictions" in keys:
+        wanted.append("predictions")
+    arrays = load_arrays(file, tuple(dict.fromkeys(wanted)))
+    return MeasureInput(
+        layers={layer: arrays[key] for layer, key in stored.items()},
+        y=arrays["y"],
+        y_super=arrays.get(superclass_key) if superclass_key is not None else None,
+        predictions=arrays.get("predictions"),
+    )
+
+
+def _layer_name(key: str) -> str:
+    return "z" if key == "z" else key[len("z_") :]

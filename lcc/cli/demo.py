@@ -29,6 +29,8 @@ from typing import Any
 from lcc.cli import HelpFormatter
 from lcc.errors import LCCInputError
 
+HELP = "pretrain on MNIST, fine-tune on Fashion-MNIST with and without LCC, compare"
+
 DESCRIPTION = """\
 Pretrain a small ResNet (or, with --model small-cnn, a small CNN) on MNIST, fine-tune it on
 Fashion-MNIST twice with the same seed -- baseline (cross-entropy) and LCC -- and print a
@@ -71,7 +73,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``demo`` subcommand to ``subparsers``."""
     parser = subparsers.add_parser(
         "demo",
-        help="pretrain on MNIST, fine-tune on Fashion-MNIST with and without LCC, compare",
+        help=HELP,
         description=DESCRIPTION,
         formatter_class=HelpFormatter,
     )

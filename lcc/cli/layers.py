@@ -11,19 +11,23 @@ from __future__ import annotations
 import argparse
 import re
 from collections.abc import Sequence
-
-import torch
+from typing import TYPE_CHECKING
 
 from lcc.errors import LCCInputError
+
+if TYPE_CHECKING:
+    import torch
+
+HELP = "list a model's submodules with their output shapes (names for --layers)"
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     from lcc.cli import HelpFormatter
-    from lcc.zoo.latents import POOLS
+    from lcc.engine.choices import POOLS  # torch-free: --help stays fast
 
     parser = subparsers.add_parser(
         "layers",
-        help="list a model's submodules with their output shapes (names for --layers)",
+        help=HELP,
         description=(__doc__ or "").strip().replace("``", ""),
         formatter_class=HelpFormatter,
     )
@@ -107,10 +111,13 @@ def layer_table(
 ) -> list[tuple[str, tuple[int, ...], int, int]]:
     """(name, output shape, pooled dimension, parameter count) for each submodule.
 
+    >>> import torch
     >>> net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.Flatten())
     >>> layer_table(net, (1, 4, 4), pool="avg")
     [('0', (2, 2, 2), 2, 20), ('1', (8,), 8, 0)]
     """
+    import torch
+
     from lcc.zoo.latents import list_layers, pool_output
 
     generator = torch.Generator().manual_seed(0)
@@ -134,6 +141,8 @@ def format_table(rows: Sequence[tuple[str, tuple[int, ...], int, int]]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     from lcc.zoo.models import build_model
 
     shape, num_classes = resolve_shape(

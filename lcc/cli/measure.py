@@ -14,6 +14,9 @@ from typing import Any
 
 from lcc.cli import HelpFormatter
 from lcc.errors import LCCInputError
+from lcc.io import OutputKind
+
+HELP = "measure intraclass clustering, LCC clusters and label variation per layer"
 
 DESCRIPTION = """\
 Measure how a classifier's latent spaces cluster: the intraclass clustering measures c1-c4
@@ -32,9 +35,13 @@ measures (--measure, comma-separated):
   c4               spread of pairwise cosine distances in a class over the whole set (eq. 4),
                    on standardised activations (25% active)
   clusters         k-NN graph clusters matched to classes: value = misclustered fraction, plus
-                   accuracy, accuracy_cc, accuracy_mc when predictions are known
-  label-variation  normalised label variation of the k-NN latent graph (also in the line:
-                   label_variation, label_variation_normalized, k, similarity)
+                   accuracy, accuracy_cc, accuracy_mc when predictions are known (scored on
+                   the labels they were made for: y_super when they fit its range, else y;
+                   "labels" in the line says which)
+  label-variation  share of the k-NN latent graph's edge weight that joins two classes (the
+                   label variation over the total weight; also in the line: label_variation,
+                   label_variation_normalized, k, similarity). Not --normalize, which
+                   degree-normalises the graph before measuring
   auto             c1,c2,c3,c4 when superclass labels are given, else c3,c4
 
 LATENTS keys: z (N, ...) for one layer, or z_<LAYER> for several (the layer is named
@@ -57,15 +64,21 @@ examples:
       --checkpoint run/model.pt --measure c3,c4,clusters --subset 1000
 """
 
+#: An existing --save-latents file of this kind is replaced without --force.
+SAVED_LATENTS = OutputKind(
+    "latents saved by lcc measure --save-latents (z_<LAYER>, y, predictions)",
+    lambda path: _saved_latents(path),
+)
+
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``measure`` subcommand to ``subparsers``."""
     from lcc.analysis.intraclass import ACTIVE_FRACTION, TOP_LAYERS, TOP_NEURONS
-    from lcc.engine.refresh import CLUSTER_METHODS
+    from lcc.engine.choices import CLUSTER_METHODS  # torch-free: --help stays fast
 
     parser = subparsers.add_parser(
         "measure",
-        help="measure intraclass clustering, LCC clusters and label variation per layer",
+        help=HELP,
         description=DESCRIPTION,
         formatter_class=HelpFormatter,
     )
@@ -152,7 +165,8 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         "--normalize",
         action="store_true",
         default=argparse.SUPPRESS,
-        help="label-variation: degree-normalise the graph, D^-1/2 A D^-1/2 (default: off)",
+        help="label-variation: degree-normalise the graph's weights, D^-1/2 A D^-1/2, before "
+        "measuring (default: off; the value is a share of the total weight either way)",
     )
     measures.add_argument(
         "--seed", type=int, default=0, help="seed of the clustering, model init and subsets"
@@ -198,15 +212,38 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         help="also write the collected latents (z_<LAYER>, y, predictions) to this .npz, e.g. "
         "to add y_super for c1 and c2",
     )
+    model.add_argument(
+        "--force",
+        action="store_true",
+        help="let --save-latents replace an existing file that is not latents saved by lcc "
+        "measure (never the --checkpoint)",
+    )
     parser.set_defaults(handler=run)
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
     """Run ``lcc measure`` with parsed ``args``; returns the exit code."""
-    from lcc.analysis.measures import MeasureOptions, parse_measures, run_measures
+    from lcc.analysis.measures import read_measure_input, run_measures
 
-    options = MeasureOptions(
+    if args.model is not None:
+        data = _collect(args)
+    else:
+        _check_file_args(args)
+        if args.latents is None:
+            data = example(seed=args.seed)
+            _check_example_layers(args.layers, data)
+        else:
+            data = read_measure_input(args.latents, args.layers, args.superclass_key)
+    for line in run_measures(args.measure, data, _options(args)):
+        print(json.dumps(line), flush=True)
+    return 0
+
+
+def _options(args: argparse.Namespace) -> Any:
+    from lcc.analysis.measures import MeasureOptions
+
+    return MeasureOptions(
         top_k=args.top_k,
         top_layers=args.top_layers,
         k=args.k,
@@ -218,118 +255,30 @@ def run(args: argparse.Namespace) -> int:
         active=args.active,
         seed=args.seed,
     )
-    if args.model is not None:
-        _check_model_args(args)
-        names = parse_measures(args.measure, superclasses=False)
-        _check_flat(names, f"dataset {args.dataset} has no superclass labels")
-        data = collect(args)
-    else:
-        _check_file_args(args)
-        if args.latents is None:
-            data = example(seed=args.seed)
-            unknown = [layer for layer in args.layers or () if layer not in data.layers]
-            if unknown:
-                raise LCCInputError(
-                    f"the generated example has one layer, z, not {unknown[0]!r}; drop --layers "
-                    "or pass LATENTS"
-                )
-        else:
-            data = read_latents(Path(args.latents), args.layers, args.superclass_key)
-    for line in run_measures(args.measure, data, options):
-        print(json.dumps(line), flush=True)
-    return 0
 
 
-# --------------------------------------------------------------------------- inputs
-
-
-def read_latents(path: Path, layers: list[str] | None, superclass_key: str | None) -> Any:
-    """A :class:`MeasureInput` from a latents file (key convention: see the help).
-
-    >>> import tempfile, numpy as np
-    >>> path = Path(tempfile.mkdtemp()) / "l.npz"
-    >>> np.savez(path, z_a=np.ones((4, 2)), z_b=np.ones((4, 3)), y=[0, 0, 1, 1])
-    >>> data = read_latents(path, None, None)
-    >>> sorted(data.layers), data.y_super is None
-    (['a', 'b'], True)
-    """
-    from lcc.analysis.measures import MeasureInput
-    from lcc.io import array_keys, load_arrays
-
-    keys = array_keys(path)
-    stored = {_layer_name(key): key for key in keys if key == "z" or key.startswith("z_")}
-    if not stored:
-        raise LCCInputError(
-            f"{path} holds no latents (keys found: {', '.join(keys) or 'none'}); save them "
-            "under z (one layer) or z_<LAYER> (several)"
-        )
-    if layers:
-        missing = [layer for layer in layers if layer not in stored]
-        if missing:
-            raise LCCInputError(
-                f"{path} has no layer {missing[0]!r} (layers: {', '.join(stored)}); "
-                "pass --layers among those, or omit it"
-            )
-        stored = {layer: stored[layer] for layer in dict.fromkeys(layers)}
-    if superclass_key is not None and superclass_key not in keys:
-        raise LCCInputError(
-            f"{path} has no key {superclass_key!r} for --superclass-key (keys found: "
-            f"{', '.join(keys)}); save the superclass labels under it"
-        )
-    if superclass_key is None and "y_super" in keys:
-        superclass_key = "y_super"
-    wanted = [*stored.values(), "y"]
-    if superclass_key is not None:
-        wanted.append(superclass_key)
-    if "predictions" in keys:
-        wanted.append("predictions")
-    arrays = load_arrays(path, tuple(dict.fromkeys(wanted)))
-    return MeasureInput(
-        layers={layer: arrays[key] for layer, key in stored.items()},
-        y=arrays["y"],
-        y_super=arrays.get(superclass_key) if superclass_key is not None else None,
-        predictions=arrays.get("predictions"),
-    )
-
-
-def _layer_name(key: str) -> str:
-    return "z" if key == "z" else key[len("z_") :]
-
-
-def collect(args: argparse.Namespace) -> Any:
-    """Latents of ``args.layers`` of ``args.model`` on ``args.dataset`` (conv maps max-pooled)."""
-    import torch
-    from torch.utils.data import DataLoader
-
-    from lcc.analysis.measures import MeasureInput
+def _collect(args: argparse.Namespace) -> Any:
+    """Latents of ``args.layers`` of ``args.model`` on ``args.dataset`` (conv maps max-pooled),
+    also written to ``--save-latents``."""
+    from lcc.analysis.measures import MeasureInput, parse_measures
     from lcc.io import save_npz_atomic
-    from lcc.zoo.datasets import IndexedDataset, load_dataset
-    from lcc.zoo.latents import check_layer_names, collect_latents
-    from lcc.zoo.models import build_model
+    from lcc.zoo.latents import model_latents
 
-    if args.save_latents is not None:
-        _check_out(Path(args.save_latents))
-    train = args.split == "train"
-    bundle = load_dataset(
-        args.dataset,
-        root=args.data_dir,
-        subset=args.subset if train else None,
-        test_subset=None if train else args.subset,
-        seed=args.seed,
-        augment=False,
-    )
-    torch.manual_seed(args.seed)
-    model = build_model(
+    _check_model_args(args)
+    _check_flat(parse_measures(args.measure), f"dataset {args.dataset} has no superclass labels")
+    latents, y, predictions = model_latents(
         args.model,
-        bundle.num_classes,
-        input_shape=bundle.input_shape,
-        pretrained=not args.no_pretrained,
+        args.dataset,
+        args.layers,
+        split=args.split,
+        subset=args.subset,
         checkpoint=args.checkpoint,
+        pretrained=not args.no_pretrained,
+        data_dir=args.data_dir,
+        batch_size=args.batch_size,
+        pool="max",
+        seed=args.seed,
     )
-    layers = check_layer_names(model, args.layers)
-    dataset = IndexedDataset(bundle.train_plain if train else bundle.test)
-    loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False)
-    latents, y, predictions = collect_latents(model, loader, layers, pool="max")
     if args.save_latents is not None:
         arrays = {f"z_{layer}": z for layer, z in latents.items()}
         save_npz_atomic(args.save_latents, **arrays, y=y, predictions=predictions)
@@ -377,8 +326,45 @@ def _check_model_args(args: argparse.Namespace) -> None:
             "--superclass-key reads a LATENTS file; with --model, save the latents with "
             "--save-latents, add the superclass labels to that file and measure it"
         )
-    if args.save_latents is not None and Path(args.save_latents).suffix.lower() != ".npz":
-        raise LCCInputError(f"--save-latents must name a .npz file, got {args.save_latents}")
+    if args.save_latents is not None:
+        _check_save_latents(args)
+
+
+def _check_save_latents(args: argparse.Namespace) -> None:
+    """--save-latents: a .npz in an existing folder; never the checkpoint; an existing file
+    that is not latents saved by lcc measure only with --force."""
+    from lcc.io import check_output_path
+
+    out = Path(args.save_latents)
+    if out.suffix.lower() != ".npz":
+        raise LCCInputError(f"--save-latents must name a .npz file, got {out}")
+    check_output_path(
+        out, [args.checkpoint], force=args.force, kind=SAVED_LATENTS, label="--save-latents"
+    )
+    if not out.parent.is_dir():
+        raise LCCInputError(f"cannot write {out}: directory {out.parent} does not exist")
+    if out.is_dir():
+        raise LCCInputError(f"cannot write {out}: it is a directory; pass a file name")
+
+
+def _saved_latents(path: Path) -> bool:
+    """Whether ``path`` holds latents written by ``--save-latents`` (z_<LAYER>, y, predictions)."""
+    from lcc.io import array_keys
+
+    try:
+        keys = set(array_keys(path))
+    except LCCInputError:
+        return False
+    return {"y", "predictions"} <= keys and any(key.startswith("z_") for key in keys)
+
+
+def _check_example_layers(layers: list[str] | None, data: Any) -> None:
+    unknown = [layer for layer in layers or () if layer not in data.layers]
+    if unknown:
+        raise LCCInputError(
+            f"the generated example has one layer, z, not {unknown[0]!r}; drop --layers "
+            "or pass LATENTS"
+        )
 
 
 def _check_file_args(args: argparse.Namespace) -> None:
@@ -411,13 +397,6 @@ def _check_flat(names: list[str], why: str) -> None:
             "here, or pass --save-latents OUT.npz, add y_super (N,) superclass labels to it "
             "and run `lcc measure OUT.npz --measure c1,c2`"
         )
-
-
-def _check_out(out: Path) -> None:
-    if not out.parent.is_dir():
-        raise LCCInputError(f"cannot write {out}: directory {out.parent} does not exist")
-    if out.is_dir():
-        raise LCCInputError(f"cannot write {out}: it is a directory; pass a file name")
 
 
 def _positive_int(text: str) -> int:

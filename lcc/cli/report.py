@@ -7,6 +7,8 @@ from typing import Any
 
 from lcc.cli import HelpFormatter
 
+HELP = "pictures, report.md and report.html comparing finished runs"
+
 DESCRIPTION = """\
 Compare finished `lcc train` runs: writes into --out DIR a report.md, a self-contained
 report.html (pictures embedded) and the pictures as PNG and SVG:
@@ -37,7 +39,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
 
     parser = subparsers.add_parser(
         "report",
-        help="pictures, report.md and report.html comparing finished runs",
+        help=HELP,
         description=DESCRIPTION,
         formatter_class=HelpFormatter,
     )

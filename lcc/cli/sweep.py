@@ -9,6 +9,8 @@ from typing import Any
 
 from lcc.cli import HelpFormatter
 
+HELP = "run a grid of lcc train runs (resumable) and write their table"
+
 DESCRIPTION = """\
 Run a grid of `lcc train` runs one after the other, then write the table of the LCC paper's
 Tables III-IV: per setting the test top-1 and top-5, mean ± sample standard deviation over the
@@ -39,7 +41,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``sweep`` subcommand to ``subparsers``."""
     parser = subparsers.add_parser(
         "sweep",
-        help="run a grid of lcc train runs (resumable) and write their table",
+        help=HELP,
         description=DESCRIPTION,
         formatter_class=HelpFormatter,
     )

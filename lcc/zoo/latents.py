@@ -31,11 +31,11 @@ import numpy.typing as npt
 import torch
 from torch import Tensor, nn
 
+from lcc.engine.choices import POOLS
 from lcc.errors import LCCInputError, check_choice
 from lcc.io import npy_memmap_atomic
 
 Pool = Literal["flatten", "avg", "max"]
-POOLS: tuple[str, ...] = ("flatten", "avg", "max")
 
 __all__ = [
     "POOLS",
@@ -43,9 +43,12 @@ __all__ = [
     "Pool",
     "check_layer_names",
     "collect_latents",
+    "eval_mode",
     "first_tensor",
     "list_layers",
+    "model_latents",
     "pool_output",
+    "probe_latents",
 ]
 
 
@@ -194,20 +197,62 @@ def _call(model: nn.Module, sample_input: object) -> object:
     return model(sample_input)
 
 
-class _eval_mode:
-    """Put a model in eval mode and restore every submodule's own train/eval flag on exit."""
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode inside the block; on exit (also on an error) every submodule gets back its
+    own train/eval flag, so a model with some submodules frozen in eval stays that way.
 
-    def __init__(self, model: nn.Module):
-        self.model = model
-        self.flags = [(module, module.training) for module in model.modules()]
-
-    def __enter__(self) -> nn.Module:
-        self.model.eval()
-        return self.model
-
-    def __exit__(self, *exc: object) -> None:
-        for module, flag in self.flags:
+    >>> model = torch.nn.Sequential(torch.nn.Dropout(), torch.nn.BatchNorm1d(2))
+    >>> _ = model[1].eval()
+    >>> with eval_mode(model):
+    ...     [m.training for m in model.modules()]
+    [False, False, False]
+    >>> [m.training for m in model.modules()]
+    [True, True, False]
+    """
+    flags = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, flag in flags:
             module.training = flag
+
+
+def probe_latents(
+    model: nn.Module,
+    sample: object,
+    layers: str | Sequence[str],
+    *,
+    pool: Pool = "flatten",
+    device: str | torch.device | None = None,
+) -> tuple[dict[str, Tensor], Tensor]:
+    """One forward pass on a ``sample`` batch in eval mode without gradients (modes restored):
+    ``({layer: (B, D) output}, logits (B, ...))``, every tensor detached.
+
+    ``sample`` is a batch (tensor, or tuple/dict of model arguments), moved to ``device``
+    (default: the model's). Every layer must run in the forward pass. Use it to size
+    parameters or check layers on a sample; :func:`collect_latents` covers a whole loader.
+
+    >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    >>> latents, logits = probe_latents(model, torch.ones(5, 3), ["1"])
+    >>> latents["1"].shape, logits.shape, model.training
+    (torch.Size([5, 4]), torch.Size([5, 2]), True)
+    """
+    names = check_layer_names(model, layers)
+    target = torch.device(device) if device is not None else _model_device(model)
+    recorder = LatentRecorder(model, names, pool=pool)
+    with eval_mode(model), torch.no_grad(), recorder:
+        logits = first_tensor(_call(model, _to(sample, target)), "model output")
+    missing = [name for name in names if name not in recorder.outputs]
+    if missing:
+        raise LCCInputError(
+            f"layer(s) {', '.join(map(repr, missing))} did not run in the model's forward pass; "
+            "choose others (run `lcc layers MODEL`)"
+        )
+    latents = {name: recorder.outputs[name].detach() for name in names}
+    recorder.clear()
+    return latents, logits.detach()
 
 
 def list_layers(model: nn.Module, sample_input: object) -> list[tuple[str, tuple[int, ...]]]:
@@ -234,7 +279,7 @@ def list_layers(model: nn.Module, sample_input: object) -> list[tuple[str, tuple
 
     handles = [module.register_forward_hook(make_hook(name)) for name, module in modules.items()]
     try:
-        with _eval_mode(model), torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             _call(model, sample_input)
     finally:
         for handle in handles:
@@ -351,7 +396,7 @@ def _collect(
     predictions = np.zeros(n, dtype=np.int64)
     seen = np.zeros(n, dtype=bool)
     recorder = LatentRecorder(model, names, pool=pool)
-    with _eval_mode(model), torch.no_grad(), recorder:
+    with eval_mode(model), torch.no_grad(), recorder:
         for x, y, index in _iterate(loader):
             recorder.clear()
             logits = first_tensor(_call(model, _to(x, target)), "model output")
@@ -390,3 +435,54 @@ def _to(x: object, device: torch.device) -> object:
     if isinstance(x, (tuple, list)):
         return type(x)(_to(value, device) for value in x)
     return x
+
+
+def model_latents(
+    model: str,
+    dataset: str,
+    layers: str | Sequence[str],
+    *,
+    split: Literal["train", "test"] = "train",
+    subset: int | None = None,
+    checkpoint: str | os.PathLike[str] | None = None,
+    pretrained: bool = True,
+    data_dir: str | os.PathLike[str] | None = None,
+    batch_size: int = 256,
+    pool: Pool = "max",
+    seed: int = 0,
+) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    """Build ``model`` (a spec, weights from ``checkpoint``) for ``dataset`` and collect the
+    latents of ``layers`` on its ``split`` (not augmented; ``subset``: a seeded stratified
+    subset of that many samples) with :func:`collect_latents`; the model's initial weights
+    come from ``seed``. Returns ``({layer: (N, D)}, y (N,), predictions (N,))``.
+
+    >>> z, y, predictions = model_latents("small-cnn", "digits", ["fc1"], subset=40)
+    >>> z["fc1"].shape, y.shape, predictions.shape
+    ((40, 128), (40,), (40,))
+    """
+    from torch.utils.data import DataLoader
+
+    from lcc.zoo.datasets import IndexedDataset, load_dataset
+    from lcc.zoo.models import build_model
+
+    check_choice(split, ("train", "test"), name="split")
+    train = split == "train"
+    bundle = load_dataset(
+        dataset,
+        root=data_dir,
+        subset=subset if train else None,
+        test_subset=None if train else subset,
+        seed=seed,
+        augment=False,
+    )
+    torch.manual_seed(seed)
+    network = build_model(
+        model,
+        bundle.num_classes,
+        input_shape=bundle.input_shape,
+        pretrained=pretrained,
+        checkpoint=checkpoint,
+    )
+    names = check_layer_names(network, layers)
+    data = IndexedDataset(bundle.train_plain if train else bundle.test)
+    return collect_latents(network, DataLoader(data, batch_size=batch_size), names, pool=pool)

@@ -280,3 +280,83 @@ def test_help_lists_every_measure_and_default(capsys):
         "z_<LAYER>",
     ):
         assert word in text
+
+
+# --------------------------------------------------------------------------- issue 17
+
+
+def flat_predictions(n: int = 200, seed: int = 0):
+    """10 separated classes, a model's perfect predictions of them and superclasses y // 5."""
+    z, y, _ = gaussian_mixture(n, 8, 10, 1, separation=8.0, noise=0.5, seed=seed)
+    return z, y, y.copy(), y // 5
+
+
+def test_clusters_scores_fine_predictions_against_the_fine_labels(tmp_path, capsys):
+    z, y, predictions, y_super = flat_predictions()
+    path = tmp_path / "with_super.npz"
+    np.savez(path, z=z, y=y, y_super=y_super, predictions=predictions)
+    (line,) = run_cli([str(path), "--measure", "clusters"], capsys)
+    expected = intraclass.cluster_measure(z, y, predictions, k=5, method="leiden")
+    assert line["labels"] == "y"  # 10-class predictions belong to y, not to y_super (0..1)
+    assert line["accuracy"] == pytest.approx(1.0)
+    assert line["value"] == pytest.approx(expected["misclustered_fraction"])
+    # predictions within y_super's range are the superclass model's (the paper's set-up)
+    coarse = tmp_path / "coarse.npz"
+    np.savez(coarse, z=z, y=y, y_super=y_super, predictions=y_super)
+    (line,) = run_cli([str(coarse), "--measure", "clusters"], capsys)
+    assert line["labels"] == "y_super" and line["accuracy"] == pytest.approx(1.0)
+
+
+def test_predictions_beyond_every_label_range_are_one_line(tmp_path, capsys):
+    z, y, predictions, y_super = flat_predictions()
+    path = tmp_path / "bad.npz"
+    np.savez(path, z=z, y=y, y_super=y_super, predictions=predictions + 3)
+    line = run_error([str(path), "--measure", "clusters"], capsys)
+    assert "predictions hold class 12 but the labels go y_super up to 1 and y up to 9" in line
+    flat = tmp_path / "flat.npz"
+    np.savez(flat, z=z, y=y, predictions=predictions + 3)
+    assert "predictions hold class 12" in run_error([str(flat), "--measure", "clusters"], capsys)
+
+
+def test_c1_with_top_k_over_the_neurons_warns_and_reports_the_effective_k(tmp_path, capsys):
+    z, sub, sup = hierarchical()  # 10 neurons
+    path = tmp_path / "h.npz"
+    np.savez(path, z=z, y=sub, y_super=sup)
+    assert main(["measure", str(path), "--measure", "c1", "--top-k", "10"]) == 0
+    captured = capsys.readouterr()
+    (line,) = [json.loads(text) for text in captured.out.splitlines()]
+    warning = captured.err.strip().splitlines()
+    assert len(warning) == 1 and warning[0].startswith("lcc measure: warning: c1 of layer z")
+    assert "top_k=10 (--top-k) is not below its 10 neurons" in warning[0]
+    assert line["top_k"] == 10 and line["value"] == pytest.approx(0.0, abs=1e-9)
+    run_cli([str(path), "--measure", "c1", "--top-k", "9"], capsys)  # below: no warning
+
+
+def test_a_directory_as_latents_says_so(tmp_path, capsys):
+    line = run_error([str(tmp_path)], capsys)
+    assert f"cannot read {tmp_path}: it is a directory" in line
+
+
+def test_save_latents_refuses_to_replace_another_file_without_force(tmp_path, capsys):
+    base = ["--model", "small-cnn", "--dataset", "digits", "--subset", "60", "--layers", "fc1"]
+    base += ["--measure", "c3"]
+    cluster_result = tmp_path / "clusters.npz"
+    np.savez(cluster_result, clusters=np.zeros(3), cluster_class=np.zeros(1))
+    refresh = tmp_path / "epoch_1_act1.npz"
+    np.savez(refresh, z=np.zeros((3, 2)), y=np.zeros(3), clusters=np.zeros(3))
+    for existing in (cluster_result, refresh):
+        before = existing.read_bytes()
+        line = run_error([*base, "--save-latents", str(existing)], capsys)
+        assert f"--save-latents {existing} exists and is not latents saved by lcc measure" in line
+        assert "--force" in line and existing.read_bytes() == before
+    run_cli([*base, "--save-latents", str(refresh), "--force"], capsys)
+    with np.load(refresh) as archive:
+        assert {"z_fc1", "y", "predictions"} <= set(archive.files)
+    run_cli([*base, "--save-latents", str(refresh)], capsys)  # its own output: replaced
+    torch.save(torch.nn.Linear(2, 2).state_dict(), tmp_path / "weights.npz")
+    line = run_error(
+        [*base, "--checkpoint", str(tmp_path / "weights.npz"), "--save-latents",
+         str(tmp_path / "weights.npz"), "--force"],
+        capsys,
+    )  # fmt: skip
+    assert "is the input" in line

@@ -333,3 +333,43 @@ def test_collect_latents_memory_maps_leave_nothing_on_failure(tmp_path) -> None:
         collect_latents(net, loader, ["fc1"], memmap_dir=tmp_path, memmap_dtype=np.int8)
     with pytest.raises(LCCInputError, match="not a directory"):
         collect_latents(net, loader, ["fc1"], memmap_dir=tmp_path / "missing")
+
+
+def test_probe_latents_runs_in_eval_mode_and_restores_each_flag():
+    from lcc.zoo.latents import probe_latents
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Dropout(0.5), torch.nn.Linear(4, 2)
+    )
+    model[2].eval()  # a submodule frozen in eval stays so
+    x = torch.randn(6, 3)
+    latents, logits = probe_latents(model, x, ["1", "2"])
+    flags = [m.training for m in model]
+    assert flags == [True, True, False, True]
+    with torch.no_grad():  # oracle: the same layers in eval mode by hand
+        bn = torch.nn.functional.batch_norm(
+            model[0](x), model[1].running_mean, model[1].running_var, model[1].weight,
+            model[1].bias, training=False,
+        )  # fmt: skip
+    torch.testing.assert_close(latents["1"], bn)
+    torch.testing.assert_close(latents["2"], bn)  # dropout off in eval
+    torch.testing.assert_close(logits, model[3](bn).detach())
+    assert not latents["1"].requires_grad and not logits.requires_grad
+
+
+def test_probe_latents_names_a_layer_that_does_not_run():
+    from lcc.zoo.latents import probe_latents
+
+    class Skips(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used, self.unused = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+
+        def forward(self, x):
+            return self.used(x)
+
+    model = Skips()
+    with pytest.raises(LCCInputError, match="'unused' did not run"):
+        probe_latents(model, torch.ones(2, 2), ["unused"])
+    assert model.training
