@@ -195,7 +195,7 @@ def refresh_memory(
     traced_peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert stats is not None
-    layer = stats[layer_name]
+    layer = stats["lcc"][layer_name]
     n, d = layer["n"], layer.get("input_dim", layer["d"])
     return {
         "refresh_seconds": seconds,

@@ -47,28 +47,6 @@ examples:
   lcc train --out runs/lcc --resume            # continue a killed run
 """
 
-LCC_OPTIONS = frozenset(
-    {
-        "layers",
-        "k",
-        "weight",
-        "warmup",
-        "interval",
-        "method",
-        "targets",
-        "knn",
-        "metric",
-        "pca",
-        "source",
-        "pool",
-        "class_policy",
-        "policy_size",
-        "squared",
-        "regularisers",
-        "ce_weight",
-        "no_lcc",
-    }
-)
 METAVARS = {
     "k": "K",
     "weight": "W",
@@ -136,7 +114,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         meta = item.metadata
         kind: str = meta["kind"].rstrip("?")
         text = meta["help"]
-        group = groups["lcc" if item.name in LCC_OPTIONS else meta["group"]]
+        group = groups[meta["group"]]
         if item.name in ("model", "dataset"):
             group.add_argument(
                 item.name,

@@ -24,10 +24,10 @@ import numpy as np
 from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import connected_components
 
+from lcc.engine.choices import CLASS_POLICIES
 from lcc.errors import LCCInputError, as_label_vector, check_choice
 
 ClassPolicy = Literal["all", "top-pairs", "heaviest-set", "largest-component"]
-CLASS_POLICIES: tuple[str, ...] = ("all", "top-pairs", "heaviest-set", "largest-component")
 
 
 def confusion_graph(y_true: object, y_pred: object, n_classes: int) -> np.ndarray:

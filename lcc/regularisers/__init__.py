@@ -14,17 +14,24 @@ from __future__ import annotations
 import dataclasses
 import importlib
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lcc.errors import LCCInputError
-from lcc.regularisers.base import (
-    OUTPUT,
-    Batch,
-    Regulariser,
-    RegulariserOptions,
-    TrainingLatents,
-    option,
-)
+from lcc.regularisers.options import RegulariserOptions, option
+
+if TYPE_CHECKING:
+    from lcc.regularisers.base import OUTPUT, Batch, Regulariser, TrainingLatents
+
+#: names re-exported from :mod:`lcc.regularisers.base` on first use (it imports torch; the
+#: option parsers import this package without it)
+_FROM_BASE = ("OUTPUT", "Batch", "Regulariser", "TrainingLatents")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _FROM_BASE:
+        return getattr(importlib.import_module("lcc.regularisers.base"), name)
+    raise AttributeError(f"module 'lcc.regularisers' has no attribute {name!r}")
+
 
 #: name -> "module:Class"; one line registers a regulariser
 REGISTRY: dict[str, str] = {

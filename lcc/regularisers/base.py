@@ -44,14 +44,15 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lcc.errors import LCCInputError, check_integer, check_number
+from lcc.errors import LCCInputError
+from lcc.regularisers.options import RegulariserOptions, make_options, option
 
 __all__ = [
     "OUTPUT",
@@ -64,82 +65,6 @@ __all__ = [
 
 #: Pseudo layer name of the model's output (the logits), accepted wherever layers are named.
 OUTPUT = "output"
-
-
-def option(default: Any, help: str, *, choices: tuple[str, ...] | None = None) -> Any:
-    """A dataclass field of a regulariser's options, with the help text ``--help-reg`` shows."""
-    metadata = {"help": help, "choices": choices}
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=metadata)
-    return field(default=default, metadata=metadata)
-
-
-@dataclass
-class RegulariserOptions:
-    """Options every regulariser has; subclasses add their own fields after these.
-
-    ``layers``: the submodules it reads (names from ``lcc layers MODEL``; ``output`` is the
-    model's logits; empty: the trainer's default layer); ``weight``: factor of its term in the
-    loss; ``warmup``: epochs (from 0) during which the term is off.
-    """
-
-    layers: list[str] = option(  # noqa: RUF009 - copied per instance
-        [], "layers it reads (`lcc layers MODEL`; 'output' = the logits)"
-    )
-    weight: float = option(0.1, "weight of its term in CE + sum of weighted terms")
-    warmup: int = option(0, "epochs without this term at the start")
-
-    def __post_init__(self) -> None:
-        for item in dataclasses.fields(self):
-            value = getattr(self, item.name)
-            if isinstance(value, str):
-                setattr(self, item.name, _from_text(value, str(item.type), item.name))
-        self.check()
-
-    def check(self) -> None:
-        """Validate values; subclasses extend it (call ``super().check()``)."""
-        layers = [self.layers] if isinstance(self.layers, str) else list(self.layers)
-        names: list[str] = []
-        for entry in layers:
-            if not isinstance(entry, str):
-                raise LCCInputError(f"layers must be layer names, got {entry!r}")
-            names.extend(part.strip() for part in entry.split(",") if part.strip())
-        if len(set(names)) != len(names):
-            raise LCCInputError(f"layers lists a layer twice: {names}")
-        self.layers = names
-        self.weight = check_number(self.weight, "weight", low=0.0)
-        self.warmup = check_integer(self.warmup, "warmup", low=0)
-
-
-def _from_text(text: str, annotation: str, name: str) -> Any:
-    """A value given as text (``--reg NAME:key=value``) converted to the field's annotated type.
-
-    >>> _from_text("3", "int | None", "k"), _from_text("none", "int | None", "k")
-    (3, None)
-    >>> _from_text("yes", "bool", "squared"), _from_text("0.5", "float", "weight")
-    (True, 0.5)
-    """
-    kinds = {part.strip() for part in annotation.split("|")}
-    value = text.strip()
-    if "None" in kinds and value.lower() in ("none", "null", ""):
-        return None
-    if "bool" in kinds:
-        lowered = value.lower()
-        if lowered in ("true", "yes", "on", "1"):
-            return True
-        if lowered in ("false", "no", "off", "0"):
-            return False
-        raise LCCInputError(f"{name} must be true or false, got {text!r}")
-    try:
-        if "int" in kinds and value.lstrip("-").isdigit():
-            return int(value)
-        if "float" in kinds:
-            return float(value)
-    except ValueError:
-        raise LCCInputError(f"{name} must be a number, got {text!r}") from None
-    if kinds & {"list[str]", "Sequence[str]"}:
-        return [part.strip() for part in value.split(",") if part.strip()]
-    return text
 
 
 @dataclass
@@ -296,42 +221,6 @@ class Regulariser(nn.Module):
         """One line for logs: name and options."""
         values = ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(self.options).items())
         return f"{self.name}({values})"
-
-
-def make_options(
-    cls: type[RegulariserOptions],
-    options: RegulariserOptions | None,
-    overrides: Mapping[str, Any],
-    owner: str = "",
-) -> Any:
-    """``options`` (or the defaults) with ``overrides`` applied, validated.
-
-    >>> make_options(RegulariserOptions, None, {"weight": "0.5"}).weight
-    0.5
-    >>> make_options(RegulariserOptions, None, {"wieght": 1}, "lcc")
-    Traceback (most recent call last):
-    ...
-    lcc.errors.LCCInputError: unknown option 'wieght' of lcc (did you mean 'weight'?); valid: layers, warmup, weight
-    """  # noqa: E501
-    import difflib
-
-    known = [item.name for item in dataclasses.fields(cls)]
-    changes: dict[str, Any] = {}
-    for key, value in overrides.items():
-        name = str(key).replace("-", "_")
-        if name not in known:
-            close = difflib.get_close_matches(name, known, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise LCCInputError(
-                f"unknown option {key!r} of {owner or cls.__name__}{hint}; "
-                f"valid: {', '.join(sorted(known))}"
-            )
-        changes[name] = value
-    if options is None:
-        return cls(**changes)
-    if not isinstance(options, cls):
-        raise LCCInputError(f"options must be a {cls.__name__}, got {type(options).__name__}")
-    return dataclasses.replace(options, **changes) if changes else options
 
 
 def zero_term(batch: Batch) -> Tensor:

@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from lcc.engine.lgg import distinct_classes_mask, gkd_distance, latent_graph
 from lcc.errors import LCCInputError, check_choice
 from lcc.regularisers.base import OUTPUT, Batch, Regulariser, option
-from lcc.regularisers.label_variation import GraphOptions, attached_zero, check_flag
+from lcc.regularisers.label_variation import GraphOptions, attached_zero
 from lcc.zoo.latents import POOLS, LatentRecorder, check_layer_names, first_tensor
 
 __all__ = ["GraphDistillation", "GraphDistillationOptions"]
@@ -98,7 +98,6 @@ class GraphDistillationOptions(GraphOptions):
         self.teacher_checkpoint = (checkpoint.strip() or None) if checkpoint else None
         self.teacher_layers = _names(self.teacher_layers, "teacher_layers")
         check_choice(self.teacher_pool, POOLS, name="teacher_pool")
-        self.distinct_classes = check_flag(self.distinct_classes, "distinct_classes")
         if self.layers and self.teacher_layers:
             _check_pairs(self.teacher_layers, self.layers)
 

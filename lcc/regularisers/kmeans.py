@@ -36,14 +36,13 @@ import torch
 from torch import Tensor, nn
 
 from lcc.engine.centroids import centroid_term, nearest_centroids, spread_indices
-from lcc.errors import LCCInputError, check_choice
+from lcc.errors import LCCInputError, check_choice, check_integer
 from lcc.regularisers.base import (
     OUTPUT,
     Batch,
     Regulariser,
     RegulariserOptions,
     TrainingLatents,
-    check_integer,
     option,
 )
 

@@ -28,13 +28,11 @@ import torch
 from torch import Tensor
 
 from lcc.engine.lgg import SIMILARITIES, batch_graph, label_variation
-from lcc.errors import LCCInputError, check_choice
+from lcc.errors import LCCInputError, check_choice, check_integer, check_number
 from lcc.regularisers.base import (
     Batch,
     Regulariser,
     RegulariserOptions,
-    check_integer,
-    check_number,
     option,
 )
 
@@ -44,30 +42,10 @@ __all__ = [
     "LabelVariation",
     "LabelVariationOptions",
     "attached_zero",
-    "check_flag",
     "layer_variations",
 ]
 
 _NONE = ("", "none", "auto", "null")
-
-
-def check_flag(value: object, name: str) -> bool:
-    """``value`` as a bool (``true``/``false``/``1``/``0``/``yes``/``no`` strings accepted).
-
-    >>> check_flag("False", "normalize"), check_flag(1, "normalize")
-    (False, True)
-    """
-    if isinstance(value, str):
-        text = value.strip().lower()
-        if text in ("true", "1", "yes", "on"):
-            return True
-        if text in ("false", "0", "no", "off"):
-            return False
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, int) and value in (0, 1):
-        return bool(value)
-    raise LCCInputError(f"{name} must be true or false, got {value!r}")
 
 
 @dataclass
@@ -98,7 +76,6 @@ class GraphOptions(RegulariserOptions):
             if not value > 0:
                 raise LCCInputError(f"bandwidth must be a positive number, got {self.bandwidth!r}")
             self.bandwidth = value
-        self.normalize = check_flag(self.normalize, "normalize")
 
 
 @dataclass
@@ -110,10 +87,6 @@ class LGGOptions(GraphOptions):
         "normalised label variation (share of edge weight between distinct classes, 0..1); "
         "false: the raw sum of eq. 5, which grows with batch size and k",
     )
-
-    def check(self) -> None:
-        super().check()
-        self.normalized = check_flag(self.normalized, "normalized")
 
 
 def attached_zero(z: Tensor) -> Tensor:

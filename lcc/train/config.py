@@ -19,22 +19,17 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lcc.errors import LCCInputError, check_choice
+from lcc.engine.choices import LATENT_DTYPES, POOLS, SOURCES
+from lcc.errors import LCCInputError
+from lcc.regularisers.lcc_options import LCCOptions
+from lcc.regularisers.options import coerce, field_kind, option
 
-CLUSTER_METHODS: tuple[str, ...] = ("leiden", "louvain", "peer-pressure")
-TARGET_MODES: tuple[str, ...] = ("exact", "approximate")
-KNN_MODES: tuple[str, ...] = ("exact", "approximate")
-METRICS: tuple[str, ...] = ("l2", "cosine")
-SOURCES: tuple[str, ...] = ("fresh", "recorded")
-POOLS: tuple[str, ...] = ("flatten", "avg", "max")
-CLASS_POLICIES: tuple[str, ...] = ("all", "top-pairs", "heaviest-set", "largest-component")
 STRATEGIES: tuple[str, ...] = ("auto", "ddp")
 ACCELERATORS: tuple[str, ...] = ("auto", "cpu", "gpu", "cuda", "mps")
 
@@ -54,13 +49,33 @@ def _option(
     group: str = "training",
 ) -> Any:
     """A dataclass field with the metadata the CLI parser is built from."""
-    metadata = {"help": help, "kind": kind, "choices": choices, "shown": shown, "group": group}
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=metadata)
-    return field(default=default, metadata=metadata)
+    return option(default, help, choices=choices, kind=kind, shown=shown, group=group)
+
+
+#: LCC's options that ``lcc train`` takes from :class:`LCCOptions` (``layers`` and ``seed``
+#: are the run's own: every regulariser's default layers, the seed of everything)
+LCC_FIELDS: tuple[str, ...] = tuple(
+    item.name for item in dataclasses.fields(LCCOptions) if item.name not in ("layers", "seed")
+)
+
+
+def _with_lcc_options(cls: type) -> type:
+    """Add LCC's options (declared once, in :class:`LCCOptions`) as fields of ``cls``, after
+    ``layers``, in the ``lcc`` group of ``lcc train --help``."""
+    annotations = dict(cls.__annotations__)
+    order = list(annotations)
+    at = order.index("layers") + 1
+    for item in reversed([f for f in dataclasses.fields(LCCOptions) if f.name in LCC_FIELDS]):
+        order.insert(at, item.name)
+        annotations[item.name] = item.type
+        metadata = {**item.metadata, "kind": field_kind(item), "group": "lcc"}
+        setattr(cls, item.name, field(default=item.default, metadata=metadata))
+    cls.__annotations__ = {name: annotations[name] for name in order}
+    return cls
 
 
 @dataclass
+@_with_lcc_options
 class TrainConfig:
     """Every option of ``lcc train`` (see ``lcc train --help``); validated by :meth:`check`.
 
@@ -95,55 +110,17 @@ class TrainConfig:
         "classification head, dropout skipped (act1 for small-cnn)",
         group="lcc",
     )
-    k: int = _option(5, "neighbours per sample in the k-NN graph and the targets", kind="int")
-    weight: float = _option(0.01, "weight w of the LCC loss in CE + w * LCC", kind="float")
-    warmup: int = _option(1, "epochs without correction at the start", kind="int")
-    interval: int = _option(
-        1, "refresh the targets every that many epochs after warmup", kind="int"
-    )
-    method: str = _option("leiden", "graph clustering method", kind="str", choices=CLUSTER_METHODS)
-    targets: str = _option(
-        "exact",
-        "correction targets: mean of k nearest correctly clustered same-class neighbours "
-        "(exact, eq. 7) or the nearest random correctly clustered representative of a "
-        "cluster matched to the class (approximate, eq. 13-14)",
-        kind="str",
-        choices=TARGET_MODES,
-    )
-    knn: str = _option(
-        "approximate",
-        "k-NN search of the graph: approximate (k-means cells, recall >= 0.97 measured on a "
-        "sample; exact below 2,000 samples) or exact (faiss flat)",
-        kind="str",
-        choices=KNN_MODES,
-    )
-    metric: str = _option("l2", "latent distance for the k-NN graph", kind="str", choices=METRICS)
-    pca: int | None = _option(
-        None, "project latents to this many PCA dimensions first", kind="int?", shown="no PCA"
-    )
     source: str = _option(
         "fresh",
         "latents of a refresh: an extra eval pass over the training set (fresh, the paper) or "
         "those recorded during the previous epoch's training steps (recorded, no extra pass)",
         kind="str",
         choices=SOURCES,
+        group="lcc",
     )
     pool: str = _option(
-        "flatten", "how conv feature maps become vectors", kind="str", choices=POOLS
+        "flatten", "how conv feature maps become vectors", kind="str", choices=POOLS, group="lcc"
     )
-    class_policy: str = _option(
-        "all",
-        "which classes are corrected, from the confusion graph of the last predictions",
-        kind="str",
-        choices=CLASS_POLICIES,
-    )
-    policy_size: int | None = _option(
-        None,
-        "N for --class-policy top-pairs (pairs) and heaviest-set (classes)",
-        kind="int?",
-        shown="none",
-    )
-    squared: bool = _option(False, "use the squared LCC loss (the poster's variant)", kind="bool")
     regularisers: list[Any] | None = _option(  # noqa: RUF009 - a None default, copied per instance
         None,
         "latent regularisers of the run, any combination: NAME or NAME:key=value,... (repeat "
@@ -257,7 +234,7 @@ class TrainConfig:
         "float32",
         "dtype of latents kept on disk (float16 halves the files)",
         kind="str",
-        choices=("float32", "float16"),
+        choices=LATENT_DTYPES,
         group="system",
     )
     checkpoint_every: float | None = _option(
@@ -288,8 +265,7 @@ class TrainConfig:
 
         ``require_run``: MODEL, DATASET and ``--out`` must be set.
         """
-        for item in dataclasses.fields(self):
-            setattr(self, item.name, _coerce(item, getattr(self, item.name)))
+        self.coerce()
         if require_run:
             for name, what in (("model", "MODEL"), ("dataset", "DATASET"), ("out", "--out DIR")):
                 if not getattr(self, name):
@@ -298,9 +274,6 @@ class TrainConfig:
                         "the --config file"
                     )
         for name, low in (
-            ("k", 1),
-            ("warmup", 0),
-            ("interval", 1),
             ("epochs", 1),
             ("batch_size", 1),
             ("seed", 0),
@@ -321,7 +294,7 @@ class TrainConfig:
             )
         if not 0 < self.labeled_ratio <= 1:
             raise LCCInputError(f"--labeled-ratio must be in (0, 1], got {self.labeled_ratio}")
-        for name in ("pca", "subset", "test_subset", "policy_size", "labels_per_class"):
+        for name in ("subset", "test_subset", "labels_per_class"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise LCCInputError(f"{_flag(name)} must be a positive integer, got {value}")
@@ -331,8 +304,6 @@ class TrainConfig:
             raise LCCInputError(f"--momentum must be in [0, 1), got {self.momentum}")
         if self.weight_decay < 0:
             raise LCCInputError(f"--weight-decay must be >= 0, got {self.weight_decay}")
-        if self.weight < 0:
-            raise LCCInputError(f"--weight must be >= 0, got {self.weight}")
         if self.layers is not None and not self.layers:
             raise LCCInputError("--layers needs at least one layer name")
         if self.ce_weight < 0:
@@ -343,10 +314,24 @@ class TrainConfig:
             raise LCCInputError(
                 "--no-lcc trains the baseline without regularisers; drop it or drop --reg"
             )
-        if not self.no_lcc:
-            self.lcc_config(self.layers or ["placeholder"])  # validates the LCC settings
-            self.build_regularisers(self.layers or ["placeholder"])  # validates each --reg
+        self.lcc_options()  # LCC's settings, checked by the one class that declares them
         return self
+
+    def coerce(self) -> TrainConfig:
+        """Convert every value (YAML, text, Python) to its field's kind; returns ``self``."""
+        for item in dataclasses.fields(self):
+            value = getattr(self, item.name)
+            setattr(
+                self,
+                item.name,
+                coerce(value, field_kind(item), item.name, item.metadata["choices"]),
+            )
+        return self
+
+    def lcc_options(self, layers: list[str] | None = None) -> LCCOptions:
+        """This run's LCC settings as :class:`LCCOptions` (the defaults of ``lcc`` entries)."""
+        values = {name: getattr(self, name) for name in LCC_FIELDS}
+        return LCCOptions(layers=list(layers or []), seed=self.seed, **values)
 
     def regulariser_specs(self) -> list[Any]:
         """The run's regulariser specs: ``--reg`` entries, or LCC alone (none with --no-lcc)."""
@@ -357,47 +342,17 @@ class TrainConfig:
     def build_regularisers(self, layers: list[str]) -> list[Any]:
         """The :class:`lcc.regularisers.Regulariser` objects of this run, default layers
         ``layers``: ``lcc`` entries take the LCC options of this config as defaults."""
-        import dataclasses as dc
-
         from lcc.regularisers import build_regulariser, parse_spec
-        from lcc.regularisers.lcc import LCCOptions
 
-        lcc_defaults = {
-            item.name: getattr(self, item.name)
-            for item in dc.fields(LCCOptions)
-            if hasattr(self, item.name)
-        }
-        lcc_defaults["layers"] = list(layers)
+        lcc_defaults = dataclasses.asdict(self.lcc_options(layers))
         regularisers = []
         for spec in self.regulariser_specs():
             name, _ = parse_spec(spec)
             others = {"layers": list(layers), "seed": self.seed}
-            defaults = lcc_defaults if name == "lcc" else others
-            regularisers.append(build_regulariser(spec, **defaults))
+            regularisers.append(
+                build_regulariser(spec, **(lcc_defaults if name == "lcc" else others))
+            )
         return regularisers
-
-    def lcc_config(self, layers: list[str]) -> Any:
-        """The :class:`lcc.train.loop.LCCConfig` of this run for ``layers``."""
-        from lcc.train.loop import LCCConfig
-
-        return LCCConfig(
-            layers=list(layers),
-            k=self.k,
-            weight=self.weight,
-            warmup=self.warmup,
-            interval=self.interval,
-            method=self.method,
-            targets=self.targets,
-            knn=self.knn,
-            metric=self.metric,
-            pca=self.pca,
-            source=self.source,
-            pool=self.pool,
-            class_policy=self.class_policy,
-            policy_size=self.policy_size,
-            squared=self.squared,
-            seed=self.seed,
-        )
 
     # --- conversion ------------------------------------------------------------------------
 
@@ -422,73 +377,6 @@ def field_names() -> list[str]:
     return [item.name for item in dataclasses.fields(TrainConfig)]
 
 
-def _coerce(item: dataclasses.Field, value: Any) -> Any:
-    """Check/convert one value read from YAML or given in Python to the field's type."""
-    kind: str = item.metadata["kind"]
-    name = item.name
-    optional = kind.endswith("?")
-    base = kind.rstrip("?")
-    if value is None:
-        if optional:
-            return None
-        raise LCCInputError(f"{name} must not be empty (null)")
-    if base == "bool":
-        if isinstance(value, bool):
-            return value
-        raise LCCInputError(f"{name} must be true or false, got {value!r}")
-    if base == "int":
-        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-            value = int(value)
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise LCCInputError(f"{name} must be an integer, got {value!r}")
-        return int(value)
-    if base == "float":
-        if isinstance(value, str):
-            try:
-                value = float(value)
-            except ValueError:
-                raise LCCInputError(f"{name} must be a number, got {value!r}") from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise LCCInputError(f"{name} must be a number, got {value!r}")
-        if not math.isfinite(value):
-            raise LCCInputError(f"{name} must be a finite number, got {value!r}")
-        return float(value)
-    if base == "specs":
-        entries = value if isinstance(value, (list, tuple)) else [value]
-        specs: list[Any] = []
-        for entry in entries:
-            if isinstance(entry, Mapping):
-                specs.append(dict(entry))
-            elif isinstance(entry, str) and entry.strip():
-                specs.append(entry.strip())
-            else:
-                raise LCCInputError(
-                    f"{name} entries are NAME:key=value strings or mappings with a name, "
-                    f"got {entry!r}"
-                )
-        return specs
-    if base == "list":
-        if isinstance(value, str):
-            value = [value]
-        if not isinstance(value, (list, tuple)):
-            raise LCCInputError(f"{name} must be a list of names, got {value!r}")
-        names: list[str] = []
-        for entry in value:
-            if not isinstance(entry, str):
-                raise LCCInputError(f"{name} must hold layer names (strings), got {entry!r}")
-            names.extend(part.strip() for part in entry.split(",") if part.strip())
-        return names
-    if not isinstance(value, (str, os.PathLike)):
-        raise LCCInputError(f"{name} must be a string, got {value!r}")
-    value = os.fspath(value)
-    choices = item.metadata["choices"]
-    if choices:
-        check_choice(value, choices, name=name)
-    return value
-
-
 def merge_config(base: TrainConfig, *layers: Mapping[str, Any] | None) -> TrainConfig:
     """``base`` with each mapping of ``layers`` applied in turn (later wins), validated.
 
@@ -510,8 +398,7 @@ def merge_config(base: TrainConfig, *layers: Mapping[str, Any] | None) -> TrainC
                     f"unknown config key {key!r}{hint}; valid keys: {', '.join(valid)}"
                 )
             values[name] = value
-    config = TrainConfig(**values)
-    return config.check(require_run=False)
+    return TrainConfig(**values).check(require_run=False)
 
 
 def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:

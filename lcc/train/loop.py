@@ -33,20 +33,18 @@ Three lines in your own loop (the loader yields ``(x, y, index)``, e.g. via
 True
 >>> regs.close()  # remove the hooks (or use ``with Regularisation(...) as regs:``)
 
-:class:`LatentClusterCorrection` is the same object with LCC alone and LCC's options as keywords
-(``LatentClusterCorrection(model, layers=["act"], k=5, weight=0.01)``; ``loss(index)``).
+:func:`LatentClusterCorrection` builds the same object with LCC alone from LCC's options as
+keywords (``LatentClusterCorrection(model, layers=["act"], k=5, weight=0.01)``; ``loss(index)``).
 With ``source="recorded"`` there is no extra pass: call ``observe(index, logits, yb)`` after
 each training forward and the next refresh uses the latents recorded during the epoch before.
-A refresh is split into :meth:`~Regularisation.collect`, :meth:`~Regularisation.compute` and
-:meth:`~Regularisation.install` so that distributed training can compute it once and
-broadcast the picklable states.
+Under ``torch.distributed`` pass ``exchange=`` (:mod:`lcc.train.exchange`) to
+:meth:`~Regularisation.start_epoch`: every rank collects its shard, the main rank computes the
+refresh once and every rank installs the broadcast states; the same lines run for one process.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
-import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,81 +54,41 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lcc.errors import LCCInputError, check_choice
+from lcc.engine.choices import LATENT_DTYPES, POOLS, SOURCES
+from lcc.errors import LCCInputError, check_choice, check_integer
 from lcc.regularisers.base import (
     OUTPUT,
     Batch,
     Regulariser,
     TrainingLatents,
-    check_integer,
-    option,
+    zero_term,
 )
-from lcc.regularisers.lcc import (
-    LCC,
-    LayerState,
-    LCCOptions,
-    RefreshState,
-    check_class_sizes,
-    to_numpy,
-    to_torch,
-)
-from lcc.zoo.latents import POOLS, LatentRecorder, check_layer_names, collect_latents
-
-SOURCES: tuple[str, ...] = ("fresh", "recorded")
-#: dtypes of latents kept on disk (``latents_dir``)
-LATENT_DTYPES: tuple[str, ...] = ("float32", "float16")
-
-#: the latents of the whole training set handed to a refresh (its historical name)
-Collected = TrainingLatents
+from lcc.regularisers.lcc import LCC, LayerState, LCCOptions, RefreshState, check_class_sizes
+from lcc.train.collect import RecordedLatents, collect_fresh
+from lcc.train.exchange import Exchange, SingleProcess, states_digest
+from lcc.zoo.latents import LatentRecorder, check_layer_names
 
 __all__ = [
+    "LATENT_DTYPES",
     "POOLS",
     "SOURCES",
-    "Collected",
-    "LCCConfig",
     "LatentClusterCorrection",
     "LayerState",
     "RefreshState",
+    "Refreshed",
     "Regularisation",
     "check_class_sizes",
 ]
 
 
 @dataclass
-class LCCConfig(LCCOptions):
-    """LCC's options plus the two latent-capture settings of :class:`LatentClusterCorrection`.
+class Refreshed:
+    """The last refresh of a :class:`Regularisation`: its epoch, the training-set latents it
+    read (None on the ranks other than the main one) and each regulariser's state."""
 
-    ``source``: ``"fresh"`` (an eval pass over the training set, the paper) or ``"recorded"``
-    (latents of the previous epoch's training forwards); ``pool``: how conv maps become
-    vectors. Everything else: :class:`lcc.regularisers.lcc.LCCOptions`.
-
-    >>> LCCConfig(layers=["fc"], k=10).k
-    10
-    >>> LCCConfig(layers=["fc"], interval=0)
-    Traceback (most recent call last):
-    ...
-    lcc.errors.LCCInputError: interval must be an integer >= 1, got 0
-    """
-
-    source: str = option(
-        "fresh", "latents of a refresh: fresh eval pass or recorded", choices=SOURCES
-    )
-    pool: str = option("flatten", "how conv feature maps become vectors", choices=POOLS)
-
-    def check(self) -> None:
-        if isinstance(self.layers, (list, tuple, str)) and not self.layers:
-            raise LCCInputError(
-                f"layers must be a non-empty list of layer names, got {self.layers!r}; "
-                "run `lcc layers MODEL` to see them"
-            )
-        super().check()
-        check_choice(self.source, SOURCES, name="source")
-        check_choice(self.pool, POOLS, name="pool")
-
-    def options(self) -> LCCOptions:
-        """The regulariser's options (without ``source`` and ``pool``)."""
-        names = {item.name for item in dataclasses.fields(LCCOptions)}
-        return LCCOptions(**{k: v for k, v in dataclasses.asdict(self).items() if k in names})
+    epoch: int
+    collected: TrainingLatents | None
+    states: dict[str, Any]
 
 
 def _dataset_labels(loader: Any) -> np.ndarray | None:
@@ -150,7 +108,6 @@ def _dataset_labels(loader: Any) -> np.ndarray | None:
 def unique_keys(regularisers: Sequence[Regulariser]) -> list[str]:
     """Names that tell the regularisers apart in logs and checkpoints (``name``, ``name#2``).
 
-    >>> from lcc.regularisers.lcc import LCC
     >>> unique_keys([LCC(layers=["a"]), LCC(layers=["b"])])
     ['lcc', 'lcc#2']
     """
@@ -162,6 +119,22 @@ def unique_keys(regularisers: Sequence[Regulariser]) -> list[str]:
             key = f"{reg.name}#{count}"
         keys.append(key)
     return keys
+
+
+def _checked(regularisers: Sequence[Regulariser], default_layers: Sequence[str] | None) -> None:
+    for reg in regularisers:
+        if not isinstance(reg, Regulariser):
+            raise LCCInputError(
+                f"regularisers must be lcc.regularisers.Regulariser objects, got "
+                f"{type(reg).__name__}; build them with lcc.regularisers.build_regulariser"
+            )
+        if default_layers:
+            reg.set_default_layers(list(default_layers))
+        if not reg.layers:
+            raise LCCInputError(
+                f"regulariser {reg.name!r} names no layers; pass layers=... (names from "
+                "`lcc layers MODEL`)"
+            )
 
 
 class Regularisation:
@@ -194,19 +167,7 @@ class Regularisation:
         latents_dtype: str = "float32",
     ) -> None:
         regularisers = list(regularisers)
-        for reg in regularisers:
-            if not isinstance(reg, Regulariser):
-                raise LCCInputError(
-                    f"regularisers must be lcc.regularisers.Regulariser objects, got "
-                    f"{type(reg).__name__}; build them with lcc.regularisers.build_regulariser"
-                )
-            if default_layers:
-                reg.set_default_layers(list(default_layers))
-            if not reg.layers:
-                raise LCCInputError(
-                    f"regulariser {reg.name!r} names no layers; pass layers=... (names from "
-                    "`lcc layers MODEL`)"
-                )
+        _checked(regularisers, default_layers)
         self.model = model
         self.source = check_choice(source, SOURCES, name="source")
         self.pool = check_choice(pool, POOLS, name="pool")
@@ -228,15 +189,13 @@ class Regularisation:
             else _NoHooks()
         )
         self.recorder.attach()
+        self.buffers = RecordedLatents(latents_dir=self.latents_dir, dtype=self.latents_dtype)
         self.epoch: int | None = None
         self.terms: dict[str, float] = {}
         self.bound = False
+        self.last_refresh: Refreshed | None = None
         self._n_samples: int | None = None
         self._checked_labels = False
-        self._predictions: np.ndarray | None = None
-        self._labels: np.ndarray | None = None
-        self._recorded_at: np.ndarray | None = None
-        self._latents: dict[str, np.ndarray] = {}
         if n_samples is not None:
             self._set_n_samples(n_samples)
         if num_classes is not None or sample is not None:
@@ -247,6 +206,13 @@ class Regularisation:
     def items(self) -> Iterator[tuple[str, Regulariser]]:
         """``(key, regulariser)`` pairs in order."""
         yield from zip(self.keys, self.regularisers, strict=True)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: str) -> Regulariser:
+        """The regulariser of ``key`` (``regs["lcc"]``)."""
+        regs = dict(self.items())
+        if key not in regs:
+            raise LCCInputError(f"no regulariser {key!r} in this run; it has {self.keys}")
+        return regs[key]
 
     def bind(self, *, num_classes: int | None = None, sample: Any = None) -> None:
         """Let each regulariser create its parameters or load its teacher (once)."""
@@ -290,19 +256,22 @@ class Regularisation:
 
     def training_layers(self, keys: Sequence[str]) -> list[str]:
         """Layers the regularisers ``keys`` need in :class:`TrainingLatents`."""
-        regs = dict(self.items())
         layers: list[str] = []
         for key in keys:
-            layers.extend(name for name in regs[key].training_layers if name not in layers)
+            layers.extend(name for name in self[key].training_layers if name not in layers)
         return layers
 
-    def start_epoch(self, epoch: int, loader: Any = None) -> dict[str, Any] | None:
+    def start_epoch(
+        self, epoch: int, loader: Any = None, *, exchange: Exchange | None = None
+    ) -> dict[str, Any] | None:
         """Call at the start of each epoch: refreshes what is due; returns {key: stats} or None.
 
         ``loader`` yields ``(x, y, index)`` over the training set; for ``source="fresh"`` it is
-        iterated once in eval mode (give it the non-augmented training set). Returns ``None``
-        when nothing refreshed (also when this epoch's refresh is already installed: resume).
+        iterated once in eval mode (give it the non-augmented training set; under an
+        ``exchange`` of several ranks each rank passes over its shard of it). Returns ``None``
+        when nothing refreshed. The whole refresh is kept in :attr:`last_refresh`.
         """
+        exchange = SingleProcess() if exchange is None else exchange
         self.epoch = int(epoch)
         if loader is not None and hasattr(loader, "dataset"):
             self._set_n_samples(len(loader.dataset))
@@ -316,74 +285,86 @@ class Regularisation:
         due = self.due(self.epoch)
         if not due:
             return None
-        collected = Regularisation.collect(self, loader, keys=due)
-        states = Regularisation.compute(self, collected, epoch=self.epoch, keys=due)
-        Regularisation.install(self, states)
+        collected = self.collect(loader, keys=due, exchange=exchange)
+        states = self._compute_once(collected, due, exchange)
+        self.install(states)
+        if exchange.world > 1:
+            digests = exchange.gather_rows(np.frombuffer(states_digest(states).encode(), np.uint8))
+            if any(not np.array_equal(d, digests[0]) for d in digests):
+                raise RuntimeError("ranks installed different refresh states; please report this")
+        self.last_refresh = Refreshed(self.epoch, collected, states)
         return self.refresh_stats(states)
 
     # --- the three refresh steps -------------------------------------------------------------
 
-    def collect(self, loader: Any = None, *, keys: Sequence[str] | None = None) -> TrainingLatents:
-        """Latents of the whole training set: an eval pass (fresh) or the recorded buffers."""
-        start = time.perf_counter()
+    def collect(
+        self,
+        loader: Any = None,
+        *,
+        keys: Sequence[str] | None = None,
+        exchange: Exchange | None = None,
+    ) -> TrainingLatents | None:
+        """Latents of the whole training set: the recorded buffers, or an eval pass (fresh;
+        sharded over ``exchange``'s ranks). None on ranks other than the main one."""
+        exchange = SingleProcess() if exchange is None else exchange
         layers = self.training_layers(self.due(self.epoch or 0) if keys is None else keys)
         reason = None
         if self.source == "recorded":
-            reason = self.recorded_gap(layers)
+            reason = self.buffers.gap(layers, self._n_samples)
             if reason is None:
-                n = self._n_samples
-                assert n is not None and self._labels is not None and self._recorded_at is not None
-                previous = -1 if self.epoch is None else self.epoch - 1
-                stale = int(np.sum(self._recorded_at[:n] < previous)) if previous >= 0 else 0
-                return TrainingLatents(
-                    latents={name: self._latents[name][:n] for name in layers},
-                    y=self._labels[:n].copy(),
-                    predictions=self._predictions[:n].copy()
-                    if self._predictions is not None
-                    else None,
-                    source="recorded",
-                    seconds=time.perf_counter() - start,
-                    stale=stale,
-                )
-        if loader is None:
-            raise LCCInputError(
-                "a refresh needs the training loader (yielding (x, y, index)) for the latent pass"
-            )
+                if not exchange.is_main:
+                    return None
+                assert self._n_samples is not None
+                return self.buffers.collected(layers, self._n_samples, self.epoch)
         try:
-            latents, y, predictions = collect_latents(
+            return collect_fresh(
                 self.model,
                 loader,
                 layers,
+                exchange=exchange,
                 pool=self.pool,
                 device=self.device,
-                memmap_dir=self.latents_dir,
-                memmap_dtype=np.dtype(self.latents_dtype),
+                latents_dir=self.latents_dir,
+                latents_dtype=self.latents_dtype,
+                reason=reason,
             )
         finally:  # collect_latents restores every submodule's train/eval mode itself
             self.recorder.clear()  # our hooks saw the eval pass too: drop those outputs
-        source = "fresh" if reason is None else f"fresh (fallback: {reason})"
-        return TrainingLatents(
-            latents=latents,
-            y=np.asarray(y, dtype=np.int64),
-            predictions=np.asarray(predictions, dtype=np.int64),
-            source=source,
-            seconds=time.perf_counter() - start,
-        )
 
     def compute(
         self, collected: TrainingLatents, *, epoch: int | None = None, keys: Sequence[str]
     ) -> dict[str, Any]:
         """Each due regulariser's state computed from ``collected`` (picklable): {key: state}."""
-        regs = dict(self.items())
-        return {key: regs[key].compute(collected, epoch) for key in keys}
+        return {key: self[key].compute(collected, epoch) for key in keys}
 
     def install(self, states: Mapping[str, Any]) -> None:
         """Hand each regulariser the state :meth:`compute` gave it."""
-        regs = dict(self.items())
         for key, state in states.items():
-            if key not in regs:
+            if key not in self.keys:
                 raise LCCInputError(f"a refresh state names regulariser {key!r}, not in this run")
-            regs[key].install(state)
+            self[key].install(state)
+
+    def _compute_once(
+        self, collected: TrainingLatents | None, keys: Sequence[str], exchange: Exchange
+    ) -> dict[str, Any]:
+        """:meth:`compute` on the main rank, its states (or its error) on every rank."""
+        if exchange.world == 1:
+            assert collected is not None
+            return self.compute(collected, epoch=self.epoch, keys=keys)
+        outcome: Any = None
+        if exchange.is_main:
+            assert collected is not None
+            try:
+                outcome = self.compute(collected, epoch=self.epoch, keys=keys)
+            except Exception as error:  # every rank must leave the broadcast below
+                outcome = ("error", type(error).__name__, str(error))
+        outcome = exchange.broadcast(outcome)
+        if isinstance(outcome, tuple):
+            kind, message = outcome[1], outcome[2]
+            if kind == "LCCInputError":
+                raise LCCInputError(message)
+            raise RuntimeError(f"the refresh failed on rank 0: {kind}: {message}")
+        return outcome
 
     @staticmethod
     def refresh_stats(states: Mapping[str, Any]) -> dict[str, Any]:
@@ -431,11 +412,7 @@ class Regularisation:
             term = reg(batch)
             self.terms[key] = float(term.detach())
             total = weight * term if total is None else total + weight * term
-        if total is None:
-            from lcc.regularisers.base import zero_term
-
-            return zero_term(batch)
-        return total
+        return zero_term(batch) if total is None else total
 
     def observe(
         self,
@@ -459,27 +436,15 @@ class Regularisation:
                 f"observe got dataset index {int(index.max())} outside 0..{n - 1}; "
                 "pass the dataset indices of the batch"
             )
-        self._allocate_common(n)
-        if logits is not None:
-            predicted = logits.detach().argmax(dim=-1).reshape(-1).cpu()
-            self._check_rows(predicted.shape[0], index, "logits")
-            torch.from_numpy(self._predictions)[index] = predicted  # type: ignore[arg-type]
-        if y is not None:
-            labels = torch.as_tensor(y).detach().reshape(-1).cpu().long()
-            self._check_rows(labels.shape[0], index, "y")
-            torch.from_numpy(self._labels)[index] = labels  # type: ignore[arg-type]
-        layers = self.recording_layers()
-        if self.source != "recorded" or not layers:
-            return
-        for name in layers:
-            out = self._output(name).detach().to("cpu", torch.float32)
-            out = out.reshape(out.shape[0], -1)
-            self._check_rows(out.shape[0], index, f"the output of layer {name!r}")
-            if name not in self._latents or self._latents[name].shape[1] != out.shape[1]:
-                self._latents[name] = self._recorded_buffer(name, (n, out.shape[1]))
-            torch.from_numpy(self._latents[name])[index] = out
-        stamp = -1 if self.epoch is None else self.epoch
-        torch.from_numpy(self._recorded_at)[index] = max(stamp, 0)  # type: ignore[arg-type]
+        self.buffers.allocate(n)
+        layers = self.recording_layers() if self.source == "recorded" else []
+        self.buffers.observe(
+            index,
+            logits=logits,
+            y=y,
+            outputs={name: self._output(name) for name in layers},
+            epoch=-1 if self.epoch is None else self.epoch,
+        )
 
     def recording_layers(self, epoch: int | None = None) -> list[str]:
         """Layers whose latents :meth:`observe` records during ``epoch`` (default: the current):
@@ -492,23 +457,24 @@ class Regularisation:
             keys = self.due(epoch + 1)
         return self.training_layers(keys)
 
+    def share_recorded(self, epoch: int, rows: np.ndarray, exchange: Exchange) -> None:
+        """End of ``epoch`` under several ranks (``source="recorded"``): every rank gets the
+        rows the others recorded, so all hold the same buffers (``rows``: this rank's)."""
+        layers = self.recording_layers(epoch)
+        if exchange.world > 1 and self.source == "recorded" and layers:
+            self.buffers.share(epoch, layers, np.asarray(rows, dtype=np.int64), exchange)
+
     # --- resume ------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume exactly, as tensors and plain values (``torch.save``-able):
         each regulariser's ``state_dict`` (parameters, buffers, refresh state), the per-sample
         buffers of :meth:`observe` and the epoch counter."""
-        buffers = {
-            "predictions": self._predictions,
-            "labels": self._labels,
-            "recorded_at": self._recorded_at,
-            "latents": dict(self._latents),
-        }
         return {
             "version": 2,
             "epoch": self.epoch,
             "n_samples": self._n_samples,
-            "buffers": to_torch(buffers),
+            "buffers": self.buffers.state_dict(),
             "regularisers": {key: dict(reg.state_dict()) for key, reg in self.items()},
         }
 
@@ -522,39 +488,22 @@ class Regularisation:
             )
         self.epoch = state_dict["epoch"]
         self._n_samples = state_dict["n_samples"]
-        buffers = to_numpy(state_dict["buffers"])
-        self._predictions = buffers["predictions"]
-        self._labels = buffers["labels"]
-        self._recorded_at = buffers["recorded_at"]
-        self._latents = dict(buffers["latents"])
+        self.buffers.load_state_dict(state_dict["buffers"])
         for key, reg in self.items():
             reg.load_state_dict(saved[key])
 
     @property
     def recorded(self) -> dict[str, Any]:
-        """The per-sample buffers of :meth:`observe` (numpy views, e.g. to merge across ranks):
-        ``predictions``/``labels`` (N,) int64 (-1 unknown), ``recorded_at`` (N,) int64 epoch of
-        each recorded latent row (-1 never), ``latents`` {layer: (N, D) float32}."""
+        """The per-sample buffers of :meth:`observe` (numpy views): ``predictions``/``labels``
+        (N,) int64 (-1 unknown), ``recorded_at`` (N,) int64 epoch of each recorded latent row
+        (-1 never), ``latents`` {layer: (N, D) float32}."""
+        buffers = self.buffers
         return {
-            "predictions": self._predictions,
-            "labels": self._labels,
-            "recorded_at": self._recorded_at,
-            "latents": self._latents,
+            "predictions": buffers.predictions,
+            "labels": buffers.labels,
+            "recorded_at": buffers.recorded_at,
+            "latents": buffers.latents,
         }
-
-    def recorded_gap(self, layers: Sequence[str]) -> str | None:
-        """Why the recorded buffers cannot serve a refresh of ``layers``, or None when they can."""
-        n = self._n_samples
-        if n is None or self._recorded_at is None or self._labels is None:
-            return "no latents recorded yet"
-        if any(name not in self._latents for name in layers):
-            return "no latents recorded yet"
-        never = int(np.sum(self._recorded_at[:n] < 0))
-        if never:
-            return f"{never} samples never recorded"
-        if not (self._labels[:n] >= 0).any():
-            return "labels missing: pass y to observe()"
-        return None
 
     # --- internals ---------------------------------------------------------------------------
 
@@ -569,10 +518,11 @@ class Regularisation:
 
     def _set_n_samples(self, n: int) -> None:
         n = check_integer(n, "n_samples", 1)
-        if self._n_samples is not None and self._n_samples != n and self._predictions is not None:
+        known = self._n_samples
+        if known is not None and known != n and self.buffers.predictions is not None:
             raise LCCInputError(
                 f"the training set has {n} samples but the recorded buffers hold "
-                f"{self._n_samples}; use the same training set for every epoch"
+                f"{known}; use the same training set for every epoch"
             )
         self._n_samples = n
 
@@ -583,30 +533,6 @@ class Regularisation:
                 "start_epoch(epoch, loader) before observe()"
             )
         return self._n_samples
-
-    def _allocate_common(self, n: int) -> None:
-        if self._predictions is None or self._predictions.shape[0] != n:
-            self._predictions = np.full(n, -1, dtype=np.int64)
-            self._labels = np.full(n, -1, dtype=np.int64)
-            self._recorded_at = np.full(n, -1, dtype=np.int64)
-            self._latents = {}
-
-    def _recorded_buffer(self, name: str, shape: tuple[int, int]) -> np.ndarray:
-        """A zeroed (N, D) buffer for recorded latents: in RAM, or a memory-mapped
-        ``recorded-<layer>.npy`` in ``latents_dir``."""
-        if self.latents_dir is None:
-            return np.zeros(shape, dtype=np.float32)
-        path = self.latents_dir / f"recorded-{name}.npy"
-        dtype = np.dtype(self.latents_dtype)
-        return np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
-
-    @staticmethod
-    def _check_rows(rows: int, index: Tensor, what: str) -> None:
-        if rows != index.shape[0]:
-            raise LCCInputError(
-                f"{what} has {rows} rows but the batch has {index.shape[0]} indices; call "
-                "observe() right after the forward of the same batch"
-            )
 
 
 class _NoHooks:
@@ -624,103 +550,26 @@ class _NoHooks:
         pass
 
 
-class LatentClusterCorrection(Regularisation):
-    """Latent Cluster Correction alone in a plain PyTorch loop: :class:`Regularisation` with one
-    :class:`lcc.regularisers.lcc.LCC`, configured by an :class:`LCCConfig` and/or keywords.
+def LatentClusterCorrection(
+    model: nn.Module,
+    options: LCCOptions | None = None,
+    *,
+    source: str = "fresh",
+    pool: str = "flatten",
+    n_samples: int | None = None,
+    device: str | torch.device | None = None,
+    **overrides: Any,
+) -> Regularisation:
+    """A :class:`Regularisation` with Latent Cluster Correction alone, configured by LCC's
+    options (:class:`lcc.regularisers.lcc.LCCOptions` and/or keywords); ``regs["lcc"]`` is
+    the :class:`lcc.regularisers.lcc.LCC` regulariser.
 
-    ``loss(indices)`` returns ``weight *`` mean over layers of the LCC loss; ``compute`` and
-    ``install`` take and give the LCC :class:`RefreshState` itself.
+    >>> model = nn.Sequential(nn.Linear(2, 2))
+    >>> regs = LatentClusterCorrection(model, layers=["0"], warmup=2, interval=3)
+    >>> [e for e in range(10) if regs["lcc"].is_refresh_epoch(e)]
+    [2, 5, 8]
     """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        config: LCCConfig | None = None,
-        *,
-        n_samples: int | None = None,
-        device: str | torch.device | None = None,
-        **overrides: Any,
-    ) -> None:
-        known = {f.name for f in dataclasses.fields(LCCConfig)}
-        unknown = sorted(set(overrides) - known)
-        if unknown:
-            raise LCCInputError(
-                f"unknown LCC option(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}"
-            )
-        if config is None:
-            config = LCCConfig(**overrides)
-        elif overrides:
-            config = dataclasses.replace(config, **overrides)
-        self.config = config
-        self.correction = LCC(config.options())
-        super().__init__(
-            model,
-            [self.correction],
-            source=config.source,
-            pool=config.pool,
-            n_samples=n_samples,
-            device=device,
-        )
-
-    @property
-    def state(self) -> RefreshState | None:
-        return self.correction.state
-
-    @property
-    def history(self) -> list[dict[str, dict[str, Any]]]:
-        return self.correction.history
-
-    @property
-    def last_refresh_epoch(self) -> int | None:
-        return self.correction.last_refresh_epoch
-
-    @property
-    def losses(self) -> dict[str, Any]:
-        return self.correction.losses
-
-    def is_refresh_epoch(self, epoch: int) -> bool:
-        """Whether ``epoch`` (0-based) starts with a refresh: after warmup, every ``interval``.
-
-        >>> model = nn.Sequential(nn.Linear(2, 2))
-        >>> lcc = LatentClusterCorrection(model, layers=["0"], warmup=2, interval=3)
-        >>> [e for e in range(10) if lcc.is_refresh_epoch(e)]
-        [2, 5, 8]
-        """
-        return self.correction.is_refresh_epoch(epoch)
-
-    def start_epoch(self, epoch: int, loader: Any = None) -> dict[str, dict[str, Any]] | None:
-        """Refresh when due; returns per-layer stats (None when no refresh ran)."""
-        stats = super().start_epoch(epoch, loader)
-        return None if stats is None else stats["lcc"]
-
-    def refresh(self, loader: Any = None, *, epoch: int | None = None) -> dict[str, dict[str, Any]]:
-        """Collect latents, compute the targets and install them now; returns per-layer stats."""
-        state = self.compute(self.collect(loader, keys=["lcc"]), epoch=epoch)
-        self.install(state)
-        return state.stats
-
-    def compute(  # type: ignore[override]
-        self, collected: TrainingLatents, *, epoch: int | None = None, keys: Any = None
-    ) -> RefreshState:
-        """Run :func:`lcc.engine.refresh.refresh` on every layer (class policy applied)."""
-        return self.correction.compute(collected, epoch)
-
-    def install(self, state: RefreshState | Mapping[str, Any]) -> None:  # type: ignore[override]
-        """Put a refresh's targets (and projections) into the per-layer losses."""
-        if isinstance(state, Mapping):
-            super().install(state)
-        else:
-            self.correction.install(state)
-
-    def collect(self, loader: Any = None, *, keys: Sequence[str] | None = None) -> TrainingLatents:
-        return super().collect(loader, keys=["lcc"] if keys is None else keys)
-
-    def loss(  # type: ignore[override]
-        self, indices: Tensor | np.ndarray | Sequence[int], **batch: Any
-    ) -> Tensor:
-        """``weight *`` mean over layers of the LCC loss of the last forward's latents.
-
-        Before the first refresh, or with ``weight == 0``, returns a zero that still
-        backpropagates.
-        """
-        return super().loss(indices, **batch)
+    reg = LCC(options, **overrides)
+    return Regularisation(
+        model, [reg], source=source, pool=pool, n_samples=n_samples, device=device
+    )

@@ -11,6 +11,7 @@ directory.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -140,7 +141,8 @@ def probe_layers(model: nn.Module, layers: Sequence[str], sample: torch.Tensor) 
 def resolve_config(
     options: Mapping[str, Any] | None = None, config_file: str | os.PathLike[str] | None = None
 ) -> TrainConfig:
-    """Defaults <- ``config_file`` (YAML) <- ``options`` (given on the command line).
+    """Defaults <- ``config_file`` (YAML) <- ``options`` (given on the command line), converted
+    (:func:`train` checks it, once).
 
     With ``resume`` set and an existing ``DIR/config.yaml``, that saved config is the base
     instead of the defaults, so ``lcc train --out DIR --resume`` alone continues a run.
@@ -154,7 +156,7 @@ def resolve_config(
         base = merge_config(TrainConfig(), read_yaml(saved))
     elif merged.resume and saved is not None and not (merged.model and merged.dataset):
         raise LCCInputError(_no_run_to_resume(saved.parent))
-    return merge_config(base, from_file, options).check()
+    return merge_config(base, from_file, options)
 
 
 def _no_run_to_resume(out: Path) -> str:
@@ -386,7 +388,8 @@ def _build(
     import lightning.pytorch as pl
 
     from lcc.regularisers.base import OUTPUT
-    from lcc.train.lightning import LCCDataModule, LCCModule
+    from lcc.train.data import LCCDataModule
+    from lcc.train.lightning import LCCModule
     from lcc.zoo.datasets import load_dataset
     from lcc.zoo.models import build_model
 
@@ -423,16 +426,13 @@ def _build(
     if not config.no_lcc:
         sample = torch.stack([bundle.train_plain[i][0] for i in range(min(2, n_train))])
         layers = list(config.layers) if config.layers else default_layers(model, sample)
-        config = merge_config(config, {"layers": layers}).check()
+        config = dataclasses.replace(config, layers=layers)  # names probed below
         regularisers = config.build_regularisers(layers)
         read = [name for reg in regularisers for name in reg.layers if name != OUTPUT]
         probe_layers(model, list(dict.fromkeys(read)), sample)
-        for reg in regularisers:
-            reg.check_labels(targets)
 
     module = LCCModule(
         model,
-        None,
         regularisers=regularisers,
         source=config.source,
         pool=config.pool,
@@ -452,6 +452,8 @@ def _build(
         save_latents=config.save_latents,
         report=report,
     )
+    if module.regularisation is not None:
+        module.regularisation.check_labels(targets)
     module.data_counts = {  # type: ignore[attr-defined]
         "n_labeled": int(np.sum(targets >= 0)),
         "n_unlabeled": int(np.sum(targets < 0)),
@@ -491,7 +493,7 @@ def train(
     from lcc.train.checkpoints import AtomicCheckpointIO
     from lcc.train.stopping import EXIT_CODES, GracefulStop, TrainingStopped, stopping_signals
 
-    config = merge_config(config, {}).check()
+    config = merge_config(config, {}).check()  # the one check of the run's settings
     _quiet_lightning()
     rank = launched_rank()
     out = Path(config.out or "").expanduser()

@@ -45,7 +45,7 @@ def test_parse_spec(spec, expected):
         ("lcd", "unknown regulariser 'lcd' (did you mean 'lcc'?)"),
         ("lcc:kk=3", "unknown option 'kk' of lcc (did you mean 'k'?)"),
         ("lcc:k=0,layers=fc", "k must be an integer >= 1, got 0"),
-        ("lcc:k=x,layers=fc", "k must be an integer >= 1, got 'x'"),
+        ("lcc:k=x,layers=fc", "k must be an integer, got 'x'"),
         ("lcc:method=kmeans,layers=fc", "method='kmeans' is not one of"),
         ("lcc:layers=output", "'output' (the logits) is not one"),
         ("lcc:weight=-1,layers=fc", "weight must be a finite number >= 0"),

@@ -36,7 +36,7 @@ def test_every_field_is_an_option_whose_help_shows_its_default():
         if item.name == "out":
             assert text.endswith("(required)")
             continue
-        if item.metadata["shown"] is not None:
+        if item.metadata.get("shown") is not None:
             expected = item.metadata["shown"]
         elif isinstance(item.default, bool):
             assert item.default is False
@@ -49,18 +49,23 @@ def test_every_field_is_an_option_whose_help_shows_its_default():
     assert "default: None" not in rendered and "==SUPPRESS==" not in rendered
 
 
-def test_choices_match_the_engine():
-    from lcc.engine import refresh, selection
+def test_choices_are_declared_once_and_shared_with_the_engine():
+    from lcc.engine import choices, refresh, selection
     from lcc.train import loop as correction
 
     fields = {item.name: item for item in dataclasses.fields(TrainConfig)}
-    assert fields["method"].metadata["choices"] == refresh.CLUSTER_METHODS
-    assert fields["targets"].metadata["choices"] == refresh.TARGET_MODES
-    assert fields["knn"].metadata["choices"] == refresh.KNN_MODES
-    assert fields["metric"].metadata["choices"] == refresh.METRICS
-    assert fields["source"].metadata["choices"] == correction.SOURCES
-    assert fields["pool"].metadata["choices"] == correction.POOLS
-    assert fields["class_policy"].metadata["choices"] == selection.CLASS_POLICIES
+    for name, tuple_ in (
+        ("method", refresh.CLUSTER_METHODS),
+        ("targets", refresh.TARGET_MODES),
+        ("knn", refresh.KNN_MODES),
+        ("metric", refresh.METRICS),
+        ("weights", refresh.WEIGHTS),
+        ("source", correction.SOURCES),
+        ("pool", correction.POOLS),
+        ("class_policy", selection.CLASS_POLICIES),
+    ):
+        assert fields[name].metadata["choices"] is tuple_, name  # the same object: one declaration
+    assert refresh.CLUSTER_METHODS is choices.CLUSTER_METHODS
 
 
 def test_defaults_follow_the_paper():
@@ -90,7 +95,7 @@ def test_later_layers_win_and_dashes_are_accepted():
         ({"k": True}, "k must be an integer"),
         ({"lr": "fast"}, "lr must be a number"),
         ({"lr": float("nan")}, "lr must be a finite number"),
-        ({"no_lcc": "yes"}, "no_lcc must be true or false"),
+        ({"no_lcc": "maybe"}, "no_lcc must be true or false"),
         ({"method": "kmeans"}, "method='kmeans' is not one of"),
         ({"layers": [1]}, "layers must hold layer names"),
         ({"epochs": 0}, "--epochs must be >= 1"),

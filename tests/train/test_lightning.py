@@ -18,15 +18,11 @@ import torch
 from torch import nn
 
 from lcc.train.config import TrainConfig
-from lcc.train.lightning import (
-    EpochSampler,
-    LCCModule,
-    NonFiniteLossError,
-    all_gather_rows,
-    epoch_seed,
-    preserved_rng,
-)
-from lcc.train.loop import LayerState, LCCConfig, RefreshState
+from lcc.regularisers.lcc import LCC
+from lcc.train.data import EpochSampler, epoch_seed, preserved_rng
+from lcc.train.exchange import SingleProcess
+from lcc.train.lightning import LCCModule, NonFiniteLossError
+from lcc.train.loop import LayerState, RefreshState
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -95,7 +91,7 @@ def test_epoch_seed_is_stable_and_distinct():
 
 def test_all_gather_without_process_group_is_identity():
     rows = np.arange(6, dtype=np.float32).reshape(3, 2)
-    (only,) = all_gather_rows(rows)
+    (only,) = SingleProcess().gather_rows(rows)
     assert np.array_equal(only, rows)
 
 
@@ -126,7 +122,7 @@ def _state(n: int, d: int, rows: list[int], seed: int = 0) -> RefreshState:
 def test_training_step_adds_the_weighted_lcc_term():
     n, weight = 12, 0.25
     module = LCCModule(
-        _mlp(), LCCConfig(layers=["act"], k=1, weight=weight), num_classes=3, n_train=n
+        _mlp(), regularisers=[LCC(layers=["act"], k=1, weight=weight)], num_classes=3, n_train=n
     )
     state = _state(n, 5, rows=[1, 4, 7])
     assert module.lcc is not None
@@ -153,7 +149,7 @@ def test_training_step_adds_the_weighted_lcc_term():
 
 
 def test_baseline_step_is_plain_cross_entropy():
-    module = LCCModule(_mlp(), None, num_classes=3, n_train=4)
+    module = LCCModule(_mlp(), num_classes=3, n_train=4)
     x, y = torch.randn(4, 1, 2, 3), torch.tensor([0, 1, 2, 0])
     loss = module.training_step((x, y, torch.arange(4)), 0)
     expected = nn.functional.cross_entropy(module.model(x), y)
@@ -161,8 +157,7 @@ def test_baseline_step_is_plain_cross_entropy():
 
 
 def test_checkpoint_hooks_restore_the_refresh_state():
-    config = LCCConfig(layers=["act"], k=1)
-    source = LCCModule(_mlp(), config, num_classes=3, n_train=10)
+    source = LCCModule(_mlp(), regularisers=[LCC(layers=["act"], k=1)], num_classes=3, n_train=10)
     assert source.lcc is not None
     source.lcc.install(_state(10, 5, rows=[2, 3], seed=5))
     source.history = [{"epoch": 0, "loss": 1.0}]
@@ -172,7 +167,7 @@ def test_checkpoint_hooks_restore_the_refresh_state():
     torch.save(checkpoint, buffer)  # what Lightning does; must load with weights_only
     buffer.seek(0)
     loaded = torch.load(buffer, weights_only=True)
-    target = LCCModule(_mlp(), config, num_classes=3, n_train=10)
+    target = LCCModule(_mlp(), regularisers=[LCC(layers=["act"], k=1)], num_classes=3, n_train=10)
     target.on_load_checkpoint(loaded)
     assert target.lcc is not None and target.lcc.state is not None
     restored = target.lcc.state.layers["act"]
@@ -206,7 +201,8 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
     with pytest.raises(NonFiniteLossError) as caught:
         train(config, callbacks=[Diverge()], report=False)
     message = str(caught.value)
-    assert "non-finite loss at epoch 1" in message and "last good checkpoint" in message
+    # epochs are 1-based in every line a user reads: the second epoch (index 1) diverged
+    assert "non-finite loss at epoch 2" in message and "last good checkpoint" in message
     assert str(out / "checkpoints" / "last.ckpt") in message
     saved = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
     assert saved["epoch"] == 0

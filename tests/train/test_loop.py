@@ -16,7 +16,8 @@ from lcc.engine.refresh import RefreshConfig, refresh
 from lcc.engine.selection import confusion_graph, select_classes
 from lcc.errors import LCCInputError
 from lcc.synthetic import gaussian_mixture
-from lcc.train.loop import LatentClusterCorrection, LCCConfig, RefreshState
+from lcc.regularisers.lcc_options import LCCOptions
+from lcc.train.loop import LatentClusterCorrection, RefreshState
 from lcc.zoo.datasets import IndexedDataset
 
 N, DIM, N_CLASSES = 240, 8, 4
@@ -76,13 +77,13 @@ def test_refresh_equals_engine_on_hand_computed_latents():
     x, y = make_data()
     model = MLP()
     with LatentClusterCorrection(model, layers=["act", "embed"], warmup=0, k=5) as lcc:
-        stats = lcc.start_epoch(0, make_loader(x, y))
+        stats = lcc.start_epoch(0, make_loader(x, y))["lcc"]
         with torch.no_grad():
             latents = model.by_hand(x)
             predictions = model(x).argmax(1).numpy()
         for name in ("act", "embed"):
             expected = hand_refresh(latents[name], y, k=5)
-            layer = lcc.state.layers[name]
+            layer = lcc["lcc"].state.layers[name]
             np.testing.assert_array_equal(layer.clusters, expected.clusters)
             np.testing.assert_array_equal(layer.target_indices, expected.targets.indices)
             np.testing.assert_allclose(
@@ -100,7 +101,7 @@ def test_refresh_equals_engine_on_hand_computed_latents():
             assert s["accuracy_mc"] == pytest.approx(np.mean(predictions[~cc] == y.numpy()[~cc]))
             assert s["source"] == "fresh" and s["epoch"] == 0
         assert 0 < stats["act"]["misclustered_fraction"] < 1  # a non-trivial case
-        assert lcc.history == [stats]
+        assert lcc["lcc"].history == [stats]
 
 
 def test_loss_is_weighted_mean_of_per_layer_losses_and_reaches_the_layers():
@@ -108,7 +109,9 @@ def test_loss_is_weighted_mean_of_per_layer_losses_and_reaches_the_layers():
     model = MLP()
     with LatentClusterCorrection(model, layers=["act", "embed"], warmup=0, weight=0.3) as lcc:
         lcc.start_epoch(0, make_loader(x, y))
-        dense = {name: layer.to_targets().dense() for name, layer in lcc.state.layers.items()}
+        dense = {
+            name: layer.to_targets().dense() for name, layer in lcc["lcc"].state.layers.items()
+        }
         for index in (torch.arange(N), torch.arange(7, 47)):
             model.zero_grad()
             model(x[index])
@@ -141,7 +144,7 @@ def test_loss_is_a_backpropagating_zero_before_refresh_and_with_zero_weight():
         loss.backward()
         lcc.start_epoch(1, make_loader(x, y))
         model(x)
-        assert lcc.state is not None and lcc.loss(torch.arange(N)).item() == 0.0
+        assert lcc["lcc"].state is not None and lcc.loss(torch.arange(N)).item() == 0.0
 
 
 @pytest.mark.parametrize(
@@ -153,10 +156,10 @@ def test_refresh_schedule(warmup, interval, expected):
     model = MLP()
     loader = make_loader(x, y)
     with LatentClusterCorrection(model, layers=["act"], warmup=warmup, interval=interval) as lcc:
-        assert [e for e in range(6) if lcc.is_refresh_epoch(e)] == expected
+        assert [e for e in range(6) if lcc["lcc"].is_refresh_epoch(e)] == expected
         refreshed = [e for e in range(6) if lcc.start_epoch(e, loader) is not None]
         assert refreshed == expected
-        assert [h["act"]["epoch"] for h in lcc.history] == expected
+        assert [h["act"]["epoch"] for h in lcc["lcc"].history] == expected
         assert lcc.start_epoch(expected[-1], loader) is None  # already installed (resume)
 
 
@@ -189,12 +192,12 @@ def test_recorded_source_uses_what_the_training_forwards_saw():
         np.testing.assert_allclose(buffers["latents"]["act"], record["act"].numpy(), atol=1e-6)
         np.testing.assert_array_equal(buffers["predictions"], record["pred"].numpy())
         np.testing.assert_array_equal(buffers["labels"], y.numpy())
-        stats = lcc.start_epoch(1, loader)
+        stats = lcc.start_epoch(1, loader)["lcc"]
         assert stats["act"]["source"] == "recorded" and stats["act"]["stale_samples"] == 0
         expected = hand_refresh(record["act"], y)
-        np.testing.assert_array_equal(lcc.state.layers["act"].clusters, expected.clusters)
+        np.testing.assert_array_equal(lcc["lcc"].state.layers["act"].clusters, expected.clusters)
         np.testing.assert_array_equal(
-            lcc.state.layers["act"].target_indices, expected.targets.indices
+            lcc["lcc"].state.layers["act"].target_indices, expected.targets.indices
         )
         cc = expected.matching.correctly_clustered
         pred = record["pred"].numpy()
@@ -206,16 +209,16 @@ def test_recorded_source_records_only_before_refresh_epochs_and_falls_back_to_fr
     model = MLP()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     loader = make_loader(x, y)
-    config = LCCConfig(layers=["act"], source="recorded", warmup=0, interval=2)
-    with LatentClusterCorrection(model, config) as lcc:
-        stats = lcc.start_epoch(0, loader)  # nothing recorded yet: an eval pass instead
+    options = LCCOptions(layers=["act"], warmup=0, interval=2)
+    with LatentClusterCorrection(model, options, source="recorded") as lcc:
+        stats = lcc.start_epoch(0, loader)["lcc"]  # nothing recorded yet: an eval pass instead
         assert stats["act"]["source"].startswith("fresh (fallback")
         run_epoch(model, lcc, loader, optimizer)  # epoch 1 is not a refresh epoch: no recording
         assert (lcc.recorded["recorded_at"] == -1).all()
         assert lcc.start_epoch(1, loader) is None
         run_epoch(model, lcc, loader, optimizer)  # epoch 2 refreshes: record
         assert (lcc.recorded["recorded_at"] == 1).all()
-        assert lcc.start_epoch(2, loader)["act"]["source"] == "recorded"
+        assert lcc.start_epoch(2, loader)["lcc"]["act"]["source"] == "recorded"
 
 
 def test_observe_needs_the_dataset_size_and_matching_rows():
@@ -241,7 +244,7 @@ def test_class_policy_restricts_correctible_samples_to_selected_classes(policy, 
     model = MLP()
     options = dict(layers=["act"], warmup=0, class_policy=policy, policy_size=size)
     with LatentClusterCorrection(model, **options) as lcc:
-        stats = lcc.start_epoch(0, make_loader(x, y))
+        stats = lcc.start_epoch(0, make_loader(x, y))["lcc"]
         with torch.no_grad():
             predictions = model(x).argmax(1).numpy()  # the fresh pass's eval predictions
             z = model.by_hand(x)["act"]
@@ -251,7 +254,7 @@ def test_class_policy_restricts_correctible_samples_to_selected_classes(policy, 
         if policy == "top-pairs":  # independently: the single most confused pair
             a, b = np.unravel_index(np.argmax(np.triu(graph, 1)), graph.shape)
             assert classes.tolist() == sorted([int(a), int(b)])
-        correctible = lcc.state.layers["act"].target_indices
+        correctible = lcc["lcc"].state.layers["act"].target_indices
         unrestricted = hand_refresh(z, y).targets.indices
         expected = unrestricted[np.isin(y.numpy()[unrestricted], classes)]
         np.testing.assert_array_equal(correctible, expected)
@@ -268,9 +271,9 @@ def test_class_policy_without_any_confusion_corrects_nothing():
     ) as lcc:
         collected = lcc.collect(make_loader(x, y))
         collected.predictions = collected.y.copy()  # a perfect classifier: no confused pair
-        state = lcc.compute(collected, epoch=0)
+        state = lcc.compute(collected, epoch=0, keys=["lcc"])["lcc"]
         assert state.classes.tolist() == [] and state.layers["act"].target_indices.size == 0
-        lcc.install(state)
+        lcc.install({"lcc": state})
         model(x)
         assert lcc.loss(torch.arange(80)).item() == 0.0
 
@@ -303,14 +306,14 @@ def test_state_dict_round_trip_resumes_identically():
     lcc.recorder.attach()
     model(x)
     assert lcc.loss(torch.arange(N)).item() == other.loss(torch.arange(N)).item()
-    assert other.history == lcc.history and other.last_refresh_epoch == 1
+    assert other["lcc"].history == lcc["lcc"].history and other["lcc"].last_refresh_epoch == 1
     for key in ("predictions", "labels", "recorded_at"):
         np.testing.assert_array_equal(other.recorded[key], lcc.recorded[key])
     np.testing.assert_array_equal(
         other.recorded["latents"]["embed"], lcc.recorded["latents"]["embed"]
     )
     assert other.start_epoch(1, loader) is None  # the epoch's refresh is not redone
-    stats = other.start_epoch(2, loader)
+    stats = other.start_epoch(2, loader)["lcc"]
     assert stats["act"]["source"] == "recorded"
     for obj in (lcc, other, again):
         obj.close()
@@ -320,14 +323,14 @@ def test_refresh_state_is_picklable_and_installs_elsewhere():
     x, y = make_data()
     model = MLP()
     with LatentClusterCorrection(model, layers=["act"], warmup=0, pca=4) as lcc:
-        state = lcc.compute(lcc.collect(make_loader(x, y)), epoch=0)
+        state = lcc.compute(lcc.collect(make_loader(x, y)), epoch=0, keys=["lcc"])["lcc"]
         copy = pickle.loads(pickle.dumps(state))
         assert isinstance(copy, RefreshState)
-        lcc.install(state)
+        lcc.install({"lcc": state})
         model(x)
         first = lcc.loss(torch.arange(N)).item()
     with LatentClusterCorrection(model, layers=["act"], warmup=0, pca=4) as other:
-        other.install(copy)
+        other.install({"lcc": copy})
         model(x)
         assert other.loss(torch.arange(N)).item() == first > 0
 
@@ -369,7 +372,7 @@ def test_k_larger_than_smallest_class_is_reported():
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        (dict(layers=[]), "non-empty"),
+        (dict(layers=[]), "names no layers"),
         (dict(layers=["act"], k=0), "k must"),
         (dict(layers=["act"], weight=-1.0), "weight"),
         (dict(layers=["act"], warmup=-1), "warmup"),
@@ -385,15 +388,15 @@ def test_k_larger_than_smallest_class_is_reported():
 )
 def test_bad_configuration_is_rejected_up_front(options, message):
     with pytest.raises(LCCInputError, match=message):
-        LCCConfig(**options)
+        LatentClusterCorrection(MLP(), **options)
 
 
 def test_unknown_options_and_missing_forward_are_reported():
     model = MLP()
-    with pytest.raises(LCCInputError, match="unknown LCC option"):
+    with pytest.raises(LCCInputError, match="unknown option 'neighbours' of lcc"):
         LatentClusterCorrection(model, layers=["act"], neighbours=5)
-    with LatentClusterCorrection(model, LCCConfig(layers=["act"]), k=7) as lcc:
-        assert lcc.config.k == 7
+    with LatentClusterCorrection(model, LCCOptions(layers=["act"]), k=7) as lcc:
+        assert lcc["lcc"].options.k == 7
         with pytest.raises(LCCInputError, match="run the model forward"):
             lcc.loss(torch.arange(3))
 

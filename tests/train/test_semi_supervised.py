@@ -23,7 +23,7 @@ def _module(**kwargs) -> LCCModule:
     model = nn.Sequential(
         OrderedDict(flat=nn.Flatten(), hidden=nn.Linear(6, 5), act=nn.ReLU(), head=nn.Linear(5, 3))
     )
-    return LCCModule(model, None, num_classes=3, n_train=12, **kwargs)
+    return LCCModule(model, num_classes=3, n_train=12, **kwargs)
 
 
 def test_unlabelled_samples_never_reach_the_cross_entropy():

@@ -1,0 +1,47 @@
+"""The choices of LCC's and the trainer's settings, declared once (parsers read them: no heavy
+import here).
+
+>>> CLUSTER_METHODS, KNN_MODES
+(('leiden', 'louvain', 'peer-pressure'), ('exact', 'approximate'))
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+__all__ = [
+    "CLASS_POLICIES",
+    "CLUSTER_METHODS",
+    "KNN_MODES",
+    "LATENT_DTYPES",
+    "METRICS",
+    "POOLS",
+    "SOURCES",
+    "TARGET_MODES",
+    "WEIGHTS",
+    "ClusterMethod",
+    "KnnMode",
+    "Metric",
+    "TargetMode",
+    "Weights",
+]
+
+ClusterMethod = Literal["leiden", "louvain", "peer-pressure"]
+TargetMode = Literal["exact", "approximate"]
+KnnMode = Literal["exact", "approximate"]
+Metric = Literal["l2", "cosine"]
+Weights = Literal["unweighted", "rbf"]
+
+CLUSTER_METHODS: tuple[str, ...] = ("leiden", "louvain", "peer-pressure")
+TARGET_MODES: tuple[str, ...] = ("exact", "approximate")
+KNN_MODES: tuple[str, ...] = ("exact", "approximate")
+METRICS: tuple[str, ...] = ("l2", "cosine")
+WEIGHTS: tuple[str, ...] = ("unweighted", "rbf")
+#: which classes a refresh corrects (:func:`lcc.engine.selection.select_classes`)
+CLASS_POLICIES: tuple[str, ...] = ("all", "top-pairs", "heaviest-set", "largest-component")
+#: how conv feature maps become one row per sample (:mod:`lcc.zoo.latents`)
+POOLS: tuple[str, ...] = ("flatten", "avg", "max")
+#: where a refresh's training-set latents come from (:class:`lcc.train.loop.Regularisation`)
+SOURCES: tuple[str, ...] = ("fresh", "recorded")
+#: dtypes of latents kept on disk (``latents_dir``)
+LATENT_DTYPES: tuple[str, ...] = ("float32", "float16")

@@ -1,0 +1,287 @@
+"""The latents of the whole training set that a refresh reads, for any number of processes.
+
+Two sources, as :class:`lcc.train.loop.Regularisation` offers them:
+
+- ``fresh``: :func:`collect_fresh` runs an eval pass over the training set; under an
+  :class:`lcc.train.exchange.Exchange` of ``W`` ranks, rank ``r`` passes over rows ``r::W``
+  and the main rank gathers them into index order (in RAM, or memory-mapped ``.npy`` files in
+  ``latents_dir``);
+- ``recorded``: :class:`RecordedLatents` keeps per-sample buffers filled by the training
+  forwards of the epoch before (:meth:`RecordedLatents.observe`); :meth:`RecordedLatents.share`
+  merges what each rank recorded so every rank holds the same buffers.
+
+>>> buffers = RecordedLatents(latents_dir=None, dtype="float32")
+>>> buffers.gap(["fc"], n=4)
+'no latents recorded yet'
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from lcc.engine.choices import LATENT_DTYPES
+from lcc.errors import LCCInputError
+from lcc.regularisers.base import TrainingLatents
+from lcc.regularisers.lcc import to_numpy, to_torch
+from lcc.train.exchange import Exchange
+from lcc.zoo.latents import collect_latents
+
+__all__ = ["LATENT_DTYPES", "RecordedLatents", "Shard", "collect_fresh"]
+
+
+class Shard(Dataset):
+    """Rows ``rows`` of ``dataset`` as ``(x, y, position)`` (position within the shard)."""
+
+    def __init__(self, dataset: Any, rows: np.ndarray):
+        self.dataset, self.rows = dataset, np.asarray(rows, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return int(self.rows.shape[0])
+
+    def __getitem__(self, position: int) -> tuple[Any, Any, int]:
+        item = self.dataset[int(self.rows[position])]
+        return item[0], item[1], int(position)
+
+    def __getitems__(self, positions: Sequence[int]) -> list[tuple[Any, Any, int]]:
+        fetch = getattr(self.dataset, "__getitems__", None)
+        rows = [int(self.rows[p]) for p in positions]
+        items = fetch(rows) if fetch else [self.dataset[r] for r in rows]
+        return [(item[0], item[1], int(p)) for item, p in zip(items, positions, strict=True)]
+
+
+def _shard_loader(loader: Any, rank: int, world: int) -> DataLoader:
+    """A loader over rows ``rank::world`` of ``loader``'s dataset, yielding shard positions."""
+    rows = np.arange(rank, len(loader.dataset), world)
+    return DataLoader(
+        Shard(loader.dataset, rows),
+        batch_size=getattr(loader, "batch_size", None) or 128,
+        shuffle=False,
+        num_workers=getattr(loader, "num_workers", 0),
+    )
+
+
+def collect_fresh(
+    model: nn.Module,
+    loader: Any,
+    layers: Sequence[str],
+    *,
+    exchange: Exchange,
+    pool: str,
+    device: torch.device | None,
+    latents_dir: Path | None,
+    latents_dtype: str,
+    reason: str | None = None,
+) -> TrainingLatents | None:
+    """The eval pass over the training set (sharded over ``exchange``'s ranks); the gathered
+    :class:`TrainingLatents` on the main rank, None on the others.
+
+    ``latents_dir``: the latents are memory-mapped ``.npy`` files there (every rank writes its
+    shard in ``latents_dir/shard-RANK``, the main rank the gathered whole in ``latents_dir``).
+    ``reason``: why a ``recorded`` run falls back to a fresh pass (kept in ``source``).
+    """
+    start = time.perf_counter()
+    if loader is None:
+        raise LCCInputError(
+            "a refresh needs the training loader (yielding (x, y, index)) for the latent pass"
+        )
+    world = exchange.world
+    if world > 1:
+        exchange.broadcast_buffers(model)  # BatchNorm statistics drift apart per rank
+        loader = _shard_loader(loader, exchange.rank, world)
+    folder = latents_dir
+    if folder is not None and world > 1:
+        folder = latents_dir / f"shard-{exchange.rank}"  # type: ignore[operator]
+        folder.mkdir(parents=True, exist_ok=True)
+    latents, y, predictions = collect_latents(
+        model,
+        loader,
+        list(layers),
+        pool=pool,  # type: ignore[arg-type]
+        device=device,
+        memmap_dir=folder,
+        memmap_dtype=np.dtype(latents_dtype),
+    )
+    if world > 1:
+        gathered = _gather_shards(latents, y, predictions, exchange, latents_dir, latents_dtype)
+        if gathered is None:
+            return None
+        latents, y, predictions = gathered
+    return TrainingLatents(
+        latents=latents,
+        y=np.asarray(y, dtype=np.int64),
+        predictions=np.asarray(predictions, dtype=np.int64),
+        source="fresh" if reason is None else f"fresh (fallback: {reason})",
+        seconds=time.perf_counter() - start,
+    )
+
+
+def _gather_shards(
+    latents: Mapping[str, np.ndarray],
+    y: np.ndarray,
+    predictions: np.ndarray,
+    exchange: Exchange,
+    latents_dir: Path | None,
+    dtype: str,
+) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray] | None:
+    """Shards ``r::W`` of every rank put back into index order, on the main rank only."""
+    world = exchange.world
+    meta = exchange.gather_rows(np.stack([y, predictions], axis=1))
+    n = sum(part.shape[0] for part in meta)
+    full: dict[str, np.ndarray] = {}
+    for name, mine in latents.items():
+        parts = exchange.gather_rows(np.asarray(mine))
+        if not exchange.is_main:
+            continue
+        shape = (n, parts[0].shape[1])
+        full[name] = (
+            np.lib.format.open_memmap(latents_dir / f"{name}.npy", "w+", np.dtype(dtype), shape)
+            if latents_dir is not None
+            else np.empty(shape, dtype=np.float32)
+        )
+        for rank, part in enumerate(parts):
+            full[name][rank::world] = part
+    if not exchange.is_main:
+        return None
+    labels, predicted = np.empty(n, dtype=np.int64), np.empty(n, dtype=np.int64)
+    for rank, part in enumerate(meta):
+        labels[rank::world], predicted[rank::world] = part[:, 0], part[:, 1]
+    return full, labels, predicted
+
+
+class RecordedLatents:
+    """Per-sample buffers of the training forwards: predictions, labels, the epoch each row was
+    recorded in, and latents per layer ((N, D), in RAM or memory-mapped in ``latents_dir``)."""
+
+    def __init__(self, *, latents_dir: Path | None, dtype: str):
+        self.latents_dir, self.dtype = latents_dir, dtype
+        self.predictions: np.ndarray | None = None
+        self.labels: np.ndarray | None = None
+        self.recorded_at: np.ndarray | None = None
+        self.latents: dict[str, np.ndarray] = {}
+
+    def allocate(self, n: int) -> None:
+        """Empty (-1) buffers for ``n`` samples, unless they exist at that size."""
+        if self.predictions is None or self.predictions.shape[0] != n:
+            self.predictions = np.full(n, -1, dtype=np.int64)
+            self.labels = np.full(n, -1, dtype=np.int64)
+            self.recorded_at = np.full(n, -1, dtype=np.int64)
+            self.latents = {}
+
+    def observe(
+        self,
+        index: Tensor,
+        *,
+        logits: Tensor | None,
+        y: Tensor | np.ndarray | Sequence[int] | None,
+        outputs: Mapping[str, Tensor],
+        epoch: int,
+    ) -> None:
+        """Write one batch's predictions, labels and (``outputs``) latents at rows ``index``."""
+        if logits is not None:
+            predicted = logits.detach().argmax(dim=-1).reshape(-1).cpu()
+            _check_rows(predicted.shape[0], index, "logits")
+            torch.from_numpy(self.predictions)[index] = predicted  # type: ignore[arg-type]
+        if y is not None:
+            labels = torch.as_tensor(y).detach().reshape(-1).cpu().long()
+            _check_rows(labels.shape[0], index, "y")
+            torch.from_numpy(self.labels)[index] = labels  # type: ignore[arg-type]
+        if not outputs:
+            return
+        n = self.labels.shape[0]  # type: ignore[union-attr]
+        for name, output in outputs.items():
+            out = output.detach().to("cpu", torch.float32)
+            out = out.reshape(out.shape[0], -1)
+            _check_rows(out.shape[0], index, f"the output of layer {name!r}")
+            if name not in self.latents or self.latents[name].shape[1] != out.shape[1]:
+                self.latents[name] = self._buffer(name, (n, out.shape[1]))
+            torch.from_numpy(self.latents[name])[index] = out
+        torch.from_numpy(self.recorded_at)[index] = max(epoch, 0)  # type: ignore[arg-type]
+
+    def gap(self, layers: Sequence[str], n: int | None) -> str | None:
+        """Why the buffers cannot serve a refresh of ``layers``, or None when they can."""
+        if n is None or self.recorded_at is None or self.labels is None:
+            return "no latents recorded yet"
+        if any(name not in self.latents for name in layers):
+            return "no latents recorded yet"
+        never = int(np.sum(self.recorded_at[:n] < 0))
+        if never:
+            return f"{never} samples never recorded"
+        if not (self.labels[:n] >= 0).any():
+            return "labels missing: pass y to observe()"
+        return None
+
+    def collected(self, layers: Sequence[str], n: int, epoch: int | None) -> TrainingLatents:
+        """The buffers as :class:`TrainingLatents` (check :meth:`gap` first)."""
+        start = time.perf_counter()
+        assert self.labels is not None and self.recorded_at is not None
+        previous = -1 if epoch is None else epoch - 1
+        stale = int(np.sum(self.recorded_at[:n] < previous)) if previous >= 0 else 0
+        return TrainingLatents(
+            latents={name: self.latents[name][:n] for name in layers},
+            y=self.labels[:n].copy(),
+            predictions=None if self.predictions is None else self.predictions[:n].copy(),
+            source="recorded",
+            seconds=time.perf_counter() - start,
+            stale=stale,
+        )
+
+    def share(
+        self, epoch: int, layers: Sequence[str], rows: np.ndarray, exchange: Exchange
+    ) -> None:
+        """Give every rank the rows each rank recorded in ``epoch`` (``rows``: this rank's);
+        on a row recorded by several ranks the lowest rank wins."""
+        if self.recorded_at is None:
+            return
+        assert self.predictions is not None and self.labels is not None
+        rows = rows[self.recorded_at[rows] == epoch]
+        gathered_rows = exchange.gather_rows(rows)
+        meta = exchange.gather_rows(np.stack([self.predictions[rows], self.labels[rows]], axis=1))
+        gathered = {name: exchange.gather_rows(self.latents[name][rows]) for name in layers}
+        for rank in reversed(range(len(gathered_rows))):  # lowest rank written last: it wins
+            index = gathered_rows[rank]
+            self.predictions[index] = meta[rank][:, 0]
+            self.labels[index] = meta[rank][:, 1]
+            self.recorded_at[index] = epoch
+            for name in layers:
+                self.latents[name][index] = gathered[name][rank]
+
+    def state_dict(self) -> dict[str, Any]:
+        return to_torch(
+            {
+                "predictions": self.predictions,
+                "labels": self.labels,
+                "recorded_at": self.recorded_at,
+                "latents": dict(self.latents),
+            }
+        )
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        buffers = to_numpy(dict(state))
+        self.predictions = buffers["predictions"]
+        self.labels = buffers["labels"]
+        self.recorded_at = buffers["recorded_at"]
+        self.latents = dict(buffers["latents"])
+
+    def _buffer(self, name: str, shape: tuple[int, int]) -> np.ndarray:
+        """A zeroed (N, D) buffer: in RAM, or a memory-mapped ``recorded-<layer>.npy``."""
+        if self.latents_dir is None:
+            return np.zeros(shape, dtype=np.float32)
+        path = Path(os.fspath(self.latents_dir)) / f"recorded-{name}.npy"
+        return np.lib.format.open_memmap(path, mode="w+", dtype=np.dtype(self.dtype), shape=shape)
+
+
+def _check_rows(rows: int, index: Tensor, what: str) -> None:
+    if rows != index.shape[0]:
+        raise LCCInputError(
+            f"{what} has {rows} rows but the batch has {index.shape[0]} indices; call "
+            "observe() right after the forward of the same batch"
+        )
