@@ -26,8 +26,10 @@ CONFIG.yaml:
               its last checkpoint (model defaults to base's)
 
 Each run goes to DIR/<grid values> (e.g. DIR/layers=act1_k=5_seed=0, DIR/baseline_seed=0).
-Finished runs (metrics.json) are skipped and started ones resumed, so an interrupted sweep
-continues where it stopped. DIR/table.md and DIR/table.csv (fractions, as in metrics.json)
+Every run's options and layers are checked before the first one trains. Finished runs
+(metrics.json) are skipped and started ones resumed, so an interrupted sweep (SIGTERM or
+Ctrl+C: exit 143 / 130) continues where it stopped when run again; DIR may have been moved
+or copied. DIR/table.md and DIR/table.csv (fractions, as in metrics.json)
 hold the table; the markdown table is also printed on stdout.
 
 examples:
@@ -64,16 +66,30 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lcc.train.sweep import load_sweep, plan_runs, run_state, run_sweep
+    from lcc.train.sweep import (
+        SweepStopped,
+        check_layers,
+        load_sweep,
+        plan_runs,
+        run_state,
+        run_sweep,
+    )
 
     sweep = load_sweep(args.config)
     out = Path(getattr(args, "out", None) or Path("runs") / Path(args.config).stem)
     if args.dry_run:
-        for run in plan_runs(sweep, out):
-            state, _ = run_state(run)
+        runs = plan_runs(sweep, out)
+        states = [run_state(run)[0] for run in runs]
+        check_layers([run for run, state in zip(runs, states, strict=True) if state != "done"])
+        for run, state in zip(runs, states, strict=True):
             print(f"{state:<7} {run.name}")
         return 0
-    result = run_sweep(sweep, out, train_runs=not args.table_only)
+    try:
+        result = run_sweep(sweep, out, train_runs=not args.table_only)
+    except SweepStopped as stopped:
+        again = f"lcc sweep {args.config} --out {out}"
+        print(f"lcc sweep: {stopped}; run the sweep again to continue: {again}", file=sys.stderr)
+        return stopped.exit_code
     sys.stdout.write(result.markdown.read_text(encoding="utf-8"))
     print(f"lcc sweep: table in {result.markdown} and {result.csv}", file=sys.stderr)
     return 0

@@ -53,11 +53,14 @@ __all__ = [
     "Sweep",
     "SweepResult",
     "SweepRun",
+    "SweepStopped",
     "TableRow",
+    "check_layers",
     "format_table",
     "load_sweep",
     "parse_sweep",
     "plan_runs",
+    "relocated",
     "run_state",
     "run_sweep",
     "sweep_table",
@@ -136,6 +139,15 @@ class SweepResult:
     csv: Path
 
 
+class SweepStopped(Exception):
+    """A signal stopped the sweep during a run (its checkpoint is saved); ``exit_code`` is
+    128 + the signal number. Running the sweep again continues it."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 # --------------------------------------------------------------------------- parsing
 
 
@@ -168,6 +180,12 @@ def parse_sweep(data: Mapping[str, Any]) -> Sweep:
         )
     base = _mapping(data.get("base"), "base")
     grid = _mapping(data.get("grid"), "grid")
+    missing = [key for key in ("model", "dataset") if key not in base and key not in grid]
+    if missing:
+        raise LCCInputError(
+            f"the sweep sets no {' and no '.join(missing)}; put them under base: (e.g. "
+            "base: {model: small-cnn, dataset: digits})"
+        )
     for key, values in grid.items():
         if not isinstance(values, list) or not values:
             raise LCCInputError(
@@ -287,6 +305,28 @@ def plan_runs(sweep: Sweep, out: str | os.PathLike[str]) -> list[SweepRun]:
 # --------------------------------------------------------------------------- running
 
 
+def relocated(saved: TrainConfig, requested: TrainConfig) -> TrainConfig:
+    """``saved`` as if its sweep folder were where ``requested``'s is: its ``out``, and every
+    path option under its old sweep folder (the pretraining's checkpoint), moved there. A
+    copied or moved sweep folder then compares equal to its sweep.
+
+    >>> saved = TrainConfig(out="/old/sw/k=3", checkpoint="/old/sw/pretrain/checkpoints/last.ckpt")
+    >>> moved = relocated(saved, TrainConfig(out="/new/sw2/k=3"))
+    >>> moved.out, moved.checkpoint
+    ('/new/sw2/k=3', '/new/sw2/pretrain/checkpoints/last.ckpt')
+    """
+    if not saved.out or not requested.out:
+        return saved
+    old_root, new_root = Path(saved.out).parent, Path(requested.out).parent
+    changes: dict[str, Any] = {"out": requested.out}
+    for name, value in saved.to_dict().items():
+        if name != "out" and isinstance(value, str) and Path(value).is_absolute():
+            path = Path(value)
+            if path.is_relative_to(old_root):
+                changes[name] = str(new_root / path.relative_to(old_root))
+    return merge_config(saved, changes)
+
+
 def run_state(run: SweepRun) -> tuple[str, TrainConfig]:
     """(done | resume | new, the config to train with); raises when the directory holds a run
     with other settings. done: finished with these settings; resume: started."""
@@ -297,17 +337,18 @@ def run_state(run: SweepRun) -> tuple[str, TrainConfig]:
     if not saved_file.is_file():
         if (folder / "metrics.json").is_file():
             raise LCCInputError(
-                f"{folder} holds metrics.json but no config.yaml; delete it or choose another --out"
+                f"{folder} holds metrics.json but no config.yaml, so its settings are unknown; "
+                "choose another --out for the sweep"
             )
         return "new", requested
-    saved = merge_config(TrainConfig(), read_yaml(saved_file))
+    saved = relocated(merge_config(TrainConfig(), read_yaml(saved_file)), requested)
     if requested.layers is None and saved.layers is not None:
         requested = merge_config(requested, {"layers": saved.layers})  # the default, resolved
     differences = resume_differences(saved, requested)
     if differences:
         raise LCCInputError(
-            f"{folder} holds a run with other settings ({'; '.join(differences)}); delete it "
-            "or choose another --out"
+            f"{folder} holds a run with other settings ({'; '.join(differences)}); give the "
+            "sweep those settings again, or choose another --out for the new ones"
         )
     metrics_file = folder / "metrics.json"
     if metrics_file.is_file():
@@ -339,12 +380,15 @@ def run_sweep(
     """
     from lcc.train.lightning import NonFiniteLossError
     from lcc.train.run import train
+    from lcc.train.stopping import TrainingStopped
 
     root = Path(out).expanduser().resolve()
     if root.exists() and not root.is_dir():
         raise LCCInputError(f"--out {root} is a file; pass a folder for the sweep's runs")
     runs = plan_runs(sweep, root)
     states = {run.name: run_state(run) for run in runs}  # every clash found before any training
+    if train_runs:
+        check_layers([run for run in runs if states[run.name][0] != "done"])
     status: dict[str, str] = {}
     for position, run in enumerate(runs, start=1):
         state, config = states[run.name]
@@ -360,8 +404,14 @@ def run_sweep(
         if report:
             _say(f"{where}: {'resuming' if state == 'resume' else 'training'}")
         root.mkdir(parents=True, exist_ok=True)
+        if state == "resume":
+            _adopt_location(config)
         try:
             train(config, report=report)
+        except TrainingStopped as stopped:
+            raise SweepStopped(
+                f"stopped during run {where} (its last checkpoint is kept)", stopped.exit_code
+            ) from None
         except NonFiniteLossError as error:
             status[run.name] = "diverged"
             if report:
@@ -371,6 +421,70 @@ def run_sweep(
     rows = sweep_table(sweep, runs)
     markdown, table = write_table(sweep, rows, root)
     return SweepResult(status=status, rows=rows, markdown=markdown, csv=table)
+
+
+def _adopt_location(config: TrainConfig) -> None:
+    """A started run of a moved or copied sweep folder: its config.yaml moves with it (what
+    ``lcc train`` saves there anyway once it resumes), so the resume compares equal."""
+    from lcc.train.config import save_config
+
+    saved_file = Path(config.out or "") / "config.yaml"
+    saved = merge_config(TrainConfig(), read_yaml(saved_file))
+    if saved.out != config.out:
+        save_config(relocated(saved, config), saved_file)
+
+
+def check_layers(runs: Sequence[SweepRun]) -> None:
+    """Check the layers of every run on its model before any run trains, as ``lcc train``
+    does at its start (:func:`lcc.train.run.default_layers`, :func:`lcc.train.run.probe_layers`
+    on two samples); one untrained model per (model, dataset). Raises LCCInputError naming
+    the run."""
+
+    from lcc.regularisers.base import OUTPUT
+    from lcc.train.run import default_layers, probe_layers
+
+    probes: dict[tuple[str, str], tuple[Any, Any]] = {}
+    for run in runs:
+        config = run.config
+        assert config is not None
+        if config.no_lcc:
+            continue
+        try:
+            key = (config.model or "", config.dataset or "")
+            if key not in probes:
+                probes[key] = _untrained(config)
+            model, sample = probes[key]
+            layers = list(config.layers) if config.layers else default_layers(model, sample)
+            read = [
+                name
+                for regulariser in config.build_regularisers(layers)
+                for name in regulariser.layers
+                if name != OUTPUT
+            ]
+            probe_layers(model, list(dict.fromkeys(read)), sample)
+        except LCCInputError as error:
+            raise LCCInputError(f"run {run.name}: {error}") from None
+
+
+def _untrained(config: TrainConfig) -> tuple[Any, Any]:
+    """The run's architecture with initial weights (no download) and two input samples."""
+    import torch
+
+    from lcc.zoo.datasets import dataset_info, load_dataset
+    from lcc.zoo.models import build_model
+
+    info = dataset_info(config.dataset or "")
+    if info is None:
+        bundle = load_dataset(
+            config.dataset or "", root=config.data_dir, subset=config.subset, augment=False
+        )
+        info = (bundle.input_shape, bundle.num_classes)
+    shape, classes = info
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = build_model(config.model or "", classes, input_shape=shape, pretrained=False)
+        sample = torch.rand(2, *shape)
+    return model, sample
 
 
 # --------------------------------------------------------------------------- the table
@@ -478,14 +592,23 @@ def format_table(sweep: Sweep, rows: Sequence[TableRow]) -> str:
             f"{row.finished}/{len(row.runs)}",
         ]
         lines.append("| " + " | ".join(cells) + " |")
-    seeds = ", ".join(str(seed) for seed in sweep.seeds)
     lines += [
         "",
-        f"Test accuracy, mean ± sample standard deviation over seeds {seeds} (finished runs / "
-        "planned in the last column); gain: mean minus the baseline's mean, in percentage "
-        "points.",
+        f"Test accuracy, {_over_seeds(sweep.seeds)} (finished runs / planned in "
+        "the last column); gain: mean minus the baseline's mean, in percentage points.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _over_seeds(seeds: Sequence[int]) -> str:
+    """The caption's words for the seeds.
+
+    >>> _over_seeds([0]), _over_seeds([0, 1])
+    ('one run per setting (seed 0)', 'mean ± sample standard deviation over seeds 0, 1')
+    """
+    if len(seeds) == 1:
+        return f"one run per setting (seed {seeds[0]})"
+    return f"mean ± sample standard deviation over seeds {', '.join(map(str, seeds))}"
 
 
 def table_csv(sweep: Sweep, rows: Sequence[TableRow]) -> str:

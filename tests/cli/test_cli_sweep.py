@@ -91,3 +91,49 @@ def test_sweep_trains_and_prints_the_table(capsys, tmp_path):
     assert main(["sweep", str(file), "--out", str(out)]) == 0
     again = capsys.readouterr()
     assert again.out == captured.out and again.err.count("finished earlier, skipped") == 2
+
+
+def test_dry_run_checks_every_runs_layers(capsys, tmp_path):
+    file = write(tmp_path / "s.yaml", {"base": TINY, "grid": {"layers": [["act1"], ["nope"]]}})
+    err = _fails(capsys, [str(file), "--out", str(tmp_path / "runs"), "--dry-run"])
+    assert "run layers=nope_seed=0: model has no layer 'nope'" in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_an_empty_sweep_file_asks_for_base(capsys, tmp_path):
+    file = write(tmp_path / "empty.yaml", "")
+    err = _fails(capsys, [str(file), "--dry-run"])
+    assert "put them under base:" in err and "--config" not in err
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_sweep_in_one_line_with_exit_143(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    base = {**TINY, "subset": 1500, "epochs": 3, "batch_size": 8}
+    file = write(tmp_path / "s.yaml", {"base": base, "grid": {"k": [3]}})
+    out = tmp_path / "runs"
+    command = [sys.executable, "-m", "lcc", "sweep", str(file), "--out", str(out)]
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
+    checkpoint = out / "k=3_seed=0" / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 240
+    while not checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert process.poll() is None, "the run ended before its first checkpoint"
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=240)
+    assert process.returncode == 143, err[-2000:]
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("lcc sweep: stopped during run [1/1] k=3_seed=0")
+    assert "run the sweep again to continue" in last and "lcc train" not in last
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=400)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "resuming" in done.stderr and (out / "k=3_seed=0" / "metrics.json").is_file()

@@ -102,11 +102,12 @@ def test_names_that_clash_after_sanitising_get_a_hash(tmp_path):
         ({"base": {**BASE, "warmpu": 1}}, "unknown config key 'warmpu'"),
         ({"base": BASE, "grid": {"k": 5}}, "grid.k must be a non-empty list"),
         ({"base": BASE, "grid": {"k": []}}, "grid.k must be a non-empty list"),
-        ({"base": BASE, "grid": {"k": [0]}}, "--k must be >= 1"),
+        ({"base": BASE, "grid": {"k": [0]}}, "k must be"),
         ({"base": {**BASE, "out": "x"}}, "base.out is set by lcc sweep"),
         ({"base": BASE, "baseline": "yes"}, "baseline must be true, false or a mapping"),
         ({"base": ["small-cnn"]}, "base must be a mapping"),
-        ({"grid": {"k": [3]}}, "MODEL is required"),
+        ({"grid": {"k": [3]}}, "the sweep sets no model and no dataset; put them under base:"),
+        ({}, "the sweep sets no model and no dataset; put them under base:"),
         (
             {"base": {**BASE, "checkpoint": "w.ckpt"}, "pretrain": {"dataset": "mnist"}},
             "keep one",
@@ -255,3 +256,71 @@ def test_real_grid_resumes_and_skips(grid_run):
     assert (out / "weight=0.01_seed=1" / "metrics.json").is_file()
     table_only = run_sweep(sweep, out, train_runs=False, report=False)
     assert set(table_only.status.values()) == {"done"}
+
+
+# --------------------------------------------------------------------------- issue 17
+
+
+def test_a_moved_or_copied_sweep_folder_is_the_same_sweep(tmp_path):
+    import shutil
+
+    from lcc.train.config import resume_differences
+    from lcc.train.sweep import _adopt_location
+
+    pretraining = {"dataset": "digits", "epochs": 1}
+    sweep = parse_sweep(
+        {"base": {**BASE, "epochs": 2}, "grid": {"k": [3, 4]}, "pretrain": pretraining}
+    )
+    pretrain, finished, started = plan_runs(sweep, tmp_path / "sw")
+    finish(pretrain, 0.5, 0.9)
+    finish(finished, 0.6, 0.9)
+    finish(started, 0.6, 0.9)
+    (Path(started.config.out) / "metrics.json").unlink()
+    shutil.copytree(tmp_path / "sw", tmp_path / "sw2")
+    moved = plan_runs(sweep, tmp_path / "sw2")
+    assert [run_state(run)[0] for run in moved] == ["done", "done", "resume"]
+    table = run_sweep(sweep, tmp_path / "sw2", train_runs=False, report=False)
+    assert table.status == {"pretrain": "done", "k=3_seed=0": "done", "k=4_seed=0": "skipped"}
+    # the started run's config.yaml moves with it, so lcc train's resume check agrees
+    config = run_state(moved[2])[1]
+    _adopt_location(config)
+    saved = yaml.safe_load((Path(config.out) / "config.yaml").read_text())
+    assert saved["out"] == config.out
+    assert saved["checkpoint"] == str(tmp_path / "sw2" / "pretrain" / "checkpoints" / "last.ckpt")
+    from lcc.train.config import TrainConfig, merge_config
+
+    assert resume_differences(merge_config(TrainConfig(), saved), config) == []
+    again = yaml.safe_load((tmp_path / "sw" / "k=4_seed=0" / "config.yaml").read_text())
+    assert again["out"] == str(tmp_path / "sw" / "k=4_seed=0")  # the original is untouched
+
+
+def test_other_settings_never_ask_to_delete_runs(tmp_path):
+    sweep = parse_sweep({"base": {**BASE, "epochs": 2}, "grid": {"k": [3]}})
+    (run,) = plan_runs(sweep, tmp_path)
+    finish(run, 0.5, 0.9)
+    other = parse_sweep({"base": {**BASE, "epochs": 2, "lr": 0.5}, "grid": {"k": [3]}})
+    with pytest.raises(LCCInputError) as caught:
+        run_state(plan_runs(other, tmp_path)[0])
+    assert "delete" not in str(caught.value) and "choose another --out" in str(caught.value)
+    (Path(run.config.out) / "config.yaml").unlink()
+    with pytest.raises(LCCInputError) as caught:
+        run_state(run)
+    assert "delete" not in str(caught.value) and "no config.yaml" in str(caught.value)
+
+
+def test_a_missing_layer_stops_the_sweep_before_any_run_trains(tmp_path):
+    sweep = parse_sweep({"base": {**BASE, "epochs": 1}, "grid": {"layers": [["act1"], ["nope"]]}})
+    with pytest.raises(LCCInputError, match=r"run layers=nope_seed=0: model has no layer 'nope'"):
+        run_sweep(sweep, tmp_path / "runs", report=False)
+    assert not (tmp_path / "runs" / "layers=act1_seed=0").exists()
+    regs = parse_sweep(
+        {"base": {**BASE, "epochs": 1}, "grid": {"regularisers": [["label-variation:layers=nope"]]}}
+    )
+    with pytest.raises(LCCInputError, match="has no layer 'nope'"):
+        run_sweep(regs, tmp_path / "runs2", report=False)
+
+
+def test_one_seed_caption_says_one_run_per_setting(tmp_path):
+    sweep = parse_sweep({"base": BASE, "grid": {"k": [3]}})
+    text = format_table(sweep, sweep_table(sweep, plan_runs(sweep, tmp_path)))
+    assert "over seeds 0 " not in text and "one run per setting (seed 0)" in text
