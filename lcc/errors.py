@@ -22,8 +22,11 @@ class LCCInputError(ValueError):
     """Bad input to an lcc function: the message says what is wrong and how to fix it."""
 
 
-def as_latent_matrix(z: object, *, name: str = "z") -> np.ndarray:
+def as_latent_matrix(z: object, *, name: str = "z", checked: bool = False) -> np.ndarray:
     """Return latents as a C-contiguous float32 (N, D) matrix, trailing dims flattened.
+
+    Rows holding NaN or inf are rejected unless ``checked`` says that the caller has already
+    scanned ``z`` (:func:`check_finite`: a refresh scans its latents once, at its entry).
 
     >>> as_latent_matrix(np.zeros((4, 2, 3))).shape
     (4, 6)
@@ -49,14 +52,51 @@ def as_latent_matrix(z: object, *, name: str = "z") -> np.ndarray:
     matrix = np.ascontiguousarray(array.reshape(array.shape[0], -1), dtype=np.float32)
     if matrix.shape[1] == 0:
         raise LCCInputError(f"{name} has latent dimension 0; pass non-empty latents")
-    finite = np.isfinite(matrix).all(axis=1)
-    if not finite.all():
-        bad = np.flatnonzero(~finite)
+    if not checked:
+        check_finite(matrix, name=name)
+    return matrix
+
+
+def check_finite(z: object, *, name: str = "z", chunk_entries: int = 1 << 22) -> None:
+    """Raise :class:`LCCInputError` naming the rows of ``z`` (N, ...) that hold NaN or inf.
+
+    ``z`` is a NumPy array (a memory map too) or a torch tensor on any device; it is read in
+    chunks of about ``chunk_entries`` values, so it is never converted as a whole.
+
+    >>> check_finite(np.array([[0.0, 1.0], [np.inf, 0.0]]))
+    Traceback (most recent call last):
+    ...
+    lcc.errors.LCCInputError: z contains NaN or inf in 1 row(s) (first: [1]); check the model \
+for diverging activations or drop those samples
+    """
+    n = int(z.shape[0])  # type: ignore[attr-defined]
+    width = max(1, int(np.prod(z.shape[1:])))  # type: ignore[attr-defined]
+    step = max(1, chunk_entries // width)
+    bad = []
+    for start in range(0, n, step):
+        part = z[start : start + step]  # type: ignore[index]
+        if _is_tensor(part):
+            rows = part.reshape(part.shape[0], -1).isfinite().all(dim=1).logical_not()
+            if bool(rows.any()):
+                bad.append(start + np.flatnonzero(rows.cpu().numpy()))
+        else:
+            finite = np.isfinite(np.asarray(part).reshape(part.shape[0], -1)).all(axis=1)
+            if not finite.all():
+                bad.append(start + np.flatnonzero(~finite))
+    if bad:
+        rows = np.concatenate(bad)
         raise LCCInputError(
-            f"{name} contains NaN or inf in {bad.size} row(s) (first: {bad[:5].tolist()}); "
+            f"{name} contains NaN or inf in {rows.size} row(s) (first: {rows[:5].tolist()}); "
             "check the model for diverging activations or drop those samples"
         )
-    return matrix
+
+
+def _is_tensor(value: object) -> bool:
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return False
+    return isinstance(value, torch.Tensor)
 
 
 def as_label_vector(y: object, n_samples: int, *, name: str = "y") -> np.ndarray:
@@ -137,3 +177,12 @@ def check_number(value: object, name: str, low: float | None = None) -> float:
         bound = "" if low is None else f" >= {low:g}"
         raise LCCInputError(f"{name} must be a finite number{bound}, got {value!r}")
     return number
+
+
+def check_count(value: int, *, name: str, minimum: int) -> int:
+    """Validate an integer option such as ``seed``, ``max_iterations`` or ``patience``."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise LCCInputError(f"{name} must be an integer, got {value!r}")
+    if value < minimum:
+        raise LCCInputError(f"{name}={value} must be at least {minimum}")
+    return int(value)

@@ -22,15 +22,15 @@ from functools import partial
 import numpy as np
 import torch
 
-from lcc.engine.knn import (
-    _BLOCK_ENTRIES,
-    _RECALL_SAMPLE,
-    _TARGET_RECALL,
-    _drop_self,
-    _faiss_module,
-    _squared_norms,
-    _torch_search,
-    _torch_threads,
+from lcc.engine.exact_search import (
+    BLOCK_ENTRIES,
+    RECALL_SAMPLE,
+    TARGET_RECALL,
+    drop_self,
+    faiss_module,
+    squared_norms,
+    torch_search,
+    torch_threads,
 )
 
 __all__ = ["MAX_ROWS", "cells_self_search"]
@@ -61,7 +61,7 @@ def _kmeans(
     n_train = min(matrix.shape[0], _POINTS_PER_CELL * n_cells)
     sample = matrix[np.sort(rng.choice(matrix.shape[0], n_train, replace=False))]
     if use_faiss:
-        faiss = _faiss_module()
+        faiss = faiss_module()
         kmeans = faiss.Kmeans(
             matrix.shape[1],
             n_cells,
@@ -90,8 +90,8 @@ def _torch_kmeans(sample: np.ndarray, n_cells: int, rng: np.random.Generator) ->
 
 
 def _nearest_centroid(points: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
-    norms = _squared_norms(centroids)
-    block = max(1, _BLOCK_ENTRIES // max(1, centroids.shape[0]))
+    norms = squared_norms(centroids)
+    block = max(1, BLOCK_ENTRIES // max(1, centroids.shape[0]))
     parts = [
         torch.addmm(norms[None, :], points[s : s + block], centroids.T, alpha=-2.0).argmin(dim=1)
         for s in range(0, points.shape[0], block)
@@ -140,7 +140,7 @@ class _Scan:
         self, cells: _Cells, n_used: np.ndarray, points: torch.Tensor, k: int, heap: bool
     ) -> None:
         self.cells, self.n_used, self.points, self.k, self.heap = cells, n_used, points, k, heap
-        self.norms = _squared_norms(points)
+        self.norms = squared_norms(points)
         self.indices = np.empty((points.shape[0], k), np.int64)
         self.squared = np.empty((points.shape[0], k), np.float32)
 
@@ -214,9 +214,9 @@ def _choose_budget(
     neighbour is found exactly when its cell is among the cells searched for the row's cell.
     """
     n = matrix.shape[0]
-    sample = np.sort(rng.choice(n, min(n, _RECALL_SAMPLE), replace=False))
-    exact, squared = _torch_search(matrix, matrix[sample], k + 1)
-    neighbour_cells = assign[_drop_self(exact, squared, sample)[0]]
+    sample = np.sort(rng.choice(n, min(n, RECALL_SAMPLE), replace=False))
+    exact, squared = torch_search(matrix, matrix[sample], k + 1)
+    neighbour_cells = assign[drop_self(exact, squared, sample)[0]]
     sample_cells = assign[sample]
     # rank[a, b]: position of cell b in the ranking of cell a
     rank = np.empty_like(cells.ranked)
@@ -225,7 +225,7 @@ def _choose_budget(
     need = max(int(start), k + 1)
     while True:
         recall = float((neighbour_rank < cells.n_used(need)[sample_cells, None]).mean())
-        if recall >= _TARGET_RECALL or need >= n:
+        if recall >= TARGET_RECALL or need >= n:
             return need, recall
         need = min(n, int(_GROWTH * need))
 
@@ -245,7 +245,7 @@ class _Cells:
         order = np.argsort(assign, kind="stable")
         sizes = np.bincount(assign, minlength=n_cells)
         starts = np.concatenate([[0], np.cumsum(sizes)])
-        ranked = _torch_search(centroids, centroids, n_cells)[0]
+        ranked = torch_search(centroids, centroids, n_cells)[0]
         own = np.arange(n_cells)
         # Put each cell first in its own ranking, even when another centroid coincides with it.
         others = ranked[ranked != own[:, None]].reshape(n_cells, n_cells - 1)
@@ -325,6 +325,6 @@ def _run_parallel(work: Callable[[int], None], items: list[int]) -> None:
         for item in items:
             work(item)
         return
-    with _torch_threads(1), ThreadPoolExecutor(max_workers=workers) as pool:
+    with torch_threads(1), ThreadPoolExecutor(max_workers=workers) as pool:
         for _ in pool.map(work, items):
             pass

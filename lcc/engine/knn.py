@@ -31,16 +31,36 @@ thread count, so a seed gives the same neighbours every time.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
-from types import ModuleType
 from typing import Literal
 
 import numpy as np
 import torch
 
-from lcc.errors import LCCInputError, as_latent_matrix, check_choice, check_k
+from lcc.engine import cells
+from lcc.engine.device import (
+    Placed,
+    block_entries,
+    full_precision,
+    place_rows,
+    resolve_device,
+    rows_of,
+)
+from lcc.engine.exact_search import (
+    BLOCK_ENTRIES,
+    RECALL_SAMPLE,
+    SMALL_WORK,
+    TARGET_RECALL,
+    drop_self,
+    faiss_module,
+    faiss_search,
+    faiss_threads,
+    to_distance,
+    torch_search,
+    torch_search_tensors,
+    torch_threads,
+)
+from lcc.errors import LCCInputError, as_latent_matrix, check_choice, check_finite, check_k
 
 __all__ = [
     "BACKENDS",
@@ -52,6 +72,7 @@ __all__ = [
     "knn",
     "knn_recall",
     "search",
+    "search_tensors",
 ]
 
 Metric = Literal["l2", "cosine"]
@@ -64,14 +85,10 @@ MODES: tuple[str, ...] = ("exact", "approximate")
 BACKENDS: tuple[str, ...] = ("auto", "faiss", "torch")
 INDEXES: tuple[str, ...] = ("auto", "cells", "ivf-flat", "ivf-pq", "hnsw")
 
-# Largest distance block (in float32 entries) the torch search materialises at once: 64 MiB.
-_BLOCK_ENTRIES = 1 << 24
-# Searches with fewer multiply-adds than this run single-threaded.
-_SMALL_WORK = 1 << 28
 # Approximate mode widens its search until the recall measured on this many rows reaches the
-# target (the margin above 0.95 covers the sampling error).
-_RECALL_SAMPLE = 300
-_TARGET_RECALL = 0.97
+# target (module globals: the tests lower and raise the target).
+_RECALL_SAMPLE = RECALL_SAMPLE
+_TARGET_RECALL = TARGET_RECALL
 # Below this many rows the approximate mode is not faster than the exact one; it searches exactly.
 _APPROXIMATE_MIN_ROWS = 2_000
 # IVF: lists per square root of N, training rows per list and k-means iterations; first nprobe.
@@ -155,6 +172,8 @@ def knn(
     seed: int = 0,
     backend: Backend = "auto",
     index: IndexKind = "auto",
+    device: str | None = None,
+    checked: bool = False,
 ) -> Neighbors:
     """The ``k`` nearest other rows of every row of ``z`` (shape ``(N, ...)``, flattened).
 
@@ -164,8 +183,11 @@ def knn(
     ``"ivf-flat"``, ``"ivf-pq"``, ``"hnsw"``), widening the search until the recall measured on
     a sample of 300 rows reaches 0.97 (reported as ``Neighbors.recall``), exact if no width
     reaches it; ``seed`` drives its random choices. Below 2,000 rows, or on the torch backend,
-    it searches exactly. ``backend`` picks faiss or the torch fallback ("auto": faiss when
-    importable).
+    it searches exactly. ``backend`` picks faiss or the torch search ("auto": faiss when
+    importable). ``device`` (:func:`lcc.engine.device.resolve_device`: ``"auto"``, ``"cpu"``,
+    ``"cuda"``) runs the exact torch search on a GPU, chunked to its free memory (there the
+    approximate mode searches exactly too: a GPU's exact search is faster than an index).
+    ``checked=True``: the caller has already checked ``z`` for NaN/inf (a refresh does, once).
 
     >>> nb = knn(np.array([[0.0], [1.0], [3.0], [7.0]]), 2, backend="torch")
     >>> nb.indices.tolist(), nb.distances.tolist()
@@ -175,28 +197,93 @@ def knn(
     check_choice(mode, MODES, name="mode")
     check_choice(index, INDEXES, name="index")
     use_faiss = _use_faiss(backend)
-    matrix = as_latent_matrix(z)
+    target = resolve_device(device, z, backend="auto" if use_faiss else "torch")
+    if target is not None:
+        return _torch_knn(z, k, metric, target, checked=checked)
+    matrix = as_latent_matrix(z, checked=checked)
     k = check_k(k, matrix.shape[0])
     matrix = _prepare(matrix, metric)
     rows = np.arange(matrix.shape[0])
-    if not use_faiss:
-        indices, squared = _torch_search(matrix, matrix, k + 1)
-        return Neighbors(*_finish(*_drop_self(indices, squared, rows)))
-    if mode == "approximate" and matrix.shape[0] >= _APPROXIMATE_MIN_ROWS:
-        from lcc.engine import cells
-
-        if index == "cells" or (index == "auto" and matrix.shape[0] <= cells.MAX_ROWS):
-            growth = None if index == "cells" else cells.MAX_GROWTH
-            found = cells.cells_self_search(matrix, k, seed=seed, use_faiss=True, max_growth=growth)
-            if found is not None:  # else: many small clusters, faiss is the faster choice
-                return Neighbors(found[0], _to_distance(found[1]), recall=found[2])
-    with _faiss_threads():
-        if mode == "approximate" and matrix.shape[0] >= _APPROXIMATE_MIN_ROWS:
+    approximate = mode == "approximate" and matrix.shape[0] >= _APPROXIMATE_MIN_ROWS
+    if approximate and (
+        index == "cells" or (index == "auto" and matrix.shape[0] <= cells.MAX_ROWS)
+    ):
+        growth = None if index == "cells" else cells.MAX_GROWTH
+        found = cells.cells_self_search(matrix, k, seed=seed, use_faiss=True, max_growth=growth)
+        if found is not None:  # else: many small clusters, faiss is the faster choice
+            return Neighbors(found[0], to_distance(found[1]), recall=found[2])
+    with faiss_threads():
+        if approximate:
             kind = choose_index(*matrix.shape) if index == "auto" else index
             indices, squared, recall = _approximate_self_search(matrix, k, kind, seed)
-            return Neighbors(indices, _to_distance(squared), recall=recall)
-        indices, squared = _faiss_search(matrix, matrix, k + 1)
-    return Neighbors(*_finish(*_drop_self(indices, squared, rows)))
+            return Neighbors(indices, to_distance(squared), recall=recall)
+        indices, squared = faiss_search(matrix, matrix, k + 1)
+    return Neighbors(*_finish(*drop_self(indices, squared, rows)))
+
+
+def _torch_knn(z: object, k: int, metric: str, device: torch.device, *, checked: bool) -> Neighbors:
+    """Exact self k-NN by the torch search on ``device`` (rows streamed when they do not fit)."""
+    if not isinstance(z, (np.ndarray, torch.Tensor)):
+        z = as_latent_matrix(z, checked=checked)
+        checked = True
+    _check_rows(z)
+    k = check_k(k, rows_of(z))
+    if not checked:
+        check_finite(z)
+    placed = place_rows(z, device)
+    prepare_rows(placed, metric)
+    with full_precision():
+        indices, squared = torch_search_tensors(
+            placed.rows,
+            placed.rows,
+            k + 1,
+            device=device,
+            block_entries=block_entries(device),
+            base_rows=placed.base_rows(),
+        )
+    rows = np.arange(placed.rows.shape[0])
+    return Neighbors(*_finish(*drop_self(indices.cpu().numpy(), squared.cpu().numpy(), rows)))
+
+
+def prepare_rows(placed: Placed, metric: str) -> None:
+    """In place: L2-normalise the rows (cosine), then centre them on their float64 mean, chunk by
+    chunk (:func:`_prepare` for rows placed by :func:`lcc.engine.device.place_rows`)."""
+    rows = placed.rows
+    step = max(1, placed.chunk_rows)
+    with torch.no_grad():
+        if metric == "cosine":
+            for start in range(0, rows.shape[0], step):
+                part = rows[start : start + step]
+                norms = torch.linalg.vector_norm(part, dim=1, keepdim=True)
+                zero = torch.nonzero(norms[:, 0] == 0)[:, 0]
+                if zero.numel():
+                    bad = (zero + start).cpu().numpy()
+                    raise LCCInputError(
+                        f"metric='cosine' is undefined for all-zero rows (first: "
+                        f"{bad[:5].tolist()}); drop them or use metric='l2'"
+                    )
+                part /= norms
+        total = torch.zeros(rows.shape[1], dtype=torch.float64, device=rows.device)
+        for start in range(0, rows.shape[0], step):
+            total += rows[start : start + step].sum(dim=0, dtype=torch.float64)
+        centre = (total / rows.shape[0]).to(torch.float32)
+        for start in range(0, rows.shape[0], step):
+            rows[start : start + step] -= centre
+
+
+def _check_rows(z: np.ndarray | torch.Tensor) -> None:
+    """Shape checks of :func:`lcc.errors.as_latent_matrix`, without converting ``z``."""
+    if z.ndim < 2:
+        raise LCCInputError(
+            f"z must have shape (N, d, ...) with one row per sample, got shape {tuple(z.shape)}"
+        )
+    if z.shape[0] < 2:
+        raise LCCInputError(f"z has {z.shape[0]} sample(s); at least 2 are needed")
+    if int(np.prod(z.shape[1:])) == 0:
+        raise LCCInputError("z has latent dimension 0; pass non-empty latents")
+    floating = z.is_floating_point() if isinstance(z, torch.Tensor) else z.dtype.kind in "fiu"
+    if not floating:
+        raise LCCInputError(f"z must be a numeric array, got dtype {z.dtype}")
 
 
 def choose_index(n_samples: int, dim: int) -> str:
@@ -220,6 +307,8 @@ def search(
     *,
     metric: Metric = "l2",
     backend: Backend = "auto",
+    device: str | None = None,
+    checked: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact ``k`` nearest rows of ``base`` for each row of ``queries``.
 
@@ -229,6 +318,8 @@ def search(
     sets; small ones run single-threaded (with two threads on a busy machine, every small
     product waits for a descheduled thread). Rows are centred on the base mean first, which
     leaves distances unchanged and shrinks the rounding error of the distance expansion.
+    ``device="cuda"`` searches on the GPU (:func:`search_tensors`); ``checked=True``: the
+    caller has already checked both for NaN/inf.
 
     >>> idx, dist = search(np.array([[0.0], [2.0], [10.0]]), np.array([[1.5], [9.0]]), 2)
     >>> idx.tolist(), dist.tolist()
@@ -236,8 +327,9 @@ def search(
     """
     check_choice(metric, METRICS, name="metric")
     use_faiss = _use_faiss(backend)
-    base_matrix = _as_matrix(base, "base")
-    query_matrix = _as_matrix(queries, "queries")
+    target = resolve_device(device, queries)
+    base_matrix = _as_matrix(base, "base", checked)
+    query_matrix = _as_matrix(queries, "queries", checked)
     if query_matrix.shape[1] != base_matrix.shape[1]:
         raise LCCInputError(
             f"queries have dimension {query_matrix.shape[1]} but base has "
@@ -253,15 +345,50 @@ def search(
         base_matrix, query_matrix = _normalise(base_matrix), _normalise(query_matrix)
     if query_matrix.shape[0] == 0:
         return np.empty((0, k), np.int64), np.empty((0, k), np.float32)
+    if target is not None:
+        found, squared_t = search_tensors(
+            torch.from_numpy(base_matrix), torch.from_numpy(query_matrix), int(k), target
+        )
+        return found.cpu().numpy(), to_distance(squared_t.cpu().numpy())
     centre = base_matrix.mean(axis=0, dtype=np.float64).astype(np.float32)
-    small = base_matrix.size * query_matrix.shape[0] < _SMALL_WORK
+    small = base_matrix.size * query_matrix.shape[0] < SMALL_WORK
     if use_faiss:
-        with _faiss_threads(1 if small else None):
-            indices, squared = _faiss_search(base_matrix - centre, query_matrix - centre, int(k))
-        return indices, _to_distance(squared)
-    with _torch_threads(1 if small else None):
-        indices, squared = _torch_search(base_matrix - centre, query_matrix - centre, int(k))
-    return indices, _to_distance(squared)
+        with faiss_threads(1 if small else None):
+            indices, squared = faiss_search(base_matrix - centre, query_matrix - centre, int(k))
+        return indices, to_distance(squared)
+    with torch_threads(1 if small else None):
+        indices, squared = torch_search(base_matrix - centre, query_matrix - centre, int(k))
+    return indices, to_distance(squared)
+
+
+def search_tensors(
+    base: torch.Tensor,
+    queries: torch.Tensor,
+    k: int,
+    device: torch.device,
+    *,
+    metric: str = "l2",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`search` on float32 tensors, on ``device``: int64 indices and squared distances.
+
+    Rows are L2-normalised (cosine) and centred on the base mean, in full float32 precision;
+    the inputs are not modified. No checks: the caller validates.
+
+    >>> i, sq = search_tensors(torch.tensor([[0.0], [2.0]]), torch.tensor([[1.8]]), 1, "cpu")
+    >>> i.tolist()
+    [[1]]
+    """
+    device = torch.device(device)
+    with torch.no_grad(), full_precision():
+        base = base.to(device, torch.float32)
+        queries = queries.to(device, torch.float32)
+        if metric == "cosine":
+            base = base / torch.linalg.vector_norm(base, dim=1, keepdim=True)
+            queries = queries / torch.linalg.vector_norm(queries, dim=1, keepdim=True)
+        centre = base.mean(dim=0, dtype=torch.float64).to(torch.float32)
+        return torch_search_tensors(
+            base - centre, queries - centre, k, block_entries=block_entries(device)
+        )
 
 
 def knn_recall(found: Neighbors, exact: Neighbors) -> float:
@@ -293,7 +420,7 @@ def knn_recall(found: Neighbors, exact: Neighbors) -> float:
 
 def _use_faiss(backend: str) -> bool:
     check_choice(backend, BACKENDS, name="backend")
-    available = _faiss_module() is not None
+    available = faiss_module() is not None
     if backend == "faiss" and not available:
         raise LCCInputError(
             "backend='faiss' but faiss is not importable; install faiss-cpu or use backend='torch'"
@@ -301,15 +428,7 @@ def _use_faiss(backend: str) -> bool:
     return available and backend != "torch"
 
 
-def _faiss_module() -> ModuleType | None:
-    try:
-        import faiss
-    except ImportError:
-        return None
-    return faiss
-
-
-def _as_matrix(x: object, name: str) -> np.ndarray:
+def _as_matrix(x: object, name: str, checked: bool = False) -> np.ndarray:
     """Float32 (M, D) matrix, allowing M in {0, 1} (unlike ``as_latent_matrix``)."""
     if isinstance(x, torch.Tensor):
         x = x.detach().to("cpu", torch.float32).numpy()
@@ -319,10 +438,10 @@ def _as_matrix(x: object, name: str) -> np.ndarray:
             f"{name} must have shape (M, d, ...) with one row per sample, got shape {array.shape}"
         )
     if array.shape[0] >= 2:
-        return as_latent_matrix(array, name=name)
+        return as_latent_matrix(array, name=name, checked=checked)
     width = int(np.prod(array.shape[1:]))
     matrix = np.ascontiguousarray(array.reshape(array.shape[0], width), dtype=np.float32)
-    if not np.isfinite(matrix).all():
+    if not checked and not np.isfinite(matrix).all():
         raise LCCInputError(f"{name} contains NaN or inf; pass finite values")
     return matrix
 
@@ -346,67 +465,8 @@ def _prepare(matrix: np.ndarray, metric: str) -> np.ndarray:
     return np.ascontiguousarray(matrix - centre)
 
 
-def _to_distance(squared: np.ndarray) -> np.ndarray:
-    return np.sqrt(np.maximum(squared, 0.0)).astype(np.float32)
-
-
-def _drop_self(
-    indices: np.ndarray, squared: np.ndarray, rows: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """Remove each row's own index from its k+1 results, or the last result if it is absent.
-
-    The own index may be missing (several exact duplicates) or not first (ties); both are fine.
-    """
-    own = indices == rows[:, None]
-    own[~own.any(axis=1), -1] = True
-    keep = ~own
-    shape = (indices.shape[0], indices.shape[1] - 1)
-    return indices[keep].reshape(shape), squared[keep].reshape(shape)
-
-
-def _faiss_search(base: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exact k nearest ``base`` rows of each query (faiss brute force; ``base`` is not copied)."""
-    faiss = _faiss_module()
-    squared, indices = faiss.knn(np.ascontiguousarray(queries), base, k)
-    return indices.astype(np.int64, copy=False), squared
-
-
-def _torch_search(base: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exact k nearest ``base`` rows of each query, in row blocks of bounded size."""
-    base_t = torch.from_numpy(np.ascontiguousarray(base))
-    query_t = torch.from_numpy(np.ascontiguousarray(queries))
-    indices = np.empty((query_t.shape[0], k), np.int64)
-    squared = np.empty((query_t.shape[0], k), np.float32)
-    _torch_search_into(base_t, query_t, k, indices, squared)
-    return indices, squared
-
-
-def _torch_search_into(
-    base: torch.Tensor,
-    queries: torch.Tensor,
-    k: int,
-    indices_out: np.ndarray,
-    squared_out: np.ndarray,
-) -> None:
-    base_norms = _squared_norms(base)
-    block = max(1, _BLOCK_ENTRIES // max(1, base.shape[0]))
-    with torch.no_grad():
-        for start in range(0, queries.shape[0], block):
-            q = queries[start : start + block]
-            squared = torch.addmm(base_norms[None, :], q, base.T, alpha=-2.0)
-            squared += _squared_norms(q)[:, None]
-            values, positions = torch.topk(squared, k, dim=1, largest=False, sorted=True)
-            indices_out[start : start + q.shape[0]] = positions.numpy()
-            squared_out[start : start + q.shape[0]] = values.numpy()
-
-
-def _squared_norms(rows: torch.Tensor) -> torch.Tensor:
-    """Squared L2 norm of every row (a batched dot product: no ``rows * rows`` temporary)."""
-    return torch.einsum("ij,ij->i", rows, rows)
-
-
 def _finish(indices: np.ndarray, squared: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    return indices, _to_distance(squared)
+    return indices, to_distance(squared)
 
 
 def _approximate_self_search(
@@ -421,12 +481,12 @@ def _approximate_self_search(
     n = matrix.shape[0]
     rng = np.random.default_rng(seed)
     sample = np.sort(rng.choice(n, min(n, _RECALL_SAMPLE), replace=False))
-    _, exact_sq = _drop_self(*_faiss_search(matrix, matrix[sample], k + 1), sample)
+    _, exact_sq = drop_self(*faiss_search(matrix, matrix[sample], k + 1), sample)
     index = _build_index(kind, matrix, k, rng, seed)
     width = index.first_width
     while True:
-        with _faiss_threads(1):  # a few hundred queries: one thread, no waiting on a busy core
-            _, found_sq = _drop_self(*index.search(matrix[sample], k + 1, width), sample)
+        with faiss_threads(1):  # a few hundred queries: one thread, no waiting on a busy core
+            _, found_sq = drop_self(*index.search(matrix[sample], k + 1, width), sample)
         recall = _sample_recall(found_sq, exact_sq, matrix)
         if recall >= _TARGET_RECALL or width >= index.max_width:
             break
@@ -435,14 +495,14 @@ def _approximate_self_search(
         # the widest search misses the target, or the width it needs costs as much as brute
         # force (little cluster structure): search exactly
         del index
-        indices, squared = _faiss_search(matrix, matrix, k + 1)
-        return (*_drop_self(indices, squared, np.arange(n)), 1.0)
+        indices, squared = faiss_search(matrix, matrix, k + 1)
+        return (*drop_self(indices, squared, np.arange(n)), 1.0)
     indices, squared = index.search_all(k + 1, width)
     del index
     short = np.flatnonzero((indices < 0).any(axis=1))  # lists probed held fewer than k + 1 rows
     if short.size:
-        indices[short], squared[short] = _faiss_search(matrix, matrix[short], k + 1)
-    return (*_drop_self(indices, squared, np.arange(n)), recall)
+        indices[short], squared[short] = faiss_search(matrix, matrix[short], k + 1)
+    return (*drop_self(indices, squared, np.arange(n)), recall)
 
 
 def _sample_recall(found_sq: np.ndarray, exact_sq: np.ndarray, matrix: np.ndarray) -> float:
@@ -493,7 +553,7 @@ class _Ivf(_Index):
     def __init__(
         self, matrix: np.ndarray, k: int, rng: np.random.Generator, seed: int, *, pq: bool
     ) -> None:
-        faiss = _faiss_module()
+        faiss = faiss_module()
         n, d = matrix.shape
         self.matrix, self.pq = matrix, pq
         n_lists = max(1, min(round(_LISTS_PER_ROOT * math.sqrt(n)), n // (4 * (k + 1))))
@@ -519,7 +579,7 @@ class _Ivf(_Index):
             self.index.pq.cp.seed = seed
             self.index.pq.cp.niter = _KMEANS_ITERATIONS
             self.index.pq.cp.min_points_per_centroid = 1  # small data: no faiss warning
-            with _faiss_threads(1):  # many tiny k-means: threads only wait on each other
+            with faiss_threads(1):  # many tiny k-means: threads only wait on each other
                 self.index.train(np.ascontiguousarray(train))
         else:
             self.index = faiss.IndexIVFFlat(self.quantizer, d, n_lists)
@@ -582,7 +642,7 @@ def _rerank(
     n, c = candidates.shape
     indices = np.empty((n, k), np.int64)
     squared = np.empty((n, k), np.float32)
-    rows = max(1, _BLOCK_ENTRIES // max(1, c * base.shape[1]))
+    rows = max(1, BLOCK_ENTRIES // max(1, c * base.shape[1]))
     base_t = torch.from_numpy(base)
     with torch.no_grad():
         for start in range(0, n, rows):
@@ -606,11 +666,11 @@ class _Hnsw(_Index):
     max_width = exact_width = _HNSW_MAX_EF
 
     def __init__(self, matrix: np.ndarray) -> None:
-        faiss = _faiss_module()
+        faiss = faiss_module()
         self.matrix = matrix
         self.index = faiss.IndexHNSWFlat(matrix.shape[1], _HNSW_LINKS)
         self.index.hnsw.efConstruction = _HNSW_CONSTRUCTION
-        with _faiss_threads(1):
+        with faiss_threads(1):
             self.index.add(matrix)
 
     def search(self, queries: np.ndarray, k: int, width: int) -> tuple[np.ndarray, np.ndarray]:
@@ -620,32 +680,3 @@ class _Hnsw(_Index):
 
     def search_all(self, k: int, width: int) -> tuple[np.ndarray, np.ndarray]:
         return self.search(self.matrix, k, width)
-
-
-@contextmanager
-def _faiss_threads(threads: int | None = None) -> Iterator[None]:
-    """Run faiss with ``threads`` OpenMP threads (default: torch's count), then restore it."""
-    faiss = _faiss_module()
-    if faiss is None:
-        yield
-        return
-    previous = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(max(1, threads or torch.get_num_threads()))
-    try:
-        yield
-    finally:
-        faiss.omp_set_num_threads(previous)
-
-
-@contextmanager
-def _torch_threads(threads: int | None) -> Iterator[None]:
-    """Temporarily set torch's intra-op thread count (``None``: leave it), then restore it."""
-    previous = torch.get_num_threads()
-    if threads is None or threads == previous:
-        yield
-        return
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)

@@ -33,12 +33,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lcc.engine.knn import knn
 from lcc.engine.lgg_graph import (
     SIMILARITIES,
     BatchGraph,
     Similarity,
     _bandwidth,
     _describe,
+    _full_precision,
     _latents,
     batch_graph,
     latent_graph,
@@ -137,11 +139,12 @@ def similarity_matrix(
     flat = _latents(z)
     kind = resolve_similarity(flat, similarity)
     h = _bandwidth(bandwidth)
-    if kind == "cosine":
-        unit = F.normalize(flat, dim=1, eps=1e-12)
-        return _symmetric(unit @ unit.T).clamp_min(0.0)
-    squared = _squared_distances(flat)
-    return torch.exp(-squared / _rbf_scale(flat, h))
+    with _full_precision(flat):  # the Gram matrix in float32 under autocast, as for the graph
+        if kind == "cosine":
+            unit = F.normalize(flat, dim=1, eps=1e-12)
+            return _symmetric(unit @ unit.T).clamp_min(0.0)
+        squared = _squared_distances(flat)
+        return torch.exp(-squared / _rbf_scale(flat, h))
 
 
 def _rbf_scale(flat: Tensor, h: float | None) -> Tensor:
@@ -266,12 +269,15 @@ def gkd_distance(adj_teacher: Tensor, adj_student: Tensor, *, mask: Tensor | Non
 
     Pass degree-normalised graphs (``latent_graph(..., normalize=True)``) as the paper does.
     ``mask`` (B, B) bool restricts the sum to those entries (e.g.
-    :func:`distinct_classes_mask`). The teacher graph is cast to the student's dtype and device.
+    :func:`distinct_classes_mask`). The teacher graph is cast to the student's dtype and device;
+    half-precision graphs (mixed precision) are compared in float32, with autocast off.
 
     >>> float(gkd_distance(torch.eye(2), torch.zeros(2, 2)))
     1.4142135381698608
     """
     student = _square(adj_student, "adj_student")
+    if student.dtype in (torch.float16, torch.bfloat16):
+        student = student.float()
     teacher = _square(adj_teacher, "adj_teacher").to(device=student.device, dtype=student.dtype)
     if teacher.shape != student.shape:
         raise LCCInputError(
@@ -286,7 +292,8 @@ def gkd_distance(adj_teacher: Tensor, adj_student: Tensor, *, mask: Tensor | Non
             )
         keep = mask.to(device=student.device, dtype=torch.bool)
         difference = torch.where(keep, difference, torch.zeros_like(difference))
-    return torch.linalg.vector_norm(difference.reshape(-1))
+    with _full_precision(difference):
+        return torch.linalg.vector_norm(difference.reshape(-1))
 
 
 # --------------------------------------------------------------------------------- measure
@@ -366,8 +373,6 @@ def label_variation_measure(
     >>> out["similarity"], out["edges"], out["label_variation"]
     ('rbf', 2, 0.0)
     """
-    from lcc.engine.knn import knn
-
     check_choice(similarity, SIMILARITIES, name="similarity")
     checked = as_latent_matrix(z)  # validates shape and finiteness (float32 copy for search)
     n = checked.shape[0]

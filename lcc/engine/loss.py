@@ -19,17 +19,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from lcc.engine.projection import Projection
+from lcc.engine.targets import Targets
 from lcc.errors import LCCInputError
-
-if TYPE_CHECKING:
-    from lcc.engine.projection import Projection
-    from lcc.engine.targets import Targets
 
 __all__ = ["LCCLoss", "lcc_loss"]
 
@@ -44,13 +42,15 @@ def lcc_loss(
     ``z`` (B, ...) is flattened to (B, d); ``targets`` holds B rows of d values (cast to z's dtype
     and device, never differentiated). With ``mask`` (B,) bool, only rows where it is True count
     (the mean is over those rows; an exact, differentiable 0 when there are none). float16 and
-    bfloat16 reduce in float32 to avoid overflow; the result has z's dtype.
+    bfloat16 latents (mixed precision) are compared with the float32 targets in float32, with
+    autocast off: a half-precision difference of two close vectors loses most of its digits.
+    The result has z's dtype.
     """
     if not isinstance(z, Tensor) or not z.is_floating_point():
         raise LCCInputError(f"z must be a floating-point torch tensor, got {_describe(z)}")
     flat = _flatten(z)
     batch, dim = flat.shape
-    target = torch.as_tensor(targets, device=z.device).detach().to(z.dtype)
+    target = torch.as_tensor(targets, device=z.device).detach().to(_working(z.dtype))
     if target.shape[0] != batch or target[0:1].numel() * batch != target.numel():
         raise LCCInputError(
             f"targets have shape {tuple(target.shape)} but z has {batch} rows of {dim} values; "
@@ -64,7 +64,18 @@ def lcc_loss(
         )
     if batch == 0 or dim == 0:
         return _zero(z)
-    return _masked_mean(flat, target, mask, squared)
+    with _full_precision(z):
+        return _masked_mean(flat.to(target.dtype), target, mask, squared).to(z.dtype)
+
+
+def _working(dtype: torch.dtype) -> torch.dtype:
+    """float32 for half-precision latents (mixed precision), else their own dtype."""
+    return torch.float32 if dtype in _HALF else dtype
+
+
+def _full_precision(z: Tensor) -> torch.autocast:
+    """Autocast off: distances to the targets are computed in the working dtype."""
+    return torch.autocast(z.device.type, enabled=False)
 
 
 def _masked_mean(flat: Tensor, target: Tensor, mask: Tensor | None, squared: bool) -> Tensor:
@@ -188,8 +199,6 @@ class LCCLoss(torch.nn.Module):
         """The projection applied to latents before the comparison (rebuilt from the buffers)."""
         if self.projection_components.numel() == 0:
             return None
-        from lcc.engine.projection import Projection
-
         return Projection(
             self.projection_mean.detach().cpu().numpy(),
             self.projection_components.detach().cpu().numpy(),
@@ -229,6 +238,11 @@ class LCCLoss(torch.nn.Module):
         indices = self._check_indices(indices, flat.shape[0])
         if self.rows.device != flat.device:
             self.to(flat.device)
+        with _full_precision(z):
+            return self._loss(z, flat.to(_working(flat.dtype)), indices).to(z.dtype)
+
+    def _loss(self, z: Tensor, flat: Tensor, indices: Tensor) -> Tensor:
+        """:meth:`forward` on flattened latents in the working dtype, autocast off."""
         if self.projection_components.numel() > 0:
             if flat.shape[1] != self.projection_mean.shape[0]:
                 raise LCCInputError(

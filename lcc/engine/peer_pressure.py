@@ -35,7 +35,8 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
-from lcc.engine.cluster import EdgeList, as_adjacency, check_count, compact_labels, relabel
+from lcc.engine.graph import EdgeList, as_adjacency, compact_labels, relabel
+from lcc.errors import check_count
 
 __all__ = [
     "PeerPressureTrace",

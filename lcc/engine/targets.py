@@ -23,12 +23,23 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
-from lcc.engine.knn import search
+from lcc.engine.device import Placed, block_entries, place_rows, resolve_device
+from lcc.engine.knn import search, search_tensors
 from lcc.engine.match import Matching, as_class_subset, as_cluster_vector, as_mask, correctible_mask
-from lcc.errors import LCCInputError, as_label_vector, as_latent_matrix, check_choice, check_k
+from lcc.errors import (
+    LCCInputError,
+    as_label_vector,
+    as_latent_matrix,
+    check_choice,
+    check_finite,
+    check_k,
+)
 
 __all__ = ["Targets", "approximate_targets", "choose_representatives", "exact_targets"]
+
+_BACKENDS = ("auto", "torch")
 
 #: Upper bound (bytes) on the temporary blocks of one query chunk (distances, gathered rows).
 CHUNK_BYTES = 64 * 2**20
@@ -101,6 +112,8 @@ def exact_targets(
     classes: Sequence[int] | np.ndarray | None = None,
     metric: str = "l2",
     backend: str = "auto",
+    device: str | None = None,
+    checked: bool = False,
 ) -> Targets:
     """Eq. 7: each correctible sample's target is the mean of its k nearest CC same-class samples.
 
@@ -109,9 +122,13 @@ def exact_targets(
     samples whose class is in ``classes`` when given. One exact search per class (all its
     correctible samples against its CC samples; query chunks only bound memory), by faiss
     (``backend="auto"``, when importable) or torch. Ties between equidistant neighbours are
-    broken as :func:`lcc.engine.knn.search` breaks them.
+    broken as :func:`lcc.engine.knn.search` breaks them. ``device`` (``"auto"``, ``"cpu"``,
+    ``"cuda"``; see :func:`lcc.engine.device.resolve_device`) runs the searches and means with
+    torch on that device (``backend="torch"``: the same code on CPU tensors); ``checked=True``:
+    the caller has already checked ``z`` for NaN/inf (a refresh does, once).
     """
-    z = as_latent_matrix(z)
+    target = resolve_device(device, z, backend=backend)
+    z = _latents(z, target, checked)
     n = z.shape[0]
     y = as_label_vector(y, n)
     cc = as_mask(correctly_clustered, n)
@@ -119,13 +136,18 @@ def exact_targets(
     metric = check_choice(metric, ("l2", "cosine"), name="metric")
     correctible = correctible_mask(y, cc, k, classes=classes)
     indices = np.flatnonzero(correctible)
+    if target is not None:
+        vectors = _torch_targets(z, y, cc, correctible, indices, k, metric, target)
+        return Targets(indices=indices, vectors=vectors, n_samples=n)
     vectors = np.empty((indices.shape[0], z.shape[1]), dtype=np.float32)
     for members in _members_by_class(y, correctible):
         base = z[members[cc[members]]]
         queries = members[correctible[members]]
         rows = np.searchsorted(indices, queries)
         for chunk in _chunks(queries.shape[0], base.shape[0], k, z.shape[1]):
-            found, _ = search(base, z[queries[chunk]], k, metric=metric, backend=backend)
+            found, _ = search(
+                base, z[queries[chunk]], k, metric=metric, backend=backend, checked=True
+            )
             vectors[rows[chunk]] = base[found].mean(axis=1)
     return Targets(indices=indices, vectors=vectors, n_samples=n)
 
@@ -161,14 +183,20 @@ def approximate_targets(
     *,
     classes: Sequence[int] | np.ndarray | None = None,
     seed: int = 0,
+    backend: str = "auto",
+    device: str | None = None,
+    checked: bool = False,
 ) -> Targets:
     """Eq. 13-14: target = nearest random CC representative among clusters matched to y_i.
 
     Representatives come from :func:`choose_representatives` with ``seed``. A sample is
     correctible when it is misclustered, some cluster matched to its class has a representative
-    and (if ``classes`` is given) its class is in ``classes``.
+    and (if ``classes`` is given) its class is in ``classes``. ``device`` and ``checked`` as in
+    :func:`exact_targets`; ``backend="torch"`` runs the device code on CPU tensors (``"auto"``:
+    one NumPy-fed torch search per class, as the CPU path always did).
     """
-    z = as_latent_matrix(z)
+    target = resolve_device(device, z, backend=check_choice(backend, _BACKENDS, name="backend"))
+    z = _latents(z, target, checked)
     n = z.shape[0]
     y = as_label_vector(y, n)
     clusters = as_cluster_vector(clusters, n)
@@ -195,13 +223,74 @@ def approximate_targets(
     for members in _members_by_class(y, correctible):
         t = y[members[0]]
         lo, hi = np.searchsorted(rep_classes, [t, t + 1])
-        base = z[rep_ids[lo:hi]]
         queries = members[correctible[members]]
         rows = np.searchsorted(indices, queries)
+        if target is not None:
+            vectors[rows] = _torch_nearest(z, rep_ids[lo:hi], queries, target)
+            continue
+        base = z[rep_ids[lo:hi]]
         for chunk in _chunks(queries.shape[0], base.shape[0], 1, z.shape[1]):
-            found, _ = search(base, z[queries[chunk]], 1, backend="torch")
+            found, _ = search(base, z[queries[chunk]], 1, backend="torch", checked=True)
             vectors[rows[chunk]] = base[found[:, 0]]
     return Targets(indices=indices, vectors=vectors, n_samples=n)
+
+
+def _latents(z: object, target: torch.device | None, checked: bool) -> np.ndarray | Placed:
+    """The latents as a float32 matrix (CPU path) or as rows placed on ``target``."""
+    if target is None:
+        return as_latent_matrix(z, checked=checked)
+    if not isinstance(z, (np.ndarray, torch.Tensor)):
+        z = as_latent_matrix(z, checked=checked)
+    elif not checked:
+        as_latent_matrix(z[:2])  # shape and dtype checks on two rows
+        check_finite(z)
+    return place_rows(z, target, copy=False)
+
+
+def _gather(z: Placed, ids: np.ndarray) -> torch.Tensor:
+    """Rows ``ids`` of placed latents, on their device."""
+    index = torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int64)).to(z.rows.device)
+    return z.rows.index_select(0, index).to(z.device, non_blocking=True)
+
+
+def _torch_targets(
+    z: Placed,
+    y: np.ndarray,
+    cc: np.ndarray,
+    correctible: np.ndarray,
+    indices: np.ndarray,
+    k: int,
+    metric: str,
+    device: torch.device,
+) -> np.ndarray:
+    """:func:`exact_targets`' vectors computed by torch on ``device``."""
+    vectors = torch.empty((indices.shape[0], z.rows.shape[1]), dtype=torch.float32, device=device)
+    entries = block_entries(device)
+    with torch.no_grad():
+        for members in _members_by_class(y, correctible):
+            base = _gather(z, members[cc[members]])
+            queries = members[correctible[members]]
+            rows = torch.from_numpy(np.searchsorted(indices, queries)).to(device)
+            step = max(1, entries // max(1, base.shape[0], k * base.shape[1]))
+            for start in range(0, queries.shape[0], step):
+                q = _gather(z, queries[start : start + step])
+                found, _ = search_tensors(base, q, k, device, metric=metric)
+                vectors[rows[start : start + step]] = base[found].mean(dim=1)
+    return vectors.cpu().numpy()
+
+
+def _torch_nearest(
+    z: Placed, base_ids: np.ndarray, queries: np.ndarray, device: torch.device
+) -> np.ndarray:
+    """Rows of ``base_ids`` nearest to each row of ``queries`` (torch on ``device``)."""
+    with torch.no_grad():
+        base = _gather(z, base_ids)
+        step = max(1, block_entries(device) // max(1, base.shape[0], base.shape[1]))
+        parts = []
+        for start in range(0, queries.shape[0], step):
+            found, _ = search_tensors(base, _gather(z, queries[start : start + step]), 1, device)
+            parts.append(base[found[:, 0]].cpu())
+    return torch.cat(parts).numpy()
 
 
 def _members_by_class(y: np.ndarray, wanted: np.ndarray) -> Iterator[np.ndarray]:

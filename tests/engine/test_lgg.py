@@ -412,6 +412,7 @@ def test_measure_options_change_the_result() -> None:
 # --------------------------------------------------------------------------- dtype, device
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_matches_cpu() -> None:
     z, y = random_case(61)
@@ -456,3 +457,21 @@ def test_bad_inputs_raise_lcc_input_error() -> None:
     for case in cases:
         with pytest.raises(LCCInputError):
             case()
+
+
+def test_similarity_and_gkd_stay_in_float32_under_autocast() -> None:
+    # a bfloat16 Gram matrix moves similarities by ~1e-2; the guard keeps float32 (~1e-6)
+    z = torch.tensor(gaussian_mixture(48, 64, 3, 2, seed=9)[0], dtype=torch.float32) + 5.0
+    for kind in ("cosine", "rbf"):
+        expected = torch.tensor(oracle_similarity(z.double().numpy(), kind), dtype=torch.float64)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = similarity_matrix(z, similarity=kind)
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+    teacher = torch.rand(30, 30).bfloat16()
+    student = torch.rand(30, 30).bfloat16()
+    expected_gkd = float(torch.linalg.vector_norm((student.double() - teacher.double()).ravel()))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        distance = gkd_distance(teacher, student)
+    assert distance.dtype == torch.float32
+    assert float(distance) == pytest.approx(expected_gkd, rel=1e-6)

@@ -177,6 +177,7 @@ def test_buffers_follow_module_to() -> None:
     assert loss(z, torch.arange(4)).dtype == torch.float32
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_matches_cpu() -> None:
     targets = make_targets(n=40, dim=16)
@@ -214,3 +215,45 @@ def test_bad_inputs_are_rejected() -> None:
         lcc_loss(torch.randn(3, 4), torch.randn(3, 5))
     with pytest.raises(LCCInputError, match="mask"):
         lcc_loss(torch.randn(3, 4), torch.randn(3, 4), mask=torch.ones(2, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("squared", [False, True])
+def test_mixed_precision_latents_are_compared_with_their_targets_in_float32(
+    squared: bool,
+) -> None:
+    # latents close to large targets: a bfloat16 difference keeps about 2 of their digits
+    rng = np.random.default_rng(5)
+    targets = make_targets(n=40, dim=64)
+    ids = np.arange(40)
+    dense = np.nan_to_num(targets.dense(), nan=0.0)
+    near = dense + 10.0 + 0.01 * rng.normal(size=dense.shape)
+    shifted = Targets(targets.indices, targets.vectors + 10.0, n_samples=40)
+    z = torch.tensor(near, dtype=torch.bfloat16)
+    exact = by_hand(z.float().numpy(), ids, shifted, squared)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        module = LCCLoss(shifted, squared=squared)(z, torch.as_tensor(ids))
+        functional = lcc_loss(
+            z,
+            torch.as_tensor(shifted.dense()).nan_to_num(),
+            squared=squared,
+            mask=torch.as_tensor(shifted.correctible),
+        )
+    for value in (module, functional):
+        assert value.dtype == torch.bfloat16
+        assert float(value) == pytest.approx(exact, rel=1e-2)
+
+
+def test_the_projection_runs_in_float32_under_autocast() -> None:
+    rng = np.random.default_rng(6)
+    mean = rng.normal(size=32).astype(np.float32) * 100.0
+    components = np.linalg.qr(rng.normal(size=(32, 4)))[0].astype(np.float32)
+    projection = Projection(mean, components)
+    z = torch.tensor(mean + rng.normal(size=(10, 32)).astype(np.float32))
+    projected = (z.double() - torch.tensor(mean).double()) @ torch.tensor(components).double()
+    vectors = (projected + 0.05 * torch.randn(10, 4, dtype=torch.float64)).float().numpy()
+    targets = Targets(np.arange(10), vectors, n_samples=10)
+    exact = by_hand(projected.numpy(), np.arange(10), targets, False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        value = LCCLoss(targets, projection=projection)(z, torch.arange(10))
+    assert value.dtype == torch.float32
+    assert float(value) == pytest.approx(exact, rel=1e-4)

@@ -91,6 +91,7 @@ def test_apply_torch_gradient_matches_finite_differences() -> None:
     np.testing.assert_allclose(x.grad.numpy(), np.broadcast_to(expected, (5, 2, 3)), rtol=1e-6)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_apply_torch_on_cuda() -> None:  # pragma: no cover - CPU-only CI
     z = spectrum_data(32, 8, seed=7)
