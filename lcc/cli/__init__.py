@@ -28,7 +28,7 @@ from typing import Any
 
 from lcc.errors import LCCInputError
 
-SUBCOMMANDS = ("cluster", "layers", "train", "demo", "measure", "report", "sweep")
+SUBCOMMANDS = ("cluster", "layers", "train", "demo", "measure", "report", "sweep", "evaluate")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):

@@ -1,0 +1,599 @@
+"""Evaluate finished ``lcc train`` runs beyond clean top-1 (``lcc evaluate``).
+
+For each run directory, the final model (``checkpoints/last.ckpt``, built as ``config.yaml``
+says) is evaluated on the run's own test set (same dataset, ``test_subset`` and seed, so clean
+top-1/top-5 equal ``metrics.json``'s), optionally on a seeded stratified ``subset`` of it:
+
+- clean: ``top1``, ``top5``, ``per_class`` accuracy, ``ece`` (15-bin L1 expected calibration
+  error, torchmetrics), ``nll`` (mean cross-entropy) (:mod:`lcc.analysis.calibration`);
+- ``noise``: top-1 with Gaussian noise of standard deviation sigma added to the *normalised*
+  inputs (the units the network sees; sigma = 1 is one dataset standard deviation), seeded;
+- ``fgsm`` / ``pgd``: top-1 under L-inf attacks in *pixel units* ([0, 1], before
+  normalisation), adversarial images clipped to [0, 1] (:mod:`lcc.analysis.attacks`, foolbox);
+- ``corruption``: top-1 per type and severity (1-5) of the common corruptions; with a
+  ``baseline`` run, per-type corruption error, ``mce`` and ``relative_mce`` as Hendrycks &
+  Dietterich 2019 define them (:mod:`lcc.analysis.corruptions`);
+- ``probe``: linear and k-NN probes fitted on the training set's features of a layer
+  (:mod:`lcc.analysis.probes`).
+
+Accuracies are fractions, as in ``metrics.json``. :func:`evaluate_runs` writes
+``RUN_DIR/evaluation.json`` atomically for each run; :func:`evaluation_table` renders the
+comparison (markdown and CSV); :func:`evaluation_columns` flattens one evaluation into the
+columns that tables, reports and sweeps show.
+
+>>> evaluation_columns({"top1": 0.9, "noise": {"0.5": 0.7}, "probe": {"act1": {"linear": 0.8}}})
+{'top1': 0.9, 'noise 0.5': 0.7, 'probe act1 linear': 0.8}
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from lcc.analysis.attacks import PGDSpec, PixelModel, attack
+from lcc.analysis.calibration import classification_metrics
+from lcc.analysis.corruptions import (
+    COMMON,
+    SEVERITIES,
+    cached_corruption,
+    corruption_errors,
+    images_digest,
+    mean_over,
+    parse_corruptions,
+    relative_corruption_errors,
+)
+from lcc.errors import LCCInputError
+
+__all__ = [
+    "EVALUATION_FILE",
+    "EvalOptions",
+    "LoadedRun",
+    "evaluate_loaded",
+    "evaluate_runs",
+    "evaluation_columns",
+    "evaluation_table",
+    "load_evaluation",
+    "load_run_model",
+]
+
+#: the file each evaluated run directory gets
+EVALUATION_FILE = "evaluation.json"
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    """What to evaluate (see the module docstring). ``corruptions``: None (none), ``"all"``,
+    ``"common"`` or comma-separated names, resolved against the dataset's channels."""
+
+    noise: tuple[float, ...] = ()
+    fgsm: tuple[float, ...] = ()
+    pgd: tuple[PGDSpec, ...] = ()
+    corruptions: str | None = None
+    severities: tuple[int, ...] = SEVERITIES
+    probe: tuple[str, ...] = ()
+    probe_k: int = 10
+    probe_train: int | None = None
+    probe_pool: str = "flatten"
+    subset: int | None = None
+    seed: int = 0
+    batch_size: int = 500
+    cache_dir: str | None = None
+
+    def check(self) -> EvalOptions:
+        """Validate values; returns ``self``."""
+        for sigma in self.noise:
+            if not np.isfinite(sigma) or sigma < 0:
+                raise LCCInputError(f"--noise: sigma must be >= 0, got {sigma}")
+        for eps in (*self.fgsm, *(spec.eps for spec in self.pgd)):
+            if not np.isfinite(eps) or not 0 <= eps <= 1:
+                raise LCCInputError(f"eps must lie in [0, 1] (pixel units), got {eps}")
+        if not self.severities or any(s not in SEVERITIES for s in self.severities):
+            raise LCCInputError(f"severities must be among 1..5, got {list(self.severities)}")
+        for name, value, low in (
+            ("--subset", self.subset, 1),
+            ("--probe-train", self.probe_train, 2),
+            ("--batch-size", self.batch_size, 1),
+            ("--probe-k", self.probe_k, 1),
+        ):
+            if value is not None and (isinstance(value, bool) or int(value) < low):
+                raise LCCInputError(f"{name} must be an integer >= {low}, got {value!r}")
+        return self
+
+
+@dataclass
+class LoadedRun:
+    """A run's final model (eval mode, on CPU) and its data, as ``lcc train`` built them."""
+
+    path: Path
+    config: dict[str, Any]
+    model: nn.Module
+    bundle: Any
+    checkpoint: Path
+
+    @property
+    def dataset(self) -> str:
+        return str(self.config.get("dataset"))
+
+
+def load_run_model(run_dir: str | os.PathLike[str]) -> LoadedRun:
+    """Build the model of a run directory from ``config.yaml`` and ``checkpoints/last.ckpt``
+    (weights-only load) and load its dataset with the run's subsets and seed."""
+    from lcc.train.config import read_yaml
+    from lcc.zoo.datasets import load_dataset
+    from lcc.zoo.models import build_model, load_checkpoint
+
+    folder = Path(run_dir).expanduser()
+    if not folder.is_dir():
+        raise LCCInputError(f"run directory {folder} not found; pass the --out DIR of lcc train")
+    config_file = folder / "config.yaml"
+    if not config_file.is_file():
+        raise LCCInputError(f"{folder} holds no config.yaml; pass the --out DIR of lcc train")
+    config = read_yaml(config_file)
+    checkpoint = folder / "checkpoints" / "last.ckpt"
+    if not checkpoint.is_file():
+        raise LCCInputError(
+            f"{folder} has no checkpoint ({checkpoint} is missing); finish its training with "
+            f"`lcc train --out {folder} --resume`"
+        )
+    if not config.get("model") or not config.get("dataset"):
+        raise LCCInputError(f"{config_file} names no model or dataset; rerun lcc train")
+    bundle = load_dataset(
+        str(config["dataset"]),
+        root=config.get("data_dir"),
+        subset=config.get("subset"),
+        test_subset=config.get("test_subset"),
+        seed=int(config.get("seed") or 0),
+        augment=False,
+    )
+    model = build_model(
+        str(config["model"]),
+        bundle.num_classes,
+        input_shape=bundle.input_shape,
+        pretrained=False,
+    )
+    kept_new = load_checkpoint(model, checkpoint)
+    if kept_new:
+        raise LCCInputError(f"{checkpoint} lacks the classification head ({kept_new[0]})")
+    model.eval()
+    return LoadedRun(folder, config, model, bundle, checkpoint)
+
+
+# --------------------------------------------------------------------------- forward passes
+
+
+def _test_arrays(bundle: Any) -> tuple[np.ndarray, np.ndarray]:
+    test = bundle.test
+    images = getattr(test, "images", None)
+    if not isinstance(images, Tensor) or images.dtype != torch.uint8:
+        raise LCCInputError("lcc evaluate needs an image dataset of uint8 tensors (lcc.zoo)")
+    return images.numpy(), test.labels.numpy()
+
+
+def _normalised(images: np.ndarray, labels: np.ndarray, bundle: Any) -> Any:
+    """A dataset serving ``images`` normalised exactly as the run's test set is."""
+    from lcc.zoo.datasets import ImageTensorDataset
+
+    return ImageTensorDataset(
+        torch.from_numpy(np.ascontiguousarray(images)),
+        torch.from_numpy(labels),
+        bundle.test.mean,
+        bundle.test.std,
+    )
+
+
+def _batches(n: int, size: int) -> list[np.ndarray]:
+    return [np.arange(start, min(start + size, n)) for start in range(0, n, size)]
+
+
+def _logits(
+    model: nn.Module,
+    dataset: Any,
+    batch_size: int,
+    transform: Callable[[Tensor, int], Tensor] | None = None,
+) -> Tensor:
+    """Logits of ``model`` on every sample of ``dataset`` (``transform(x, batch)`` first)."""
+    outputs = []
+    with torch.no_grad():
+        for number, rows in enumerate(_batches(len(dataset), batch_size)):
+            x = torch.stack([item[0] for item in dataset.__getitems__(rows.tolist())])
+            if transform is not None:
+                x = transform(x, number)
+            outputs.append(model(x).float())
+    return torch.cat(outputs)
+
+
+def _accuracy(logits: Tensor, y: np.ndarray) -> float:
+    return float(np.mean(logits.argmax(1).numpy() == y))
+
+
+def _noise_seed(seed: int, sigma: float, batch: int) -> int:
+    sequence = np.random.SeedSequence([seed, round(sigma * 1e6), batch])
+    return int(sequence.generate_state(1)[0])
+
+
+# --------------------------------------------------------------------------- one run
+
+
+@dataclass
+class _Data:
+    """The evaluated test images (after ``subset``) of one run."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    digest: str
+    rows: np.ndarray | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _test_data(loaded: LoadedRun, options: EvalOptions) -> _Data:
+    from lcc.zoo.datasets import stratified_subset
+
+    images, labels = _test_arrays(loaded.bundle)
+    rows = None
+    if options.subset is not None and options.subset < len(labels):
+        rows = stratified_subset(labels, int(options.subset), options.seed)
+        images, labels = images[rows], labels[rows]
+    return _Data(images, labels, images_digest(images), rows)
+
+
+def _probe(
+    loaded: LoadedRun, layer: str, data: _Data, options: EvalOptions, test_logits: Tensor
+) -> dict[str, float]:
+    from torch.utils.data import DataLoader, Subset
+
+    from lcc.analysis.probes import probe_accuracies
+    from lcc.regularisers.base import OUTPUT
+    from lcc.zoo.datasets import IndexedDataset, stratified_subset
+    from lcc.zoo.latents import collect_latents
+
+    train = loaded.bundle.train_plain
+    train_y = np.asarray(loaded.bundle.targets)
+    if options.probe_train is not None and options.probe_train < len(train_y):
+        rows = stratified_subset(train_y, int(options.probe_train), options.seed)
+        train, train_y = Subset(train, rows.tolist()), train_y[rows]
+    test = _normalised(data.images, data.labels, loaded.bundle)
+    if layer == OUTPUT:
+        train_z = _logits(loaded.model, train, options.batch_size).numpy()
+        test_z = test_logits.numpy()
+    else:
+
+        def features(dataset: Any) -> np.ndarray:
+            loader = DataLoader(IndexedDataset(dataset), batch_size=options.batch_size)
+            z, _, _ = collect_latents(
+                loaded.model,
+                loader,
+                [layer],
+                pool=options.probe_pool,  # type: ignore[arg-type]
+            )
+            return z[layer]
+
+        train_z, test_z = features(train), features(test)
+    return probe_accuracies(
+        train_z, train_y, test_z, data.labels, k=options.probe_k, seed=options.seed
+    )
+
+
+def evaluate_loaded(
+    loaded: LoadedRun,
+    options: EvalOptions,
+    *,
+    baseline: Mapping[str, Any] | None = None,
+    say: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """The evaluation of one loaded run (see the module docstring); ``baseline``: the result
+    of this function for the baseline run, for the corruption errors."""
+    from lcc.regularisers.base import OUTPUT
+    from lcc.zoo.latents import check_layer_names
+
+    options = options.check()
+    model, bundle = loaded.model, loaded.bundle
+    model.eval()
+    for layer in options.probe:
+        if layer != OUTPUT:
+            check_layer_names(model, [layer])
+    corruptions = (
+        parse_corruptions(options.corruptions, bundle.input_shape[0])
+        if options.corruptions is not None
+        else []
+    )
+    data = _test_data(loaded, options)
+    seconds: dict[str, float] = {}
+    result: dict[str, Any] = {
+        "run": str(loaded.path),
+        "model": loaded.config.get("model"),
+        "dataset": loaded.dataset,
+        "checkpoint": str(loaded.checkpoint),
+        "n_test": len(data.labels),
+        "subset": options.subset,
+        "seed": options.seed,
+        "test_digest": data.digest,
+    }
+    start = time.perf_counter()
+    clean_set = _normalised(data.images, data.labels, bundle)
+    clean_logits = _logits(model, clean_set, options.batch_size)
+    result.update(
+        classification_metrics(
+            clean_logits, torch.from_numpy(data.labels), num_classes=bundle.num_classes
+        )
+    )
+    seconds["clean"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    noise: dict[str, float] = {}
+    for sigma in options.noise:
+
+        def add_noise(x: Tensor, number: int, sigma: float = sigma) -> Tensor:
+            generator = torch.Generator().manual_seed(_noise_seed(options.seed, sigma, number))
+            return x + sigma * torch.randn(x.shape, generator=generator, dtype=x.dtype)
+
+        noise[f"{sigma:g}"] = _accuracy(
+            _logits(model, clean_set, options.batch_size, add_noise), data.labels
+        )
+    result["noise"] = noise
+    seconds["noise"] = time.perf_counter() - start
+
+    pixel_model = PixelModel(model, bundle.test.mean, bundle.test.std).eval()
+    for kind, settings in (("fgsm", options.fgsm), ("pgd", options.pgd)):
+        start = time.perf_counter()
+        scores: dict[str, float] = {}
+        for setting in settings:
+            key = setting.key if isinstance(setting, PGDSpec) else f"{setting:g}"
+            if say:
+                say(f"{loaded.path.name}: {kind} {key}")
+            scores[key] = _attack_accuracy(pixel_model, data, kind, setting, options)
+        result[kind] = scores
+        seconds[kind] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    corruption: dict[str, dict[str, float]] = {}
+    for name in corruptions:
+        if say:
+            say(f"{loaded.path.name}: {name}")
+        corruption[name] = {}
+        for severity in options.severities:
+            corrupted = cached_corruption(
+                data.images,
+                name,
+                severity,
+                seed=options.seed,
+                dataset=loaded.dataset,
+                cache_dir=options.cache_dir,
+            )
+            logits = _logits(model, _normalised(corrupted, data.labels, bundle), options.batch_size)
+            corruption[name][str(severity)] = _accuracy(logits, data.labels)
+    result["corruption"] = corruption
+    seconds["corruption"] = time.perf_counter() - start
+    result.update(_corruption_measures(result, baseline))
+
+    start = time.perf_counter()
+    probe: dict[str, dict[str, float]] = {}
+    for layer in options.probe:
+        if say:
+            say(f"{loaded.path.name}: probe {layer}")
+        probe[layer] = _probe(loaded, layer, data, options, clean_logits)
+    result["probe"] = probe
+    seconds["probe"] = time.perf_counter() - start
+    result["seconds"] = seconds
+    return result
+
+
+def _attack_accuracy(
+    model: PixelModel, data: _Data, kind: str, setting: Any, options: EvalOptions
+) -> float:
+    hits = 0
+    for number, rows in enumerate(_batches(len(data.labels), options.batch_size)):
+        pixels = torch.from_numpy(data.images[rows]).float() / 255.0
+        labels = torch.from_numpy(data.labels[rows])
+        if kind == "fgsm":
+            adversarial = attack(model, pixels, labels, kind="fgsm", eps=float(setting))
+        else:
+            adversarial = attack(
+                model,
+                pixels,
+                labels,
+                kind="pgd",
+                eps=setting.eps,
+                steps=setting.steps,
+                alpha=setting.alpha,
+                seed=options.seed * 100_003 + number,
+            )
+        with torch.no_grad():
+            hits += int((model(adversarial).argmax(1) == labels).sum())
+    return hits / len(data.labels)
+
+
+def _errors(result: Mapping[str, Any]) -> dict[str, list[float]]:
+    return {
+        name: [1.0 - float(acc) for _, acc in sorted(by_severity.items(), key=lambda kv: kv[0])]
+        for name, by_severity in result.get("corruption", {}).items()
+    }
+
+
+def _corruption_measures(
+    result: Mapping[str, Any], baseline: Mapping[str, Any] | None
+) -> dict[str, Any]:
+    """Per-type CE and relative CE, their means, against ``baseline`` (None: all None)."""
+    empty = {
+        "baseline": None,
+        "corruption_error": None,
+        "relative_corruption_error": None,
+        "mce": None,
+        "relative_mce": None,
+    }
+    if baseline is None or not result.get("corruption"):
+        return empty
+    errors, base = _errors(result), _errors(baseline)
+    ce = corruption_errors(errors, base)
+    relative = relative_corruption_errors(
+        errors, 1.0 - float(result["top1"]), base, 1.0 - float(baseline["top1"])
+    )
+    names = [name for name in COMMON if name in errors] or list(errors)
+    return {
+        "baseline": baseline.get("run"),
+        "corruption_error": ce,
+        "relative_corruption_error": relative,
+        "mce": mean_over(ce, names),
+        "relative_mce": mean_over(relative, names),
+    }
+
+
+# --------------------------------------------------------------------------- several runs
+
+
+def _check_baseline(run: LoadedRun, base: LoadedRun) -> None:
+    if run.dataset != base.dataset:
+        raise LCCInputError(
+            f"--baseline {base.path} was trained on {base.dataset}, but {run.path} on "
+            f"{run.dataset}; pass a baseline run on {run.dataset}"
+        )
+
+
+def evaluate_runs(
+    runs: Sequence[str | os.PathLike[str]],
+    options: EvalOptions,
+    *,
+    baseline: str | os.PathLike[str] | None = None,
+    say: Callable[[str], None] | None = None,
+    emit: Callable[[dict[str, Any]], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Evaluate each run, write ``RUN/evaluation.json`` (atomic), return the results in order.
+
+    Every run is loaded (and checked, baseline included) before any is evaluated, so bad input
+    fails at once. ``emit(result)`` is called as each run finishes (``lcc evaluate`` prints it).
+    """
+    from lcc.io import write_json_atomic
+
+    options = options.check()
+    if not runs:
+        raise LCCInputError("pass at least one RUN_DIR")
+    loaded = [load_run_model(run) for run in runs]
+    base = None
+    if baseline is not None:
+        matches = [item for item in loaded if _same_dir(item.path, Path(baseline))]
+        base = matches[0] if matches else load_run_model(baseline)
+        for item in loaded:
+            _check_baseline(item, base)
+        if options.corruptions is None:
+            raise LCCInputError(
+                "--baseline compares corruption errors; add --corruptions (e.g. --corruptions all)"
+            )
+    base_result = None
+    if base is not None:
+        base_options = options
+        if not any(_same_dir(item.path, base.path) for item in loaded):
+            base_options = replace(options, noise=(), fgsm=(), pgd=(), probe=())
+        base_result = evaluate_loaded(base, base_options, say=say)
+        base_result.update(_corruption_measures(base_result, base_result))
+    results = []
+    for item in loaded:
+        if base is not None and _same_dir(item.path, base.path) and base_result is not None:
+            result = base_result
+        else:
+            result = evaluate_loaded(item, options, baseline=base_result, say=say)
+        if base_result is not None and result["test_digest"] != base_result["test_digest"]:
+            raise LCCInputError(
+                f"--baseline {base_result['run']} was tested on other images than {item.path} "
+                "(another test_subset or seed); train the baseline with the same test set"
+            )
+        write_json_atomic(item.path / EVALUATION_FILE, result)
+        if emit is not None:
+            emit(result)
+        results.append(result)
+    return results
+
+
+def _same_dir(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return a.resolve() == b.resolve()
+
+
+def load_evaluation(run_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """``RUN_DIR/evaluation.json`` read, or None when absent or unreadable."""
+    file = Path(run_dir) / EVALUATION_FILE
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def evaluation_columns(result: Mapping[str, Any]) -> dict[str, float | None]:
+    """One evaluation flattened to ``{column: value}``: ``top1``, ``top5``, ``ece``, ``nll``,
+    ``noise SIGMA``, ``fgsm EPS``, ``pgd EPS:STEPS:ALPHA``, ``corruption top1`` (mean over
+    types and severities), ``mce``, ``relative_mce``, ``probe LAYER linear|knn``."""
+    columns: dict[str, float | None] = {}
+    for key in ("top1", "top5", "ece", "nll"):
+        if key in result:
+            columns[key] = result[key]
+    for kind in ("noise", "fgsm", "pgd"):
+        for setting, value in (result.get(kind) or {}).items():
+            columns[f"{kind} {setting}"] = value
+    corruption = result.get("corruption") or {}
+    if corruption:
+        values = [float(v) for by_severity in corruption.values() for v in by_severity.values()]
+        columns["corruption top1"] = float(np.mean(values))
+    for key in ("mce", "relative_mce"):
+        if result.get(key) is not None:
+            columns[key] = result[key]
+    for layer, scores in (result.get("probe") or {}).items():
+        for probe, value in scores.items():
+            columns[f"probe {layer} {probe}"] = value
+    return columns
+
+
+def format_value(column: str, value: float | None) -> str:
+    """A table cell: accuracies and ECE in %, NLL as is, mCE x 100 (the benchmark's units).
+
+    >>> format_value("top1", 0.8125), format_value("nll", 0.41234), format_value("mce", 0.9)
+    ('81.25', '0.412', '90.0')
+    """
+    if value is None:
+        return "-"
+    if column == "nll":
+        return f"{value:.3f}"
+    if column in ("mce", "relative_mce"):
+        return f"{100 * value:.1f}"
+    return f"{100 * value:.2f}"
+
+
+def evaluation_table(results: Sequence[Mapping[str, Any]]) -> tuple[str, str]:
+    """(markdown, CSV) comparing evaluations, one row per run; markdown in % (mCE x 100),
+    CSV with the raw fractions."""
+    rows = [(Path(str(r.get("run", "?"))).name, evaluation_columns(r)) for r in results]
+    header: list[str] = []
+    for _, columns in rows:
+        header.extend(name for name in columns if name not in header)
+    shown = [
+        f"{name} (%)" if name not in ("nll", "mce", "relative_mce") else name for name in header
+    ]
+    lines = ["| run | " + " | ".join(shown) + " |", "|" + "---|" * (len(header) + 1)]
+    for name, columns in rows:
+        cells = [format_value(column, columns.get(column)) for column in header]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    note = (
+        "\nAccuracies, ECE in %; noise sigma in normalised-input units; fgsm/pgd eps in pixel "
+        "units [0, 1]; mCE and relative mCE x 100 against the baseline (Hendrycks & Dietterich "
+        "2019)."
+    )
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["run", *header])
+    for name, columns in rows:
+        writer.writerow([name, *("" if columns.get(c) is None else columns[c] for c in header)])
+    return "\n".join(lines) + "\n" + note + "\n", buffer.getvalue()

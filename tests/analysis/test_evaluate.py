@@ -1,0 +1,187 @@
+"""lcc.analysis.evaluate on run directories: results against direct computations on the model."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from torch.utils.data import DataLoader, Subset
+
+from lcc.analysis.corruptions import corruption_errors, relative_corruption_errors
+from lcc.analysis.evaluate import (
+    EvalOptions,
+    evaluate_runs,
+    evaluation_columns,
+    evaluation_table,
+    load_evaluation,
+    load_run_model,
+)
+from lcc.analysis.probes import probe_accuracies
+from lcc.errors import LCCInputError
+from lcc.zoo.datasets import IndexedDataset, load_dataset, stratified_subset
+from lcc.zoo.latents import collect_latents
+from lcc.zoo.models import build_model
+
+pytest.importorskip("foolbox")
+
+
+def make_run(
+    folder: Path,
+    *,
+    dataset: str = "digits",
+    seed: int = 0,
+    steps: int = 40,
+    subset: int | None = None,
+    test_subset: int | None = None,
+) -> Path:
+    """A run directory as `lcc train` leaves it (config.yaml, Lightning-style last.ckpt) with a
+    small-cnn trained for a few SGD steps."""
+    bundle = load_dataset(dataset, subset=subset, test_subset=test_subset, seed=seed, augment=False)
+    torch.manual_seed(seed)
+    model = build_model("small-cnn", bundle.num_classes, input_shape=bundle.input_shape)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    loader = DataLoader(bundle.train_plain, batch_size=64, shuffle=True)
+    done = 0
+    while done < steps:
+        for x, y in loader:
+            loss = F.cross_entropy(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            done += 1
+            if done == steps:
+                break
+    (folder / "checkpoints").mkdir(parents=True)
+    state = {f"model.{key}": value for key, value in model.state_dict().items()}
+    torch.save({"state_dict": state, "epoch": 0}, folder / "checkpoints" / "last.ckpt")
+    config = {"model": "small-cnn", "dataset": dataset, "seed": seed, "out": str(folder)}
+    config |= {"subset": subset, "test_subset": test_subset}
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("runs")
+    return {
+        "a": make_run(root / "a", steps=40),
+        "b": make_run(root / "b", seed=1, steps=8),
+        "other": make_run(root / "other", test_subset=100),
+    }
+
+
+def direct_logits(run: Path, rows: np.ndarray | None = None) -> tuple[torch.Tensor, np.ndarray]:
+    loaded = load_run_model(run)
+    test = loaded.bundle.test if rows is None else Subset(loaded.bundle.test, rows.tolist())
+    outputs, labels = [], []
+    with torch.no_grad():
+        for x, y in DataLoader(test, batch_size=64):
+            outputs.append(loaded.model(x))
+            labels.append(y)
+    return torch.cat(outputs), torch.cat(labels).numpy()
+
+
+def test_clean_metrics_equal_a_direct_pass_and_land_in_evaluation_json(runs) -> None:
+    (result,) = evaluate_runs([runs["a"]], EvalOptions(noise=(0.0, 0.8), fgsm=(0.0, 0.1)))
+    logits, y = direct_logits(runs["a"])
+    assert result["top1"] == pytest.approx(np.mean(logits.argmax(1).numpy() == y))
+    assert result["nll"] == pytest.approx(float(F.cross_entropy(logits, torch.tensor(y))), 1e-5)
+    assert result["n_test"] == len(y) == 359
+    assert result["noise"]["0"] == result["top1"] == result["fgsm"]["0"]
+    assert result["noise"]["0.8"] < result["top1"] and result["fgsm"]["0.1"] < result["top1"]
+    saved = load_evaluation(runs["a"])
+    assert saved == json.loads(json.dumps(result))
+    for key in ("top1", "top5", "ece", "nll", "noise", "fgsm", "pgd", "corruption", "mce"):
+        assert key in saved
+    assert saved["mce"] is None and saved["probe"] == {} and saved["corruption"] == {}
+
+
+def test_subset_and_seed_reach_the_evaluation(runs) -> None:
+    options = EvalOptions(subset=100, seed=3, noise=(0.7,))
+    (result,) = evaluate_runs([runs["a"]], options)
+    labels = load_run_model(runs["a"]).bundle.test.labels.numpy()
+    rows = stratified_subset(labels, 100, 3)
+    logits, y = direct_logits(runs["a"], rows)
+    assert result["n_test"] == 100
+    assert result["top1"] == pytest.approx(np.mean(logits.argmax(1).numpy() == y))
+    (again,) = evaluate_runs([runs["a"]], options)
+    assert again["noise"] == result["noise"]
+    noisier = [evaluate_runs([runs["a"]], EvalOptions(subset=100, seed=s, noise=(0.7,)))[0]
+               for s in (4, 5)]  # fmt: skip
+    assert {r["noise"]["0.7"] for r in [result, *noisier]} != {result["noise"]["0.7"]}
+
+
+def test_corruption_errors_against_the_baseline_by_hand(runs, tmp_path) -> None:
+    options = EvalOptions(
+        corruptions="contrast,gaussian_noise", severities=(1, 4), cache_dir=str(tmp_path)
+    )
+    results = evaluate_runs([runs["a"], runs["b"]], options, baseline=runs["a"])
+    base, other = results
+    assert set(base["corruption"]) == {"contrast", "gaussian_noise"}
+    assert set(base["corruption"]["contrast"]) == {"1", "4"}
+    assert base["mce"] == pytest.approx(1.0) and base["relative_mce"] == pytest.approx(1.0)
+
+    def errors(result):
+        return {name: [1 - result["corruption"][name][s] for s in ("1", "4")]
+                for name in ("contrast", "gaussian_noise")}  # fmt: skip
+
+    ce = corruption_errors(errors(other), errors(base))
+    assert other["corruption_error"] == pytest.approx(ce)
+    assert other["mce"] == pytest.approx(np.mean(list(ce.values())))
+    relative = relative_corruption_errors(
+        errors(other), 1 - other["top1"], errors(base), 1 - base["top1"]
+    )
+    assert other["relative_mce"] == pytest.approx(np.mean(list(relative.values())))
+    assert len(list(tmp_path.rglob("*.npz"))) == 4  # shared by both runs: cached once
+
+
+def test_probe_equals_probe_accuracies_on_directly_collected_features(runs) -> None:
+    (result,) = evaluate_runs([runs["a"]], EvalOptions(probe=("act1",), probe_train=600, probe_k=5))
+    loaded = load_run_model(runs["a"])
+    rows = stratified_subset(np.asarray(loaded.bundle.targets), 600, 0)
+    train = Subset(loaded.bundle.train_plain, rows.tolist())
+    z_train, y_train, _ = collect_latents(loaded.model, DataLoader(IndexedDataset(train)), "act1")
+    z_test, y_test, _ = collect_latents(
+        loaded.model, DataLoader(IndexedDataset(loaded.bundle.test)), "act1"
+    )
+    expected = probe_accuracies(z_train["act1"], y_train, z_test["act1"], y_test, k=5)
+    assert result["probe"]["act1"] == pytest.approx(expected)
+
+
+def test_table_has_one_row_per_run_and_the_raw_values_in_csv(runs) -> None:
+    results = [
+        {"run": "x/a", "top1": 0.5, "noise": {"0.5": 0.25}, "mce": 0.9},
+        {"run": "x/b", "top1": 0.75, "fgsm": {"0.1": 0.125}},
+    ]
+    markdown, table = evaluation_table(results)
+    lines = markdown.splitlines()
+    assert lines[0] == "| run | top1 (%) | noise 0.5 (%) | mce | fgsm 0.1 (%) |"
+    assert lines[2] == "| a | 50.00 | 25.00 | 90.0 | - |"
+    rows = list(csv.DictReader(io.StringIO(table)))
+    assert rows[1] == {"run": "b", "top1": "0.75", "noise 0.5": "", "mce": "", "fgsm 0.1": "0.125"}
+    assert evaluation_columns({"corruption": {"fog": {"1": 0.5, "2": 0.25}}}) == {
+        "corruption top1": 0.375
+    }
+
+
+def test_bad_input_names_the_fix(runs, tmp_path) -> None:
+    empty = tmp_path / "empty"
+    (empty / "checkpoints").mkdir(parents=True)
+    (empty / "config.yaml").write_text((runs["a"] / "config.yaml").read_text())
+    with pytest.raises(LCCInputError, match=r"has no checkpoint.*--resume"):
+        evaluate_runs([empty], EvalOptions())
+    with pytest.raises(LCCInputError, match=r"has no layer 'act9' \(closest: act1"):
+        evaluate_runs([runs["a"]], EvalOptions(probe=("act9",)))
+    with pytest.raises(LCCInputError, match="other images"):
+        evaluate_runs([runs["other"]], EvalOptions(corruptions="fog"), baseline=runs["a"])
+    with pytest.raises(LCCInputError, match="add --corruptions"):
+        evaluate_runs([runs["b"]], EvalOptions(), baseline=runs["a"])
+    with pytest.raises(LCCInputError, match="eps must lie in"):
+        EvalOptions(fgsm=(-0.1,)).check()
