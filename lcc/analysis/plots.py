@@ -457,8 +457,8 @@ def top1_figure(
     for axis in (accuracy, loss):
         axis.grid(alpha=0.3)
         _epoch_axis(axis, seen)
-        if axis.has_data():
-            axis.legend(fontsize=8)
+        if axis.has_data():  # below the axes: a legend inside could hide a test star
+            axis.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
     if seen:
         accuracy.set_xlim(min(seen) - 0.5, max(seen) + 0.6 + 0.1 * len(histories))
     if title:

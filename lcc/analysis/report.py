@@ -14,8 +14,9 @@
   all layers) are left out of the per-layer picture.
 
 Percentages in the tables are ``100 * value`` rounded to 2 decimals; ``-`` marks a value the
-run does not have (a baseline has no refresh). ``out`` must differ from every run directory;
-files already in it are replaced atomically.
+run does not have (a baseline has no refresh). ``out`` must not be a run or sweep folder;
+an earlier report in it is replaced atomically (other files named report.md / report.html
+only with ``force``).
 """
 
 from __future__ import annotations
@@ -147,7 +148,27 @@ def _slug(name: str, taken: set[str]) -> str:
     return slug
 
 
-def _check_out(out: Path, runs: Sequence[Run]) -> None:
+#: files that make a folder an ``lcc train`` run or an ``lcc sweep`` folder: never a report's
+RUN_MARKERS: tuple[str, ...] = ("config.yaml", "metrics.json", "checkpoints", "table.csv")
+#: the first bytes of the files :func:`write_report` writes, by name
+_REPORT_HEADS: dict[str, bytes] = {
+    "report.md": b"# lcc report: ",
+    "report.html": b"<!DOCTYPE html>",
+}
+
+
+def _is_report(path: Path) -> bool:
+    """Whether ``path`` is a ``report.md`` / ``report.html`` that :func:`write_report` wrote."""
+    try:
+        head = path.read_bytes()[:4096]
+    except OSError:
+        return False
+    return head.startswith(_REPORT_HEADS[path.name]) and b"lcc report: " in head
+
+
+def _check_out(out: Path, runs: Sequence[Run], force: bool) -> None:
+    from lcc.io import OutputKind, check_output_path
+
     if out.exists() and not out.is_dir():
         raise LCCInputError(f"--out {out} is a file; pass a folder for the report")
     target = out.resolve()
@@ -156,6 +177,15 @@ def _check_out(out: Path, runs: Sequence[Run]) -> None:
             raise LCCInputError(
                 f"--out {out} is the run directory {run.path}; write the report to another folder"
             )
+    found = [name for name in RUN_MARKERS if (out / name).exists()]
+    if found:
+        raise LCCInputError(
+            f"--out {out} holds {found[0]}: it is the folder of a run or a sweep; write the "
+            "report to another folder"
+        )
+    kind = OutputKind("an lcc report", _is_report)
+    for name in _REPORT_HEADS:
+        check_output_path(out / name, [], force=force, kind=kind, label="--out file")
 
 
 def _read_measures(run: Run) -> list[dict[str, Any]]:
@@ -216,11 +246,15 @@ def write_report(
     method: str = "auto",
     seed: int = 0,
     formats: Sequence[str] = FORMATS,
+    force: bool = False,
 ) -> Report:
     """Write the report of ``run_dirs`` into ``out`` (created); returns the paths written.
 
     ``max_points``, ``method``, ``seed``: the latent maps' sample size, embedding
     (:func:`lcc.analysis.plots.embed_2d`) and seed. ``formats`` must include ``png``.
+    ``out`` may not be a run or sweep folder (:data:`RUN_MARKERS`); an existing
+    ``report.md`` / ``report.html`` there that another program wrote is replaced only with
+    ``force``.
     """
     from lcc.analysis import plots
     from lcc.io import atomic_write
@@ -231,7 +265,7 @@ def write_report(
         raise LCCInputError("the report embeds PNG pictures: formats must include 'png'")
     runs = load_runs(run_dirs)
     folder = Path(out).expanduser()
-    _check_out(folder, runs)
+    _check_out(folder, runs, force)
     plots.resolve_method(method)
     plots.sample_indices(max_points + 1, max_points)  # validates max_points up front
     try:

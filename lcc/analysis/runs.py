@@ -124,19 +124,25 @@ def load_run(path: str | os.PathLike[str], *, name: str | None = None) -> Run:
 
 
 def load_runs(paths: Sequence[str | os.PathLike[str]]) -> list[Run]:
-    """:func:`load_run` for each path; names are the folder names, made unique with parents.
+    """:func:`load_run` for each path; names are the folder names, made unique with as many
+    parent folders as needed; a folder given twice gets `` (2)``, `` (3)``, ... after its name.
 
     >>> [r.name for r in load_runs([])]
     []
     """
     folders = [Path(p).expanduser() for p in paths]
-    names = [f.name for f in folders]
+    places = [folder.resolve() for folder in folders]
+    distinct = list(dict.fromkeys(places))
     depth = 1
-    while len(set(names)) < len(names) and depth < 8:
+    labels = {place: place.name for place in distinct}
+    deepest = max((len(place.parts) for place in places), default=1)
+    while len(set(labels.values())) < len(labels) and depth < deepest:
         depth += 1
-        names = ["/".join(f.resolve().parts[-depth:]) for f in folders]
-    if len(set(names)) < len(names):
-        names = [f"{n} ({i + 1})" for i, n in enumerate(names)]
+        labels = {place: "/".join(place.parts[1:][-depth:]) for place in distinct}
+    names: list[str] = []
+    for place in places:
+        copies = places[: len(names)].count(place)
+        names.append(labels[place] if copies == 0 else f"{labels[place]} ({copies + 1})")
     return [load_run(f, name=n) for f, n in zip(folders, names, strict=True)]
 
 

@@ -25,7 +25,8 @@ Tables: test top-1/top-5, epochs, mean epoch seconds, refresh seconds, and the l
 misclustered fraction and CC/MC accuracy (mean over layers; per layer in a second table).
 Latent maps use UMAP when umap-learn is installed (--embedding auto), else PCA; at most
 --max-points samples (a seeded uniform sample, the same in every panel) are drawn.
---out must not be one of the run directories; files already in it are replaced.
+--out must not be a run or sweep folder; an earlier report in it is replaced (a report.md or
+report.html that lcc report did not write only with --force).
 
 examples:
   lcc report runs/baseline runs/lcc --out report
@@ -61,6 +62,11 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         help="2-D embedding of the latent maps (auto: UMAP if installed, else PCA)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the sample and embedding")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="replace a report.md / report.html in --out that lcc report did not write",
+    )
     parser.set_defaults(handler=run)
     return parser
 
@@ -69,8 +75,22 @@ def run(args: argparse.Namespace) -> int:
     from lcc.analysis.report import write_report
 
     report = write_report(
-        args.runs, args.out, max_points=args.max_points, method=args.embedding, seed=args.seed
+        args.runs,
+        args.out,
+        max_points=args.max_points,
+        method=args.embedding,
+        seed=args.seed,
+        force=args.force,
     )
     pictures = sum(1 for path in report.images if path.suffix == ".png")
-    print(f"report: {report.html} (and {report.markdown.name}, {pictures} pictures)")
+    print(f"report: {report.html} (and {report.markdown.name}, {_count(pictures, 'picture')})")
     return 0
+
+
+def _count(number: int, noun: str) -> str:
+    """``1 picture``, ``2 pictures``.
+
+    >>> _count(1, "picture"), _count(0, "picture")
+    ('1 picture', '0 pictures')
+    """
+    return f"{number} {noun}{'' if number == 1 else 's'}"

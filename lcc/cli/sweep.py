@@ -69,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
     from lcc.train.sweep import (
         SweepStopped,
         check_layers,
+        check_out,
         load_sweep,
         plan_runs,
         run_state,
@@ -78,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
     sweep = load_sweep(args.config)
     out = Path(getattr(args, "out", None) or Path("runs") / Path(args.config).stem)
     if args.dry_run:
+        check_out(out)
         runs = plan_runs(sweep, out)
         states = [run_state(run)[0] for run in runs]
         check_layers([run for run, state in zip(runs, states, strict=True) if state != "done"])

@@ -56,6 +56,7 @@ __all__ = [
     "SweepStopped",
     "TableRow",
     "check_layers",
+    "check_out",
     "format_table",
     "load_sweep",
     "parse_sweep",
@@ -383,8 +384,7 @@ def run_sweep(
     from lcc.train.stopping import TrainingStopped
 
     root = Path(out).expanduser().resolve()
-    if root.exists() and not root.is_dir():
-        raise LCCInputError(f"--out {root} is a file; pass a folder for the sweep's runs")
+    check_out(root)
     runs = plan_runs(sweep, root)
     states = {run.name: run_state(run) for run in runs}  # every clash found before any training
     if train_runs:
@@ -421,6 +421,29 @@ def run_sweep(
     rows = sweep_table(sweep, runs)
     markdown, table = write_table(sweep, rows, root)
     return SweepResult(status=status, rows=rows, markdown=markdown, csv=table)
+
+
+#: the first bytes of the table files :func:`write_table` writes, by name
+_TABLE_HEADS: dict[str, bytes] = {"table.md": b"| ", "table.csv": b"setting,"}
+
+
+def check_out(root: Path) -> None:
+    """Refuse a sweep folder that is a file, an ``lcc train`` run, or holds table files that
+    ``lcc sweep`` did not write (they would be replaced)."""
+    if root.exists() and not root.is_dir():
+        raise LCCInputError(f"--out {root} is a file; pass a folder for the sweep's runs")
+    if (root / "config.yaml").is_file():
+        raise LCCInputError(
+            f"--out {root} is the folder of an lcc train run (config.yaml); pass another folder "
+            "for the sweep's runs"
+        )
+    for name, head in _TABLE_HEADS.items():
+        file = root / name
+        if file.exists() and (not file.is_file() or not file.read_bytes().startswith(head)):
+            raise LCCInputError(
+                f"--out {root} holds a {name} that lcc sweep did not write; pass another folder "
+                "for the sweep's runs"
+            )
 
 
 def _adopt_location(config: TrainConfig) -> None:

@@ -235,3 +235,29 @@ def test_measures_figure_one_panel_per_measure(tmp_path):
 def test_unknown_format(tmp_path):
     with pytest.raises(LCCInputError, match="format='gif'"):
         plots.plot_top1({"a": HISTORY_BASE}, tmp_path / "x", formats=("gif",))
+
+
+def test_top1_legend_never_covers_a_test_star():
+    """Random histories (seeded): the legend's box, widened by the star's radius, holds no
+    star centre (the legend sat inside the axes and covered stars before)."""
+    from lcc.analysis.plots import top1_figure
+
+    rng = np.random.default_rng(0)
+    for _ in range(40):
+        runs, epochs = int(rng.integers(1, 4)), int(rng.integers(1, 8))
+        histories, tests = {}, {}
+        for r in range(runs):
+            top1 = np.clip(np.cumsum(rng.uniform(-0.05, 0.3, epochs)), 0, 1)
+            name = f"/tmp/runs/long-name-{r}"
+            histories[name] = [
+                {"epoch": e, "train_top1": float(v), "loss": float(rng.uniform(0, 2))}
+                for e, v in enumerate(top1)
+            ]
+            tests[name] = float(np.clip(top1[-1] + rng.uniform(-0.1, 0.1), 0, 1))
+        figure = top1_figure(histories, test_top1=tests)
+        figure.canvas.draw()
+        axis = figure.axes[0]
+        box = axis.get_legend().get_window_extent(figure.canvas.get_renderer()).padded(12)
+        for r, name in enumerate(histories):
+            x, y = axis.transData.transform((epochs + 0.15 + 0.1 * r, 100 * tests[name]))
+            assert not box.contains(x, y), (runs, epochs, r)

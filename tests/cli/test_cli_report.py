@@ -39,7 +39,7 @@ def test_report_command(capsys, tmp_path):
     out = tmp_path / "report"
     assert main(["report", *map(str, runs), "--out", str(out), "--max-points", "100"]) == 0
     printed = capsys.readouterr().out.strip()
-    assert printed == f"report: {out / 'report.html'} (and report.md, 1 pictures)"
+    assert printed == f"report: {out / 'report.html'} (and report.md, 1 picture)"
     image = imread(out / "top1.png")
     assert image.shape[0] > 200 and float(image[..., :3].var()) > 0
     assert len(np.unique(image[..., :3].reshape(-1, 3), axis=0)) > 2
@@ -70,3 +70,38 @@ def test_bad_inputs(capsys, tmp_path):
     with pytest.raises(SystemExit) as caught:  # argparse: --out is required
         main(["report", str(run)])
     assert caught.value.code == 2
+
+
+def test_out_in_another_runs_folder_is_refused(capsys, tmp_path):
+    run, other = fake_run(tmp_path / "run"), fake_run(tmp_path / "other")
+    err = _fails(capsys, [str(run), "--out", str(other)])
+    assert "holds config.yaml: it is the folder of a run or a sweep" in err
+    assert sorted(p.name for p in other.iterdir()) == ["config.yaml", "metrics.json"]
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    (sweep / "table.csv").write_text("setting\n")
+    assert "holds table.csv" in _fails(capsys, [str(run), "--out", str(sweep)])
+
+
+def test_a_foreign_report_file_is_replaced_only_with_force(capsys, tmp_path):
+    run = fake_run(tmp_path / "run")
+    out = tmp_path / "notes"
+    out.mkdir()
+    (out / "report.md").write_text("# my own notes\n")
+    err = _fails(capsys, [str(run), "--out", str(out)])
+    assert "report.md exists and is not an lcc report; pass --force" in err
+    assert (out / "report.md").read_text() == "# my own notes\n"
+    assert main(["report", str(run), "--out", str(out), "--force"]) == 0
+    assert (out / "report.md").read_text().startswith("# lcc report: run")
+    capsys.readouterr()
+    assert main(["report", str(run), "--out", str(out)]) == 0  # its own report: replaced
+    assert "(and report.md, 1 picture)" in capsys.readouterr().out
+
+
+def test_the_same_run_twice_gets_clean_distinct_names(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    fake_run(tmp_path / "runs" / "base")
+    assert main(["report", "runs/base", str(tmp_path / "runs" / "base"), "--out", "rep"]) == 0
+    markdown = (tmp_path / "rep" / "report.md").read_text()
+    assert markdown.startswith("# lcc report: base, base (2)\n")
+    assert "//" not in markdown

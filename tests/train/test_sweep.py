@@ -324,3 +324,19 @@ def test_one_seed_caption_says_one_run_per_setting(tmp_path):
     sweep = parse_sweep({"base": BASE, "grid": {"k": [3]}})
     text = format_table(sweep, sweep_table(sweep, plan_runs(sweep, tmp_path)))
     assert "over seeds 0 " not in text and "one run per setting (seed 0)" in text
+
+
+def test_out_may_not_be_a_run_or_hold_foreign_tables(tmp_path):
+    sweep = parse_sweep({"base": BASE, "grid": {"k": [3]}})
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text("model: small-cnn\n")
+    with pytest.raises(LCCInputError, match="is the folder of an lcc train run"):
+        run_sweep(sweep, tmp_path / "run", train_runs=False, report=False)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "table.md").write_text("my notes\n")
+    with pytest.raises(LCCInputError, match=r"holds a table\.md that lcc sweep did not write"):
+        run_sweep(sweep, tmp_path / "mine", train_runs=False, report=False)
+    assert (tmp_path / "mine" / "table.md").read_text() == "my notes\n"
+    first = run_sweep(sweep, tmp_path / "ok", train_runs=False, report=False)
+    again = run_sweep(sweep, tmp_path / "ok", train_runs=False, report=False)  # its own tables
+    assert again.markdown.read_text() == first.markdown.read_text()
