@@ -8,8 +8,10 @@ samples of distinct classes only (each sample's k nearest among the other classe
 every sample of the batch counts, labelled or not.
 
 The teacher is a model spec (``small-resnet``, ``hf:NAME``, ...) with ``teacher_checkpoint``
-weights, a checkpoint path whose file names its architecture (key ``model`` or
-``hyper_parameters.model``), or, in Python, an ``nn.Module`` (``GraphDistillation(teacher=m)``).
+weights (a built-in spec without them is untrained: a warning says so), a checkpoint path whose
+file names its architecture (key ``model`` or ``hyper_parameters.model``) or that an ``lcc
+train`` run wrote (``RUN/checkpoints/last.ckpt``: ``RUN/config.yaml`` names the model), or, in
+Python, an ``nn.Module`` (``GraphDistillation(teacher=m)``).
 It is kept out of this module's parameters and ``state_dict`` (checkpoints hold the student
 only), stays in eval mode without gradients, and follows the batch's device. Checkpoints load
 with ``torch.load(weights_only=True)``.
@@ -30,6 +32,7 @@ with ``torch.load(weights_only=True)``.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,10 +118,30 @@ def _model_spec(path: Path) -> str:
         for holder in (obj, obj.get("hyper_parameters")):
             if isinstance(holder, Mapping) and isinstance(holder.get("model"), str):
                 return holder["model"]
+    run_config = path.parent.parent / "config.yaml"
+    if path.parent.name == "checkpoints" and run_config.is_file():
+        return _run_model(run_config)
     raise LCCInputError(
-        f"teacher checkpoint {path} does not name its model; pass teacher=SPEC (e.g. "
-        f"small-resnet) and teacher_checkpoint={path}"
+        f"teacher checkpoint {path} does not name its model (nor is it RUN/checkpoints/*.ckpt "
+        f"beside a RUN/config.yaml); pass teacher=SPEC (e.g. small-resnet) and "
+        f"teacher_checkpoint={path}"
     )
+
+
+def _run_model(config: Path) -> str:
+    """The ``model`` of an ``lcc train`` run's ``config.yaml`` (the checkpoints' architecture)."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(config.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        raise LCCInputError(f"cannot read {config} for the teacher's model: {error}") from None
+    model = data.get("model") if isinstance(data, Mapping) else None
+    if not isinstance(model, str) or not model.strip():
+        raise LCCInputError(
+            f"{config} names no model for the teacher; pass teacher=SPEC,teacher_checkpoint=PATH"
+        )
+    return model.strip()
 
 
 def _check_weights_only(path: Path) -> None:
@@ -206,7 +229,7 @@ class GraphDistillation(Regulariser):
             self._setup()
 
     def _build_teacher(self, num_classes: int, sample: Any) -> nn.Module:
-        from lcc.zoo.models import build_model
+        from lcc.zoo.models import BUILTINS, build_model
 
         spec, checkpoint = self.options.teacher, self.options.teacher_checkpoint
         if Path(spec).expanduser().is_file():
@@ -219,10 +242,18 @@ class GraphDistillation(Regulariser):
             spec = _model_spec(Path(spec).expanduser())  # read with weights_only=True
         elif checkpoint is not None:
             _check_weights_only(Path(checkpoint).expanduser())
+
         if not isinstance(sample, Tensor) or sample.ndim != 4:
             raise LCCInputError(
                 "gkd builds its teacher from a sample batch of images (B, C, H, W); the trainer "
                 "passes it to bind(model, num_classes=..., sample=...)"
+            )
+        if checkpoint is None and spec.strip().lower() in BUILTINS:
+            warnings.warn(
+                f"gkd: teacher={spec} has no teacher_checkpoint, so it distils from an untrained "
+                "(randomly initialised) teacher; pass teacher_checkpoint=PATH or "
+                "teacher=RUN/checkpoints/last.ckpt",
+                stacklevel=3,
             )
         return build_model(
             spec, num_classes, input_shape=tuple(sample.shape[1:]), checkpoint=checkpoint
@@ -239,13 +270,27 @@ class GraphDistillation(Regulariser):
         _check_pairs(self.teacher_layers, self.layers)
         hooked = [name for name in dict.fromkeys(self.teacher_layers) if name != OUTPUT]
         if hooked:
-            check_layer_names(teacher, hooked)
+            self._check_teacher_layers(teacher, hooked)
         teacher.eval()
         teacher.requires_grad_(False)
         self._recorder[:] = []
         if hooked:  # hooks live only during the teacher's forward (copies stay independent)
             self._recorder.append(LatentRecorder(teacher, hooked, pool=self.options.teacher_pool))
         self._bound = True
+
+    def _check_teacher_layers(self, teacher: nn.Module, names: list[str]) -> None:
+        """``check_layer_names`` on the teacher, its error saying that it is the teacher's."""
+        try:
+            check_layer_names(teacher, names)
+        except LCCInputError as error:
+            which = "teacher_layers" if self.options.teacher_layers else (
+                "teacher_layers (default: the student's layers)"
+            )  # fmt: skip
+            text = str(error).removeprefix("model ")
+            spec = self.options.teacher
+            if spec and not Path(spec).expanduser().is_file():
+                text = text.replace("`lcc layers MODEL`", f"`lcc layers {spec}`")
+            raise LCCInputError(f"gkd {which}: the teacher {text}") from None
 
     def _teacher_latents(self, x: object) -> dict[str, Tensor]:
         if x is None:

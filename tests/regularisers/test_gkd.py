@@ -314,3 +314,74 @@ def test_teacher_follows_the_batch_to_cuda() -> None:
     student = student.cuda()
     gpu = reg(student_batch(student, ["1"], x.cuda(), y.cuda()))
     assert gpu.device.type == "cuda" and gpu.item() == pytest.approx(cpu, rel=1e-9)
+
+
+# --------------------------------------------------------------------------- issue 17
+
+
+def test_an_untrained_builtin_teacher_is_warned_about(tmp_path) -> None:
+    sample = torch.zeros(2, 1, 12, 12)
+    with pytest.warns(UserWarning, match=r"teacher=small-cnn has no teacher_checkpoint.*untrained"):
+        GraphDistillation(teacher="small-cnn", layers=["fc1"]).bind(
+            nn.Linear(1, 1), num_classes=3, sample=sample
+        )
+    path = tmp_path / "teacher.pt"
+    torch.save(build_model("small-cnn", 3, input_shape=(1, 12, 12)).state_dict(), path)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # trained weights: no warning
+        GraphDistillation(teacher="small-cnn", teacher_checkpoint=str(path), layers=["fc1"]).bind(
+            nn.Linear(1, 1), num_classes=3, sample=sample
+        )
+
+
+def test_a_checkpoint_of_an_lcc_run_names_its_model_through_config_yaml(tmp_path) -> None:
+    torch.manual_seed(3)
+    saved = build_model("small-resnet", 2, input_shape=(1, 8, 8))
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text("model: small-resnet\ndataset: digits\nepochs: 1\n")
+    state = {f"model.{key}": value for key, value in saved.state_dict().items()}
+    torch.save(
+        {"state_dict": state, "epoch": 0, "global_step": 3}, run / "checkpoints" / "last.ckpt"
+    )
+    reg = GraphDistillation(teacher=str(run / "checkpoints" / "last.ckpt"), layers=["pool"], k=2)
+    reg.bind(nn.Linear(1, 1), num_classes=2, sample=torch.zeros(2, 1, 8, 8))
+    assert type(reg.teacher).__name__ == "SmallResNet"
+    torch.testing.assert_close(reg.teacher.fc.weight, saved.fc.weight)
+    (run / "config.yaml").write_text("dataset: digits\n")
+    with pytest.raises(LCCInputError, match="names no model for the teacher"):
+        GraphDistillation(teacher=str(run / "checkpoints" / "last.ckpt"), layers=["z"]).bind(
+            nn.Linear(1, 1), num_classes=2, sample=torch.zeros(2, 1, 8, 8)
+        )
+
+
+def test_a_missing_teacher_layer_says_it_is_the_teachers() -> None:
+    sample = torch.zeros(2, 1, 12, 12)
+    student = build_model("small-cnn", 3, input_shape=(1, 12, 12))
+    with pytest.raises(LCCInputError) as caught:
+        GraphDistillation(teacher=mlp(0), teacher_layers=["nope"], layers=["fc1"]).bind(
+            student, num_classes=3, sample=sample
+        )
+    assert str(caught.value).startswith("gkd teacher_layers: the teacher has no layer 'nope'")
+    with pytest.warns(UserWarning), pytest.raises(LCCInputError) as caught:
+        GraphDistillation(teacher="small-resnet", layers=["act1"]).bind(
+            student, num_classes=3, sample=sample
+        )
+    message = str(caught.value)
+    assert message.startswith("gkd teacher_layers (default: the student's layers): the teacher")
+    assert "no layer 'act1'" in message and "`lcc layers small-resnet`" in message
+
+
+@pytest.mark.slow
+def test_the_last_checkpoint_of_a_real_lcc_train_run_is_a_teacher(tmp_path) -> None:
+    from lcc.cli import main
+
+    run = tmp_path / "run"
+    argv = ["train", "small-cnn", "digits", "--out", str(run), "--no-lcc", "--epochs", "1"]
+    assert main([*argv, "--subset", "100", "--test-subset", "50"]) == 0
+    reg = GraphDistillation(teacher=str(run / "checkpoints" / "last.ckpt"), layers=["fc1"], k=2)
+    reg.bind(nn.Linear(1, 1), num_classes=10, sample=torch.zeros(2, 1, 8, 8))
+    weights = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    torch.testing.assert_close(reg.teacher.fc1.weight, weights["model.fc1.weight"])
