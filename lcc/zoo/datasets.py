@@ -58,6 +58,7 @@ __all__ = [
     "dataset_info",
     "hub_available",
     "load_dataset",
+    "open_image",
     "parse_idx",
     "random_crop_flip",
     "stratified_subset",
@@ -668,11 +669,9 @@ def _load_folder(path: Path) -> _Raw:
         raise LCCInputError(
             f"folder:{path} holds no images ({', '.join(IMAGE_SUFFIXES)}) in class subfolders"
         )
-    from PIL import Image
-
     modes = set()
     for file in train_files:
-        with Image.open(file) as image:
+        with open_image(file, load=False) as image:
             modes.add(image.mode)
     mode = "L" if modes <= {"1", "L", "I", "I;16", "F"} else "RGB"
     x = _stack_images(_open_all(train_files), mode)
@@ -700,12 +699,38 @@ def _image_files(path: Path, classes: list[str]) -> tuple[list[Path], np.ndarray
 
 
 def _open_all(files: Sequence[Path]) -> Iterable[Any]:
+    for file in files:
+        with open_image(file) as image:
+            yield image
+
+
+def open_image(file: Path, *, load: bool = True) -> Any:
+    """``PIL.Image.open(file)`` (decoded when ``load``; use it as a context manager); a file
+    PIL cannot read (not an image, truncated, damaged) raises LCCInputError naming it.
+
+    >>> import tempfile
+    >>> bad = Path(tempfile.mkdtemp()) / "bad.png"
+    >>> _ = bad.write_bytes(b"not an image")
+    >>> open_image(bad)
+    Traceback (most recent call last):
+    ...
+    lcc.errors.LCCInputError: cannot read image .../bad.png: ...; remove or replace the file
+    """
     from PIL import Image
 
-    for file in files:
-        with Image.open(file) as image:
+    image = None
+    try:
+        image = Image.open(file)
+        if load:
             image.load()
-            yield image
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        if image is not None:
+            image.close()
+        reason = " ".join(str(error).split()) or type(error).__name__
+        raise LCCInputError(
+            f"cannot read image {file}: {reason}; remove or replace the file"
+        ) from None
+    return image
 
 
 # --------------------------------------------------------------------------- entry point

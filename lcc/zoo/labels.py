@@ -32,7 +32,13 @@ from torch.utils.data import Dataset, Sampler
 
 from lcc.errors import LCCInputError, as_label_vector, check_integer, check_number
 from lcc.io import load_arrays, save_npz_atomic
-from lcc.zoo.datasets import IMAGE_SUFFIXES, DatasetBundle, ImageTensorDataset, load_dataset
+from lcc.zoo.datasets import (
+    IMAGE_SUFFIXES,
+    DatasetBundle,
+    ImageTensorDataset,
+    load_dataset,
+    open_image,
+)
 
 __all__ = [
     "UNLABELED",
@@ -179,7 +185,18 @@ class UnlabeledImages(ImageTensorDataset):
         ``like.input_shape`` -> LCCInputError.
         """
         text = str(spec).strip()
-        folder = text[len("folder:") :].strip() if text.lower().startswith("folder:") else text
+        named = text.lower().startswith("folder:")
+        folder = text[len("folder:") :].strip() if named else text
+        if not folder:
+            raise LCCInputError(
+                f"unlabeled set {text!r} names no folder or dataset; pass --unlabeled PATH (a "
+                "folder of images) or a dataset spec"
+            )
+        if (named or os.sep in folder) and not Path(folder).expanduser().is_dir():
+            raise LCCInputError(
+                f"unlabeled folder {folder} does not exist; pass a folder of images (any layout: "
+                "an unlabelled set needs no class subfolders)"
+            )
         if Path(folder).expanduser().is_dir():
             images = _folder_images(Path(folder).expanduser(), like.input_shape)
             source = str(Path(folder).expanduser())
@@ -211,8 +228,6 @@ class UnlabeledImages(ImageTensorDataset):
 
 def _folder_images(folder: Path, shape: Sequence[int]) -> torch.Tensor:
     """Every image below ``folder`` (sorted paths) as uint8 (N, C, H, W); all of ``shape``."""
-    from PIL import Image
-
     files = sorted(f for f in folder.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise LCCInputError(
@@ -222,7 +237,7 @@ def _folder_images(folder: Path, shape: Sequence[int]) -> torch.Tensor:
     mode = "L" if channels == 1 else "RGB"
     arrays = []
     for file in files:
-        with Image.open(file) as image:
+        with open_image(file) as image:
             found = (1 if image.mode in _GRAY_MODES else 3, image.height, image.width)
             if found != (channels, height, width):
                 raise LCCInputError(

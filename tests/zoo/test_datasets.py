@@ -417,3 +417,16 @@ def test_indexed_dataset_batches_equal_items():
     assert sorted(seen) == list(range(50))
     assert x.dtype == torch.float32 and y.dtype == torch.int64
     assert IndexedDataset([("a", 1)])[0] == ("a", 1, 0)
+
+
+@pytest.mark.parametrize("damage", ["not an image", "truncated"])
+def test_an_unreadable_image_in_a_folder_dataset_is_named(tmp_path, damage):
+    write_pngs(tmp_path / "imgs", {"a": 4, "b": 4}, "L")
+    bad = tmp_path / "imgs" / "b" / "002.png"
+    data = bad.read_bytes()
+    bad.write_bytes(b"junk" * 10 if damage == "not an image" else data[: len(data) // 2])
+    with pytest.raises(LCCInputError) as caught:
+        load_dataset(f"folder:{tmp_path / 'imgs'}", augment=False)
+    message = str(caught.value)
+    assert message.startswith(f"cannot read image {bad}: ") and "\n" not in message
+    assert message.endswith("remove or replace the file")

@@ -206,3 +206,30 @@ def test_a_dataloader_serves_mixed_batches_and_whole_set_latents() -> None:
     latents, y, _ = collect_latents(model, loader, ["1"])
     assert latents["1"].shape == (250, 10)
     assert np.array_equal(y, data.targets) and int((y >= 0).sum()) == 20
+
+
+@pytest.mark.parametrize("damage", ["not an image", "truncated"])
+def test_an_unreadable_unlabelled_image_is_named(tmp_path, damage) -> None:
+    like = load_dataset("digits", subset=50)
+    write_images(tmp_path / "pool", 4, (8, 8))
+    bad = tmp_path / "pool" / "a" / "001.png"
+    data = bad.read_bytes()
+    bad.write_bytes(b"junk" * 10 if damage == "not an image" else data[: len(data) // 2])
+    with pytest.raises(LCCInputError) as caught:
+        UnlabeledImages.load(f"folder:{tmp_path / 'pool'}", like)
+    assert str(caught.value).startswith(f"cannot read image {bad}: ")
+    assert "\n" not in str(caught.value)
+
+
+def test_unlabelled_folder_specs_that_name_nothing_are_clear(tmp_path, monkeypatch) -> None:
+    like = load_dataset("digits", subset=50)
+    with pytest.raises(LCCInputError) as caught:
+        UnlabeledImages.load(f"folder:{tmp_path / 'missing'}", like)
+    message = str(caught.value)
+    assert f"unlabeled folder {tmp_path / 'missing'} does not exist" in message
+    assert "needs no class subfolders" in message and "one subfolder per class" not in message
+    write_images(tmp_path / "pool", 2, (8, 8))
+    monkeypatch.chdir(tmp_path)  # `folder:` must not scan the current directory
+    for spec in ("folder:", "folder:  ", ""):
+        with pytest.raises(LCCInputError, match="names no folder or dataset"):
+            UnlabeledImages.load(spec, like)
