@@ -62,6 +62,7 @@ __all__ = [
     "evaluate_loaded",
     "evaluate_runs",
     "evaluation_columns",
+    "evaluation_rows",
     "evaluation_table",
     "load_evaluation",
     "load_run_model",
@@ -572,25 +573,47 @@ def format_value(column: str, value: float | None) -> str:
     return f"{100 * value:.2f}"
 
 
+#: what the tables' numbers mean
+TABLE_NOTE = (
+    "Accuracies, ECE in %; noise sigma in normalised-input units; fgsm/pgd eps in pixel "
+    "units [0, 1]; mCE and relative mCE x 100 against the baseline (Hendrycks & Dietterich "
+    "2019)."
+)
+
+
+def evaluation_rows(
+    results: Sequence[tuple[str, Mapping[str, Any]]],
+) -> tuple[list[str], list[list[str]]]:
+    """(header, formatted rows) of ``(run name, evaluation)`` pairs, one row per run, columns
+    of :func:`evaluation_columns` in the order they first appear.
+
+    >>> evaluation_rows([("a", {"top1": 0.5, "nll": 0.25})])
+    (['run', 'top1 (%)', 'nll'], [['a', '50.00', '0.250']])
+    """
+    flat = [(name, evaluation_columns(result)) for name, result in results]
+    header: list[str] = []
+    for _, columns in flat:
+        header.extend(name for name in columns if name not in header)
+    shown = [name if name in ("nll", "mce", "relative_mce") else f"{name} (%)" for name in header]
+    rows = [
+        [name, *(format_value(column, columns.get(column)) for column in header)]
+        for name, columns in flat
+    ]
+    return ["run", *shown], rows
+
+
 def evaluation_table(results: Sequence[Mapping[str, Any]]) -> tuple[str, str]:
     """(markdown, CSV) comparing evaluations, one row per run; markdown in % (mCE x 100),
     CSV with the raw fractions."""
-    rows = [(Path(str(r.get("run", "?"))).name, evaluation_columns(r)) for r in results]
+    names = [Path(str(result.get("run", "?"))).name for result in results]
+    rows = [(name, evaluation_columns(result)) for name, result in zip(names, results, strict=True)]
     header: list[str] = []
     for _, columns in rows:
         header.extend(name for name in columns if name not in header)
-    shown = [
-        f"{name} (%)" if name not in ("nll", "mce", "relative_mce") else name for name in header
-    ]
-    lines = ["| run | " + " | ".join(shown) + " |", "|" + "---|" * (len(header) + 1)]
-    for name, columns in rows:
-        cells = [format_value(column, columns.get(column)) for column in header]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    note = (
-        "\nAccuracies, ECE in %; noise sigma in normalised-input units; fgsm/pgd eps in pixel "
-        "units [0, 1]; mCE and relative mCE x 100 against the baseline (Hendrycks & Dietterich "
-        "2019)."
-    )
+    shown, cells = evaluation_rows(list(zip(names, results, strict=True)))
+    lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
+    lines += ["| " + " | ".join(row) + " |" for row in cells]
+    note = "\n" + TABLE_NOTE
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["run", *header])

@@ -13,6 +13,8 @@ screen and no pyplot state is used (figures are drawn by the Agg canvas).
   vs misclustered (MC) samples per refresh and layer (the paper's Fig. 3-4).
 - :func:`plot_refresh_seconds`: refresh seconds per stage, stacked bars per refresh.
 - :func:`plot_measures`: measure values per layer (dicts with ``measure``, ``value``, ``layer``).
+- :func:`plot_robustness`: top-1 against noise, FGSM/PGD eps and corruption severity, runs
+  overlaid (``lcc evaluate`` results).
 
 >>> import tempfile, pathlib
 >>> folder = pathlib.Path(tempfile.mkdtemp())
@@ -47,10 +49,13 @@ __all__ = [
     "plot_measures",
     "plot_refresh_quality",
     "plot_refresh_seconds",
+    "plot_robustness",
     "plot_top1",
     "refresh_quality_figure",
     "refresh_seconds_figure",
     "resolve_method",
+    "robustness_curves",
+    "robustness_figure",
     "sample_indices",
     "save_figure",
     "top1_figure",
@@ -647,3 +652,79 @@ def _group(measure: Mapping[str, Any]) -> str:
     if _number(measure.get("epoch")) is not None:
         parts.append(f"epoch {int(measure['epoch']) + 1}")
     return " ".join(parts)
+
+
+# --------------------------------------------------------------------------- robustness
+
+#: panels of :func:`robustness_figure`: (evaluation key, x-axis label)
+ROBUSTNESS_PANELS: tuple[tuple[str, str], ...] = (
+    ("noise", "Gaussian noise sigma (normalised-input units)"),
+    ("fgsm", "FGSM eps (pixel units, [0, 1])"),
+    ("pgd", "PGD eps (pixel units, [0, 1])"),
+    ("corruption", "corruption severity (mean over types)"),
+)
+
+
+def robustness_curves(evaluation: Mapping[str, Any]) -> dict[str, list[tuple[float, float]]]:
+    """``{panel: [(x, top-1), ...]}`` of one ``lcc evaluate`` result, x sorted, starting at the
+    clean top-1 (x = 0); PGD keys ``EPS:STEPS:ALPHA`` by eps; corruptions: the mean over types.
+
+    >>> robustness_curves({"top1": 0.9, "fgsm": {"0.1": 0.5}, "corruption": {
+    ...     "fog": {"1": 0.8, "2": 0.6}, "snow": {"1": 0.6, "2": 0.4}}})
+    {'fgsm': [(0.0, 0.9), (0.1, 0.5)], 'corruption': [(0.0, 0.9), (1.0, 0.7), (2.0, 0.5)]}
+    """
+    clean = _number(evaluation.get("top1"))
+    curves: dict[str, list[tuple[float, float]]] = {}
+    for key, _ in ROBUSTNESS_PANELS:
+        values = evaluation.get(key) or {}
+        points: dict[float, list[float]] = {}
+        if key == "corruption":
+            for by_severity in values.values():
+                for severity, accuracy in by_severity.items():
+                    points.setdefault(float(severity), []).append(float(accuracy))
+        else:
+            for setting, accuracy in values.items():
+                points.setdefault(float(str(setting).split(":")[0]), []).append(float(accuracy))
+        if not points:
+            continue
+        if clean is not None:
+            points.setdefault(0.0, [clean])
+        curves[key] = [(x, float(np.mean(ys))) for x, ys in sorted(points.items())]
+    return curves
+
+
+def plot_robustness(
+    evaluations: Mapping[str, Mapping[str, Any]],
+    path: str | os.PathLike[str],
+    *,
+    formats: Sequence[str] = FORMATS,
+) -> list[Path]:
+    """Write :func:`robustness_figure` to ``path`` (PNG and SVG); returns the paths."""
+    return save_figure(robustness_figure(evaluations), path, formats)
+
+
+def robustness_figure(evaluations: Mapping[str, Mapping[str, Any]]) -> Any:
+    """Top-1 (%) against noise sigma, FGSM/PGD eps and corruption severity, one panel per kind
+    that some run has, runs overlaid (``{name: lcc evaluate result}``)."""
+    curves = {name: robustness_curves(result) for name, result in evaluations.items()}
+    panels = [item for item in ROBUSTNESS_PANELS if any(item[0] in c for c in curves.values())]
+    if not panels:
+        raise LCCInputError("no robustness results to draw (run lcc evaluate with --noise, "
+                            "--fgsm, --pgd or --corruptions)")  # fmt: skip
+    rows, cols = _grid(len(panels), columns=4)
+    figure = _figure(_PANEL[0] * cols, _PANEL[1] * rows + 0.4)
+    axes = np.atleast_1d(figure.subplots(rows, cols)).ravel()
+    colours = _series_colours(len(curves))
+    for axis, (key, label) in zip(axes, panels, strict=False):
+        for colour, (name, by_panel) in zip(colours, curves.items(), strict=True):
+            if key in by_panel:
+                xs, ys = zip(*by_panel[key], strict=True)
+                axis.plot(xs, [100 * y for y in ys], marker="o", color=colour, label=name)
+        axis.set_xlabel(label, fontsize=9)
+        axis.set_ylabel("top-1 accuracy (%)")
+        axis.set_title(key, fontsize=10)
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    for axis in axes[len(panels) :]:
+        axis.set_visible(False)
+    return figure

@@ -6,6 +6,8 @@
 - ``report.md``: the comparison tables and links to the PNG files beside it;
 - ``report.html``: the same, self-contained (PNGs embedded as base64 ``data:`` URIs, all text
   escaped), for a browser or an e-mail;
+- ``robustness.png`` and a table when runs hold an ``evaluation.json`` (``lcc evaluate``):
+  top-1 against noise sigma, FGSM/PGD eps and corruption severity, runs overlaid;
 - ``top1.png`` (runs overlaid) and per run ``<run>-refresh-quality``, ``<run>-refresh-seconds``,
   ``<run>-layers`` (values per layer at the last refresh, plus any ``measures.jsonl`` lines of
   the run directory: dicts with ``measure``, ``value``, ``layer``, as printed by
@@ -238,6 +240,31 @@ def _comparison(runs: Sequence[Run]) -> list[Table]:
     return tables
 
 
+def _evaluation_section(
+    runs: Sequence[Run], folder: Path, formats: Sequence[str], png: Any
+) -> Section | None:
+    """The ``lcc evaluate`` results of the runs that have an ``evaluation.json``: their table and
+    robustness curves (top-1 vs noise, eps and severity, runs overlaid); None when none has."""
+    from lcc.analysis import plots
+    from lcc.analysis.evaluate import TABLE_NOTE, evaluation_rows, load_evaluation
+
+    found = [(run.name, load_evaluation(run.path)) for run in runs]
+    evaluations = [(name, result) for name, result in found if result]
+    if not evaluations:
+        return None
+    header, rows = evaluation_rows(evaluations)
+    section = Section(
+        title="Robustness and calibration (lcc evaluate)",
+        text=TABLE_NOTE,
+        tables=[Table(header=header, rows=rows)],
+    )
+    curves = dict(evaluations)
+    if any(plots.robustness_curves(result) for result in curves.values()):
+        picture = plots.plot_robustness(curves, folder / "robustness", formats=formats)
+        section.images.append(Image("Top-1 under noise, attacks and corruptions", png(picture)))
+    return section
+
+
 def write_report(
     run_dirs: Sequence[str | os.PathLike[str]],
     out: str | os.PathLike[str],
@@ -304,6 +331,9 @@ def write_report(
             )
         )
     sections = [overview]
+    evaluated = _evaluation_section(runs, folder, formats, png)
+    if evaluated is not None:
+        sections.append(evaluated)
     taken: set[str] = set()
     for run in runs:
         slug = _slug(run.name, taken)

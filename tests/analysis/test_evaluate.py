@@ -185,3 +185,26 @@ def test_bad_input_names_the_fix(runs, tmp_path) -> None:
         evaluate_runs([runs["b"]], EvalOptions(), baseline=runs["a"])
     with pytest.raises(LCCInputError, match="eps must lie in"):
         EvalOptions(fgsm=(-0.1,)).check()
+
+
+def test_report_shows_the_evaluation_table_and_robustness_curves(runs, tmp_path) -> None:
+    from lcc.analysis.plots import robustness_curves
+    from lcc.analysis.report import write_report
+
+    (result,) = evaluate_runs(
+        [runs["b"]], EvalOptions(noise=(0.5, 1.0), fgsm=(0.1,), subset=50, seed=1)
+    )
+    curves = robustness_curves(result)
+    assert curves["noise"] == [
+        (0.0, result["top1"]), (0.5, result["noise"]["0.5"]), (1.0, result["noise"]["1"])
+    ]  # fmt: skip
+    assert set(curves) == {"noise", "fgsm"}
+    (runs["b"] / "metrics.json").write_text(json.dumps({"test_top1": 0.5, "history": []}))
+    report = write_report([runs["b"]], tmp_path / "report")
+    text = report.markdown.read_text()
+    assert "## Robustness and calibration (lcc evaluate)" in text
+    assert f"| b | {100 * result['top1']:.2f} |" in text
+    assert (tmp_path / "report" / "robustness.png").is_file()
+    (runs["b"] / "evaluation.json").unlink()
+    plain = write_report([runs["b"]], tmp_path / "plain").markdown.read_text()
+    assert "Robustness" not in plain and not (tmp_path / "plain" / "robustness.png").exists()
