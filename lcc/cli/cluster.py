@@ -27,6 +27,7 @@ from typing import IO, Any
 import numpy as np
 
 from lcc.cli import HelpFormatter
+from lcc.cli.flags import add_flag, option_field
 from lcc.errors import LCCInputError
 from lcc.io import npz_kind
 
@@ -66,8 +67,6 @@ examples:
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``cluster`` subcommand to ``subparsers``."""
-    from lcc.engine.refresh import CLUSTER_METHODS, KNN_MODES, METRICS, TARGET_MODES, WEIGHTS
-
     parser = subparsers.add_parser(
         "cluster",
         help="cluster latents and compute LCC correction targets",
@@ -96,57 +95,13 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         help="labels .npy (N,) integers, when LATENTS is a latents .npy; None: y.npy in a "
         "LATENTS directory",
     )
-    parser.add_argument("--k", type=int, default=5, help="neighbours per sample in the k-NN graph")
-    parser.add_argument(
-        "--method",
-        choices=CLUSTER_METHODS,
-        default="leiden",
-        help="graph clustering: Leiden or Louvain modularity, or k-NN peer pressure",
-    )
-    parser.add_argument(
-        "--targets",
-        choices=TARGET_MODES,
-        default="exact",
-        help="exact: mean of the k nearest correctly clustered same-class samples (eq. 7); "
-        "approximate: nearest random representative of a matched cluster (eq. 13-14)",
-    )
-    parser.add_argument(
-        "--knn",
-        choices=KNN_MODES,
-        default="exact",
-        help="k-NN search: exact (brute force) or approximate (faiss IVF, widened until the "
-        "recall measured on 300 sampled rows reaches 0.97)",
-    )
-    parser.add_argument(
-        "--pca",
-        type=_positive_int,
-        default=None,
-        metavar="DIM",
-        help="project latents to DIM principal components first (targets then live in DIM); "
-        "None: no PCA",
-    )
-    parser.add_argument(
-        "--weights",
-        choices=WEIGHTS,
-        default="unweighted",
-        help="graph edge weights: unweighted, or rbf exp(-d^2/s^2) with s the median k-NN distance",
-    )
-    parser.add_argument("--metric", choices=METRICS, default="l2", help="k-NN distance")
-    parser.add_argument(
-        "--resolution",
-        type=float,
-        default=1.0,
-        help="modularity resolution of Leiden/Louvain (higher: more, smaller clusters)",
-    )
+    _add_refresh_flags(parser)
     parser.add_argument(
         "--classes",
         type=_int_list,
         default=None,
         metavar="C1,C2,...",
         help="only samples of these classes get targets; None: every class",
-    )
-    parser.add_argument(
-        "--seed", type=int, default=0, help="seed of every random choice (and of the example)"
     )
     parser.add_argument(
         "--example",
@@ -170,10 +125,26 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     return parser
 
 
+#: where ``lcc cluster`` departs from LCC's training defaults: one refresh searches exactly
+CLUSTER_DEFAULTS = {"knn": "exact"}
+
+
+def _add_refresh_flags(parser: argparse.ArgumentParser) -> None:
+    """The refresh's flags, generated from LCC's options (the ones ``lcc train`` has too)."""
+    from lcc.regularisers.lcc_options import REFRESH_OPTIONS, LCCOptions
+
+    for name in REFRESH_OPTIONS:
+        item = option_field(LCCOptions, name)
+        default = CLUSTER_DEFAULTS.get(name, item.default)
+        text = "seed of every random choice (and of the example)" if name == "seed" else None
+        add_flag(parser, item, default=default, help=text, show_default=False)
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``lcc cluster`` with parsed ``args``; returns the exit code."""
     from lcc.engine.refresh import RefreshConfig, refresh
     from lcc.io import check_output_path, load_latents, save_npz_atomic
+    from lcc.regularisers.lcc_options import REFRESH_OPTIONS
 
     latents, out = _paths(args)
     check_output_path(out, [latents], force=args.force, kind=CLUSTER_RESULT)
@@ -186,17 +157,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         with progress.stage("load"):
             z, y = load_latents(latents, labels=args.labels)
-    config = RefreshConfig(
-        k=args.k,
-        method=args.method,
-        targets=args.targets,
-        knn=args.knn,
-        metric=args.metric,
-        pca=args.pca,
-        weights=args.weights,
-        resolution=args.resolution,
-        seed=args.seed,
-    )
+    config = RefreshConfig(**{name: getattr(args, name) for name in REFRESH_OPTIONS})
     result = refresh(
         z, y, config, classes=args.classes, progress=progress.start, stage_done=progress.done
     )

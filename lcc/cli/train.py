@@ -13,6 +13,7 @@ import sys
 from typing import Any
 
 from lcc.cli import HelpFormatter
+from lcc.cli.flags import add_flag, default_text
 from lcc.train.config import TrainConfig
 
 DESCRIPTION = """\
@@ -47,33 +48,6 @@ examples:
   lcc train --out runs/lcc --resume            # continue a killed run
 """
 
-METAVARS = {
-    "k": "K",
-    "weight": "W",
-    "ce_weight": "W",
-    "warmup": "EPOCHS",
-    "interval": "EPOCHS",
-    "pca": "DIM",
-    "policy_size": "N",
-    "epochs": "N",
-    "batch_size": "N",
-    "lr": "LR",
-    "momentum": "M",
-    "weight_decay": "WD",
-    "seed": "SEED",
-    "checkpoint": "PATH",
-    "subset": "N",
-    "test_subset": "N",
-    "data_dir": "DIR",
-    "devices": "N",
-    "num_workers": "N",
-    "out": "DIR",
-    "labeled_fraction": "F",
-    "labels_per_class": "N",
-    "unlabeled": "DATASET",
-    "labeled_ratio": "R",
-    "checkpoint_every": "MINUTES",
-}
 GROUPS = {
     "run": "run",
     "lcc": "latent cluster correction",
@@ -81,24 +55,6 @@ GROUPS = {
     "data": "model and data",
     "system": "system",
 }
-
-
-class _Lists(argparse.Action):
-    """``--layers a b`` or ``--layers a,b``."""
-
-    def __call__(self, parser: Any, namespace: Any, values: Any, option: Any = None) -> None:
-        names = [part.strip() for value in values for part in value.split(",") if part.strip()]
-        setattr(namespace, self.dest, names)
-
-
-def _default_text(item: dataclasses.Field) -> str:
-    shown = item.metadata.get("shown")
-    if shown is not None:
-        return shown
-    default = item.default
-    if isinstance(default, bool):
-        return "off"
-    return str(default)
 
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
@@ -112,7 +68,6 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     groups = {key: parser.add_argument_group(title) for key, title in GROUPS.items()}
     for item in dataclasses.fields(TrainConfig):
         meta = item.metadata
-        kind: str = meta["kind"].rstrip("?")
         text = meta["help"]
         group = groups[meta["group"]]
         if item.name in ("model", "dataset"):
@@ -124,8 +79,6 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
                 help=f"{text} (may come from --config)",
             )
             continue
-        flag = "--" + item.name.replace("_", "-")
-        kwargs: dict[str, Any] = {"dest": item.name, "default": argparse.SUPPRESS}
         if item.name == "regularisers":
             group.add_argument(
                 "--reg",
@@ -133,30 +86,12 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
                 action="append",
                 default=argparse.SUPPRESS,
                 metavar="NAME[:key=value,...]",
-                help=f"{text} (default: {_default_text(item)})",
+                help=f"{text} (default: {default_text(item)})",
             )
-            continue
-        if kind == "bool":
-            kwargs.update(action="store_true", help=f"{text} (default: off)")
-        elif kind == "list":
-            kwargs.update(
-                nargs="+",
-                action=_Lists,
-                metavar="LAYER",
-                help=f"{text} (default: {_default_text(item)})",
-            )
+        elif item.name == "out":
+            add_flag(group, item, help=f"{text} (required)")
         else:
-            kwargs.update(
-                type={"int": int, "float": float}.get(kind, str),
-                help=f"{text} (default: {_default_text(item)})",
-            )
-            if meta["choices"]:
-                kwargs["choices"] = meta["choices"]
-            elif item.name in METAVARS:
-                kwargs["metavar"] = METAVARS[item.name]
-            if item.name == "out":
-                kwargs["help"] = f"{text} (required)"
-        group.add_argument(flag, **kwargs)
+            add_flag(group, item)
     groups["lcc"].add_argument(
         "--help-reg",
         metavar="NAME",

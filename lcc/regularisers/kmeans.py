@@ -149,7 +149,7 @@ class KMeansCentroids(Regulariser):
 
     def bind(self, model: nn.Module, *, num_classes: int, sample: Any = None) -> None:
         """Probe the layers' dimensions on ``sample`` and create the centroid parameters."""
-        from lcc.zoo.latents import LatentRecorder
+        from lcc.zoo.latents import probe_latents
 
         if not self.layers:
             raise LCCInputError(
@@ -162,22 +162,8 @@ class KMeansCentroids(Regulariser):
         if sample is None:
             raise LCCInputError("kmeans needs a sample input in bind() to size its centroids")
         counts = self.centroid_counts(num_classes)
-        flags = [(module, module.training) for module in model.modules()]
-        recorder = LatentRecorder(model, list(self.layers), pool=self.pool)
-        try:
-            model.eval()
-            with torch.no_grad(), recorder:
-                if isinstance(sample, Mapping):
-                    model(**sample)
-                else:
-                    model(sample)
-        finally:
-            for module, flag in flags:
-                module.training = flag
-        missing = [name for name in self.layers if name not in recorder.outputs]
-        if missing:
-            raise LCCInputError(f"layer(s) {missing} did not run in the model's forward pass")
-        probes = [recorder.outputs[name].detach().float() for name in self.layers]
+        outputs, _ = probe_latents(model, sample, list(self.layers), pool=self.pool)
+        probes = [outputs[name].float() for name in self.layers]
         if self.bound:
             shapes = [tuple(c.shape) for c in self.centroids]
             if shapes == [(j, z.shape[1]) for j, z in zip(counts, probes, strict=True)]:

@@ -28,14 +28,13 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from lcc.engine.choices import LATENT_DTYPES
-from lcc.errors import LCCInputError
+from lcc.errors import LCCInputError, check_integer
 from lcc.regularisers.base import TrainingLatents
 from lcc.regularisers.lcc import to_numpy, to_torch
 from lcc.train.exchange import Exchange
 from lcc.zoo.latents import collect_latents
 
-__all__ = ["LATENT_DTYPES", "RecordedLatents", "Shard", "collect_fresh"]
+__all__ = ["RecordedLatents", "Shard", "collect_fresh", "dataset_labels"]
 
 
 class Shard(Dataset):
@@ -157,16 +156,41 @@ def _gather_shards(
     return full, labels, predicted
 
 
+def dataset_labels(loader: Any) -> np.ndarray | None:
+    """Training labels exposed by the loader's dataset (``targets`` attribute), if any."""
+    dataset = getattr(loader, "dataset", None)
+    for _ in range(3):
+        labels = getattr(dataset, "targets", None)
+        if labels is not None:
+            try:
+                return np.asarray(labels).astype(np.int64).reshape(-1)
+            except (TypeError, ValueError):
+                return None
+        dataset = getattr(dataset, "dataset", None)
+    return None
+
+
 class RecordedLatents:
     """Per-sample buffers of the training forwards: predictions, labels, the epoch each row was
     recorded in, and latents per layer ((N, D), in RAM or memory-mapped in ``latents_dir``)."""
 
     def __init__(self, *, latents_dir: Path | None, dtype: str):
         self.latents_dir, self.dtype = latents_dir, dtype
+        self.n: int | None = None  # the training-set size
         self.predictions: np.ndarray | None = None
         self.labels: np.ndarray | None = None
         self.recorded_at: np.ndarray | None = None
         self.latents: dict[str, np.ndarray] = {}
+
+    def set_size(self, n: int) -> None:
+        """The training set has ``n`` samples (it may not change once rows are recorded)."""
+        n = check_integer(n, "n_samples", 1)
+        if self.n is not None and self.n != n and self.predictions is not None:
+            raise LCCInputError(
+                f"the training set has {n} samples but the recorded buffers hold "
+                f"{self.n}; use the same training set for every epoch"
+            )
+        self.n = n
 
     def allocate(self, n: int) -> None:
         """Empty (-1) buffers for ``n`` samples, unless they exist at that size."""
@@ -186,6 +210,17 @@ class RecordedLatents:
         epoch: int,
     ) -> None:
         """Write one batch's predictions, labels and (``outputs``) latents at rows ``index``."""
+        if self.n is None:
+            raise LCCInputError(
+                "the training-set size is not known yet: pass n_samples= or call "
+                "start_epoch(epoch, loader) before observe()"
+            )
+        if int(index.min()) < 0 or int(index.max()) >= self.n:
+            raise LCCInputError(
+                f"observe got dataset index {int(index.max())} outside 0..{self.n - 1}; "
+                "pass the dataset indices of the batch"
+            )
+        self.allocate(self.n)
         if logits is not None:
             predicted = logits.detach().argmax(dim=-1).reshape(-1).cpu()
             _check_rows(predicted.shape[0], index, "logits")
@@ -196,7 +231,7 @@ class RecordedLatents:
             torch.from_numpy(self.labels)[index] = labels  # type: ignore[arg-type]
         if not outputs:
             return
-        n = self.labels.shape[0]  # type: ignore[union-attr]
+        n = self.n
         for name, output in outputs.items():
             out = output.detach().to("cpu", torch.float32)
             out = out.reshape(out.shape[0], -1)
@@ -206,8 +241,9 @@ class RecordedLatents:
             torch.from_numpy(self.latents[name])[index] = out
         torch.from_numpy(self.recorded_at)[index] = max(epoch, 0)  # type: ignore[arg-type]
 
-    def gap(self, layers: Sequence[str], n: int | None) -> str | None:
+    def gap(self, layers: Sequence[str]) -> str | None:
         """Why the buffers cannot serve a refresh of ``layers``, or None when they can."""
+        n = self.n
         if n is None or self.recorded_at is None or self.labels is None:
             return "no latents recorded yet"
         if any(name not in self.latents for name in layers):
@@ -219,10 +255,11 @@ class RecordedLatents:
             return "labels missing: pass y to observe()"
         return None
 
-    def collected(self, layers: Sequence[str], n: int, epoch: int | None) -> TrainingLatents:
+    def collected(self, layers: Sequence[str], epoch: int | None) -> TrainingLatents:
         """The buffers as :class:`TrainingLatents` (check :meth:`gap` first)."""
         start = time.perf_counter()
-        assert self.labels is not None and self.recorded_at is not None
+        n = self.n
+        assert n is not None and self.labels is not None and self.recorded_at is not None
         previous = -1 if epoch is None else epoch - 1
         stale = int(np.sum(self.recorded_at[:n] < previous)) if previous >= 0 else 0
         return TrainingLatents(
@@ -254,15 +291,18 @@ class RecordedLatents:
             for name in layers:
                 self.latents[name][index] = gathered[name][rank]
 
+    def as_dict(self) -> dict[str, Any]:
+        """The buffers (numpy views): ``predictions``/``labels`` (N,) int64 (-1 unknown),
+        ``recorded_at`` (N,) epoch of each row (-1 never), ``latents`` {layer: (N, D)}."""
+        return {
+            "predictions": self.predictions,
+            "labels": self.labels,
+            "recorded_at": self.recorded_at,
+            "latents": self.latents,
+        }
+
     def state_dict(self) -> dict[str, Any]:
-        return to_torch(
-            {
-                "predictions": self.predictions,
-                "labels": self.labels,
-                "recorded_at": self.recorded_at,
-                "latents": dict(self.latents),
-            }
-        )
+        return to_torch({**self.as_dict(), "latents": dict(self.latents)})
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         buffers = to_numpy(dict(state))

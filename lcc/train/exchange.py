@@ -20,17 +20,23 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from collections.abc import Mapping, Sequence
-from typing import Any, Protocol
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from lcc.errors import LCCInputError
+
+T = TypeVar("T")
+
 __all__ = [
     "Exchange",
     "SingleProcess",
     "TorchDistributed",
+    "check_identical",
+    "compute_on_main",
     "current_exchange",
     "states_digest",
 ]
@@ -140,6 +146,38 @@ def current_exchange() -> Exchange:
     if dist.is_available() and dist.is_initialized():
         return TorchDistributed()
     return SingleProcess()
+
+
+def compute_on_main(compute: Callable[[], T], exchange: Exchange) -> T:
+    """``compute()`` run on the main rank only, its result (or its error) on every rank.
+
+    >>> compute_on_main(lambda: {"k": 5}, SingleProcess())
+    {'k': 5}
+    """
+    if exchange.world == 1:
+        return compute()
+    outcome: Any = None
+    if exchange.is_main:
+        try:
+            outcome = compute()
+        except Exception as error:  # every rank must leave the broadcast below
+            outcome = ("error", type(error).__name__, str(error))
+    outcome = exchange.broadcast(outcome)
+    if isinstance(outcome, tuple) and outcome and outcome[0] == "error":
+        kind, message = outcome[1], outcome[2]
+        if kind == "LCCInputError":
+            raise LCCInputError(message)
+        raise RuntimeError(f"the refresh failed on rank 0: {kind}: {message}")
+    return outcome
+
+
+def check_identical(states: Mapping[str, Any], exchange: Exchange) -> None:
+    """Raise unless every rank holds the same ``states`` (by :func:`states_digest`)."""
+    if exchange.world == 1:
+        return
+    digests = exchange.gather_rows(np.frombuffer(states_digest(states).encode(), np.uint8))
+    if any(not np.array_equal(d, digests[0]) for d in digests):
+        raise RuntimeError("ranks installed different refresh states; please report this")
 
 
 def states_digest(states: Mapping[str, Any]) -> str:

@@ -55,7 +55,7 @@ import torch
 from torch import Tensor, nn
 
 from lcc.engine.choices import LATENT_DTYPES, POOLS, SOURCES
-from lcc.errors import LCCInputError, check_choice, check_integer
+from lcc.errors import LCCInputError, check_choice
 from lcc.regularisers.base import (
     OUTPUT,
     Batch,
@@ -64,9 +64,9 @@ from lcc.regularisers.base import (
     zero_term,
 )
 from lcc.regularisers.lcc import LCC, LayerState, LCCOptions, RefreshState, check_class_sizes
-from lcc.train.collect import RecordedLatents, collect_fresh
-from lcc.train.exchange import Exchange, SingleProcess, states_digest
-from lcc.zoo.latents import LatentRecorder, check_layer_names
+from lcc.train.collect import RecordedLatents, collect_fresh, dataset_labels
+from lcc.train.exchange import Exchange, SingleProcess, check_identical, compute_on_main
+from lcc.zoo.latents import LatentRecorder
 
 __all__ = [
     "LATENT_DTYPES",
@@ -89,20 +89,6 @@ class Refreshed:
     epoch: int
     collected: TrainingLatents | None
     states: dict[str, Any]
-
-
-def _dataset_labels(loader: Any) -> np.ndarray | None:
-    """Training labels exposed by the loader's dataset (``targets`` attribute), if any."""
-    dataset = getattr(loader, "dataset", None)
-    for _ in range(3):
-        labels = getattr(dataset, "targets", None)
-        if labels is not None:
-            try:
-                return np.asarray(labels).astype(np.int64).reshape(-1)
-            except (TypeError, ValueError):
-                return None
-        dataset = getattr(dataset, "dataset", None)
-    return None
 
 
 def unique_keys(regularisers: Sequence[Regulariser]) -> list[str]:
@@ -181,23 +167,18 @@ class Regularisation:
         hooked: list[str] = []
         for reg in regularisers:
             hooked.extend(name for name in reg.layers if name != OUTPUT and name not in hooked)
-        self.layers: tuple[str, ...] = tuple(check_layer_names(model, hooked)) if hooked else ()
         # no hooked layer when every regulariser reads the logits ('output') only
-        self.recorder: Any = (
-            LatentRecorder(model, list(self.layers), pool=self.pool)  # type: ignore[arg-type]
-            if self.layers
-            else _NoHooks()
-        )
+        self.recorder = LatentRecorder(model, hooked, pool=self.pool, allow_empty=True)  # type: ignore[arg-type]
+        self.layers: tuple[str, ...] = tuple(self.recorder.layers)
         self.recorder.attach()
         self.buffers = RecordedLatents(latents_dir=self.latents_dir, dtype=self.latents_dtype)
         self.epoch: int | None = None
         self.terms: dict[str, float] = {}
         self.bound = False
         self.last_refresh: Refreshed | None = None
-        self._n_samples: int | None = None
         self._checked_labels = False
         if n_samples is not None:
-            self._set_n_samples(n_samples)
+            self.buffers.set_size(n_samples)
         if num_classes is not None or sample is not None:
             self.bind(num_classes=num_classes, sample=sample)
 
@@ -274,9 +255,9 @@ class Regularisation:
         exchange = SingleProcess() if exchange is None else exchange
         self.epoch = int(epoch)
         if loader is not None and hasattr(loader, "dataset"):
-            self._set_n_samples(len(loader.dataset))
+            self.buffers.set_size(len(loader.dataset))
             if not self._checked_labels:
-                labels = _dataset_labels(loader)
+                labels = dataset_labels(loader)
                 if labels is not None and labels.size:
                     self.check_labels(labels)
                 self._checked_labels = True
@@ -286,12 +267,12 @@ class Regularisation:
         if not due:
             return None
         collected = self.collect(loader, keys=due, exchange=exchange)
-        states = self._compute_once(collected, due, exchange)
+        states = compute_on_main(
+            lambda: self.compute(collected, epoch=self.epoch, keys=due),
+            exchange,  # type: ignore[arg-type]
+        )
         self.install(states)
-        if exchange.world > 1:
-            digests = exchange.gather_rows(np.frombuffer(states_digest(states).encode(), np.uint8))
-            if any(not np.array_equal(d, digests[0]) for d in digests):
-                raise RuntimeError("ranks installed different refresh states; please report this")
+        check_identical(states, exchange)
         self.last_refresh = Refreshed(self.epoch, collected, states)
         return self.refresh_stats(states)
 
@@ -310,12 +291,9 @@ class Regularisation:
         layers = self.training_layers(self.due(self.epoch or 0) if keys is None else keys)
         reason = None
         if self.source == "recorded":
-            reason = self.buffers.gap(layers, self._n_samples)
+            reason = self.buffers.gap(layers)
             if reason is None:
-                if not exchange.is_main:
-                    return None
-                assert self._n_samples is not None
-                return self.buffers.collected(layers, self._n_samples, self.epoch)
+                return self.buffers.collected(layers, self.epoch) if exchange.is_main else None
         try:
             return collect_fresh(
                 self.model,
@@ -344,28 +322,6 @@ class Regularisation:
                 raise LCCInputError(f"a refresh state names regulariser {key!r}, not in this run")
             self[key].install(state)
 
-    def _compute_once(
-        self, collected: TrainingLatents | None, keys: Sequence[str], exchange: Exchange
-    ) -> dict[str, Any]:
-        """:meth:`compute` on the main rank, its states (or its error) on every rank."""
-        if exchange.world == 1:
-            assert collected is not None
-            return self.compute(collected, epoch=self.epoch, keys=keys)
-        outcome: Any = None
-        if exchange.is_main:
-            assert collected is not None
-            try:
-                outcome = self.compute(collected, epoch=self.epoch, keys=keys)
-            except Exception as error:  # every rank must leave the broadcast below
-                outcome = ("error", type(error).__name__, str(error))
-        outcome = exchange.broadcast(outcome)
-        if isinstance(outcome, tuple):
-            kind, message = outcome[1], outcome[2]
-            if kind == "LCCInputError":
-                raise LCCInputError(message)
-            raise RuntimeError(f"the refresh failed on rank 0: {kind}: {message}")
-        return outcome
-
     @staticmethod
     def refresh_stats(states: Mapping[str, Any]) -> dict[str, Any]:
         """Per-regulariser statistics of a refresh (LCC: per layer)."""
@@ -382,7 +338,7 @@ class Regularisation:
         x: Any = None,
     ) -> Batch:
         """The :class:`Batch` of the last forward (latents from the hooks)."""
-        latents = {name: self._output(name) for name in self.layers}
+        latents = {name: self.recorder.output(name) for name in self.layers}
         index = torch.as_tensor(indices, dtype=torch.long)
         return Batch(latents=latents, y=y, indices=index, logits=logits, epoch=self.epoch or 0, x=x)
 
@@ -430,19 +386,12 @@ class Regularisation:
         index = torch.as_tensor(indices, dtype=torch.long).detach().cpu().reshape(-1)
         if index.numel() == 0:
             return
-        n = self._require_n_samples()
-        if int(index.min()) < 0 or int(index.max()) >= n:
-            raise LCCInputError(
-                f"observe got dataset index {int(index.max())} outside 0..{n - 1}; "
-                "pass the dataset indices of the batch"
-            )
-        self.buffers.allocate(n)
         layers = self.recording_layers() if self.source == "recorded" else []
         self.buffers.observe(
             index,
             logits=logits,
             y=y,
-            outputs={name: self._output(name) for name in layers},
+            outputs={name: self.recorder.output(name) for name in layers},
             epoch=-1 if self.epoch is None else self.epoch,
         )
 
@@ -473,7 +422,7 @@ class Regularisation:
         return {
             "version": 2,
             "epoch": self.epoch,
-            "n_samples": self._n_samples,
+            "n_samples": self.buffers.n,
             "buffers": self.buffers.state_dict(),
             "regularisers": {key: dict(reg.state_dict()) for key, reg in self.items()},
         }
@@ -487,67 +436,15 @@ class Regularisation:
                 "resume with the same --reg options"
             )
         self.epoch = state_dict["epoch"]
-        self._n_samples = state_dict["n_samples"]
+        self.buffers.n = state_dict["n_samples"]
         self.buffers.load_state_dict(state_dict["buffers"])
         for key, reg in self.items():
             reg.load_state_dict(saved[key])
 
     @property
     def recorded(self) -> dict[str, Any]:
-        """The per-sample buffers of :meth:`observe` (numpy views): ``predictions``/``labels``
-        (N,) int64 (-1 unknown), ``recorded_at`` (N,) int64 epoch of each recorded latent row
-        (-1 never), ``latents`` {layer: (N, D) float32}."""
-        buffers = self.buffers
-        return {
-            "predictions": buffers.predictions,
-            "labels": buffers.labels,
-            "recorded_at": buffers.recorded_at,
-            "latents": buffers.latents,
-        }
-
-    # --- internals ---------------------------------------------------------------------------
-
-    def _output(self, name: str) -> Tensor:
-        out = self.recorder.outputs.get(name)
-        if out is None:
-            raise LCCInputError(
-                f"layer {name!r} has not produced an output yet; run the model forward on the "
-                "batch before calling loss() or observe()"
-            )
-        return out
-
-    def _set_n_samples(self, n: int) -> None:
-        n = check_integer(n, "n_samples", 1)
-        known = self._n_samples
-        if known is not None and known != n and self.buffers.predictions is not None:
-            raise LCCInputError(
-                f"the training set has {n} samples but the recorded buffers hold "
-                f"{known}; use the same training set for every epoch"
-            )
-        self._n_samples = n
-
-    def _require_n_samples(self) -> int:
-        if self._n_samples is None:
-            raise LCCInputError(
-                "the training-set size is not known yet: pass n_samples= or call "
-                "start_epoch(epoch, loader) before observe()"
-            )
-        return self._n_samples
-
-
-class _NoHooks:
-    """The recorder of a run that hooks no layer."""
-
-    outputs: dict[str, Tensor] = {}  # noqa: RUF012 - always empty
-
-    def attach(self) -> _NoHooks:
-        return self
-
-    def detach(self) -> None:
-        pass
-
-    def clear(self) -> None:
-        pass
+        """The per-sample buffers of :meth:`observe` (:meth:`RecordedLatents.as_dict`)."""
+        return self.buffers.as_dict()
 
 
 def LatentClusterCorrection(

@@ -45,6 +45,7 @@ __all__ = [
     "collect_latents",
     "eval_mode",
     "first_tensor",
+    "layer_trace",
     "list_layers",
     "model_latents",
     "pool_output",
@@ -140,12 +141,21 @@ class LatentRecorder:
 
     Use as a context manager, or call :meth:`attach` / :meth:`detach`. ``outputs`` is
     NOT detached, so a loss on it backpropagates into the model. A layer called several
-    times in one forward keeps its last call's output.
+    times in one forward keeps its last call's output. ``allow_empty``: no layer is fine (a
+    recorder that hooks nothing, e.g. for regularisers that read only the logits).
     """
 
-    def __init__(self, model: nn.Module, layers: str | Sequence[str], *, pool: Pool = "flatten"):
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: str | Sequence[str],
+        *,
+        pool: Pool = "flatten",
+        allow_empty: bool = False,
+    ):
         self.model = model
-        self.layers = check_layer_names(model, layers)
+        empty = allow_empty and not layers
+        self.layers = [] if empty else check_layer_names(model, layers)
         self.pool: Pool = check_choice(pool, POOLS, name="pool")  # type: ignore[assignment]
         self.outputs: dict[str, Tensor] = {}
         self._handles: list[Any] = []
@@ -172,6 +182,16 @@ class LatentRecorder:
     def clear(self) -> None:
         """Forget the recorded outputs (frees the graph they hold)."""
         self.outputs = {}
+
+    def output(self, name: str) -> Tensor:
+        """The last forward's output of layer ``name`` (one line when there is none yet)."""
+        out = self.outputs.get(name)
+        if out is None:
+            raise LCCInputError(
+                f"layer {name!r} has not produced an output yet; run the model forward on the "
+                "batch before calling loss() or observe()"
+            )
+        return out
 
     def _hook(self, name: str):
         def hook(module: nn.Module, inputs: object, output: object) -> None:
@@ -255,28 +275,27 @@ def probe_latents(
     return latents, logits.detach()
 
 
-def list_layers(model: nn.Module, sample_input: object) -> list[tuple[str, tuple[int, ...]]]:
-    """Every named submodule that runs on ``sample_input``, with its per-sample output shape.
+def layer_trace(model: nn.Module, sample_input: object) -> dict[str, tuple[int, ...] | None]:
+    """The one probe of a model: every named submodule that runs on ``sample_input``, in the
+    order it first runs, with the full shape of the tensor its output holds (None: no tensor).
 
-    ``sample_input`` is a batch (tensor, or tuple/dict of model arguments); shapes drop the
-    batch dim. Runs once in eval mode without gradients; the model's modes are restored.
-    Submodules that do not run, or return no tensor, are left out (they cannot be recorded).
+    Runs once in eval mode without gradients; every submodule's mode is restored.
 
     >>> model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Flatten())
-    >>> list_layers(model, torch.zeros(1, 1, 5, 5))
-    [('0', (4, 3, 3)), ('1', (36,))]
+    >>> layer_trace(model, torch.zeros(1, 1, 5, 5))
+    {'0': (1, 4, 3, 3), '1': (1, 36)}
     """
-    modules = _named_layers(model)
-    shapes: dict[str, tuple[int, ...]] = {}
+    shapes: dict[str, tuple[int, ...] | None] = {}
 
     def make_hook(name: str):
         def hook(module: nn.Module, inputs: object, output: object) -> None:
             tensor = _find_tensor(output)
-            if tensor is not None and tensor.ndim >= 1:
-                shapes[name] = tuple(tensor.shape[1:])
+            if tensor is not None or name not in shapes:
+                shapes[name] = None if tensor is None else tuple(tensor.shape)
 
         return hook
 
+    modules = _named_layers(model)
     handles = [module.register_forward_hook(make_hook(name)) for name, module in modules.items()]
     try:
         with eval_mode(model), torch.no_grad():
@@ -284,7 +303,26 @@ def list_layers(model: nn.Module, sample_input: object) -> list[tuple[str, tuple
     finally:
         for handle in handles:
             handle.remove()
-    return [(name, shapes[name]) for name in modules if name in shapes]
+    return shapes
+
+
+def list_layers(model: nn.Module, sample_input: object) -> list[tuple[str, tuple[int, ...]]]:
+    """Every named submodule that runs on ``sample_input``, with its per-sample output shape.
+
+    ``sample_input`` is a batch (tensor, or tuple/dict of model arguments); shapes drop the
+    batch dim (:func:`layer_trace`). Submodules that do not run, or return no tensor of at
+    least one dimension, are left out (they cannot be recorded).
+
+    >>> model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Flatten())
+    >>> list_layers(model, torch.zeros(1, 1, 5, 5))
+    [('0', (4, 3, 3)), ('1', (36,))]
+    """
+    trace = layer_trace(model, sample_input)
+    return [
+        (name, shape[1:])
+        for name in _named_layers(model)
+        if (shape := trace.get(name)) is not None and len(shape) >= 1
+    ]
 
 
 def _model_device(model: nn.Module) -> torch.device:

@@ -227,7 +227,7 @@ def test_diverging_loss_stops_with_one_line(capsys, tmp_path):
     )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1
-    assert err[-1].startswith("lcc train: error: non-finite loss at epoch 0")
+    assert err[-1].startswith("lcc train: error: non-finite loss at epoch 1")
     assert "lower --lr" in err[-1]
     assert not (out / "metrics.json").exists()
 
