@@ -37,7 +37,7 @@ from lcc.engine.loss import LCCLoss
 from lcc.engine.refresh import Refresh, refresh
 from lcc.engine.selection import confusion_graph, select_classes
 from lcc.engine.targets import Targets
-from lcc.errors import LCCInputError, as_label_vector, as_latent_matrix
+from lcc.errors import LCCInputError, as_label_vector
 from lcc.regularisers.base import (
     Batch,
     Regulariser,
@@ -220,14 +220,20 @@ class LCC(Regulariser):
         for name in self.layers:
             if name not in latents.latents:
                 raise LCCInputError(f"no latents were collected for layer {name!r}")
-            z = as_latent_matrix(latents.latents[name], name=f"latents of layer {name!r}")
+            z = latents.latents[name]  # checked once, by the refresh (memory maps stay on disk)
             if z.shape[0] != n:
                 raise LCCInputError(
                     f"layer {name!r} has {z.shape[0]} latent rows but there are {n} labels"
                 )
             if labelled_only:
                 z = z[rows]
-            result = refresh(z, y, self.config.refresh_config(), classes=classes)
+            result = refresh(
+                z,
+                y,
+                self.config.refresh_config(),
+                classes=classes,
+                name=f"latents of layer {name!r}",
+            )
             subset = rows if labelled_only else None
             layers[name] = self._layer_state(
                 name, result, latents, y, sub_predictions, subset, n, epoch, classes
