@@ -18,20 +18,16 @@ import sys
 import time
 from pathlib import Path
 
+from lcc.cli import SUBCOMMANDS
+
 REPO = Path(__file__).resolve().parents[1]
 HEAVY = ("torch", "sklearn", "faiss", "lightning", "igraph", "scipy", "matplotlib")
 TARGET_SECONDS = 1.0
 #: what each row runs after ``lcc``
 LINES: tuple[tuple[str, ...], ...] = (
     ("--help",),
-    ("cluster", "--help"),
-    ("layers", "--help"),
-    ("train", "--help"),
+    *((name, "--help") for name in SUBCOMMANDS),
     ("train", "--help-reg"),
-    ("demo", "--help"),
-    ("measure", "--help"),
-    ("report", "--help"),
-    ("sweep", "--help"),
 )
 #: reports the heavy packages a command line imported (run in the same process, after it)
 _PROBE = (
