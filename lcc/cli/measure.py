@@ -73,9 +73,6 @@ SAVED_LATENTS = OutputKind(
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``measure`` subcommand to ``subparsers``."""
-    from lcc.analysis.intraclass import ACTIVE_FRACTION, TOP_LAYERS, TOP_NEURONS
-    from lcc.engine.choices import CLUSTER_METHODS  # torch-free: --help stays fast
-
     parser = subparsers.add_parser(
         "measure",
         help=HELP,
@@ -104,12 +101,24 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         help="with --model: the layers to measure (required); with LATENTS: measure only these "
         "of its layers; None: every layer in LATENTS",
     )
-    measures = parser.add_argument_group("measure options")
+    _measure_options(parser.add_argument_group("measure options"))
+    _model_options(
+        parser.add_argument_group("collecting latents from a model (instead of LATENTS)")
+    )
+    parser.set_defaults(handler=run)
+    return parser
+
+
+def _measure_options(measures: Any) -> None:
+    from lcc.analysis.intraclass import ACTIVE_FRACTION, TOP_LAYERS, TOP_NEURONS
+    from lcc.engine.choices import CLUSTER_METHODS  # torch-free: --help stays fast
+
     measures.add_argument(
         "--top-k",
         type=_positive_int,
         default=TOP_NEURONS,
-        help="c1, c3: neurons averaged per (sub)class (the paper's k; all when fewer)",
+        help="c1, c3: neurons averaged per (sub)class (the paper's k; all when fewer, and c1 "
+        "then warns: its value cancels out)",
     )
     measures.add_argument(
         "--top-layers",
@@ -171,7 +180,9 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     measures.add_argument(
         "--seed", type=int, default=0, help="seed of the clustering, model init and subsets"
     )
-    model = parser.add_argument_group("collecting latents from a model (instead of LATENTS)")
+
+
+def _model_options(model: Any) -> None:
     model.add_argument(
         "--model",
         default=None,
@@ -218,8 +229,6 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         help="let --save-latents replace an existing file that is not latents saved by lcc "
         "measure (never the --checkpoint)",
     )
-    parser.set_defaults(handler=run)
-    return parser
 
 
 def run(args: argparse.Namespace) -> int:
