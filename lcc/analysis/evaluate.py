@@ -14,7 +14,10 @@ top-1/top-5 equal ``metrics.json``'s), optionally on a seeded stratified ``subse
   ``baseline`` run, per-type corruption error, ``mce`` and ``relative_mce`` as Hendrycks &
   Dietterich 2019 define them (:mod:`lcc.analysis.corruptions`);
 - ``probe``: linear and k-NN probes fitted on the training set's features of a layer
-  (:mod:`lcc.analysis.probes`).
+  (:mod:`lcc.analysis.probes`);
+- ``read_with``: every accuracy above measured through the linear probe of a layer instead of
+  the model's logits (:class:`LinearReadout`), for networks trained without a classifier
+  (``--ce-weight 0``, label variation as the objective).
 
 Accuracies are fractions, as in ``metrics.json``. :func:`evaluate_runs` writes
 ``RUN_DIR/evaluation.json`` atomically for each run; :func:`evaluation_table` renders the
@@ -58,12 +61,14 @@ from lcc.errors import LCCInputError
 __all__ = [
     "EVALUATION_FILE",
     "EvalOptions",
+    "LinearReadout",
     "LoadedRun",
     "evaluate_loaded",
     "evaluate_runs",
     "evaluation_columns",
     "evaluation_rows",
     "evaluation_table",
+    "linear_readout",
     "load_evaluation",
     "load_run_model",
 ]
@@ -86,6 +91,7 @@ class EvalOptions:
     probe_k: int = 10
     probe_train: int | None = None
     probe_pool: str = "flatten"
+    read_with: str | None = None
     subset: int | None = None
     seed: int = 0
     batch_size: int = 500
@@ -248,12 +254,12 @@ def _test_data(loaded: LoadedRun, options: EvalOptions) -> _Data:
     return _Data(images, labels, images_digest(images), rows)
 
 
-def _probe(
-    loaded: LoadedRun, layer: str, data: _Data, options: EvalOptions, test_logits: Tensor
-) -> dict[str, float]:
+def _features(
+    loaded: LoadedRun, layer: str, data: _Data | None, options: EvalOptions
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(training features, training labels, test features or None) of ``layer``."""
     from torch.utils.data import DataLoader, Subset
 
-    from lcc.analysis.probes import probe_accuracies
     from lcc.regularisers.base import OUTPUT
     from lcc.zoo.datasets import IndexedDataset, stratified_subset
     from lcc.zoo.latents import collect_latents
@@ -263,10 +269,10 @@ def _probe(
     if options.probe_train is not None and options.probe_train < len(train_y):
         rows = stratified_subset(train_y, int(options.probe_train), options.seed)
         train, train_y = Subset(train, rows.tolist()), train_y[rows]
-    test = _normalised(data.images, data.labels, loaded.bundle)
+    test = None if data is None else _normalised(data.images, data.labels, loaded.bundle)
     if layer == OUTPUT:
         train_z = _logits(loaded.model, train, options.batch_size).numpy()
-        test_z = test_logits.numpy()
+        test_z = None if test is None else _logits(loaded.model, test, options.batch_size).numpy()
     else:
 
         def features(dataset: Any) -> np.ndarray:
@@ -279,10 +285,75 @@ def _probe(
             )
             return z[layer]
 
-        train_z, test_z = features(train), features(test)
+        train_z = features(train)
+        test_z = None if test is None else features(test)
+    return train_z, train_y, test_z
+
+
+def _probe(loaded: LoadedRun, layer: str, data: _Data, options: EvalOptions) -> dict[str, float]:
+    from lcc.analysis.probes import probe_accuracies
+
+    train_z, train_y, test_z = _features(loaded, layer, data, options)
     return probe_accuracies(
         train_z, train_y, test_z, data.labels, k=options.probe_k, seed=options.seed
     )
+
+
+class LinearReadout(nn.Module):
+    """``model`` read through a linear probe on ``layer``: the logistic regression's decision
+    function ``((z - mean) / scale) @ coef.T + intercept`` of the layer's (pooled) output ``z``;
+    differentiable, so noise, attacks and corruptions can be measured through it."""
+
+    def __init__(
+        self, model: nn.Module, layer: str, pool: str, probe: Any, num_classes: int
+    ) -> None:
+        super().__init__()
+        scaler, regression = probe[0], probe[-1]
+        if list(regression.classes_) != list(range(num_classes)):
+            raise LCCInputError(
+                f"the readout probe saw classes {list(regression.classes_)} in training; it "
+                f"needs all {num_classes} (raise --probe-train)"
+            )
+        self.model, self.layer, self.pool = model, layer, pool
+        self.register_buffer("mean", torch.tensor(scaler.mean_, dtype=torch.float32))
+        self.register_buffer("scale", torch.tensor(scaler.scale_, dtype=torch.float32))
+        self.register_buffer("coef", torch.tensor(regression.coef_, dtype=torch.float32))
+        self.register_buffer("intercept", torch.tensor(regression.intercept_, dtype=torch.float32))
+
+    def forward(self, x: Tensor) -> Tensor:
+        from lcc.regularisers.base import OUTPUT
+        from lcc.zoo.latents import LatentRecorder, first_tensor
+
+        if self.layer == OUTPUT:
+            z = first_tensor(self.model(x), "model output")
+        else:
+            with LatentRecorder(self.model, [self.layer], pool=self.pool) as recorder:  # type: ignore[arg-type]
+                self.model(x)
+            z = recorder.outputs[self.layer]
+        z = z.reshape(z.shape[0], -1)
+        standard = (z - self.mean.to(z.dtype)) / self.scale.to(z.dtype)
+        return standard @ self.coef.to(z.dtype).T + self.intercept.to(z.dtype)
+
+
+def linear_readout(loaded: LoadedRun, layer: str, options: EvalOptions) -> LinearReadout:
+    """The run's model read through the linear probe fitted on ``layer``'s training features
+    (:func:`lcc.analysis.probes.linear_probe`); for networks without a classifier (--ce-weight
+    0), so that every accuracy of ``lcc evaluate`` can be measured."""
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+
+    from lcc.analysis.probes import linear_probe
+
+    train_z, train_y, _ = _features(loaded, layer, None, options)
+    probe = linear_probe(options.seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        probe.fit(train_z, train_y)
+    readout = LinearReadout(
+        loaded.model, layer, options.probe_pool, probe, loaded.bundle.num_classes
+    )
+    return readout.eval()
 
 
 def evaluate_loaded(
@@ -300,7 +371,7 @@ def evaluate_loaded(
     options = options.check()
     model, bundle = loaded.model, loaded.bundle
     model.eval()
-    for layer in options.probe:
+    for layer in (*options.probe, *([options.read_with] if options.read_with else [])):
         if layer != OUTPUT:
             check_layer_names(model, [layer])
     corruptions = (
@@ -319,7 +390,11 @@ def evaluate_loaded(
         "subset": options.subset,
         "seed": options.seed,
         "test_digest": data.digest,
+        "read_with": None,
     }
+    if options.read_with:
+        model = linear_readout(loaded, options.read_with, options)
+        result["read_with"] = f"linear probe on {options.read_with}"
     start = time.perf_counter()
     clean_set = _normalised(data.images, data.labels, bundle)
     clean_logits = _logits(model, clean_set, options.batch_size)
@@ -382,7 +457,7 @@ def evaluate_loaded(
     for layer in options.probe:
         if say:
             say(f"{loaded.path.name}: probe {layer}")
-        probe[layer] = _probe(loaded, layer, data, options, clean_logits)
+        probe[layer] = _probe(loaded, layer, data, options)
     result["probe"] = probe
     seconds["probe"] = time.perf_counter() - start
     result["seconds"] = seconds

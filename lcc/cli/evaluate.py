@@ -40,6 +40,9 @@ fractions, as in metrics.json.
   --probe LAYER  linear (logistic regression) and k-NN probes on the standardised features of
                  LAYER ('output' = logits), fitted on the run's training set, scored on the test
                  set: how a model trained with --ce-weight 0 (label variation) is read
+  --read-with L  measure EVERY accuracy (clean, noise, attacks, corruptions) through the linear
+                 probe of layer L instead of the logits: for a model trained with --ce-weight 0,
+                 whose logits are not a classifier (the attacks go through the probe too)
 
 Output: one JSON line per run on stdout (keys top1, top5, per_class, ece, nll, noise, fgsm, pgd,
 corruption, corruption_error, relative_corruption_error, mce, relative_mce, probe, seconds),
@@ -110,6 +113,13 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         default=None,
         metavar="LAYER",
         help="layer to probe (repeat for several; 'output' = logits; `lcc layers MODEL`)",
+    )
+    parser.add_argument(
+        "--read-with",
+        default=None,
+        metavar="LAYER",
+        help="read every accuracy through the linear probe of LAYER ('output' = logits); None: "
+        "the model's logits",
     )
     parser.add_argument("--probe-k", type=int, default=10, help="neighbours of the k-NN probe")
     parser.add_argument(
@@ -188,6 +198,7 @@ def options_from_args(args: argparse.Namespace) -> Any:
         probe_k=args.probe_k,
         probe_train=args.probe_train,
         probe_pool=args.probe_pool,
+        read_with=args.read_with,
         subset=args.subset,
         seed=args.seed,
         batch_size=args.batch_size,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -208,3 +209,14 @@ def test_report_shows_the_evaluation_table_and_robustness_curves(runs, tmp_path)
     (runs["b"] / "evaluation.json").unlink()
     plain = write_report([runs["b"]], tmp_path / "plain").markdown.read_text()
     assert "Robustness" not in plain and not (tmp_path / "plain" / "robustness.png").exists()
+
+
+@pytest.mark.parametrize("layer", ["output", "act1"])
+def test_read_with_measures_every_accuracy_through_the_linear_probe(runs, layer) -> None:
+    options = EvalOptions(probe=(layer,), probe_train=500, subset=120, fgsm=(0.0,), noise=(0.0,))
+    (plain,) = evaluate_runs([runs["b"]], options)
+    (read,) = evaluate_runs([runs["b"]], replace(options, read_with=layer))
+    assert read["read_with"] == f"linear probe on {layer}" and plain["read_with"] is None
+    assert read["top1"] == pytest.approx(plain["probe"][layer]["linear"], abs=1.5 / 120)
+    assert read["fgsm"]["0"] == read["top1"] == read["noise"]["0"]
+    assert read["top1"] != plain["top1"]  # runs["b"] is barely trained: its logits read worse
