@@ -79,7 +79,9 @@ def test_top_k_and_top_layers_options_reach_the_measures():
     layers, sub, sup = hierarchical(seed=2)
     data = MeasureInput(layers, sub, y_super=sup)
     few = run_measures("c1,c2,c3,c4", data, MeasureOptions(top_k=1, top_layers=1))
-    many = run_measures("c1,c2,c3,c4", data, MeasureOptions(top_k=8, top_layers=2))
+    with pytest.warns(UserWarning, match=r"c1 of layer conv: top_k=8 .* its 5 neurons") as seen:
+        many = run_measures("c1,c2,c3,c4", data, MeasureOptions(top_k=8, top_layers=2))
+    assert len(seen) == 1  # fc has more than 8 neurons; c3 does not cancel out: no warning
     for name in ("c1", "c3"):
         assert by_layer(few, name)["fc"]["value"] > by_layer(many, name)["fc"]["value"]
         assert by_layer(many, name)["fc"]["top_k"] == 8
