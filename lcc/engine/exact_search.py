@@ -12,7 +12,7 @@ the results of :func:`torch_search`, the NumPy front end that the CPU path has a
 >>> base = np.array([[0.0], [2.0], [10.0]], np.float32)
 >>> idx, sq = torch_search(base, np.array([[1.5]], np.float32), 2)
 >>> idx.tolist(), sq.tolist()
-[[1, 0]], [[0.25, 2.25]]
+([[1, 0]], [[0.25, 2.25]])
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ __all__ = [
     "SMALL_WORK",
     "TARGET_RECALL",
     "drop_self",
+    "faiss_gpu_module",
     "faiss_module",
     "faiss_search",
     "faiss_threads",
@@ -57,6 +58,17 @@ def faiss_module() -> ModuleType | None:
     except ImportError:
         return None
     return faiss
+
+
+def faiss_gpu_module() -> ModuleType | None:
+    """The ``faiss`` module if it is a GPU build that sees a GPU (``faiss.knn_gpu``), else None."""
+    faiss = faiss_module()
+    if faiss is None or not hasattr(faiss, "knn_gpu") or not hasattr(faiss, "get_num_gpus"):
+        return None
+    try:
+        return faiss if faiss.get_num_gpus() > 0 else None
+    except RuntimeError:  # a GPU build on a machine whose driver it cannot use
+        return None
 
 
 def to_distance(squared: np.ndarray) -> np.ndarray:

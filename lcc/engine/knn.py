@@ -52,6 +52,7 @@ from lcc.engine.exact_search import (
     SMALL_WORK,
     TARGET_RECALL,
     drop_self,
+    faiss_gpu_module,
     faiss_module,
     faiss_search,
     faiss_threads,
@@ -199,7 +200,7 @@ def knn(
     use_faiss = _use_faiss(backend)
     target = resolve_device(device, z, backend="auto" if use_faiss else "torch")
     if target is not None:
-        return _torch_knn(z, k, metric, target, checked=checked)
+        return _torch_knn(z, k, metric, target, checked=checked, allow_faiss=use_faiss)
     matrix = as_latent_matrix(z, checked=checked)
     k = check_k(k, matrix.shape[0])
     matrix = _prepare(matrix, metric)
@@ -221,8 +222,11 @@ def knn(
     return Neighbors(*_finish(*drop_self(indices, squared, rows)))
 
 
-def _torch_knn(z: object, k: int, metric: str, device: torch.device, *, checked: bool) -> Neighbors:
-    """Exact self k-NN by the torch search on ``device`` (rows streamed when they do not fit)."""
+def _torch_knn(
+    z: object, k: int, metric: str, device: torch.device, *, checked: bool, allow_faiss: bool
+) -> Neighbors:
+    """Exact self k-NN by the torch search on ``device`` (rows streamed when they do not fit),
+    or by faiss's GPU brute force when ``allow_faiss`` and a faiss GPU build is installed."""
     if not isinstance(z, (np.ndarray, torch.Tensor)):
         z = as_latent_matrix(z, checked=checked)
         checked = True
@@ -232,6 +236,14 @@ def _torch_knn(z: object, k: int, metric: str, device: torch.device, *, checked:
         check_finite(z)
     placed = place_rows(z, device)
     prepare_rows(placed, metric)
+    gpu_faiss = faiss_gpu_module() if allow_faiss and device.type == "cuda" else None
+    if gpu_faiss is not None:
+        rows = placed.rows.cpu().numpy()
+        squared_np, indices_np = gpu_faiss.knn_gpu(
+            gpu_faiss.StandardGpuResources(), rows, rows, k + 1, device=device.index or 0
+        )
+        n_rows = np.arange(rows.shape[0])
+        return Neighbors(*_finish(*drop_self(indices_np.astype(np.int64), squared_np, n_rows)))
     with full_precision():
         indices, squared = torch_search_tensors(
             placed.rows,

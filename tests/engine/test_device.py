@@ -10,7 +10,7 @@ import torch
 
 from lcc.engine import device as device_module
 from lcc.engine.device import empty_rows, place_rows, resolve_device
-from lcc.engine.exact_search import torch_search_tensors
+from lcc.engine.exact_search import faiss_gpu_module, torch_search_tensors
 from lcc.engine.knn import knn, search
 from lcc.engine.match import match_clusters
 from lcc.engine.projection import fit_pca
@@ -249,4 +249,15 @@ def test_cuda_latents_that_do_not_fit_are_streamed_with_one_line(
     streamed = refresh(z, y, k=5, seed=0, device="cuda")
     assert capsys.readouterr().err.count("do not fit in the free GPU memory") == 1
     assert np.array_equal(streamed.clusters, refresh(z, y, k=5, seed=0).clusters)
-    assert empty_rows(10, 4, torch.device("cuda")).is_cuda is False
+    assert not empty_rows(10_000, 4, torch.device("cuda")).is_cuda  # 160 kB: pinned
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(faiss_gpu_module() is None, reason="needs a faiss GPU build and a GPU")
+def test_faiss_gpu_and_torch_find_the_same_neighbours() -> None:
+    z, _ = data(3_000, 32)
+    on_gpu = torch.from_numpy(z).cuda()
+    with_faiss = knn(on_gpu, 6)  # backend "auto": faiss's GPU brute force
+    with_torch = knn(on_gpu, 6, backend="torch")
+    assert (with_faiss.indices == with_torch.indices).mean() > 0.999
+    np.testing.assert_allclose(with_faiss.distances, with_torch.distances, atol=1e-4)
