@@ -1,6 +1,6 @@
 """The GPU check of issue 21, as one markdown table (``bench/device_check.sh`` runs it).
 
-On a machine with CUDA it runs, within ``--budget`` seconds (default 450: the issue allows 8
+On a machine with CUDA it runs, within ``--budget`` seconds (default 420: the issue allows 8
 minutes on one GPU):
 
 (a) the CUDA-marked tests (``python3 -m pytest -m cuda tests``);
@@ -50,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", action="store_true", help="tiny sizes (checks the code)")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and exit")
-    parser.add_argument("--budget", type=float, default=450.0, help="seconds for all parts")
+    parser.add_argument("--budget", type=float, default=420.0, help="seconds for all parts")
     parser.add_argument("--skip-tests", action="store_true", help="leave out part (a)")
     parser.add_argument("--skip-train", action="store_true", help="leave out part (c)")
     return parser.parse_args(argv)

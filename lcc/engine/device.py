@@ -26,9 +26,10 @@ device(type='cpu')
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -45,6 +46,7 @@ __all__ = [
     "place_rows",
     "resolve_device",
     "rows_of",
+    "shrinking_blocks",
 ]
 
 #: Values of the ``device`` keyword (``"cuda:N"`` is accepted too).
@@ -60,6 +62,10 @@ MAX_GPU_BLOCK_ENTRIES = 1 << 30
 CHUNK_ENTRIES = 1 << 24
 
 _NO_CUDA = "CUDA is not available on this machine; use --refresh-device cpu"
+#: Tries of :func:`shrinking_blocks`, each with a quarter of the previous block.
+_OOM_RETRIES = 4
+
+T = TypeVar("T")
 
 
 def resolve_device(
@@ -236,6 +242,38 @@ def iterate_rows(z: object, entries: int) -> Iterator[tuple[int, torch.Tensor]]:
         else:
             part = np.asarray(z[start : start + step]).reshape(-1, width)  # type: ignore[index]
             yield start, torch.from_numpy(np.ascontiguousarray(part))
+
+
+def shrinking_blocks(run: Callable[[int], T], entries: int, device: torch.device) -> T:
+    """``run(entries)``; if the GPU runs out of memory, again with a quarter of the block (one
+    line on stderr says so), and after :data:`_OOM_RETRIES` tries an :class:`LCCInputError`
+    that names the fix instead of a CUDA traceback.
+
+    >>> def search(entries):
+    ...     if entries > 100:
+    ...         raise torch.OutOfMemoryError("CUDA out of memory")
+    ...     return entries
+    >>> shrinking_blocks(search, 1_000, torch.device("cpu"))
+    62
+    """
+    for _ in range(_OOM_RETRIES):
+        try:
+            return run(entries)
+        except torch.OutOfMemoryError:
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            entries = max(1, entries // 4)
+            _say_once(
+                f"lcc refresh: the GPU ran out of memory; searching again in blocks of "
+                f"{entries:,} distances"
+            )
+    try:
+        return run(entries)
+    except torch.OutOfMemoryError:
+        raise LCCInputError(
+            f"the GPU ran out of memory in the refresh even with blocks of {entries:,} "
+            "distances; free GPU memory or use --refresh-device cpu"
+        ) from None
 
 
 @contextmanager

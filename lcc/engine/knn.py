@@ -45,6 +45,7 @@ from lcc.engine.device import (
     place_rows,
     resolve_device,
     rows_of,
+    shrinking_blocks,
 )
 from lcc.engine.exact_search import (
     BLOCK_ENTRIES,
@@ -244,15 +245,19 @@ def _torch_knn(
         )
         n_rows = np.arange(rows.shape[0])
         return Neighbors(*_finish(*drop_self(indices_np.astype(np.int64), squared_np, n_rows)))
-    with full_precision():
-        indices, squared = torch_search_tensors(
+
+    def run(entries: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch_search_tensors(
             placed.rows,
             placed.rows,
             k + 1,
             device=device,
-            block_entries=block_entries(device),
+            block_entries=entries,
             base_rows=placed.base_rows(),
         )
+
+    with full_precision():
+        indices, squared = shrinking_blocks(run, block_entries(device), device)
     rows = np.arange(placed.rows.shape[0])
     return Neighbors(*_finish(*drop_self(indices.cpu().numpy(), squared.cpu().numpy(), rows)))
 
@@ -398,8 +403,11 @@ def search_tensors(
             base = base / torch.linalg.vector_norm(base, dim=1, keepdim=True)
             queries = queries / torch.linalg.vector_norm(queries, dim=1, keepdim=True)
         centre = base.mean(dim=0, dtype=torch.float64).to(torch.float32)
-        return torch_search_tensors(
-            base - centre, queries - centre, k, block_entries=block_entries(device)
+        base, queries = base - centre, queries - centre
+        return shrinking_blocks(
+            lambda entries: torch_search_tensors(base, queries, k, block_entries=entries),
+            block_entries(device),
+            device,
         )
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lcc.engine import device as device_module
-from lcc.engine.device import empty_rows, place_rows, resolve_device
+from lcc.engine.device import empty_rows, place_rows, resolve_device, shrinking_blocks
 from lcc.engine.exact_search import faiss_gpu_module, torch_search_tensors
 from lcc.engine.knn import knn, search
 from lcc.engine.match import match_clusters
@@ -178,6 +178,30 @@ def test_refresh_scans_the_latents_once(monkeypatch: pytest.MonkeyPatch) -> None
         scanned.clear()
         refresh(z, y, k=5, seed=0, **options)
         assert sum(scanned) == z.size, options
+
+
+def test_out_of_memory_retries_with_smaller_blocks_then_says_what_to_do(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    z = torch.from_numpy(data(300, 8)[0])
+    tried: list[int] = []
+
+    def search(entries: int) -> tuple[torch.Tensor, torch.Tensor]:
+        tried.append(entries)
+        if entries > 20_000:  # a GPU that holds only small distance blocks
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB")
+        return torch_search_tensors(z, z, 4, block_entries=entries)
+
+    indices, _ = shrinking_blocks(search, 1 << 20, torch.device("cpu"))
+    assert torch.equal(indices, torch_search_tensors(z, z, 4)[0])
+    assert tried == [1 << 20, 1 << 18, 1 << 16, 1 << 14]
+    assert capsys.readouterr().err.count("ran out of memory") >= 1
+
+    def never(entries: int) -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    with pytest.raises(LCCInputError, match=r"use --refresh-device cpu$"):
+        shrinking_blocks(never, 1 << 20, torch.device("cpu"))
 
 
 @pytest.mark.skipif(CUDA, reason="checks the message on a machine without CUDA")
