@@ -10,7 +10,12 @@ A sweep file (YAML) holds:
 - ``baseline``: ``true`` adds, per seed, a run of ``base`` without correction
   (:data:`BASELINE_OPTIONS`), or a mapping of the options that make the baseline;
 - ``pretrain`` (optional): options of a first run, in ``DIR/pretrain``, whose last checkpoint
-  every other run starts from (its ``checkpoint``); ``model`` defaults to the base's.
+  every other run starts from (its ``checkpoint``); ``model`` defaults to the base's;
+- ``evaluate`` (optional): ``lcc evaluate`` options (``noise``, ``fgsm``, ``pgd``,
+  ``corruptions``, ``severities``, ``probe``, ``read_with``, ``subset``, ``seed``, ...;
+  ``baseline: true`` makes each seed's baseline run the ``--baseline``): the finished runs are
+  evaluated and ``DIR/evaluation.md`` / ``.csv`` get the mean ± std over seeds of every
+  evaluation column per setting (:func:`lcc.analysis.evaluate.evaluate_sweep`).
 
 Runs go sequentially into ``DIR/<name>`` where the name spells the run's grid values
 (``k=5_weight=0.01_seed=0``, ``baseline_seed=0``). A directory with ``metrics.json`` is a
@@ -70,7 +75,7 @@ __all__ = [
 ]
 
 #: top-level keys of a sweep file
-SWEEP_KEYS: tuple[str, ...] = ("base", "grid", "baseline", "pretrain")
+SWEEP_KEYS: tuple[str, ...] = ("base", "grid", "baseline", "pretrain", "evaluate")
 #: options of the baseline run (``baseline: true``): plain cross-entropy
 BASELINE_OPTIONS: dict[str, Any] = {"no_lcc": True}
 #: options a sweep sets itself
@@ -86,6 +91,7 @@ class Sweep:
     grid: dict[str, list[Any]]
     baseline: dict[str, Any] | None = None
     pretrain: dict[str, Any] | None = None
+    evaluate: dict[str, Any] | None = None  # lcc evaluate options (lcc.analysis.evaluate)
 
     @property
     def setting_keys(self) -> list[str]:
@@ -214,7 +220,13 @@ def parse_sweep(data: Mapping[str, Any]) -> Sweep:
                 "base.checkpoint and pretrain: both set the starting weights; keep one"
             )
         pretrain.setdefault("model", base.get("model"))
-    sweep = Sweep(base=base, grid=grid, baseline=baseline, pretrain=pretrain)
+    evaluate = _mapping(data.get("evaluate"), "evaluate") or None
+    if evaluate is not None:
+        from lcc.analysis.evaluate import sweep_options
+
+        if sweep_options(evaluate)[1] and baseline is None:
+            raise LCCInputError("evaluate.baseline needs the sweep's baseline: add baseline: true")
+    sweep = Sweep(base=base, grid=grid, baseline=baseline, pretrain=pretrain, evaluate=evaluate)
     plan_runs(sweep, "sweep")  # checks every run's options
     return sweep
 
@@ -419,6 +431,10 @@ def run_sweep(
             continue
         status[run.name] = "resumed" if state == "resume" else "trained"
     rows = sweep_table(sweep, runs)
+    if sweep.evaluate is not None:  # lcc evaluate on the finished runs: DIR/evaluation.md, .csv
+        from lcc.analysis.evaluate import evaluate_sweep
+
+        evaluate_sweep(runs, sweep.evaluate, root, say=_say if report else None)
     markdown, table = write_table(sweep, rows, root)
     return SweepResult(status=status, rows=rows, markdown=markdown, csv=table)
 
