@@ -65,12 +65,14 @@ __all__ = [
     "LoadedRun",
     "evaluate_loaded",
     "evaluate_runs",
+    "evaluate_sweep",
     "evaluation_columns",
     "evaluation_rows",
     "evaluation_table",
     "linear_readout",
     "load_evaluation",
     "load_run_model",
+    "sweep_options",
 ]
 
 #: the file each evaluated run directory gets
@@ -391,6 +393,7 @@ def evaluate_loaded(
         "seed": options.seed,
         "test_digest": data.digest,
         "read_with": None,
+        "options": _options_record(options),
     }
     if options.read_with:
         model = linear_readout(loaded, options.read_with, options)
@@ -695,3 +698,201 @@ def evaluation_table(results: Sequence[Mapping[str, Any]]) -> tuple[str, str]:
     for name, columns in rows:
         writer.writerow([name, *("" if columns.get(c) is None else columns[c] for c in header)])
     return "\n".join(lines) + "\n" + note + "\n", buffer.getvalue()
+
+
+# --------------------------------------------------------------------------- sweeps
+
+#: keys of the ``evaluate:`` block of a sweep file (``lcc evaluate`` options)
+SWEEP_EVALUATE_KEYS: tuple[str, ...] = (
+    "noise", "fgsm", "pgd", "corruptions", "severities", "probe", "probe_k", "probe_train",
+    "probe_pool", "read_with", "subset", "seed", "batch_size", "cache_dir", "baseline",
+)  # fmt: skip
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(item) for item in value)
+    return str(value)
+
+
+def _sigmas(text: str) -> tuple[float, ...]:
+    """Noise standard deviations from ``"0.1,0.5"`` (finite, >= 0)."""
+    values = []
+    for piece in filter(None, (part.strip() for part in text.split(","))):
+        try:
+            value = float(piece)
+        except ValueError:
+            raise LCCInputError(
+                f"noise: cannot read {piece!r}; write numbers like 0.1,0.5"
+            ) from None
+        if not np.isfinite(value) or value < 0:
+            raise LCCInputError(f"noise: values must be finite and >= 0, got {piece}")
+        values.append(value)
+    return tuple(values)
+
+
+def sweep_options(spec: Mapping[str, Any]) -> tuple[EvalOptions, bool]:
+    """The ``evaluate:`` block of a sweep file as (:class:`EvalOptions`, whether the sweep's
+    baseline run of the same seed is the ``--baseline``). Lists or comma-separated text.
+
+    >>> spec = {"noise": [0.5, 2], "fgsm": "0.1", "corruptions": "fog", "baseline": True}
+    >>> options, baseline = sweep_options(spec)
+    >>> options.noise, options.fgsm, options.corruptions, baseline
+    ((0.5, 2.0), (0.1,), 'fog', True)
+    """
+    from lcc.analysis.attacks import parse_eps_list, parse_pgd
+    from lcc.analysis.corruptions import SEVERITIES
+
+    values = {str(key).replace("-", "_"): value for key, value in dict(spec).items()}
+    unknown = sorted(set(values) - set(SWEEP_EVALUATE_KEYS))
+    if unknown:
+        raise LCCInputError(
+            f"evaluate.{unknown[0]} is not an lcc evaluate option; valid: "
+            f"{', '.join(SWEEP_EVALUATE_KEYS)}"
+        )
+    baseline = values.pop("baseline", False)
+    if not isinstance(baseline, bool):
+        raise LCCInputError(f"evaluate.baseline must be true or false, got {baseline!r}")
+    options: dict[str, Any] = {}
+    if "noise" in values:
+        options["noise"] = _sigmas(_text(values.pop("noise")))
+    if "fgsm" in values:
+        options["fgsm"] = tuple(parse_eps_list(_text(values.pop("fgsm")), "evaluate.fgsm"))
+    if "pgd" in values:
+        options["pgd"] = tuple(parse_pgd(_text(values.pop("pgd"))))
+    if "corruptions" in values:
+        options["corruptions"] = _text(values.pop("corruptions"))
+    if "severities" in values:
+        text = _text(values.pop("severities"))
+        severities = [int(s) for s in text.split(",") if s.strip().isdigit()]
+        if not severities or any(s not in SEVERITIES for s in severities):
+            raise LCCInputError(f"evaluate.severities must be among 1..5, got {text!r}")
+        options["severities"] = tuple(severities)
+    if "probe" in values:
+        options["probe"] = tuple(p for p in _text(values.pop("probe")).split(",") if p.strip())
+    for key, kind in (
+        ("probe_k", int), ("probe_train", int), ("subset", int), ("seed", int),
+        ("batch_size", int), ("probe_pool", str), ("read_with", str), ("cache_dir", str),
+    ):  # fmt: skip
+        if key in values:
+            value = values.pop(key)
+            try:
+                options[key] = None if value is None else kind(value)
+            except (TypeError, ValueError):
+                raise LCCInputError(f"evaluate.{key}: cannot read {value!r}") from None
+    result = EvalOptions(**options).check()
+    if baseline and result.corruptions is None:
+        raise LCCInputError("evaluate.baseline compares corruption errors; add corruptions:")
+    return result, baseline
+
+
+def _options_record(options: EvalOptions) -> dict[str, Any]:
+    """The options an evaluation was made with, as plain values (stored in evaluation.json)."""
+    record = {
+        key: getattr(options, key)
+        for key in ("noise", "fgsm", "corruptions", "severities", "probe", "probe_k")
+    }
+    record |= {"probe_train": options.probe_train, "probe_pool": options.probe_pool}
+    record |= {"read_with": options.read_with, "subset": options.subset, "seed": options.seed}
+    record["pgd"] = [spec.key for spec in options.pgd]
+    return json.loads(json.dumps(record))
+
+
+def evaluate_sweep(
+    runs: Sequence[Any],
+    spec: Mapping[str, Any],
+    out: str | os.PathLike[str],
+    *,
+    say: Callable[[str], None] | None = None,
+) -> tuple[Path, Path, str]:
+    """Evaluate the finished runs of a sweep (``lcc sweep``'s ``evaluate:`` block) seed by
+    seed, the sweep's baseline of each seed as ``--baseline`` when ``baseline: true``; runs
+    whose evaluation.json was made with the same options are not evaluated again. Writes
+    ``OUT/evaluation.md`` and ``OUT/evaluation.csv``: per setting (baseline first), the mean ±
+    sample standard deviation over seeds of every evaluation column. Returns (md, csv, md
+    text). ``runs``: :class:`lcc.train.sweep.SweepRun` objects."""
+    from lcc.io import atomic_write
+
+    options, use_baseline = sweep_options(spec)
+    finished = [
+        run for run in runs
+        if run.kind != "pretrain" and (Path(run.config.out) / "metrics.json").is_file()
+    ]  # fmt: skip
+    record = _options_record(options)
+    by_seed: dict[int, list[Any]] = {}
+    for run in finished:
+        by_seed.setdefault(run.seed, []).append(run)
+    results: dict[str, dict[str, Any]] = {}
+    for seed, members in by_seed.items():
+        base = next((run for run in members if run.kind == "baseline"), None)
+        if use_baseline and base is None:
+            raise LCCInputError(
+                f"evaluate.baseline: the sweep has no finished baseline run of seed {seed}; "
+                "add baseline: true to the sweep"
+            )
+        dirs = [Path(run.config.out) for run in members]
+        previous = {d: load_evaluation(d) for d in dirs}
+        baseline = Path(base.config.out) if use_baseline and base is not None else None
+
+        stale = [d for d in dirs if not _current(previous[d], record, baseline)]
+        if stale:
+            todo = dirs if baseline is not None else stale  # relative mCE needs the baseline's
+            for result in evaluate_runs(todo, options, baseline=baseline, say=say):
+                previous[Path(result["run"])] = result
+        for run, folder in zip(members, dirs, strict=True):
+            results[run.name] = previous[folder] or {}
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for run in finished:
+        label = (
+            "baseline"
+            if run.kind == "baseline"
+            else ", ".join(f"{key}={_text(value)}" for key, value in run.setting) or "base"
+        )
+        groups.setdefault(label, []).append(results[run.name])
+    markdown, table = _sweep_tables(groups)
+    folder = Path(out)
+    md = atomic_write(folder / "evaluation.md", lambda handle: handle.write(markdown.encode()))
+    csv_path = atomic_write(folder / "evaluation.csv", lambda handle: handle.write(table.encode()))
+    return md, csv_path, markdown
+
+
+def _current(result: Mapping[str, Any] | None, record: Any, baseline: Path | None) -> bool:
+    """Whether an earlier evaluation was made with these options against this baseline."""
+    result = result or {}
+    against = result.get("baseline")
+    if against is None or baseline is None:
+        same_baseline = against is None and baseline is None
+    else:
+        same_baseline = _same_dir(Path(against), baseline)
+    return result.get("options") == record and same_baseline
+
+
+def _sweep_tables(groups: Mapping[str, Sequence[Mapping[str, Any]]]) -> tuple[str, str]:
+    flat = {label: [evaluation_columns(r) for r in results] for label, results in groups.items()}
+    header: list[str] = []
+    for rows in flat.values():
+        for columns in rows:
+            header.extend(name for name in columns if name not in header)
+    shown = [name if name in ("nll", "mce", "relative_mce") else f"{name} (%)" for name in header]
+    lines = ["| setting | runs | " + " | ".join(shown) + " |", "|" + "---|" * (len(header) + 2)]
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(
+        ["setting", "runs", *(f"{n} mean" for n in header), *(f"{n} std" for n in header)]
+    )
+    for label, rows in flat.items():
+        cells, means, stds = [], [], []
+        for column in header:
+            values = [float(r[column]) for r in rows if r.get(column) is not None]
+            mean = float(np.mean(values)) if values else None
+            std = float(np.std(values, ddof=1)) if len(values) > 1 else None
+            text = format_value(column, mean)
+            if std is not None:
+                text += f" ± {format_value(column, std)}"
+            cells.append(text)
+            means.append("" if mean is None else mean)
+            stds.append("" if std is None else std)
+        lines.append(f"| {label} | {len(rows)} | " + " | ".join(cells) + " |")
+        writer.writerow([label, len(rows), *means, *stds])
+    caption = "\nMean ± sample standard deviation over seeds. " + TABLE_NOTE
+    return "\n".join(lines) + "\n" + caption + "\n", buffer.getvalue()

@@ -220,3 +220,63 @@ def test_read_with_measures_every_accuracy_through_the_linear_probe(runs, layer)
     assert read["top1"] == pytest.approx(plain["probe"][layer]["linear"], abs=1.5 / 120)
     assert read["fgsm"]["0"] == read["top1"] == read["noise"]["0"]
     assert read["top1"] != plain["top1"]  # runs["b"] is barely trained: its logits read worse
+
+
+def test_sweep_evaluate_block_parses_and_rejects_bad_keys() -> None:
+    from lcc.analysis.evaluate import sweep_options
+    from lcc.train.sweep import parse_sweep
+
+    sweep = parse_sweep({
+        "base": {"model": "small-cnn", "dataset": "digits"}, "grid": {"seed": [0, 1]},
+        "baseline": True, "evaluate": {"fgsm": [0.1], "corruptions": "fog", "baseline": True},
+    })  # fmt: skip
+    assert sweep.evaluate == {"fgsm": [0.1], "corruptions": "fog", "baseline": True}
+    options, baseline = sweep_options(sweep.evaluate)
+    assert options.fgsm == (0.1,) and options.corruptions == "fog" and baseline
+    with pytest.raises(LCCInputError, match=r"evaluate\.fgsn is not an lcc evaluate option"):
+        sweep_options({"fgsn": 0.1})
+    with pytest.raises(LCCInputError, match="add corruptions"):
+        sweep_options({"baseline": True})
+    with pytest.raises(LCCInputError, match="needs the sweep's baseline"):
+        parse_sweep({
+            "base": {"model": "small-cnn", "dataset": "digits"}, "grid": {"seed": [0]},
+            "evaluate": {"corruptions": "fog", "baseline": True},
+        })  # fmt: skip
+
+
+def test_evaluate_sweep_tables_the_mean_and_spread_over_seeds(tmp_path) -> None:
+    from types import SimpleNamespace
+
+    from lcc.analysis.evaluate import evaluate_sweep
+
+    runs = []
+    for seed in (0, 1):
+        for kind, steps in (("baseline", 3), ("grid", 20)):
+            name = f"{kind}_seed={seed}"
+            folder = make_run(tmp_path / name, seed=seed, steps=steps)
+            (folder / "metrics.json").write_text("{}")
+            setting = () if kind == "baseline" else (("weight", 0.1),)
+            config = SimpleNamespace(out=str(folder))
+            runs.append(SimpleNamespace(name=name, kind=kind, seed=seed, setting=setting,
+                                        config=config))  # fmt: skip
+    spec = {"noise": "0.5", "subset": 40, "corruptions": "contrast", "severities": [3],
+            "baseline": True, "cache_dir": str(tmp_path / "cache")}  # fmt: skip
+    _, table, text = evaluate_sweep(runs, spec, tmp_path)
+    lines = text.splitlines()
+    assert lines[0].startswith("| setting | runs | top1 (%) |") and "relative_mce" in lines[0]
+    assert lines[2].startswith("| baseline | 2 |") and lines[3].startswith("| weight=0.1 | 2 |")
+    grid = [
+        json.loads((tmp_path / f"grid_seed={s}" / "evaluation.json").read_text()) for s in (0, 1)
+    ]
+    rows = list(csv.DictReader(io.StringIO(table.read_text())))
+    noise = [g["noise"]["0.5"] for g in grid]
+    assert float(rows[1]["noise 0.5 mean"]) == pytest.approx(np.mean(noise))
+    assert float(rows[1]["noise 0.5 std"]) == pytest.approx(np.std(noise, ddof=1))
+    assert float(rows[0]["relative_mce mean"]) == pytest.approx(1.0)
+    stamp = (tmp_path / "grid_seed=0" / "evaluation.json").stat().st_mtime_ns
+    spec_without_baseline = {**spec, "baseline": False}
+    evaluate_sweep(runs, spec_without_baseline, tmp_path)  # other options: evaluated again
+    changed = (tmp_path / "grid_seed=0" / "evaluation.json").stat().st_mtime_ns
+    evaluate_sweep(runs, spec_without_baseline, tmp_path)  # same options: reused
+    assert changed != stamp
+    assert (tmp_path / "grid_seed=0" / "evaluation.json").stat().st_mtime_ns == changed
