@@ -46,7 +46,7 @@ from typing import Any
 
 import numpy as np
 
-from lcc.analysis import intraclass
+from lcc.analysis import intraclass, intraclass_authors
 from lcc.errors import LCCInputError, as_label_vector, check_choice, check_k
 
 __all__ = [
@@ -63,6 +63,9 @@ __all__ = [
 #: k-NN size of each graph measure when ``MeasureOptions.k`` is None.
 DEFAULT_K: dict[str, int] = {"clusters": 5, "label-variation": 10}
 SIMILARITIES: tuple[str, ...] = ("auto", "cosine", "rbf")
+#: c1-c4 as the paper's text defines them, or as the authors' measures.py computes them
+#: (:mod:`lcc.analysis.intraclass_authors` lists the differences)
+VARIANTS: tuple[str, ...] = ("paper", "authors")
 
 
 @dataclass(frozen=True)
@@ -93,8 +96,8 @@ class MeasureOptions:
     5
     """
 
-    top_k: int = intraclass.TOP_NEURONS  # c1, c3: neurons per (sub)class
-    top_layers: int = intraclass.TOP_LAYERS  # c2, c4: layers per (sub)class ("all" line)
+    top_k: int | None = None  # c1, c3: neurons per (sub)class (None: the variant's default)
+    top_layers: int | None = None  # c2, c4: layers per (sub)class ("all" line; None: default)
     k: int | None = None  # clusters, label-variation: k-NN size (None: DEFAULT_K)
     method: str = "leiden"  # clusters: graph clustering
     similarity: str = "auto"  # label-variation: cosine, rbf or auto
@@ -103,6 +106,27 @@ class MeasureOptions:
     relu: bool = True  # c2: activations = ReLU(latents)
     active: float = intraclass.ACTIVE_FRACTION  # c4: fraction of samples left active
     seed: int = 0  # clusters: clustering seed
+    variant: str = "paper"  # c1-c4: "paper" (the text) or "authors" (their measures.py)
+
+    def neuron_k(self, measure: str, neurons: int, classes: int) -> int:
+        """c1/c3's k: ``top_k``, else the paper's 30, or the authors' code's default (c1: 1,
+        c3: round(neurons / classes)).
+
+        >>> MeasureOptions().neuron_k("c1", 64, 4), MeasureOptions(variant="authors").neuron_k(
+        ...     "c3", 64, 4)
+        (30, 16)
+        """
+        if self.top_k is not None:
+            return self.top_k
+        if self.variant != "authors":
+            return intraclass.TOP_NEURONS
+        return 1 if measure == "c1" else intraclass_authors.c3_top_k(neurons, classes)
+
+    def layer_k(self) -> int:
+        """c2/c4's k over layers: ``top_layers``, else 5 (paper) or 1 (the authors' code)."""
+        if self.top_layers is not None:
+            return self.top_layers
+        return 1 if self.variant == "authors" else intraclass.TOP_LAYERS
 
 
 @dataclass(frozen=True)
@@ -178,18 +202,22 @@ def _all_layers(data: _Prepared) -> list[str]:
 
 
 def _c1(data: _Prepared, options: MeasureOptions) -> list[dict[str, Any]]:
-    parts = {
-        name: intraclass.subclass_selectivity(z, data.y, data.y_super)
-        for name, z in data.layers.items()
-    }
+    select = (
+        intraclass_authors.subclass_selectivity
+        if options.variant == "authors"
+        else intraclass.subclass_selectivity
+    )
+    parts = {name: select(z, data.y, data.y_super) for name, z in data.layers.items()}
     return _neuron_lines("c1", parts, "median", "subclasses", data, options)
 
 
 def _c3(data: _Prepared, options: MeasureOptions) -> list[dict[str, Any]]:
-    parts = {
-        name: intraclass.intraclass_variance_ratio(z, data.classes)
-        for name, z in data.layers.items()
-    }
+    ratio = (
+        intraclass_authors.variance_ratio
+        if options.variant == "authors"
+        else intraclass.intraclass_variance_ratio
+    )
+    parts = {name: ratio(z, data.classes) for name, z in data.layers.items()}
     return _neuron_lines("c3", parts, "mean", "classes", data, options, labels=data.labels)
 
 
@@ -203,16 +231,19 @@ def _neuron_lines(
     **context: Any,
 ) -> list[dict[str, Any]]:
     count = _count(parts)
+    context["variant"] = options.variant
     lines = []
     for layer, part in parts.items():
-        value = intraclass.combine_neurons([part], options.top_k, reduce)
-        top = min(options.top_k, part.values.shape[1])
-        if name == "c1" and options.top_k >= part.values.shape[1]:
-            _warn_all_neurons(layer, options.top_k, part.values.shape[1])
+        k = options.neuron_k(name, part.values.shape[1], count)
+        value = intraclass.combine_neurons([part], k, reduce)
+        top = min(k, part.values.shape[1])
+        if name == "c1" and k >= part.values.shape[1]:
+            _warn_all_neurons(layer, k, part.values.shape[1])
         lines.append(_line(name, value, layer, data, top_k=top, **{count_key: count}, **context))
     if len(parts) > 1:
-        value = intraclass.combine_neurons(list(parts.values()), options.top_k, reduce)
         total = sum(part.values.shape[1] for part in parts.values())
+        k = options.neuron_k(name, total, count)
+        value = intraclass.combine_neurons(list(parts.values()), k, reduce)
         lines.append(
             _line(
                 name,
@@ -220,7 +251,7 @@ def _neuron_lines(
                 "all",
                 data,
                 layers=_all_layers(data),
-                top_k=min(options.top_k, total),
+                top_k=min(k, total),
                 **{count_key: count},
                 **context,
             )
@@ -243,17 +274,28 @@ def _c2(data: _Prepared, options: MeasureOptions) -> list[dict[str, Any]]:
         name: intraclass.subclass_silhouette(z, data.y, data.y_super, relu=options.relu)
         for name, z in data.layers.items()
     }
-    return _layer_lines(
-        "c2", parts, "median", data, options, subclasses=_count(parts), relu=options.relu
-    )
+    context = {"subclasses": _count(parts), "relu": options.relu, "variant": options.variant}
+    return _layer_lines("c2", parts, "median", data, options, **context)
 
 
 def _c4(data: _Prepared, options: MeasureOptions) -> list[dict[str, Any]]:
-    parts = {
-        name: intraclass.intraclass_distance_ratio(z, data.classes, active=options.active)
-        for name, z in data.layers.items()
-    }
-    context = {"classes": _count(parts), "labels": data.labels, "active": options.active}
+    if options.variant == "authors":
+        found = {name: intraclass_authors.distance_ratio(z, data.classes) for name, z in
+                 data.layers.items()}  # fmt: skip
+        parts = {name: part for name, part in found.items() if part is not None}
+        if not parts:
+            raise LCCInputError(
+                "c4 (variant authors): every neuron of every layer is negative on every sample "
+                "(dead); measure pre-activations of a trained layer"
+            )
+    else:
+        parts = {
+            name: intraclass.intraclass_distance_ratio(z, data.classes, active=options.active)
+            for name, z in data.layers.items()
+        }
+    context = {"classes": _count(parts), "labels": data.labels, "variant": options.variant}
+    if options.variant != "authors":
+        context["active"] = options.active
     return _layer_lines("c4", parts, "mean", data, options, **context)
 
 
@@ -274,8 +316,8 @@ def _layer_lines(
         for layer, part in parts.items()
     ]
     if len(parts) > 1:
-        value = intraclass.combine_layers(list(parts.values()), options.top_layers, reduce)
-        top = min(options.top_layers, len(parts))
+        value = intraclass.combine_layers(list(parts.values()), options.layer_k(), reduce)
+        top = min(options.layer_k(), len(parts))
         lines.append(
             _line(name, value, "all", data, layers=_all_layers(data), top_layers=top, **context)
         )
@@ -446,11 +488,15 @@ def _prepare(data: MeasureInput) -> _Prepared:
 def _validate(names: list[str], data: _Prepared, options: MeasureOptions) -> None:
     if not isinstance(options, MeasureOptions):
         raise LCCInputError(f"options must be a MeasureOptions, got {type(options).__name__}")
-    intraclass._check_top_k(options.top_k)
-    if isinstance(options.top_layers, bool) or not isinstance(options.top_layers, int):
+    if options.top_k is not None:
+        intraclass._check_top_k(options.top_k)
+    if options.top_layers is not None and (
+        isinstance(options.top_layers, bool)
+        or not isinstance(options.top_layers, int)
+        or options.top_layers < 1
+    ):
         raise LCCInputError(f"top_layers must be a positive integer, got {options.top_layers!r}")
-    if options.top_layers < 1:
-        raise LCCInputError(f"top_layers must be a positive integer, got {options.top_layers}")
+    check_choice(options.variant, VARIANTS, name="variant")
     if np.unique(data.classes).size < 2:
         raise LCCInputError(
             f"{data.labels} holds a single class; the measures compare classes, pass >= 2"

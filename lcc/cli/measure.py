@@ -116,15 +116,26 @@ def _measure_options(measures: Any) -> None:
     measures.add_argument(
         "--top-k",
         type=_positive_int,
-        default=TOP_NEURONS,
-        help="c1, c3: neurons averaged per (sub)class (the paper's k; all when fewer, and c1 "
-        "then warns: its value cancels out)",
+        default=None,
+        help=f"c1, c3: neurons averaged per (sub)class (all when fewer, and c1 then warns: its "
+        f"value cancels out); None: the paper's k = {TOP_NEURONS}, with --variant authors their "
+        "code's k (c1: 1, c3: neurons / classes)",
     )
     measures.add_argument(
         "--top-layers",
         type=_positive_int,
-        default=TOP_LAYERS,
-        help="c2, c4 over several layers: layers averaged per (sub)class (eq. 2, 4)",
+        default=None,
+        help=f"c2, c4 over several layers: layers averaged per (sub)class (eq. 2, 4); None: "
+        f"{TOP_LAYERS} (the paper's ResNets), with --variant authors 1 (their code)",
+    )
+    measures.add_argument(
+        "--variant",
+        choices=("paper", "authors"),
+        default="paper",
+        help="c1-c4 as the paper's text defines them, or as the authors' public measures.py "
+        "computes them (Table 1's numbers): dead neurons 0 (c1, c3) or dropped (c4), +1e-7 in "
+        "denominators, c4's threshold the min(100 - 1000/D, 75)th percentile and the spread of "
+        "the full distance matrix (zero diagonal included), k as above",
     )
     measures.add_argument(
         "--superclass-key",
@@ -263,6 +274,7 @@ def _options(args: argparse.Namespace) -> Any:
         relu=getattr(args, "relu", True),
         active=args.active,
         seed=args.seed,
+        variant=args.variant,
     )
 
 

@@ -104,3 +104,32 @@ def test_every_neuron_dead_is_one_line():
     z = -np.ones((10, 3)) - np.arange(30.0).reshape(10, 3)
     with pytest.raises(intraclass.LCCInputError, match="every neuron of every layer is dead"):
         intraclass_authors.c4(z, np.arange(10) % 2)
+
+
+def test_measure_registry_and_cli_take_the_variant(data, capsys, tmp_path):
+    import json
+
+    from lcc.analysis.measures import MeasureInput, MeasureOptions, run_measures
+    from lcc.cli import main
+    from lcc.io import save_npz_atomic
+
+    layers, y, y_super = data
+    lines = run_measures(
+        "c1,c2,c3,c4", MeasureInput(layers, y, y_super), MeasureOptions(variant="authors")
+    )
+    all_lines = {line["measure"]: line for line in lines if line["layer"] == "all"}
+    assert all_lines["c1"]["value"] == pytest.approx(intraclass_authors.c1(layers, y, y_super))
+    assert all_lines["c2"]["value"] == pytest.approx(intraclass_authors.c2(layers, y, y_super))
+    assert all_lines["c3"]["value"] == pytest.approx(intraclass_authors.c3(layers, y_super))
+    assert all_lines["c4"]["value"] == pytest.approx(intraclass_authors.c4(layers, y_super))
+    assert all_lines["c3"]["top_k"] == round(17 / 2) and all_lines["c1"]["top_k"] == 1
+    assert {line["variant"] for line in lines} == {"authors"}
+    path = tmp_path / "l.npz"
+    save_npz_atomic(path, z_a=layers["a"], z_b=layers["b"], y=y, y_super=y_super)
+    values = {}
+    for variant in ("paper", "authors"):
+        assert main(["measure", str(path), "--measure", "c4", "--variant", variant]) == 0
+        out = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        values[variant] = next(line["value"] for line in out if line["layer"] == "all")
+    assert values["authors"] == pytest.approx(all_lines["c4"]["value"])
+    assert values["paper"] != pytest.approx(values["authors"], rel=1e-3)

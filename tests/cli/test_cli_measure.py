@@ -276,7 +276,7 @@ def test_help_lists_every_measure_and_default(capsys):
         "c4",
         "clusters",
         "label-variation",
-        "(default: 30)",
+        "the paper's k = 30",
         "z_<LAYER>",
     ):
         assert word in text
