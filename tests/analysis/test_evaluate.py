@@ -244,6 +244,7 @@ def test_sweep_evaluate_block_parses_and_rejects_bad_keys() -> None:
         })  # fmt: skip
 
 
+@pytest.mark.slow
 def test_evaluate_sweep_tables_the_mean_and_spread_over_seeds(tmp_path) -> None:
     from types import SimpleNamespace
 
