@@ -50,10 +50,12 @@ def time_line(line: tuple[str, ...], repeats: int) -> list[float]:
     seconds = []
     for _ in range(repeats):
         start = time.perf_counter()
-        subprocess.run(
+        done = subprocess.run(
             [sys.executable, "-m", "lcc", *line], capture_output=True, env=_env(), check=False
         )
         seconds.append(time.perf_counter() - start)
+        if done.returncode != 0:
+            raise SystemExit(f"lcc {' '.join(line)} failed: {done.stderr.decode()[-500:]}")
     return seconds
 
 
