@@ -281,3 +281,22 @@ def test_evaluate_sweep_tables_the_mean_and_spread_over_seeds(tmp_path) -> None:
     evaluate_sweep(runs, spec_without_baseline, tmp_path)  # same options: reused
     assert changed != stamp
     assert (tmp_path / "grid_seed=0" / "evaluation.json").stat().st_mtime_ns == changed
+
+
+def test_probe_pool_reaches_the_features(runs) -> None:
+    options = EvalOptions(probe=("features.block2",), probe_train=400, probe_pool="avg")
+    (result,) = evaluate_runs([runs["a"]], options)
+    loaded = load_run_model(runs["a"])
+    rows = stratified_subset(np.asarray(loaded.bundle.targets), 400, 0)
+    train = Subset(loaded.bundle.train_plain, rows.tolist())
+
+    def pooled(dataset):
+        z, y, _ = collect_latents(
+            loaded.model, DataLoader(IndexedDataset(dataset)), "features.block2", pool="avg"
+        )
+        return z["features.block2"], y
+
+    (z_train, y_train), (z_test, y_test) = pooled(train), pooled(loaded.bundle.test)
+    assert z_train.shape[1] == 32  # channels, not the flattened map
+    expected = probe_accuracies(z_train, y_train, z_test, y_test)
+    assert result["probe"]["features.block2"] == pytest.approx(expected)
