@@ -131,11 +131,13 @@ def _labelled_split(config: TrainConfig, bundle: Any, out: Path, rank: int) -> A
 
 def _load(config: TrainConfig, bundle: Any) -> Any:
     """The run's dataset bundle (``bundle`` when given); both splits must be non-empty."""
-    from lcc.zoo.datasets import load_dataset
+    from lcc.zoo.hierarchy import load_run_dataset
 
     if bundle is None:
-        bundle = load_dataset(
+        bundle = load_run_dataset(  # --augment, DATASET:super / --superclasses
             config.dataset or "",
+            superclasses=config.superclasses,
+            augment=config.augment,
             root=config.data_dir,
             subset=config.subset,
             test_subset=config.test_subset,
@@ -189,6 +191,9 @@ def build(
         input_shape=bundle.input_shape,
         pretrained=not config.no_pretrained,
         checkpoint=config.checkpoint,
+        width=config.width,
+        depth=config.depth,
+        dropout=config.dropout,
     )
     sample = None
     if not config.no_lcc:
@@ -208,6 +213,10 @@ def build(
         lr=config.lr,
         momentum=config.momentum,
         weight_decay=config.weight_decay,
+        optimizer=config.optimizer,
+        adam_lr_scale=config.adam_lr_scale,
+        schedule=config.schedule,
+        stop_at_train_loss=config.stop_at_train_loss,
         refresh_data=plain_set,
         refresh_batch_size=config.batch_size,  # fits; larger was slower on CPU (LCCModule)
         num_workers=config.num_workers,

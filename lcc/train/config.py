@@ -29,6 +29,7 @@ from lcc.engine.choices import LATENT_DTYPES, POOLS, SOURCES
 from lcc.errors import LCCInputError
 from lcc.regularisers.lcc_options import LCCOptions
 from lcc.regularisers.options import coerce, field_kind, option
+from lcc.train.training_options import check_training_options, with_training_options
 
 STRATEGIES: tuple[str, ...] = ("auto", "ddp")
 ACCELERATORS: tuple[str, ...] = ("auto", "cpu", "gpu", "cuda", "mps")
@@ -76,6 +77,7 @@ def _with_lcc_options(cls: type) -> type:
 
 @dataclass
 @_with_lcc_options
+@with_training_options
 class TrainConfig:
     """Every option of ``lcc train`` (see ``lcc train --help``); validated by :meth:`check`.
 
@@ -315,6 +317,7 @@ class TrainConfig:
                 "--no-lcc trains the baseline without regularisers; drop it or drop --reg"
             )
         self.lcc_options()  # LCC's settings, checked by the one class that declares them
+        check_training_options(self)  # optimizer, dropout, width, ... (training_options.py)
         return self
 
     def coerce(self) -> TrainConfig:

@@ -20,7 +20,6 @@ torch.Size([2, 3])
 
 from __future__ import annotations
 
-import math
 import sys
 import time
 from collections.abc import Sequence
@@ -40,6 +39,7 @@ from lcc.train.data import preserved_rng
 from lcc.train.exchange import Exchange, current_exchange
 from lcc.train.journal import REPORTED, epoch_line, layer_stats, refresh_metrics, write_refresh
 from lcc.train.loop import Regularisation
+from lcc.train.training_options import make_optimizer, schedule_factor, should_stop
 from lcc.zoo.datasets import IndexedDataset
 
 __all__ = ["LCCModule", "NonFiniteLossError"]
@@ -79,6 +79,10 @@ class LCCModule(pl.LightningModule):
         lr: float = 0.1,
         momentum: float = 0.9,
         weight_decay: float = 5e-4,
+        optimizer: str = "sgd",
+        adam_lr_scale: float = 1.0,
+        schedule: str = "cosine",
+        stop_at_train_loss: float | None = None,
         refresh_data: Dataset | None = None,
         refresh_batch_size: int = 128,
         num_workers: int = 0,
@@ -92,6 +96,8 @@ class LCCModule(pl.LightningModule):
         self.n_train = int(n_train)
         self.lr, self.momentum, self.weight_decay = float(lr), float(momentum), float(weight_decay)
         self.ce_weight = float(ce_weight)
+        self.optimizer_name, self.adam_lr_scale = optimizer, float(adam_lr_scale)
+        self.schedule, self.stop_at_train_loss = schedule, stop_at_train_loss
         self.refresh_data = refresh_data
         self.refresh_batch_size = int(refresh_batch_size)
         self.num_workers = int(num_workers)
@@ -151,25 +157,26 @@ class LCCModule(pl.LightningModule):
         own = [] if self.regularisation is None else list(self.regularisation.parameters())
         if own:  # e.g. k-means centroids: no weight decay pulling them towards 0
             groups.append({"params": own, "weight_decay": 0.0})
-        optimizer = torch.optim.SGD(
+        optimizer = make_optimizer(
             groups,
+            self.optimizer_name,
             lr=self.lr,
             momentum=self.momentum,
             weight_decay=self.weight_decay,
+            adam_lr_scale=self.adam_lr_scale,
         )
         totals: list[int] = []
 
-        def cosine(step: int) -> float:
+        def factor(step: int) -> float:
             # the number of steps is read at the first step, not here: asking for it now would
             # build the train loader before a checkpoint restores its position (mid-epoch resume)
             if step == 0:
                 return 1.0
             if not totals:
                 totals.append(max(1, int(self.trainer.estimated_stepping_batches)))
-            total = totals[0]
-            return 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
+            return schedule_factor(self.schedule, step, totals[0])
 
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
@@ -291,6 +298,8 @@ class LCCModule(pl.LightningModule):
             self.regularisation.share_recorded(epoch, np.flatnonzero(self._seen), exchange)
         record = self._epoch_record(epoch, exchange)
         self.history = [r for r in self.history if r["epoch"] < epoch] + [record]
+        if should_stop(self.stop_at_train_loss, record["loss"]):
+            self.trainer.should_stop = True  # --stop-at-train-loss: the last epoch
         numbers = {
             f"train/{k}": float(v)
             for k, v in record.items()

@@ -60,19 +60,27 @@ HF_INSTALL = "install it with `pip install -c constraints.txt 'lcc[hf]'`"
 # --------------------------------------------------------------------------- built-ins
 
 
-def _conv_block(cin: int, cout: int) -> nn.Sequential:
-    return nn.Sequential(
-        OrderedDict(
-            conv=nn.Conv2d(cin, cout, 3, padding=1, bias=False),
-            bn=nn.BatchNorm2d(cout),
-            relu=nn.ReLU(),
-            pool=nn.MaxPool2d(2, ceil_mode=True),
-        )
+def _conv_block(cin: int, cout: int, *, pool: bool = True, dropout: float = 0.0) -> nn.Sequential:
+    parts: OrderedDict[str, nn.Module] = OrderedDict(
+        conv=nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+        bn=nn.BatchNorm2d(cout),
+        relu=nn.ReLU(),
     )
+    if pool:
+        parts["pool"] = nn.MaxPool2d(2, ceil_mode=True)
+    if dropout > 0:
+        parts["drop"] = nn.Dropout(dropout)
+    return nn.Sequential(parts)
+
+
+def _scaled(base: int, width: float) -> int:
+    return max(1, round(base * width))
 
 
 class SmallCNN(nn.Module):
-    """Two conv blocks (conv-bn-relu-maxpool) and a two-layer MLP head."""
+    """Conv blocks (conv-bn-relu-maxpool; ``depth`` > 2 adds unpooled conv-bn-relu blocks at
+    the last width) and a two-layer MLP head; ``width`` multiplies every channel and unit
+    count; ``dropout`` > 0 adds ``drop`` after each block and before the head."""
 
     def __init__(
         self,
@@ -82,22 +90,30 @@ class SmallCNN(nn.Module):
         *,
         widths: tuple[int, int] = (16, 32),
         hidden: int = 128,
+        width: float = 1.0,
+        depth: int = 2,
+        dropout: float = 0.0,
     ):
         super().__init__()
-        self.features = nn.Sequential(
-            OrderedDict(
-                block1=_conv_block(in_channels, widths[0]),
-                block2=_conv_block(widths[0], widths[1]),
-            )
-        )
-        height, width = (-(-side // 4) for side in image_size)  # two ceil-mode 2x2 pools
+        channels = [_scaled(widths[0], width), _scaled(widths[1], width)]
+        blocks: OrderedDict[str, nn.Module] = OrderedDict()
+        cin = in_channels
+        for index in range(depth):
+            cout = channels[min(index, 1)]
+            blocks[f"block{index + 1}"] = _conv_block(cin, cout, pool=index < 2, dropout=dropout)
+            cin = cout
+        self.features = nn.Sequential(blocks)
+        pools = min(depth, 2)
+        height, side = (-(-length // 2**pools) for length in image_size)  # ceil-mode pools
         self.flatten = nn.Flatten()
-        self.fc1 = nn.Linear(widths[1] * height * width, hidden)
+        self.fc1 = nn.Linear(cin * height * side, _scaled(hidden, width))
         self.act1 = nn.ReLU()
-        self.head = nn.Linear(hidden, num_classes)
+        self.drop = nn.Dropout(dropout) if dropout > 0 else None
+        self.head = nn.Linear(_scaled(hidden, width), num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.act1(self.fc1(self.flatten(self.features(x)))))
+        hidden = self.act1(self.fc1(self.flatten(self.features(x))))
+        return self.head(hidden if self.drop is None else self.drop(hidden))
 
 
 class BasicBlock(nn.Module):
@@ -123,11 +139,22 @@ class BasicBlock(nn.Module):
 
 
 class SmallResNet(nn.Module):
-    """A tiny ResNet: 3x3 stem, three one-block stages (16, 32, 64 channels), global pool."""
+    """A tiny ResNet: 3x3 stem, three stages of ``depth`` basic blocks (16, 32, 64 channels
+    times ``width``), global pool; ``dropout`` > 0 adds dropout after each block and before
+    ``fc``."""
 
-    def __init__(self, in_channels: int, num_classes: int, *, widths: Sequence[int] = (16, 32, 64)):
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        *,
+        widths: Sequence[int] = (16, 32, 64),
+        width: float = 1.0,
+        depth: int = 1,
+        dropout: float = 0.0,
+    ):
         super().__init__()
-        w1, w2, w3 = widths
+        w1, w2, w3 = (_scaled(value, width) for value in widths)
         self.stem = nn.Sequential(
             OrderedDict(
                 conv=nn.Conv2d(in_channels, w1, 3, padding=1, bias=False),
@@ -135,16 +162,28 @@ class SmallResNet(nn.Module):
                 relu=nn.ReLU(),
             )
         )
-        self.layer1 = BasicBlock(w1, w1)
-        self.layer2 = BasicBlock(w1, w2, stride=2)
-        self.layer3 = BasicBlock(w2, w3, stride=2)
+        self.layer1 = _stage(w1, w1, 1, depth, dropout)
+        self.layer2 = _stage(w1, w2, 2, depth, dropout)
+        self.layer3 = _stage(w2, w3, 2, depth, dropout)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.flatten = nn.Flatten()
+        self.drop = nn.Dropout(dropout) if dropout > 0 else None
         self.fc = nn.Linear(w3, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.layer3(self.layer2(self.layer1(self.stem(x))))
-        return self.fc(self.flatten(self.pool(x)))
+        x = self.flatten(self.pool(self.layer3(self.layer2(self.layer1(self.stem(x))))))
+        return self.fc(x if self.drop is None else self.drop(x))
+
+
+def _stage(cin: int, cout: int, stride: int, depth: int, dropout: float) -> nn.Module:
+    """One basic block (the default architecture: its names unchanged), or a Sequential of
+    ``depth`` blocks, each followed by dropout when ``dropout`` > 0."""
+    blocks: list[nn.Module] = []
+    for index in range(depth):
+        blocks.append(BasicBlock(cin if index == 0 else cout, cout, stride if index == 0 else 1))
+        if dropout > 0:
+            blocks.append(nn.Dropout(dropout))
+    return blocks[0] if len(blocks) == 1 else nn.Sequential(*blocks)
 
 
 # --------------------------------------------------------------------------- external models
@@ -477,23 +516,40 @@ def build_model(
     input_shape: Sequence[int],
     pretrained: bool = True,
     checkpoint: str | Path | None = None,
+    width: float = 1.0,
+    depth: int | None = None,
+    dropout: float = 0.0,
 ) -> nn.Module:
     """Build the classifier ``spec`` for ``num_classes`` classes and (C, H, W) inputs.
 
     ``pretrained`` only concerns external models (built-ins start from random weights);
-    ``checkpoint`` then loads saved weights (see :func:`load_checkpoint`).
+    ``checkpoint`` then loads saved weights (see :func:`load_checkpoint`). ``width`` and
+    ``depth`` (built-ins only; also written ``small-cnn:width=2,depth=3``) scale the channels
+    and set the number of blocks; ``dropout`` adds dropout before the head (any model: a
+    pre-hook on it) and, for the built-ins, after each block.
+
+    >>> build_model("small-cnn:width=2,depth=3", 10, input_shape=(1, 8, 8)).fc1.out_features
+    256
     """
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise LCCInputError(f"num_classes must be a positive integer, got {num_classes!r}")
-    channels, height, width = _check_shape(input_shape)
+    channels, height, side = _check_shape(input_shape)
     text = spec.strip() if isinstance(spec, str) else ""
+    text, width, depth = _spec_options(text, width, depth)
     key = text.lower()
     model: nn.Module | None = None
     if key == "small-cnn":
-        model = SmallCNN(channels, num_classes, (height, width))
+        model = SmallCNN(
+            channels, num_classes, (height, side), width=width, depth=depth or 2, dropout=dropout
+        )
     elif key == "small-resnet":
-        model = SmallResNet(channels, num_classes)
+        model = SmallResNet(channels, num_classes, width=width, depth=depth or 1, dropout=dropout)
     else:
+        if width != 1.0 or depth is not None:
+            raise LCCInputError(
+                f"width and depth apply to the built-in models ({', '.join(BUILTINS)}), not "
+                f"{spec!r}; drop --width/--depth"
+            )
         builders = {"hf:": _build_hf, "timm:": _build_timm, "torchvision:": _build_torchvision}
         for prefix, builder in builders.items():
             if key.startswith(prefix):
@@ -505,6 +561,48 @@ def build_model(
     if model is None:
         valid = ", ".join([*BUILTINS, "hf:NAME", "timm:NAME", "torchvision:NAME"])
         raise LCCInputError(f"unknown model {spec!r}; valid: {valid}")
+    if dropout > 0 and key not in BUILTINS:
+        _dropout_before_head(model, dropout)
     if checkpoint is not None:
         load_checkpoint(model, checkpoint)
     return model
+
+
+def _spec_options(text: str, width: float, depth: int | None) -> tuple[str, float, int | None]:
+    """``small-cnn:width=2,depth=3`` -> ("small-cnn", 2.0, 3); the keyword values otherwise
+    (a spec option and a different keyword value together are refused)."""
+    name, _, options = text.partition(":")
+    if name.lower() not in BUILTINS or not options:
+        return text, width, depth
+    for item in options.split(","):
+        key, _, value = (part.strip() for part in item.partition("="))
+        try:
+            number = float(value) if key == "width" else int(value)
+        except ValueError:
+            number = None
+        if key not in ("width", "depth") or number is None or number <= 0:
+            raise LCCInputError(
+                f"model option {item!r} of {text!r}: use width=FACTOR (> 0) and/or "
+                "depth=BLOCKS (>= 1), e.g. small-cnn:width=2,depth=3"
+            )
+        current = width if key == "width" else depth
+        if current not in (None, 1.0) and current != number:
+            raise LCCInputError(
+                f"{text!r} sets {key}={value} but --{key} says {current}; keep one of them"
+            )
+        width, depth = (float(number), depth) if key == "width" else (width, int(number))
+    return name, width, depth
+
+
+def _dropout_before_head(model: nn.Module, p: float) -> None:
+    """Dropout on the input of the classification head (train mode only), as a forward
+    pre-hook so the model's parameter names stay those of its checkpoints."""
+    head = find_head(model)
+    if head is None:
+        raise LCCInputError("--dropout: the model's classification head was not found")
+    module = model.get_submodule(head)
+
+    def hook(layer: nn.Module, inputs: tuple[Any, ...]) -> tuple[Any, ...]:
+        return (F.dropout(inputs[0], p, layer.training), *inputs[1:])
+
+    module.register_forward_pre_hook(hook)
