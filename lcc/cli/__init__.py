@@ -28,7 +28,9 @@ from typing import Any
 
 from lcc.errors import LCCInputError
 
-SUBCOMMANDS = ("cluster", "layers", "train", "demo", "measure", "report", "sweep", "evaluate")
+SUBCOMMANDS = (
+    "cluster", "layers", "train", "demo", "measure", "report", "sweep", "evaluate", "study"
+)  # fmt: skip
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):

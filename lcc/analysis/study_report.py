@@ -1,0 +1,303 @@
+"""The outputs of ``lcc study``: ``models.csv``, ``kendall.csv`` / ``kendall.md`` and
+``report.html`` with the intraclass paper's figures (every file written atomically).
+
+- ``models.csv``: one row per model: each grid key under its grid name (``seed`` too),
+  ``status`` (``ok``, ``failed``, ``pending``), ``train_top1`` (the last epoch's running
+  training accuracy, in train mode, from ``metrics.json``), ``test_top1``, ``gap``
+  (train - test), then one column per measure (``c3`` over all layers, ``c3@LAYER`` one layer).
+- ``kendall.csv`` / ``.md``: the granulated Kendall coefficient
+  (:mod:`lcc.analysis.kendall`) of every measure column against ``test_top1``: one column per
+  varying hyperparameter, ``overall``, the sign used (+1: larger = better generalisation,
+  -1: flipped) and the counts of groups used and skipped.
+- ``figures/``: Fig. 3 (each measure vs test accuracy, one row per hyperparameter, coloured by
+  its value), Fig. 4 (Kendall overall of c1 and c3 as a function of ``k``, from the stored
+  per-neuron values, no retraining), Fig. 5 (each measure across layers averaged over the
+  models of one ``depth``), as PNG and SVG. Fig. 7 needs measures tracked during training,
+  which ``lcc study`` does not record yet: the report says so.
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import io
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lcc.analysis.kendall import kendall_rows
+from lcc.analysis.study_measures import HIGHER_IS_BETTER
+from lcc.io import atomic_write
+
+__all__ = ["k_curve", "kendall_markdown", "model_rows", "write_study"]
+
+_FIXED = ("status", "train_top1", "test_top1", "gap")
+
+
+def _read(file: Path) -> dict[str, Any] | None:
+    try:
+        value = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _base(column: str) -> str:
+    return column.split("@", 1)[0]
+
+
+def model_rows(
+    grid_keys: Sequence[str], runs: Sequence[Any], states: Mapping[str, str]
+) -> list[dict[str, Any]]:
+    """One dict per model (columns as in ``models.csv``; measure columns sorted)."""
+    rows = []
+    for run in runs:
+        folder = Path(run.config.out)
+        options = dict(run.options)
+        row: dict[str, Any] = {key: options.get(key, getattr(run.config, key)) for key in grid_keys}
+        metrics = _read(folder / "metrics.json") or {}
+        measures = _read(folder / "measures.json") or {}
+        state = states.get(run.name, "new")
+        row["status"] = {"failed": "failed", "measured": "ok"}.get(state, "pending")
+        train, test = metrics.get("train_top1"), metrics.get("test_top1")
+        row.update(train_top1=train, test_top1=test)
+        row["gap"] = None if train is None or test is None else train - test
+        row.update(measures if row["status"] == "ok" else {})
+        rows.append(row)
+    return rows
+
+
+def _columns(grid_keys: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Grid keys, the fixed columns, then the measures in :data:`HIGHER_IS_BETTER` order, the
+    all-layer column first and the layers in the order they were measured."""
+    order = {name: i for i, name in enumerate(HIGHER_IS_BETTER)}
+    seen: dict[str, int] = {}
+    for row in rows:
+        for key in row:
+            if key not in grid_keys and key not in _FIXED:
+                seen.setdefault(key, len(seen))
+    ranked = sorted(seen, key=lambda c: (order.get(_base(c), 99), "@" in c, seen[c]))
+    return [*grid_keys, *_FIXED, *ranked]
+
+
+def _csv(columns: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> bytes:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(columns)
+    for row in rows:
+        writer.writerow(["" if row.get(c) is None else row.get(c) for c in columns])
+    return buffer.getvalue().encode("utf-8")
+
+
+def _write(path: Path, data: bytes) -> None:
+    atomic_write(path, lambda handle: handle.write(data))
+
+
+def kendall_markdown(table: Sequence[Mapping[str, Any]], hyperparameters: Sequence[str]) -> str:
+    """The Kendall table as markdown (2 decimals; '-' where no group was usable)."""
+    head = ["measure", *hyperparameters, "overall", "sign"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in table:
+        cells = [row["measure"]]
+        cells += ["-" if row[h] is None else f"{row[h]:.2f}" for h in [*hyperparameters, "overall"]]
+        cells.append("+" if row["sign"] > 0 else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def k_curve(
+    folders: Sequence[Path], rows: Sequence[dict[str, Any]], hyperparameters: Sequence[str]
+) -> dict[str, list[tuple[int, float | None]]]:
+    """Kendall overall of c1 and c3 for a range of ``k`` from each model's neurons.npz."""
+    stored = []
+    for folder in folders:
+        try:
+            with np.load(folder / "neurons.npz", allow_pickle=False) as data:
+                stored.append({key: data[key] for key in data.files})
+        except OSError:
+            stored.append({})
+    out: dict[str, list[tuple[int, float | None]]] = {}
+    for name, reduce in (("c1", np.median), ("c3", np.mean)):
+        sizes = [values[name].shape[1] for values in stored if name in values]
+        if not sizes:
+            continue
+        ks = sorted({k for k in (1, 2, 3, 5, 8, 13, 20, 30, 50, 80, 130, 200) if k <= min(sizes)})
+        curve = []
+        for k in ks:
+            table = []
+            for row, values in zip(rows, stored, strict=True):
+                value = None
+                if name in values:
+                    top = np.sort(values[name], axis=1)[:, -k:].mean(axis=1)
+                    value = float(reduce(top))
+                table.append({**row, f"{name}_k": value})
+            result = kendall_rows(table, hyperparameters, {f"{name}_k": True})[0]
+            curve.append((k, result["overall"]))
+        out[name] = curve
+    return out
+
+
+def _figures(
+    root: Path,
+    rows: list[dict[str, Any]],
+    hps: Sequence[str],
+    curves: Mapping[str, Any],
+    columns: Sequence[str],
+) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    (root / "figures").mkdir(exist_ok=True)
+    ok = [row for row in rows if row["status"] == "ok" and row.get("test_top1") is not None]
+    overall = [c for c in columns if c in HIGHER_IS_BETTER]  # over all layers
+    layered = [c for c in columns if "@" in c]
+    for name in ("misclustered", "cc_mc_gap", "label-variation"):  # per layer only: the last
+        last = [c for c in layered if _base(c) == name]
+        if last and name not in overall:
+            overall.append(last[-1])
+    names = []
+    figure, axes = plt.subplots(
+        len(hps), len(overall), figsize=(2.6 * len(overall), 2.3 * len(hps)), squeeze=False
+    )
+    for i, hp in enumerate(hps):
+        values = sorted({str(row[hp]) for row in ok})
+        colours = {v: plt.cm.viridis(j / max(1, len(values) - 1)) for j, v in enumerate(values)}
+        for j, column in enumerate(overall):
+            axis = axes[i][j]
+            for value in values:
+                pts = [
+                    (r[column], r["test_top1"])
+                    for r in ok
+                    if str(r[hp]) == value and r.get(column) is not None
+                ]
+                if pts:
+                    x, y = zip(*pts, strict=True)
+                    axis.scatter(x, y, s=10, color=colours[value], label=f"{hp}={value}")
+            axis.set_xlabel(column, fontsize=7)
+            axis.tick_params(labelsize=6)
+            if j == 0:
+                axis.set_ylabel("test top-1", fontsize=7)
+                axis.legend(fontsize=5, loc="best")
+    figure.tight_layout()
+    names.append(_save(figure, root, "fig3_measures_vs_test"))
+    if curves:
+        figure, axis = plt.subplots(figsize=(4, 3))
+        for name, curve in curves.items():
+            ks = [k for k, v in curve if v is not None]
+            axis.plot(ks, [v for _, v in curve if v is not None], marker="o", label=name)
+        axis.set_xscale("log")
+        axis.set_xlabel("k (neurons per (sub)class)")
+        axis.set_ylabel("granulated Kendall (overall)")
+        axis.legend()
+        figure.tight_layout()
+        names.append(_save(figure, root, "fig4_kendall_vs_k"))
+    names += _fig5(root, ok, layered, plt)
+    return names
+
+
+def _fig5(root: Path, ok: list[dict[str, Any]], layered: Sequence[str], plt: Any) -> list[str]:
+    bases = [b for b in HIGHER_IS_BETTER if any(_base(c) == b for c in layered)]
+    if not bases:
+        return []
+    figure, axes = plt.subplots(1, len(bases), figsize=(2.8 * len(bases), 2.6), squeeze=False)
+    depths = sorted({str(row.get("depth", "")) for row in ok})
+    for axis, base in zip(axes[0], bases, strict=True):
+        for depth in depths:
+            group = [row for row in ok if str(row.get("depth", "")) == depth]
+            columns = [
+                c for c in layered if _base(c) == base and any(r.get(c) is not None for r in group)
+            ]
+            means = [
+                np.nanmean([np.nan if r.get(c) is None else r[c] for r in group]) for c in columns
+            ]
+            label = f"depth={depth}" if depth else "all models"
+            axis.plot(range(1, len(columns) + 1), means, marker="o", label=label)
+        axis.set_title(base, fontsize=8)
+        axis.set_xlabel("layer", fontsize=7)
+        axis.legend(fontsize=5)
+    figure.tight_layout()
+    return [_save(figure, root, "fig5_measures_across_layers")]
+
+
+def _save(figure: Any, root: Path, name: str) -> str:
+    from matplotlib import pyplot as plt
+
+    for suffix in ("png", "svg"):
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format=suffix, dpi=110)
+        _write(root / "figures" / f"{name}.{suffix}", buffer.getvalue())
+    plt.close(figure)
+    return name
+
+
+def _html(
+    table_md: str, counts: Mapping[str, int], figures: Sequence[str], hps: Sequence[str]
+) -> bytes:
+    rows = [line.strip("|").split("|") for line in table_md.strip().splitlines()]
+    cells = "".join(
+        "<tr>"
+        + "".join(
+            f"<{'th' if i == 0 else 'td'}>{html.escape(c.strip())}</{'th' if i == 0 else 'td'}>"
+            for c in row
+        )
+        + "</tr>"
+        for i, row in enumerate(r for j, r in enumerate(rows) if j != 1)
+    )
+    images = "".join(
+        f'<figure><img src="figures/{n}.png" alt="{n}"><figcaption>{n} '
+        f'(<a href="figures/{n}.svg">SVG</a>)</figcaption></figure>'
+        for n in figures
+    )
+    count = ", ".join(f"{v} {k}" for k, v in counts.items())
+    body = (
+        "<!doctype html><html><head><meta charset='utf-8'><title>lcc study</title>"
+        "<style>body{font-family:sans-serif}td,th{padding:2px 6px;border:1px solid #ccc}"
+        "img{max-width:100%}</style></head><body><h1>lcc study</h1>"
+        f"<p>Models: {html.escape(count)}. Hyperparameters: {html.escape(', '.join(hps))}. "
+        "Granulated Kendall coefficient against test top-1 (sign -: the measure is flipped, "
+        "lower values predicted better generalisation).</p>"
+        f"<table>{cells}</table>{images}"
+        "<p>Fig. 7 (neuron responses over training) needs measures tracked during training; "
+        "not recorded by this study.</p></body></html>"
+    )
+    return body.encode("utf-8")
+
+
+def write_study(
+    study: Any, runs: Sequence[Any], states: Mapping[str, str], root: Path
+) -> dict[str, Path]:
+    """Write models.csv, kendall.csv/.md, figures/ and report.html into ``root``."""
+    grid_keys = list(study.sweep.grid)
+    hps = study.hyperparameters
+    rows = model_rows(grid_keys, runs, states)
+    columns = _columns(grid_keys, rows)
+    _write(root / "models.csv", _csv(columns, rows))
+    measures = {c: HIGHER_IS_BETTER[_base(c)] for c in columns if _base(c) in HIGHER_IS_BETTER}
+    table = kendall_rows(rows, hps, measures)
+    head = [
+        "measure",
+        *hps,
+        "overall",
+        "sign",
+        "groups",
+        "skipped_small",
+        "skipped_undefined",
+        "left_out",
+    ]
+    _write(root / "kendall.csv", _csv(head, table))
+    markdown = kendall_markdown(table, hps)
+    _write(root / "kendall.md", markdown.encode("utf-8"))
+    counts: dict[str, int] = {}
+    for row in rows:
+        counts[row["status"]] = counts.get(row["status"], 0) + 1
+    curves = k_curve([Path(run.config.out) for run in runs], rows, hps)
+    figures = _figures(root, rows, hps, curves, columns) if counts.get("ok") else []
+    _write(root / "report.html", _html(markdown, counts, figures, hps))
+    return {
+        name: root / name for name in ("models.csv", "kendall.csv", "kendall.md", "report.html")
+    }
