@@ -177,6 +177,7 @@ def build(
 
     from lcc.train.data import LCCDataModule
     from lcc.train.lightning import LCCModule
+    from lcc.train.tracking import make_tracker
     from lcc.zoo.models import build_model
 
     pl.seed_everything(config.seed, workers=True, verbose=False)
@@ -217,6 +218,7 @@ def build(
         adam_lr_scale=config.adam_lr_scale,
         schedule=config.schedule,
         stop_at_train_loss=config.stop_at_train_loss,
+        tracker=make_tracker(config, bundle, out) if rank == 0 else None,
         refresh_data=plain_set,
         refresh_batch_size=config.batch_size,  # fits; larger was slower on CPU (LCCModule)
         num_workers=config.num_workers,

@@ -83,6 +83,7 @@ class LCCModule(pl.LightningModule):
         adam_lr_scale: float = 1.0,
         schedule: str = "cosine",
         stop_at_train_loss: float | None = None,
+        tracker: Any = None,
         refresh_data: Dataset | None = None,
         refresh_batch_size: int = 128,
         num_workers: int = 0,
@@ -98,6 +99,7 @@ class LCCModule(pl.LightningModule):
         self.ce_weight = float(ce_weight)
         self.optimizer_name, self.adam_lr_scale = optimizer, float(adam_lr_scale)
         self.schedule, self.stop_at_train_loss = schedule, stop_at_train_loss
+        self.tracker = tracker  # --track-measures (lcc.train.tracking), main process only
         self.refresh_data = refresh_data
         self.refresh_batch_size = int(refresh_batch_size)
         self.num_workers = int(num_workers)
@@ -300,6 +302,10 @@ class LCCModule(pl.LightningModule):
         self.history = [r for r in self.history if r["epoch"] < epoch] + [record]
         if should_stop(self.stop_at_train_loss, record["loss"]):
             self.trainer.should_stop = True  # --stop-at-train-loss: the last epoch
+        if self.tracker is not None and self.trainer.is_global_zero:
+            last = epoch + 1 >= int(self.trainer.max_epochs or 0) or self.trainer.should_stop
+            if self.tracker.due(epoch, last):
+                self.tracker.record(self.model, epoch)
         numbers = {
             f"train/{k}": float(v)
             for k, v in record.items()

@@ -106,6 +106,17 @@ class TrainingOptions:
         "float?",
         shown="never",
     )
+    track_measures: list[str] | None = _training(  # noqa: RUF009 - None, copied per instance
+        None,
+        "measures logged during training on a fixed seeded sample of the training set, e.g. "
+        "c1,c3,label-variation (names of lcc measure); DIR/measures.jsonl, DIR/tracking/",
+        "list?",
+        shown="none",
+    )
+    track_every: int = _training(1, "with --track-measures: every this many epochs", "int")
+    track_samples: int = _training(
+        500, "with --track-measures: training samples measured (seeded, stratified)", "int"
+    )
     superclasses: str | None = option(
         None,
         "train on superclass labels: a YAML map fine class -> superclass (DATASET:super uses "
@@ -142,6 +153,12 @@ def check_training_options(config: Any) -> None:
         raise LCCInputError(f"--depth must be >= 1, got {config.depth}")
     if config.stop_at_train_loss is not None and not config.stop_at_train_loss > 0:
         raise LCCInputError(f"--stop-at-train-loss must be > 0, got {config.stop_at_train_loss}")
+    if config.track_every < 1 or config.track_samples < 10:
+        raise LCCInputError("--track-every must be >= 1 and --track-samples >= 10")
+    if config.track_measures:
+        from lcc.analysis.measures import parse_measures
+
+        parse_measures(list(config.track_measures), superclasses=True)
     if not config.adam_lr_scale > 0:
         raise LCCInputError(f"--adam-lr-scale must be > 0, got {config.adam_lr_scale}")
 

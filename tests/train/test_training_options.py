@@ -155,3 +155,22 @@ def test_options_in_config_yaml_grids_and_resume(tmp_path):
     }  # fmt: skip
     with pytest.raises(LCCInputError, match="--dropout must be in"):
         merge_config(TrainConfig(), {"dropout": 1.5}).check(require_run=False)
+
+
+def test_track_measures_writes_measures_jsonl_per_tracked_epoch(tmp_path):
+    import json
+
+    config = _config(tmp_path, "--track-measures", "c1,c3,label-variation", "--track-every", "2",
+                     "--track-samples", "60", "--epochs", "3", "--batch-size", "50", "--subset",
+                     "100", "--test-subset", "20", dataset="digits:super")  # fmt: skip
+    train(config, report=False)
+    lines = [json.loads(x) for x in (tmp_path / "run" / "measures.jsonl").read_text().splitlines()]
+    assert sorted({line["epoch"] for line in lines}) == [1, 2]  # every 2nd epoch and the last
+    assert {line["measure"] for line in lines} == {"c1", "c3", "label-variation"}
+    assert {line["n"] for line in lines} == {60}
+    assert sorted(p.name for p in (tmp_path / "run" / "tracking").iterdir()) == [
+        "epoch=1.npz", "epoch=2.npz"
+    ]  # fmt: skip
+    with pytest.raises(LCCInputError, match="need fine labels"):
+        bad = _config(tmp_path, "--track-measures", "c1", "--out", str(tmp_path / "r2"))
+        train(bad, report=False)
