@@ -273,11 +273,13 @@ def latent_map_figure(
     max_points: int = MAX_POINTS,
     seed: int = 0,
     title: str | None = None,
+    legend: str = "class",
 ) -> Any:
     """One panel per layer: a 2-D embedding of its latents coloured by class (``y``),
     misclustered samples (``misclustered[layer]``, a (N,) bool mask) ringed in black.
 
-    At most ``max_points`` samples are drawn (the same seeded sample in every panel).
+    At most ``max_points`` samples are drawn (the same seeded sample in every panel);
+    ``legend`` names what ``y`` holds in the legend's title.
     """
     if not z_by_layer:
         raise LCCInputError("latent_map needs the latents of at least one layer")
@@ -335,14 +337,52 @@ def latent_map_figure(
         axis.set_yticks([])
     for position in range(len(layers), n_rows * n_cols):
         axes[position // n_cols][position % n_cols].set_visible(False)
-    _latent_legend(figure, classes, colours, with_ring=bool(masks), shown=len(rows), total=n)
+    _latent_legend(
+        figure, classes, colours, with_ring=bool(masks), shown=len(rows), total=n, what=legend
+    )
     if title:
         figure.suptitle(title, fontsize=11)
     return figure
 
 
+def class_map(
+    layer: str,
+    z: Any,
+    clusters: Any,
+    misclustered: Any,
+    *,
+    method: str = "auto",
+    max_points: int = MAX_POINTS,
+    seed: int = 0,
+    path: str | os.PathLike[str],
+    title: str | None = None,
+    formats: Sequence[str] = FORMATS,
+) -> list[Path]:
+    """The LCC paper's Fig. 2 (right) for one layer: the latents ``z`` of the samples of one
+    class, coloured by the cluster each is in (``clusters``), misclustered samples
+    (``misclustered``, (N,) bool) ringed in black; written to ``path`` (PNG and SVG)."""
+    figure = latent_map_figure(
+        {layer: z},
+        clusters,
+        {layer: np.asarray(misclustered, dtype=bool)},
+        method=method,
+        max_points=max_points,
+        seed=seed,
+        title=title,
+        legend="cluster",
+    )
+    return save_figure(figure, path, formats)
+
+
 def _latent_legend(
-    figure: Any, classes: np.ndarray, colours: list[Any], *, with_ring: bool, shown: int, total: int
+    figure: Any,
+    classes: np.ndarray,
+    colours: list[Any],
+    *,
+    with_ring: bool,
+    shown: int,
+    total: int,
+    what: str = "class",
 ) -> None:
     from matplotlib.lines import Line2D
 
@@ -371,7 +411,7 @@ def _latent_legend(
     figure.legend(
         handles=handles,
         loc="outside right center",
-        title=f"class\n({sample})",
+        title=f"{what}\n({sample})",
         fontsize=8,
         title_fontsize=8,
         frameon=False,

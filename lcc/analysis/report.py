@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from lcc.analysis.plots import FORMATS, MAX_POINTS
 from lcc.analysis.runs import Run, load_latent_snapshot, load_runs, run_summary
 from lcc.errors import LCCInputError
@@ -68,6 +70,10 @@ LAYER_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("accuracy (%)", "accuracy", "percent"),
     ("CC accuracy (%)", "accuracy_cc", "percent"),
     ("MC accuracy (%)", "accuracy_mc", "percent"),
+    ("training's accuracy (%)", "train_accuracy", "percent"),
+    ("CE", "cross_entropy", "fixed"),
+    ("CC CE", "cross_entropy_cc", "fixed"),
+    ("MC CE", "cross_entropy_mc", "fixed"),
 )
 #: values per layer drawn in ``<run>-layers`` from the last refresh
 LAYER_MEASURES: tuple[str, ...] = (
@@ -274,6 +280,7 @@ def write_report(
     seed: int = 0,
     formats: Sequence[str] = FORMATS,
     force: bool = False,
+    class_name: str | None = None,
 ) -> Report:
     """Write the report of ``run_dirs`` into ``out`` (created); returns the paths written.
 
@@ -281,7 +288,8 @@ def write_report(
     (:func:`lcc.analysis.plots.embed_2d`) and seed. ``formats`` must include ``png``.
     ``out`` may not be a run or sweep folder (:data:`RUN_MARKERS`); an existing
     ``report.md`` / ``report.html`` there that another program wrote is replaced only with
-    ``force``.
+    ``force``. ``class_name`` (a label, or a class name of the run's dataset): also draw,
+    per run with saved latents and per layer, that class's latents coloured by cluster.
     """
     from lcc.analysis import plots
     from lcc.io import atomic_write
@@ -312,7 +320,9 @@ def write_report(
         title="Runs",
         text="Test accuracy and time per run; the last refresh's values are the mean over "
         "its layers (per layer below). CC/MC: training accuracy on correctly clustered / "
-        "misclustered samples.",
+        "misclustered samples, in the refresh's latent pass; training's accuracy: that of the "
+        "training forwards of the epoch before; CE: cross-entropy of the pass (the LCC "
+        "paper's sec. IV.C expects CC CE < CE < MC CE).",
         tables=_comparison(runs),
     )
     histories = {run.name: run.history for run in runs if run.history}
@@ -393,6 +403,31 @@ def write_report(
                     ),
                 )
             )
+        if snapshot is not None and class_name is not None:
+            label, shown = _class_label(run, class_name, snapshot.y)
+            rows = np.flatnonzero(snapshot.y == label)
+            for layer in snapshot.z:
+                clusters = snapshot.clusters[layer][rows]
+                section.images.append(
+                    Image(
+                        f"Class {shown}, layer {layer}: its latents coloured by cluster "
+                        f"({len(np.unique(clusters))} clusters), misclustered samples ringed",
+                        png(
+                            plots.class_map(
+                                layer,
+                                snapshot.z[layer][rows],
+                                clusters,
+                                snapshot.misclustered[layer][rows],
+                                method=method,
+                                max_points=max_points,
+                                seed=seed,
+                                path=folder / f"{slug}-class-{_slug(shown, set())}-{layer}",
+                                title=f"{run.name}: class {shown}, {layer}",
+                                formats=formats,
+                            )
+                        ),
+                    )
+                )
         if not section.images:
             section.text += " No refreshes: nothing to draw."
         sections.append(section)
@@ -403,6 +438,30 @@ def write_report(
     md_path = atomic_write(folder / "report.md", lambda handle: handle.write(markdown))
     html_path = atomic_write(folder / "report.html", lambda handle: handle.write(page))
     return Report(markdown=md_path, html=html_path, images=written)
+
+
+def _class_label(run: Run, name: str, y: np.ndarray) -> tuple[int, str]:
+    """``(label, shown name)`` of ``--class NAME``: an integer label, or a class name of the
+    run's dataset (loaded only then); a one-line error when the class has no saved sample."""
+    text = str(name).strip()
+    if text.lstrip("-").isdigit():
+        label, shown = int(text), text
+    else:
+        from lcc.zoo.datasets import load_dataset
+
+        dataset = run.config.get("dataset")
+        names = load_dataset(str(dataset), subset=None).classes if dataset else None
+        folded = [str(n).casefold() for n in names or []]
+        if text.casefold() not in folded:
+            known = ", ".join(map(str, names)) if names else "none (pass an integer label)"
+            raise LCCInputError(f"--class {text!r} is not a class of run {run.name}; {known}")
+        label, shown = folded.index(text.casefold()), text
+    if not np.any(y == label):
+        present = ", ".join(map(str, np.unique(y).tolist()))
+        raise LCCInputError(
+            f"--class {text!r}: run {run.name} saved no latent of label {label}; labels: {present}"
+        )
+    return label, shown
 
 
 # --------------------------------------------------------------------------- rendering

@@ -85,12 +85,13 @@ class Run:
 class LatentSnapshot:
     """Latents saved by one refresh (``--save-latents``): per layer ``z`` (N, D), the labels
     ``y`` (N,), and per layer the misclustered mask from the saved clusters and their matching
-    to classes (:func:`lcc.engine.match.match_clusters`)."""
+    to classes (:func:`lcc.engine.match.match_clusters`) and the clusters themselves."""
 
     epoch: int
     z: dict[str, np.ndarray]
     y: np.ndarray
     misclustered: dict[str, np.ndarray]
+    clusters: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def load_run(path: str | os.PathLike[str], *, name: str | None = None) -> Run:
@@ -196,6 +197,7 @@ def load_latent_snapshot(run: Run, epoch: int | None = None) -> LatentSnapshot |
             continue
         z: dict[str, np.ndarray] = {}
         misclustered: dict[str, np.ndarray] = {}
+        clusters: dict[str, np.ndarray] = {}
         y: np.ndarray | None = None
         for layer, file in files.items():
             arrays = load_arrays(file, keys=("z", "y", "clusters"))
@@ -204,8 +206,11 @@ def load_latent_snapshot(run: Run, epoch: int | None = None) -> LatentSnapshot |
             if arrays["y"].shape != y.shape or not np.array_equal(arrays["y"], y):
                 raise LCCInputError(f"{file} holds other labels than the other layers' files")
             misclustered[layer] = match_clusters(arrays["clusters"], arrays["y"]).misclustered
+            clusters[layer] = np.asarray(arrays["clusters"], dtype=np.int64)
         assert y is not None
-        return LatentSnapshot(epoch=candidate, z=z, y=y, misclustered=misclustered)
+        return LatentSnapshot(
+            epoch=candidate, z=z, y=y, misclustered=misclustered, clusters=clusters
+        )
     return None
 
 

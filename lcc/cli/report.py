@@ -20,6 +20,8 @@ report.html (pictures embedded) and the pictures as PNG and SVG:
                            lines of RUN_DIR/measures.jsonl (`lcc measure` output) if present
   RUN-latents              2-D map of each layer's latents at the last refresh, coloured by
                            class, misclustered samples ringed (runs trained with --save-latents)
+  RUN-class-NAME-LAYER     with --class NAME: that class's latents only, coloured by cluster,
+                           misclustered samples ringed (the LCC paper's Fig. 2, right)
 
 Tables: test top-1/top-5, epochs, mean epoch seconds, refresh seconds, and the last refresh's
 misclustered fraction and CC/MC accuracy (mean over layers; per layer in a second table).
@@ -31,6 +33,7 @@ report.html that lcc report did not write only with --force).
 examples:
   lcc report runs/baseline runs/lcc --out report
   lcc report runs/lcc --out report-lcc --embedding tsne --max-points 2000
+  lcc report runs/lcc --out report-shirt --class Shirt   # or --class 6
 """
 
 
@@ -63,6 +66,15 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the sample and embedding")
     parser.add_argument(
+        "--class",
+        dest="class_name",
+        default=None,
+        metavar="NAME",
+        help="also draw this class's latents coloured by cluster, misclustered samples ringed "
+        "(runs trained with --save-latents): an integer label or a class name of the run's "
+        "dataset",
+    )
+    parser.add_argument(
         "--force",
         action="store_true",
         help="replace a report.md / report.html in --out that lcc report did not write",
@@ -81,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
         method=args.embedding,
         seed=args.seed,
         force=args.force,
+        class_name=args.class_name,
     )
     pictures = sum(1 for path in report.images if path.suffix == ".png")
     print(f"report: {report.html} (and {report.markdown.name}, {_count(pictures, 'picture')})")

@@ -12,10 +12,14 @@ from typing import Literal
 __all__ = [
     "CLASS_POLICIES",
     "CLUSTER_METHODS",
+    "CORRECTIONS",
     "KNN_MODES",
     "LATENT_DTYPES",
     "METRICS",
     "POOLS",
+    "PRECISIONS",
+    "REFRESH_BN",
+    "REFRESH_DEVICES",
     "SOURCES",
     "TARGET_MODES",
     "WEIGHTS",
@@ -37,6 +41,10 @@ TARGET_MODES: tuple[str, ...] = ("exact", "approximate")
 KNN_MODES: tuple[str, ...] = ("exact", "approximate")
 METRICS: tuple[str, ...] = ("l2", "cosine")
 WEIGHTS: tuple[str, ...] = ("unweighted", "rbf")
+#: the pull of a misclustered latent: plain (eq. 8) or its part orthogonal to its manifold (V.C)
+CORRECTIONS: tuple[str, ...] = ("plain", "orthogonal")
+#: latents of the fresh pass: BatchNorm running statistics, batch statistics, or recalibrated
+REFRESH_BN: tuple[str, ...] = ("running", "batch", "recalibrate")
 #: which classes a refresh corrects (:func:`lcc.engine.selection.select_classes`)
 CLASS_POLICIES: tuple[str, ...] = ("all", "top-pairs", "heaviest-set", "largest-component")
 #: how conv feature maps become one row per sample (:mod:`lcc.zoo.latents`)
@@ -45,3 +53,7 @@ POOLS: tuple[str, ...] = ("flatten", "avg", "max")
 SOURCES: tuple[str, ...] = ("fresh", "recorded")
 #: dtypes of latents kept on disk (``latents_dir``)
 LATENT_DTYPES: tuple[str, ...] = ("float32", "float16")
+#: where a refresh's k-NN, PCA and targets run (:func:`lcc.engine.refresh.refresh`'s ``device``)
+REFRESH_DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
+#: Lightning's precision names offered by ``lcc train --precision``
+PRECISIONS: tuple[str, ...] = ("32", "bf16-mixed", "16-mixed")

@@ -3,8 +3,8 @@
 For a batch whose correctible rows are ``R`` (with targets ``t_i``) in dimension ``d``:
 
 * default: ``L = mean_{i in R} ||z_i - t_i|| / sqrt(d)`` (eq. 8, the paper's loss);
-* ``squared=True``: ``L = mean_{i in R} ||z_i - t_i||^2 / d`` (the poster's variant, i.e. the
-  mean squared error over the elements of the correctible rows).
+* ``squared=True``: ``L = mean_{i in R} ||z_i - t_i||^2 / sqrt(d)`` (the poster's Louvain loss,
+  ``1 / (N_miss sqrt(d)) sum ||z - T(z)||^2``).
 
 ``L`` is an exact zero, still attached to the graph of ``z`` (its gradient is zero), when ``R`` is
 empty. Targets are constants: gradients reach ``z`` only.
@@ -37,7 +37,7 @@ _HALF = (torch.float16, torch.bfloat16)
 def lcc_loss(
     z: Tensor, targets: Tensor | np.ndarray, *, squared: bool = False, mask: Tensor | None = None
 ) -> Tensor:
-    """Mean over rows of ``||z_i - t_i|| / sqrt(d)`` (``squared``: ``||z_i - t_i||^2 / d``).
+    """Mean over rows of ``||z_i - t_i|| / sqrt(d)`` (``squared``: ``||z_i - t_i||^2 / sqrt(d)``).
 
     ``z`` (B, ...) is flattened to (B, d); ``targets`` holds B rows of d values (cast to z's dtype
     and device, never differentiated). With ``mask`` (B,) bool, only rows where it is True count
@@ -83,10 +83,9 @@ def _masked_mean(flat: Tensor, target: Tensor, mask: Tensor | None, squared: boo
     accumulate = torch.float32 if flat.dtype in _HALF else None
     if squared:
         per_row = diff.square().sum(dim=1, dtype=accumulate)
-        scale = flat.shape[1]
     else:
         per_row = torch.linalg.vector_norm(diff, dim=1, dtype=accumulate)
-        scale = math.sqrt(flat.shape[1])
+    scale = math.sqrt(flat.shape[1])
     if mask is None:
         return (per_row.sum() / (flat.shape[0] * scale)).to(flat.dtype)
     if mask.shape != (flat.shape[0],):

@@ -38,6 +38,12 @@ REPORTED = (
     "accuracy",
     "accuracy_cc",
     "accuracy_mc",
+    "train_accuracy",
+    "cross_entropy",
+    "cross_entropy_cc",
+    "cross_entropy_mc",
+    "orthogonal_mean_ratio",
+    "orthogonal_fallback",
     "source",
 )
 
@@ -131,8 +137,23 @@ def epoch_line(record: Mapping[str, Any], max_epochs: int | None, *, regularised
     if record.get("refresh"):
         parts = [
             f"{name}: {stats['n_clusters']} clusters, "
-            f"MC {100 * stats['misclustered_fraction']:.1f}%"
+            f"MC {100 * stats['misclustered_fraction']:.1f}%" + _pass_accuracy(stats)
             for name, stats in record["refresh"].items()
         ]
         text += f" (refresh {record['refresh_seconds']:.1f} s; {'; '.join(parts)})"
     return text
+
+
+def _pass_accuracy(stats: Mapping[str, Any]) -> str:
+    """``, pass top-1 A% (train B%)``: the refresh pass's training-set accuracy next to that
+    of the previous epoch's training forwards (empty when either is unknown).
+
+    >>> _pass_accuracy({"accuracy": 0.37, "train_accuracy": 0.79})
+    ', pass top-1 37.0% (train 79.0%)'
+    """
+    now, before = stats.get("accuracy"), stats.get("train_accuracy")
+    if not isinstance(now, (int, float)) or not isinstance(before, (int, float)):
+        return ""
+    if now != now or before != before:  # NaN
+        return ""
+    return f", pass top-1 {100 * now:.1f}% (train {100 * before:.1f}%)"

@@ -49,6 +49,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lcc.analysis.paired import (
+    PAIRED_CAPTION,
+    PAIRED_COLUMNS,
+    PairedGain,
+    gain_text,
+    paired_cells,
+    paired_gain,
+)
 from lcc.errors import LCCInputError
 from lcc.train.config import TrainConfig, merge_config, read_yaml, resume_differences
 
@@ -133,6 +141,8 @@ class TableRow:
     top5_std: float | None
     gain_top1: float | None
     gain_top5: float | None
+    paired_top1: PairedGain | None = None  # gains over the baseline's runs of the same seeds
+    paired_top5: PairedGain | None = None
 
 
 @dataclass(frozen=True)
@@ -480,7 +490,7 @@ def check_layers(runs: Sequence[SweepRun]) -> None:
     the run."""
 
     from lcc.regularisers.base import OUTPUT
-    from lcc.train.run import default_layers, probe_layers
+    from lcc.train.build import default_layers, probe_layers
 
     probes: dict[tuple[str, str], tuple[Any, Any]] = {}
     for run in runs:
@@ -563,15 +573,22 @@ def sweep_table(sweep: Sweep, runs: Sequence[SweepRun]) -> list[TableRow]:
         settings[key] = run.setting
     rows: list[TableRow] = []
     reference: tuple[float | None, float | None] = (None, None)
+    base_seeds: dict[str, dict[int, float]] = {"test_top1": {}, "test_top5": {}}
     for key, members in groups.items():
-        metrics = [m for m in (_read_metrics(run) for run in members) if m is not None]
-        top1 = [float(m["test_top1"]) for m in metrics if m.get("test_top1") is not None]
-        top5 = [float(m["test_top5"]) for m in metrics if m.get("test_top5") is not None]
+        pairs = [(run.seed, m) for run in members if (m := _read_metrics(run)) is not None]
+        metrics = [m for _, m in pairs]
+        by_seed = {
+            name: {seed: float(m[name]) for seed, m in pairs if m.get(name) is not None}
+            for name in base_seeds
+        }
+        top1 = list(by_seed["test_top1"].values())
+        top5 = list(by_seed["test_top5"].values())
         top1_mean, top1_std = _mean_std(top1)
         top5_mean, top5_std = _mean_std(top5)
         is_baseline = key == "baseline"
         if is_baseline:
             reference = (top1_mean, top5_mean)
+            base_seeds = by_seed
 
         def gain(mean: float | None, base: float | None, is_baseline: bool = is_baseline) -> Any:
             if is_baseline or mean is None or base is None:
@@ -590,19 +607,24 @@ def sweep_table(sweep: Sweep, runs: Sequence[SweepRun]) -> list[TableRow]:
                 top5_std=top5_std,
                 gain_top1=gain(top1_mean, reference[0]),
                 gain_top5=gain(top5_mean, reference[1]),
+                paired_top1=None if is_baseline else _paired(by_seed, base_seeds, "test_top1"),
+                paired_top5=None if is_baseline else _paired(by_seed, base_seeds, "test_top5"),
             )
         )
     return rows
+
+
+def _paired(
+    values: dict[str, dict[int, float]], baseline: dict[str, dict[int, float]], name: str
+) -> PairedGain | None:
+    """The paired gain of metric ``name`` when the setting's seeds are the baseline's."""
+    return paired_gain(values[name], baseline[name])
 
 
 def _pct(mean: float | None, std: float | None) -> str:
     if mean is None:
         return "-"
     return f"{100 * mean:.2f}" + ("" if std is None else f" ± {100 * std:.2f}")
-
-
-def _gain(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:+.2f}"
 
 
 def _cell(value: Any) -> str:
@@ -626,8 +648,8 @@ def format_table(sweep: Sweep, rows: Sequence[TableRow]) -> str:
         cells += [
             _pct(row.top1_mean, row.top1_std),
             _pct(row.top5_mean, row.top5_std),
-            _gain(row.gain_top1),
-            _gain(row.gain_top5),
+            gain_text(row.gain_top1, row.paired_top1),
+            gain_text(row.gain_top5, row.paired_top5),
             f"{row.finished}/{len(row.runs)}",
         ]
         lines.append("| " + " | ".join(cells) + " |")
@@ -635,6 +657,7 @@ def format_table(sweep: Sweep, rows: Sequence[TableRow]) -> str:
         "",
         f"Test accuracy, {_over_seeds(sweep.seeds)} (finished runs / planned in "
         "the last column); gain: mean minus the baseline's mean, in percentage points.",
+        *(PAIRED_CAPTION if any(row.paired_top1 for row in rows) else ()),
     ]
     return "\n".join(lines) + "\n"
 
@@ -667,6 +690,7 @@ def table_csv(sweep: Sweep, rows: Sequence[TableRow]) -> str:
             "top5_std",
             "gain_top1",
             "gain_top5",
+            *PAIRED_COLUMNS,
             "runs",
         ]
     )
@@ -689,6 +713,7 @@ def table_csv(sweep: Sweep, rows: Sequence[TableRow]) -> str:
                 number(row.top5_std),
                 number(row.gain_top1),
                 number(row.gain_top5),
+                *paired_cells(row.paired_top1, row.paired_top5),
                 " ".join(row.runs),
             ]
         )

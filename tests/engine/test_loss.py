@@ -27,7 +27,8 @@ def by_hand(z: np.ndarray, ids: np.ndarray, targets: Targets, squared: bool) -> 
     for row, i in zip(flat, ids, strict=True):
         if targets.correctible[i]:
             dist = float(np.sqrt(np.sum((row - dense[i]) ** 2)))
-            terms.append(dist**2 / d if squared else dist / np.sqrt(d))
+            # the poster's squared loss and eq. 8 both divide by sqrt(d)
+            terms.append(dist**2 / np.sqrt(d) if squared else dist / np.sqrt(d))
     return float(np.mean(terms)) if terms else 0.0
 
 
@@ -49,12 +50,12 @@ def test_functional_value_equals_the_formula(squared: bool) -> None:
     rng = np.random.default_rng(2)
     z, t = rng.normal(size=(5, 4)), rng.normal(size=(5, 4))
     dist = np.linalg.norm(z - t, axis=1)
-    expected = np.mean(dist**2 / 4) if squared else np.mean(dist / 2)
+    expected = np.mean(dist**2 / 2) if squared else np.mean(dist / 2)  # d = 4: sqrt(d) = 2
     got = lcc_loss(torch.tensor(z), torch.tensor(t), squared=squared)
     assert float(got) == pytest.approx(expected, rel=1e-12)
     mask = torch.tensor([True, False, True, False, False])
     masked = lcc_loss(torch.tensor(z), t, squared=squared, mask=mask)
-    want = np.mean((dist**2 / 4 if squared else dist / 2)[[0, 2]])
+    want = np.mean((dist**2 / 2 if squared else dist / 2)[[0, 2]])
     assert float(masked) == pytest.approx(want, rel=1e-12)
 
 
