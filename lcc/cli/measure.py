@@ -199,7 +199,20 @@ def _model_options(model: Any) -> None:
         default=None,
         help="model spec: small-cnn, small-resnet, hf:NAME, timm:NAME, torchvision:NAME",
     )
-    model.add_argument("--dataset", default=None, help="dataset spec, e.g. digits, fashion-mnist")
+    model.add_argument(
+        "--dataset",
+        default=None,
+        help="dataset spec, e.g. digits, fashion-mnist; DATASET:super (mnist, digits, "
+        "fashion-mnist, cifar100) for a model trained on superclasses: y = the fine classes "
+        "(c1/c2's subclasses), y_super = the superclasses the model predicts",
+    )
+    model.add_argument(
+        "--superclasses",
+        default=None,
+        metavar="MAP.yaml",
+        help="a model trained with lcc train --superclasses MAP.yaml: the same map (fine "
+        "class: superclass); y and y_super as with DATASET:super",
+    )
     model.add_argument(
         "--checkpoint", default=None, help="saved weights to load (None: initial weights)"
     )
@@ -286,6 +299,8 @@ def _collect(args: argparse.Namespace) -> Any:
     from lcc.zoo.latents import model_latents
 
     _check_model_args(args)
+    if args.dataset.endswith(":super") or args.superclasses:
+        return _collect_hierarchical(args)
     _check_flat(parse_measures(args.measure), f"dataset {args.dataset} has no superclass labels")
     latents, y, predictions = model_latents(
         args.model,
@@ -304,6 +319,33 @@ def _collect(args: argparse.Namespace) -> Any:
         arrays = {f"z_{layer}": z for layer, z in latents.items()}
         save_npz_atomic(args.save_latents, **arrays, y=y, predictions=predictions)
     return MeasureInput(latents, y, predictions=predictions)
+
+
+def _collect_hierarchical(args: argparse.Namespace) -> Any:
+    """A model trained on superclasses (DATASET:super, --superclasses): y = the fine classes
+    (c1/c2's subclasses), y_super = the trained superclasses (as in --save-latents)."""
+    from lcc.analysis.measures import MeasureInput
+    from lcc.io import save_npz_atomic
+    from lcc.zoo.hierarchy import hierarchical_latents
+
+    latents, fine, y_super, predictions = hierarchical_latents(
+        args.model,
+        args.dataset,
+        args.layers,
+        superclasses=args.superclasses,
+        split=args.split,
+        subset=args.subset,
+        checkpoint=args.checkpoint,
+        data_dir=args.data_dir,
+        batch_size=args.batch_size,
+        seed=args.seed,
+    )
+    if args.save_latents is not None:
+        arrays = {f"z_{layer}": z for layer, z in latents.items()}
+        save_npz_atomic(
+            args.save_latents, **arrays, y=fine, y_super=y_super, predictions=predictions
+        )
+    return MeasureInput(latents, fine, y_super=y_super, predictions=predictions)
 
 
 def example(n_samples: int = 1200, *, seed: int = 0) -> Any:
@@ -344,8 +386,8 @@ def _check_model_args(args: argparse.Namespace) -> None:
         )
     if args.superclass_key is not None:
         raise LCCInputError(
-            "--superclass-key reads a LATENTS file; with --model, save the latents with "
-            "--save-latents, add the superclass labels to that file and measure it"
+            "--superclass-key reads a LATENTS file; with --model, name a superclass dataset "
+            "(DATASET:super or --superclasses MAP.yaml)"
         )
     if args.save_latents is not None:
         _check_save_latents(args)

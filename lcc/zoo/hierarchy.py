@@ -32,7 +32,13 @@ import torch
 from lcc.zoo.datasets import DatasetBundle, ImageTensorDataset, load_dataset, random_crop_flip
 from lcc.zoo.superclasses import SuperclassMap, resolve
 
-__all__ = ["AugmentedImages", "HierarchicalBundle", "basic_augmentation", "load_run_dataset"]
+__all__ = [
+    "AugmentedImages",
+    "HierarchicalBundle",
+    "basic_augmentation",
+    "hierarchical_latents",
+    "load_run_dataset",
+]
 
 #: datasets a horizontal flip can change the class of (digits)
 NO_FLIP: tuple[str, ...] = ("mnist", "digits", "idx:")
@@ -131,3 +137,53 @@ def load_run_dataset(
     return HierarchicalBundle(
         **values, fine_targets=targets, fine_test_targets=test_targets, superclass_map=mapping
     )
+
+
+def hierarchical_latents(
+    model: str,
+    dataset: str,
+    layers: Any,
+    *,
+    superclasses: str | Path | None = None,
+    split: str = "train",
+    subset: int | None = None,
+    checkpoint: str | Path | None = None,
+    data_dir: str | Path | None = None,
+    batch_size: int = 256,
+    seed: int = 0,
+) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray | None, np.ndarray]:
+    """Max-pooled latents of ``layers`` of ``model`` (built for the *trained* classes: the
+    superclasses of a ``DATASET:super`` / ``superclasses`` dataset) on ``split`` without
+    augmentation: ``(latents, y_fine, y_super, predictions)``, ``y_fine`` the dataset's own
+    labels and ``y_super`` their superclasses (None without a map); ``y_fine``/``y_super`` are
+    what c1/c2 read as ``y``/``y_super``, and the predictions are superclasses.
+
+    >>> z, fine, sup, pred = hierarchical_latents("small-cnn", "digits:super", ["fc1"], subset=40)
+    >>> z["fc1"].shape, sorted(set(sup.tolist())), int(pred.max()) <= 1
+    ((40, 128), [0, 1], True)
+    """
+    from torch.utils.data import DataLoader
+
+    from lcc.zoo.datasets import IndexedDataset
+    from lcc.zoo.latents import check_layer_names, collect_latents
+    from lcc.zoo.models import build_model
+
+    train = split == "train"
+    bundle = load_run_dataset(
+        dataset, superclasses=superclasses, augment="none", root=data_dir,
+        subset=subset if train else None, test_subset=None if train else subset, seed=seed,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    network = build_model(
+        model, bundle.num_classes, input_shape=bundle.input_shape, pretrained=False,
+        checkpoint=checkpoint,
+    )  # fmt: skip
+    names = check_layer_names(network, layers)
+    data = IndexedDataset(bundle.train_plain if train else bundle.test)
+    latents, y, predictions = collect_latents(
+        network, DataLoader(data, batch_size=batch_size), names, pool="max"
+    )
+    if not isinstance(bundle, HierarchicalBundle):
+        return latents, y, None, predictions
+    fine = bundle.fine_targets if train else bundle.fine_test_targets
+    return latents, np.asarray(fine), y, predictions
