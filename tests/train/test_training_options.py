@@ -171,6 +171,11 @@ def test_track_measures_writes_measures_jsonl_per_tracked_epoch(tmp_path):
     assert sorted(p.name for p in (tmp_path / "run" / "tracking").iterdir()) == [
         "epoch=1.npz", "epoch=2.npz"
     ]  # fmt: skip
+    from lcc.cli import main
+
+    assert main(["report", str(tmp_path / "run"), "--out", str(tmp_path / "report")]) == 0
+    markdown = (tmp_path / "report" / "report.md").read_text()
+    assert "(and measures.jsonl)](run-layers.png)" in markdown  # one line per tracked epoch
     with pytest.raises(LCCInputError, match="need fine labels"):
         bad = _config(tmp_path, "--track-measures", "c1", "--out", str(tmp_path / "r2"))
         train(bad, report=False)
