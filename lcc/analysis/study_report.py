@@ -224,6 +224,19 @@ def _fig5(root: Path, ok: list[dict[str, Any]], layered: Sequence[str], plt: Any
     return [_save(figure, root, "fig5_measures_across_layers")]
 
 
+def _fig7(root: Path, runs: Sequence[Any], rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Fig. 7 of the model with the best test accuracy, when its measures were tracked."""
+    from lcc.analysis.selective_neurons import write_figure
+
+    scored = [(row["test_top1"], run) for run, row in zip(runs, rows, strict=True)
+              if row["status"] == "ok" and row.get("test_top1") is not None]  # fmt: skip
+    if not scored:
+        return []
+    best = max(scored, key=lambda pair: pair[0])[1]
+    name = "fig7_selective_neurons"
+    return [name] if write_figure(Path(best.config.out), root / "figures" / name) else []
+
+
 def _save(figure: Any, root: Path, name: str) -> str:
     from matplotlib import pyplot as plt
 
@@ -262,8 +275,13 @@ def _html(
         "Granulated Kendall coefficient against test top-1 (sign -: the measure is flipped, "
         "lower values predicted better generalisation).</p>"
         f"<table>{cells}</table>{images}"
-        "<p>Fig. 7 (neuron responses over training) needs measures tracked during training; "
-        "not recorded by this study.</p></body></html>"
+        + (
+            ""
+            if "fig7_selective_neurons" in figures
+            else "<p>Fig. 7 (neuron responses over training) needs measures tracked during "
+            "training (base: track_measures); not recorded by this study.</p>"
+        )
+        + "</body></html>"
     )
     return body.encode("utf-8")
 
@@ -297,6 +315,7 @@ def write_study(
         counts[row["status"]] = counts.get(row["status"], 0) + 1
     curves = k_curve([Path(run.config.out) for run in runs], rows, hps)
     figures = _figures(root, rows, hps, curves, columns) if counts.get("ok") else []
+    figures += _fig7(root, runs, rows)
     _write(root / "report.html", _html(markdown, counts, figures, hps))
     return {
         name: root / name for name in ("models.csv", "kendall.csv", "kendall.md", "report.html")

@@ -97,7 +97,8 @@ def test_cli_bad_input_exit_2_and_another_config(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_study_end_to_end_with_a_diverged_model(tmp_path, capsys):
-    file = _write(tmp_path, {"lr": [0.05, 1e30], "dropout": [0.0, 0.2]})
+    tracked = {**BASE, "track_measures": ["c1"], "track_samples": 60}
+    file = _write(tmp_path, {"lr": [0.05, 1e30], "dropout": [0.0, 0.2]}, base=tracked)
     out = tmp_path / "out"
     assert main(["study", str(file), "--out", str(out), "--dry-run"]) == 0
     assert capsys.readouterr().out.count("new") == 4
@@ -111,7 +112,8 @@ def test_study_end_to_end_with_a_diverged_model(tmp_path, capsys):
     kendall = list(csv.DictReader((out / "kendall.csv").open()))
     assert [r["measure"] for r in kendall] == head[6:]
     assert {r["left_out"] for r in kendall} == {"2"}
-    for name in ("report.html", "kendall.md", "figures/fig3_measures_vs_test.svg"):
+    figures = ("fig3_measures_vs_test.svg", "fig4_kendall_vs_k.png", "fig7_selective_neurons.svg")
+    for name in ("report.html", "kendall.md", *(f"figures/{f}" for f in figures)):
         assert (out / name).is_file()
     assert main(["study", str(file), "--out", str(out), "--dry-run"]) == 0
     assert capsys.readouterr().out.split() == [
