@@ -18,7 +18,7 @@ once into ``DIR/<name>/measures.json`` (+ ``neurons.npz``); ``DIR/study.json`` r
 study's settings, and a study directory made by another config is refused (the differing keys
 are named). The outputs are written by :mod:`lcc.analysis.study_report`.
 
->>> study = parse_study({"base": {"model": "small-cnn", "dataset": "digits"},
+>>> study = parse_study({"base": {"model": "small-cnn", "dataset": "digits:super"},
 ...     "grid": {"lr": [0.1, 0.01], "weight_decay": [0.0, 1e-4]},
 ...     "exclude": [{"lr": 0.01, "weight_decay": 1e-4}]})
 >>> [run.name for run in plan_study(study, "out")]
@@ -170,6 +170,24 @@ def states(runs: Sequence[SweepRun]) -> dict[str, str]:
     return out
 
 
+def _differences(
+    saved: Mapping[str, Any], current: Mapping[str, Any], prefix: str = ""
+) -> list[str]:
+    """Dotted keys whose values differ (one level into mappings: ``grid.lr``).
+
+    >>> _differences({"grid": {"lr": [1, 2], "k": [3]}}, {"grid": {"lr": [1], "k": [3]}})
+    ['grid.lr']
+    """
+    out = []
+    for key in sorted(set(saved) | set(current)):
+        old, new = saved.get(key), current.get(key)
+        if isinstance(old, Mapping) and isinstance(new, Mapping) and not prefix:
+            out += _differences(old, new, f"{key}.")
+        elif old != new:
+            out.append(f"{prefix}{key}")
+    return out
+
+
 def check_study_dir(study: Study, root: Path) -> None:
     """Refuse a directory made by a different study config (the differing keys named); record
     this one's settings in ``DIR/study.json`` otherwise."""
@@ -180,8 +198,7 @@ def check_study_dir(study: Study, root: Path) -> None:
     saved_file = root / "study.json"
     if saved_file.is_file():
         saved = json.loads(saved_file.read_text(encoding="utf-8"))
-        keys = sorted(set(saved) | set(study.source))
-        differ = [key for key in keys if saved.get(key) != study.source.get(key)]
+        differ = _differences(saved, study.source)
         if differ:
             raise LCCInputError(
                 f"--out {root} holds a study made by another config (differs in "

@@ -91,7 +91,8 @@ def test_cli_bad_input_exit_2_and_another_config(tmp_path, capsys):
     file = _write(tmp_path, {"lr": [0.1, 0.05]})
     assert main(["study", str(file), "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert "made by another config (differs in base, grid, measures)" in err
+    assert "made by another config (differs in base.batch_size, base.dataset" in err
+    assert "grid.lr, measures); run that config again" in err
     assert err.count("\n") == 1
 
 
