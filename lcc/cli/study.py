@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -77,12 +78,19 @@ def run(args: argparse.Namespace) -> int:
         print(f"lcc study: {len(runs)} models; hyperparameters: "
               f"{', '.join(study.hyperparameters)}", file=sys.stderr)  # fmt: skip
         return 0
+
+    def stop(signum: int, frame: Any) -> None:  # outside training (measuring, writing)
+        raise SweepStopped(f"stopped by signal {signum}", 128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
     try:
         final = run_study(study, out)
     except SweepStopped as stopped:
         again = f"lcc study {args.config} --out {out}"
         print(f"lcc study: {stopped}; run it again to continue: {again}", file=sys.stderr)
         return stopped.exit_code
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     sys.stdout.write((Path(out) / "kendall.md").read_text(encoding="utf-8"))
     failed = sum(state == "failed" for state in final.values())
     print(f"lcc study: {len(final)} models ({failed} failed); {out}/report.html",
