@@ -519,19 +519,27 @@ def _untrained(config: TrainConfig) -> tuple[Any, Any]:
     """The run's architecture with initial weights (no download) and two input samples."""
     import torch
 
-    from lcc.zoo.datasets import dataset_info, load_dataset
+    from lcc.zoo.datasets import dataset_info
+    from lcc.zoo.hierarchy import load_run_dataset
     from lcc.zoo.models import build_model
 
-    info = dataset_info(config.dataset or "")
-    if info is None:
-        bundle = load_dataset(
-            config.dataset or "", root=config.data_dir, subset=config.subset, augment=False
+    info = None if config.superclasses else dataset_info(config.dataset or "")
+    if info is None:  # also DATASET:super and --superclasses (the trained classes)
+        bundle = load_run_dataset(
+            config.dataset or "",
+            superclasses=config.superclasses,
+            augment="none",
+            root=config.data_dir,
+            subset=config.subset,
         )
         info = (bundle.input_shape, bundle.num_classes)
     shape, classes = info
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        model = build_model(config.model or "", classes, input_shape=shape, pretrained=False)
+        model = build_model(
+            config.model or "", classes, input_shape=shape, pretrained=False,
+            width=config.width, depth=config.depth, dropout=config.dropout,
+        )  # fmt: skip
         sample = torch.rand(2, *shape)
     return model, sample
 

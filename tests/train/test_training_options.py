@@ -179,3 +179,15 @@ def test_track_measures_writes_measures_jsonl_per_tracked_epoch(tmp_path):
     with pytest.raises(LCCInputError, match="need fine labels"):
         bad = _config(tmp_path, "--track-measures", "c1", "--out", str(tmp_path / "r2"))
         train(bad, report=False)
+
+
+def test_sweep_checks_layers_on_the_runs_depth_and_superclasses(tmp_path):
+    from lcc.train.sweep import check_layers
+
+    base = {"model": "small-cnn", "dataset": "digits:super", "subset": 100,
+            "layers": ["features.block3.conv"]}  # fmt: skip
+    runs = plan_runs(parse_sweep({"base": base, "grid": {"depth": [3, 4]}}), tmp_path / "s")
+    check_layers(runs)  # block3 exists at depth 3 and 4, on the superclass dataset
+    shallow = plan_runs(parse_sweep({"base": base, "grid": {"depth": [2, 3]}}), tmp_path / "t")
+    with pytest.raises(LCCInputError, match=r"run depth=2_seed=0: .*features\.block3\.conv"):
+        check_layers(shallow)
