@@ -39,7 +39,7 @@ from lcc.train.data import preserved_rng
 from lcc.train.exchange import Exchange, current_exchange
 from lcc.train.journal import REPORTED, epoch_line, layer_stats, refresh_metrics, write_refresh
 from lcc.train.loop import Regularisation
-from lcc.train.training_options import make_optimizer, schedule_factor, should_stop
+from lcc.train.training_options import end_of_epoch, make_optimizer, schedule_factor
 from lcc.zoo.datasets import IndexedDataset
 
 __all__ = ["LCCModule", "NonFiniteLossError"]
@@ -300,12 +300,7 @@ class LCCModule(pl.LightningModule):
             self.regularisation.share_recorded(epoch, np.flatnonzero(self._seen), exchange)
         record = self._epoch_record(epoch, exchange)
         self.history = [r for r in self.history if r["epoch"] < epoch] + [record]
-        if should_stop(self.stop_at_train_loss, record["loss"]):
-            self.trainer.should_stop = True  # --stop-at-train-loss: the last epoch
-        if self.tracker is not None and self.trainer.is_global_zero:
-            last = epoch + 1 >= int(self.trainer.max_epochs or 0) or self.trainer.should_stop
-            if self.tracker.due(epoch, last):
-                self.tracker.record(self.model, epoch)
+        end_of_epoch(self, epoch, record["loss"])  # --stop-at-train-loss, --track-measures
         numbers = {
             f"train/{k}": float(v)
             for k, v in record.items()

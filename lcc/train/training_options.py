@@ -29,6 +29,7 @@ __all__ = [
     "STEP_FRACTIONS",
     "TrainingOptions",
     "check_training_options",
+    "end_of_epoch",
     "make_optimizer",
     "schedule_factor",
     "should_stop",
@@ -209,3 +210,16 @@ def should_stop(threshold: float | None, epoch_loss: float | None) -> bool:
     (True, False, False)
     """
     return threshold is not None and epoch_loss is not None and epoch_loss < threshold
+
+
+def end_of_epoch(module: Any, epoch: int, loss: float | None) -> None:
+    """What the options do after an epoch of :class:`lcc.train.lightning.LCCModule`: stop the
+    run below ``--stop-at-train-loss``, record ``--track-measures`` when due (main process)."""
+    trainer = module.trainer
+    if should_stop(module.stop_at_train_loss, loss):
+        trainer.should_stop = True  # this epoch is the last
+    tracker = module.tracker
+    if tracker is not None and trainer.is_global_zero:
+        last = epoch + 1 >= int(trainer.max_epochs or 0) or trainer.should_stop
+        if tracker.due(epoch, last):
+            tracker.record(module.model, epoch)
