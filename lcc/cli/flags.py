@@ -24,6 +24,15 @@ __all__ = ["METAVARS", "Lists", "add_flag", "default_text", "option_field"]
 
 #: metavars of the flags that take a number or a path
 METAVARS = {
+    "track_measures": "NAME",  # training options of lcc.train.training_options
+    "track_every": "N",
+    "track_samples": "N",
+    "superclasses": "MAP.yaml",
+    "stop_at_train_loss": "LOSS",
+    "dropout": "P",
+    "width": "F",
+    "depth": "N",
+    "adam_lr_scale": "F",
     "k": "K",
     "weight": "W",
     "ce_weight": "W",
@@ -94,7 +103,7 @@ def add_flag(
     if kind == "bool":
         kwargs.update(action="store_true", help=f"{text} (default: off)" if show_default else text)
     elif kind == "list":
-        kwargs.update(nargs="+", action=Lists, metavar="LAYER")
+        kwargs.update(nargs="+", action=Lists, metavar=METAVARS.get(item.name, "LAYER"))
     else:
         kwargs["type"] = {"int": int, "float": float}.get(kind, str)
         if item.metadata.get("choices"):
