@@ -591,6 +591,14 @@ def read_measure_input(
         )
     if superclass_key is None and "y_super" in keys:
         superclass_key = "y_super"
+    if superclass_key is None and "y_fine" in keys:  # lcc train --save-latents of a superclass
+        # run: y holds the trained superclasses, y_fine their subclasses (c1/c2's y)
+        arrays = load_arrays(file, (*stored.values(), "y", "y_fine"))
+        return MeasureInput(
+            layers={layer: arrays[key] for layer, key in stored.items()},
+            y=arrays["y_fine"],
+            y_super=arrays["y"],
+        )
     wanted = [*stored.values(), "y"]
     if superclass_key is not None:
         wanted.append(superclass_key)

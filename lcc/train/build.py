@@ -228,6 +228,7 @@ def build(
     )
     if module.regularisation is not None:
         module.regularisation.check_labels(targets)
+    module.fine_targets = getattr(bundle, "fine_targets", None)  # type: ignore[attr-defined]
     module.data_counts = {  # type: ignore[attr-defined]
         "n_labeled": int(np.sum(targets >= 0)),
         "n_unlabeled": int(np.sum(targets < 0)),

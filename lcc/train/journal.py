@@ -82,8 +82,12 @@ def _json_value(value: Any) -> Any:
     return str(value)
 
 
-def write_refresh(out_dir: Path, refreshed: Refreshed, *, save_latents: bool) -> None:
-    """Append the refresh to ``out_dir/refreshes.jsonl`` and save its clusters (main rank)."""
+def write_refresh(
+    out_dir: Path, refreshed: Refreshed, *, save_latents: bool, fine: np.ndarray | None = None
+) -> None:
+    """Append the refresh to ``out_dir/refreshes.jsonl`` and save its clusters (main rank);
+    ``fine``: the fine labels of a superclass run, saved as ``y_fine`` beside ``y`` (the
+    trained superclasses) with the latents."""
     epoch, states, collected = refreshed.epoch, refreshed.states, refreshed.collected
     journal = out_dir / "refreshes.jsonl"
     # keep earlier epochs only (a resumed run rewrites its epoch; a torn last line is dropped)
@@ -114,6 +118,8 @@ def write_refresh(out_dir: Path, refreshed: Refreshed, *, save_latents: bool) ->
             if save_latents and collected is not None:
                 arrays["z"] = collected.latents[name]
                 arrays["y"] = collected.y
+                if fine is not None:
+                    arrays["y_fine"] = np.asarray(fine)
             save_npz_atomic(folder / f"epoch_{epoch}_{prefix}{_safe_name(name)}.npz", **arrays)
 
 

@@ -222,7 +222,8 @@ class LCCModule(pl.LightningModule):
             for logger in self.loggers:
                 logger.log_metrics(refresh_metrics(refreshed.states, epoch), step=self.global_step)
             if self.out_dir is not None:
-                write_refresh(self.out_dir, refreshed, save_latents=self.save_latents)
+                fine = getattr(self, "fine_targets", None)  # a superclass run's fine labels
+                write_refresh(self.out_dir, refreshed, save_latents=self.save_latents, fine=fine)
 
     def _plain_loader(self) -> DataLoader | None:
         """The non-augmented training set as ``(x, y, index)`` batches (None without it)."""

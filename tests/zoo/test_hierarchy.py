@@ -54,3 +54,19 @@ def test_lcc_measure_on_a_superclass_model(tmp_path, capsys):
         assert (data["y"] == fine).all() and (data["y_super"] == sup).all()
     assert main([*argv[:4], "digits", *argv[5:-2]]) == 2  # c1 without superclasses: one line
     assert "has no superclass labels" in capsys.readouterr().err
+
+
+def test_saved_refresh_latents_of_a_superclass_run_carry_the_fine_labels(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "small-cnn", "digits:super", "--subset", "200", "--epochs", "2",
+                 "--batch-size", "50", "--save-latents", "--out", str(run)]) == 0  # fmt: skip
+    capsys.readouterr()
+    (saved,) = sorted((run / "refresh").glob("epoch_1_*.npz"))
+    plain = load_dataset("digits", subset=200)
+    with np.load(saved) as data:
+        assert (data["y_fine"] == plain.targets).all() and (data["y"] == (plain.targets >= 5)).all()
+    assert main(["measure", str(saved), "--measure", "c1,c3", "--top-k", "5"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(line["measure"], line.get("subclasses"), line.get("classes")) for line in lines] == [
+        ("c1", 10, None), ("c3", None, 2)
+    ]  # fmt: skip
