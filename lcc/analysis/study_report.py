@@ -12,8 +12,10 @@
 - ``figures/``: Fig. 3 (each measure vs test accuracy, one row per hyperparameter, coloured by
   its value), Fig. 4 (Kendall overall of c1 and c3 as a function of ``k``, from the stored
   per-neuron values, no retraining), Fig. 5 (each measure across layers averaged over the
-  models of one ``depth``), as PNG and SVG. Fig. 7 needs measures tracked during training,
-  which ``lcc study`` does not record yet: the report says so.
+  models of one ``depth``), as PNG and SVG; when the models tracked measures during training
+  (``track_measures:`` in ``base:``), Fig. 6 (the tracked measures per epoch of the models
+  with the highest, median and lowest test accuracy) and Fig. 7 (the most selective neuron of
+  the max- and median-selectivity subclasses over training, :mod:`selective_neurons`).
 """
 
 from __future__ import annotations
@@ -224,6 +226,46 @@ def _fig5(root: Path, ok: list[dict[str, Any]], layered: Sequence[str], plt: Any
     return [_save(figure, root, "fig5_measures_across_layers")]
 
 
+def _fig6(root: Path, runs: Sequence[Any], rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Fig. 6: the tracked measures (over all layers) per epoch of the models with the highest,
+    median and lowest test accuracy, when the models tracked their measures."""
+    from lcc.io import read_jsonl_tolerant
+
+    scored = sorted(
+        ((row["test_top1"], run) for run, row in zip(runs, rows, strict=True)
+         if row["status"] == "ok" and row.get("test_top1") is not None),
+        key=lambda pair: pair[0],
+    )  # fmt: skip
+    if not scored:
+        return []
+    picks = [scored[-1], scored[(len(scored) - 1) // 2], scored[0]]
+    tracks = [
+        (acc, read_jsonl_tolerant(Path(run.config.out) / "measures.jsonl")) for acc, run in picks
+    ]
+    names = list(
+        dict.fromkeys(r["measure"] for _, lines in tracks for r in lines if r.get("layer") == "all")
+    )
+    if not names:
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    figure, axes = plt.subplots(1, len(names), figsize=(3.4 * len(names), 2.8), squeeze=False)
+    for axis, name in zip(axes[0], names, strict=True):
+        for acc, lines in tracks:
+            points = sorted((r["epoch"] + 1, r["value"]) for r in lines
+                            if r.get("measure") == name and r.get("layer") == "all")  # fmt: skip
+            if points:
+                axis.plot(*zip(*points, strict=True), marker="o", label=f"test {acc:.1%}")
+        axis.set_title(name, fontsize=8)
+        axis.set_xlabel("epoch", fontsize=7)
+        axis.legend(fontsize=6)
+    figure.tight_layout()
+    return [_save(figure, root, "fig6_measures_over_training")]
+
+
 def _fig7(root: Path, runs: Sequence[Any], rows: Sequence[Mapping[str, Any]]) -> list[str]:
     """Fig. 7 of the model with the best test accuracy, when its measures were tracked."""
     from lcc.analysis.selective_neurons import write_figure
@@ -278,8 +320,8 @@ def _html(
         + (
             ""
             if "fig7_selective_neurons" in figures
-            else "<p>Fig. 7 (neuron responses over training) needs measures tracked during "
-            "training (base: track_measures); not recorded by this study.</p>"
+            else "<p>Figs. 6 and 7 (measures and neurons over training) need measures tracked "
+            "during training (base: track_measures); not recorded by this study.</p>"
         )
         + "</body></html>"
     )
@@ -315,7 +357,7 @@ def write_study(
         counts[row["status"]] = counts.get(row["status"], 0) + 1
     curves = k_curve([Path(run.config.out) for run in runs], rows, hps)
     figures = _figures(root, rows, hps, curves, columns) if counts.get("ok") else []
-    figures += _fig7(root, runs, rows)
+    figures += _fig6(root, runs, rows) + _fig7(root, runs, rows)
     _write(root / "report.html", _html(markdown, counts, figures, hps))
     return {
         name: root / name for name in ("models.csv", "kendall.csv", "kendall.md", "report.html")

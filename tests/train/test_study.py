@@ -113,7 +113,8 @@ def test_study_end_to_end_with_a_diverged_model(tmp_path, capsys):
     kendall = list(csv.DictReader((out / "kendall.csv").open()))
     assert [r["measure"] for r in kendall] == head[6:]
     assert {r["left_out"] for r in kendall} == {"2"}
-    figures = ("fig3_measures_vs_test.svg", "fig4_kendall_vs_k.png", "fig7_selective_neurons.svg")
+    figures = ("fig3_measures_vs_test.svg", "fig4_kendall_vs_k.png",
+               "fig6_measures_over_training.png", "fig7_selective_neurons.svg")  # fmt: skip
     for name in ("report.html", "kendall.md", *(f"figures/{f}" for f in figures)):
         assert (out / name).is_file()
     assert main(["study", str(file), "--out", str(out), "--dry-run"]) == 0
