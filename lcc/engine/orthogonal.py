@@ -185,7 +185,7 @@ def orthogonal_targets(
     device: str | torch.device | None = None,
     checked: bool = False,
 ) -> Orthogonal:
-    """The effective targets ``z - P_perp(z - t)`` of :data:`targets`, and their statistics.
+    """The effective targets ``z - P_perp(z - t)`` of ``targets``, and their statistics.
 
     ``z`` (N, D) are the latents the targets were computed in (NumPy, or a tensor on the
     device the work should run on), ``clusters`` (N,) their cluster ids. Neighbours are found

@@ -29,22 +29,45 @@ import dataclasses
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
+import torch
 
+from lcc.engine.choices import (
+    CLUSTER_METHODS,
+    KNN_MODES,
+    METRICS,
+    TARGET_MODES,
+    WEIGHTS,
+    ClusterMethod,
+    KnnMode,
+    Metric,
+    TargetMode,
+    Weights,
+)
 from lcc.engine.cluster import cluster_graph
+from lcc.engine.device import empty_rows, iterate_rows, place_rows, resolve_device
 from lcc.engine.graph import knn_graph
 from lcc.engine.knn import knn
 from lcc.engine.loss import LCCLoss
 from lcc.engine.match import Matching, as_class_subset, match_clusters
+from lcc.engine.orthogonal import CORRECTIONS, OrthogonalStats, check_tangent, orthogonal_targets
 from lcc.engine.projection import Projection, fit_pca
 from lcc.engine.targets import Targets, approximate_targets, exact_targets
-from lcc.errors import LCCInputError, as_label_vector, as_latent_matrix, check_choice, check_k
+from lcc.errors import (
+    LCCInputError,
+    as_label_vector,
+    as_latent_matrix,
+    check_choice,
+    check_finite,
+    check_k,
+)
 
 __all__ = [
+    "BACKENDS",
     "CLUSTER_METHODS",
     "KNN_MODES",
     "METRICS",
@@ -56,18 +79,9 @@ __all__ = [
     "refresh",
 ]
 
-ClusterMethod = Literal["leiden", "louvain", "peer-pressure"]
-TargetMode = Literal["exact", "approximate"]
-KnnMode = Literal["exact", "approximate"]
-Metric = Literal["l2", "cosine"]
-Weights = Literal["unweighted", "rbf"]
 
-CLUSTER_METHODS: tuple[str, ...] = ("leiden", "louvain", "peer-pressure")
-TARGET_MODES: tuple[str, ...] = ("exact", "approximate")
-KNN_MODES: tuple[str, ...] = ("exact", "approximate")
-METRICS: tuple[str, ...] = ("l2", "cosine")
-WEIGHTS: tuple[str, ...] = ("unweighted", "rbf")
-
+#: Values of :func:`refresh`'s ``backend`` keyword.
+BACKENDS: tuple[str, ...] = ("auto", "faiss", "torch")
 #: Stage names reported to a ``progress`` callback, in order ("pca" only when PCA is on).
 STAGES: tuple[str, ...] = ("check", "pca", "knn", "graph", "cluster", "match", "targets")
 #: Latent entries converted to float32 at once by the NaN/inf check.
@@ -91,6 +105,10 @@ class RefreshConfig:
     weights: Weights = "unweighted"
     resolution: float = 1.0
     seed: int = 0
+    bandwidth: str | float = "median"
+    correction: str = "plain"
+    tangent_k: int = 50
+    tangent_dim: int | float = 8
 
     def validated(self, n_samples: int, dim: int) -> RefreshConfig:
         """Return a normalised copy, or raise :class:`LCCInputError` naming the bad setting.
@@ -105,6 +123,12 @@ class RefreshConfig:
                 f"resolution={self.resolution} applies to leiden and louvain only; "
                 "peer-pressure has no resolution, leave it at 1.0"
             )
+        correction = check_choice(self.correction, CORRECTIONS, name="correction")
+        tangent_dim = self.tangent_dim
+        if correction == "orthogonal":
+            pca = _check_pca(self.pca, n_samples, dim)
+            space = dim if pca is None else pca
+            tangent_dim = check_tangent(self.tangent_k, self.tangent_dim, space)
         return RefreshConfig(
             k=check_k(self.k, n_samples),
             method=check_choice(self.method, CLUSTER_METHODS, name="method"),  # type: ignore[arg-type]
@@ -115,6 +139,10 @@ class RefreshConfig:
             weights=check_choice(self.weights, WEIGHTS, name="weights"),  # type: ignore[arg-type]
             resolution=_check_resolution(self.resolution),
             seed=_check_seed(self.seed),
+            bandwidth=_check_bandwidth(self.bandwidth, self.weights),
+            correction=correction,
+            tangent_k=int(self.tangent_k),
+            tangent_dim=tangent_dim,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -130,7 +158,9 @@ class Refresh:
     then apply ``projection`` to latents before comparing them with targets, as
     :meth:`loss` does). ``seconds`` has keys ``"check"`` (the chunked NaN/inf scan),
     ``"knn"`` (PCA, k-NN search and graph construction together), ``"cluster"``, ``"match"``,
-    ``"targets"``, ``"total"``, and the parts of ``"knn"``: ``"pca"`` and ``"graph"``.
+    ``"targets"``, ``"total"``, and the parts of ``"knn"``: ``"pca"`` and ``"graph"``; with
+    ``config.correction="orthogonal"`` also ``"orthogonal"`` (the projection of the targets,
+    after ``"targets"``), and ``orthogonal`` holds what it did (else None).
     """
 
     config: RefreshConfig
@@ -143,6 +173,7 @@ class Refresh:
     n: int
     d: int
     input_dim: int = field(default=0)
+    orthogonal: OrthogonalStats | None = None
 
     @property
     def cluster_class(self) -> np.ndarray:
@@ -189,6 +220,7 @@ class Refresh:
             "modularity": float(self.modularity),
             "seconds": {key: float(value) for key, value in self.seconds.items()},
             **self.config.to_dict(),
+            **(self.orthogonal.to_dict() if self.orthogonal is not None else {}),
         }
 
     def loss(self, *, squared: bool = False) -> LCCLoss:
@@ -204,6 +236,9 @@ def refresh(
     classes: Sequence[int] | np.ndarray | None = None,
     progress: Callable[[str], None] | None = None,
     stage_done: Callable[[str, float], None] | None = None,
+    device: str | None = None,
+    backend: str = "auto",
+    name: str = "z",
     **overrides: Any,
 ) -> Refresh:
     """Cluster latents ``z`` (N, ...) and build correction targets for labels ``y`` (N,).
@@ -212,22 +247,50 @@ def refresh(
     (``refresh(z, y, k=10, method="louvain")``). ``classes`` restricts correctible samples to
     those classes. ``progress``, if given, is called with each stage name of :data:`STAGES`
     as the stage starts, and ``stage_done`` with the stage name and its seconds as it ends.
-    Raises :class:`LCCInputError` before any work on bad input.
+    Raises :class:`LCCInputError` before any work on bad input; ``name`` names the latents in
+    its messages (e.g. ``"latents of layer 'fc'"``).
+
+    ``device`` says where the k-NN search, PCA and targets run (graph clustering always runs on
+    the CPU): ``None``/``"auto"`` where the latents are (a CUDA tensor: on its GPU; else the
+    CPU path), ``"cpu"``, or ``"cuda"``/``"cuda:N"`` (see :mod:`lcc.engine.device`: latents
+    too large for the GPU are streamed from pinned host memory, with one line on stderr).
+    There the search is exact whatever ``config.knn`` says: faiss's GPU brute force when a
+    faiss GPU build is installed, else the chunked torch search. ``backend``:
+    ``"auto"`` (faiss on the CPU path when installed), ``"faiss"``, or ``"torch"``, which runs
+    the GPU path's torch code on the CPU too. The latents are checked for NaN/inf once, here
+    (stage ``"check"``); the stages after it do not scan them again.
     """
     start = time.perf_counter()
-    z, y, config, classes = _validate(z, y, config, classes, overrides)
+    check_choice(backend, BACKENDS, name="backend")
+    target = resolve_device(device, z, backend=backend)
+    z, y, config, classes = _validate(z, y, config, classes, overrides, keep=target is not None)
     seconds: dict[str, float] = {}
     notify = progress or _silent
     done = stage_done or _silent_done
 
     with _timed(seconds, "check", notify, done):
-        _check_finite(z)
+        if target is not None:
+            z = place_rows(z, target).rows
+        check_finite(z, name=name, chunk_entries=CHECK_CHUNK_ENTRIES)
     with _timed(seconds, "pca", notify, done, shown=config.pca is not None):
-        projection, z = _project(z, config)
+        projection, z = _project(z, config, target)
     with _timed(seconds, "knn", notify, done):
-        neighbors = knn(z, config.k, mode=config.knn, metric=config.metric, seed=config.seed)
+        neighbors = knn(
+            z,
+            config.k,
+            mode=config.knn,
+            metric=config.metric,
+            seed=config.seed,
+            backend=backend,
+            device=target,
+            checked=True,
+        )
     with _timed(seconds, "graph", notify, done):
-        adjacency = knn_graph(neighbors, weights=config.weights)
+        adjacency = knn_graph(
+            neighbors,
+            weights=config.weights,
+            bandwidth=None if config.bandwidth == "median" else float(config.bandwidth),
+        )
         del neighbors
     with _timed(seconds, "cluster", notify, done):
         clustering = cluster_graph(
@@ -237,7 +300,21 @@ def refresh(
     with _timed(seconds, "match", notify, done):
         matching = match_clusters(clustering.labels, y)
     with _timed(seconds, "targets", notify, done):
-        targets = _targets(z, y, clustering.labels, matching, config, classes)
+        targets = _targets(z, y, clustering.labels, matching, config, classes, target)
+    orthogonal = None
+    if config.correction == "orthogonal":
+        with _timed(seconds, "orthogonal", notify, done):
+            corrected = orthogonal_targets(
+                z,
+                clustering.labels,
+                targets,
+                tangent_k=config.tangent_k,
+                tangent_dim=config.tangent_dim,
+                metric=config.metric,
+                device=target,
+                checked=True,
+            )
+            targets, orthogonal = corrected.targets, corrected.stats
 
     seconds["knn"] += seconds["pca"] + seconds["graph"]
     seconds["total"] = time.perf_counter() - start
@@ -252,6 +329,7 @@ def refresh(
         n=int(z.shape[0]),
         d=int(z.shape[1]),
         input_dim=int(projection.components.shape[0]) if projection is not None else z.shape[1],
+        orthogonal=orthogonal,
     )
 
 
@@ -261,8 +339,10 @@ def _validate(
     config: RefreshConfig | None,
     classes: object,
     overrides: dict[str, Any],
-) -> tuple[np.ndarray, np.ndarray, RefreshConfig, np.ndarray | None]:
-    matrix = _latent_rows(z)
+    *,
+    keep: bool = False,
+) -> tuple[Any, np.ndarray, RefreshConfig, np.ndarray | None]:
+    matrix = _latent_rows(z, keep=keep)
     labels = as_label_vector(y, matrix.shape[0])
     if config is None:
         config = RefreshConfig()
@@ -281,11 +361,14 @@ def _validate(
     return matrix, labels, config, as_class_subset(classes)
 
 
-def _latent_rows(z: object) -> np.ndarray:
+def _latent_rows(z: object, *, keep: bool = False) -> Any:
     """Latents as an ``(N, D)`` float array; a float NumPy array (or memory map) keeps its dtype
-    and is not copied (its values are checked later, in chunks, by :func:`_check_finite`)."""
-    if not (isinstance(z, np.ndarray) and z.dtype.kind == "f" and z.ndim >= 2):
-        return as_latent_matrix(z)
+    and is not copied, nor (``keep``: for the device path) is a float tensor. Their values are
+    checked later, in chunks, by :func:`lcc.errors.check_finite`."""
+    if keep and isinstance(z, torch.Tensor) and z.is_floating_point() and z.ndim >= 2:
+        z = z.detach()
+    elif not (isinstance(z, np.ndarray) and z.dtype.kind == "f" and z.ndim >= 2):
+        return as_latent_matrix(z, checked=True)
     if z.shape[0] < 2:
         raise LCCInputError(f"z has {z.shape[0]} sample(s); at least 2 are needed")
     rows = z.reshape(z.shape[0], -1)
@@ -294,27 +377,26 @@ def _latent_rows(z: object) -> np.ndarray:
     return rows
 
 
-def _check_finite(z: np.ndarray) -> None:
-    """Raise :class:`LCCInputError` naming the rows with NaN or inf, reading ``z`` in chunks."""
-    step = max(1, CHECK_CHUNK_ENTRIES // max(1, z.shape[1]))
-    bad = [
-        start + np.flatnonzero(~np.isfinite(z[start : start + step]).all(axis=1))
-        for start in range(0, z.shape[0], step)
-    ]
-    rows = np.concatenate(bad) if bad else np.zeros(0, np.int64)
-    if rows.size:
-        raise LCCInputError(
-            f"z contains NaN or inf in {rows.size} row(s) (first: {rows[:5].tolist()}); "
-            "check the model for diverging activations or drop those samples"
-        )
-
-
-def _project(z: np.ndarray, config: RefreshConfig) -> tuple[Projection | None, np.ndarray]:
+def _project(
+    z: Any, config: RefreshConfig, device: torch.device | None
+) -> tuple[Projection | None, Any]:
+    """PCA (when set) of checked latents: float32 NumPy rows on the CPU path, else a tensor on
+    ``device`` (or pinned, when it does not fit), projected chunk by chunk."""
     if config.pca is None:
-        return None, np.ascontiguousarray(z, dtype=np.float32)
-    projection = fit_pca(z, config.pca, seed=config.seed)
-    projected = np.ascontiguousarray(projection.apply(z), dtype=np.float32)
-    return projection, projected
+        if device is None:
+            return None, np.ascontiguousarray(z, dtype=np.float32)
+        return None, z
+    projection = fit_pca(
+        z, config.pca, seed=config.seed, device=device, backend="auto", checked=True
+    )
+    if device is None:
+        return projection, np.ascontiguousarray(projection.apply(z), dtype=np.float32)
+    out = empty_rows(z.shape[0], config.pca, device, what="projected latents")
+    with torch.no_grad():
+        for start, part in iterate_rows(z, CHECK_CHUNK_ENTRIES):
+            rows = projection.apply(part.to(device, torch.float32))
+            out[start : start + rows.shape[0]] = rows.to(out.device)
+    return projection, out
 
 
 def _targets(
@@ -324,12 +406,32 @@ def _targets(
     matching: Matching,
     config: RefreshConfig,
     classes: np.ndarray | None,
+    device: torch.device | None,
 ) -> Targets:
+    backend = "auto" if device is None else "torch"
     if config.targets == "exact":
         return exact_targets(
-            z, y, matching.correctly_clustered, config.k, classes=classes, metric=config.metric
+            z,
+            y,
+            matching.correctly_clustered,
+            config.k,
+            classes=classes,
+            metric=config.metric,
+            backend=backend,
+            device=device,
+            checked=True,
         )
-    return approximate_targets(z, y, clusters, matching, classes=classes, seed=config.seed)
+    return approximate_targets(
+        z,
+        y,
+        clusters,
+        matching,
+        classes=classes,
+        seed=config.seed,
+        backend=backend,
+        device=device,
+        checked=True,
+    )
 
 
 def _silent(stage: str) -> None:
@@ -380,6 +482,28 @@ def _check_resolution(resolution: object) -> float:
     value = float(resolution)
     if not math.isfinite(value) or value <= 0:
         raise LCCInputError(f"resolution={resolution} must be a positive finite number")
+    return value
+
+
+def _check_bandwidth(bandwidth: object, weights: str) -> str | float:
+    """``"median"`` or a positive number; a number only with RBF weights."""
+    if isinstance(bandwidth, str):
+        if bandwidth.strip() == "median":
+            return "median"
+        with suppress(ValueError):
+            bandwidth = float(bandwidth)
+    if isinstance(bandwidth, bool) or not isinstance(bandwidth, (int, float, np.number)):
+        raise LCCInputError(
+            f"bandwidth must be 'median' or a positive number (1: the paper's unscaled "
+            f"exp(-||zi - zj||^2)), got {bandwidth!r}"
+        )
+    value = float(bandwidth)
+    if not (math.isfinite(value) and value > 0):
+        raise LCCInputError(f"bandwidth={bandwidth} must be a positive finite number or 'median'")
+    if weights != "rbf":
+        raise LCCInputError(
+            f"bandwidth={bandwidth} applies to weights=rbf only; add weights=rbf or drop it"
+        )
     return value
 
 

@@ -119,7 +119,11 @@ class TrainingLatents:
     ``latents``: {layer: (N, D) float32}; ``y``: (N,) labels (-1 unlabelled); ``predictions``:
     (N,) predicted classes (-1 unknown) or None; ``source``: ``"fresh"``, ``"recorded"`` or
     ``"fresh (fallback: REASON)"``; ``seconds``: time spent collecting; ``stale``: recorded rows
-    older than the previous epoch.
+    older than the previous epoch; ``device``: where the model ran (``"cpu"``, ``"cuda:0"``),
+    where a refresh on ``"auto"`` runs its k-NN, PCA and targets; ``losses``: (N,) per-sample
+    cross-entropy of the pass (NaN unknown) or None; ``train_accuracy``: the accuracy of the
+    training forwards of the epoch before (None unknown), to compare with the pass's;
+    ``refresh_bn``: the BatchNorm statistics of the fresh pass (None: recorded latents).
     """
 
     latents: dict[str, np.ndarray]
@@ -128,6 +132,10 @@ class TrainingLatents:
     source: str
     seconds: float
     stale: int = 0
+    device: str | None = None
+    losses: np.ndarray | None = None
+    train_accuracy: float | None = None
+    refresh_bn: str | None = None
 
 
 class Regulariser(nn.Module):

@@ -149,6 +149,14 @@ def to_numpy(value: Any) -> Any:
     return value
 
 
+def _mean_loss(losses: np.ndarray | None, mask: np.ndarray) -> float | None:
+    """Mean per-sample cross-entropy over ``mask`` (NaN entries unknown), None when none."""
+    if losses is None:
+        return None
+    mask = mask & np.isfinite(losses)
+    return float(np.mean(losses[mask])) if mask.any() else None
+
+
 def _accuracy(predictions: np.ndarray | None, y: np.ndarray, mask: np.ndarray) -> float:
     if predictions is None:
         return float("nan")
@@ -326,6 +334,9 @@ class LCC(Regulariser):
         classes: np.ndarray | None,
     ) -> LayerState:
         cc = np.asarray(result.matching.correctly_clustered, dtype=bool)
+        losses = None if latents.losses is None else np.asarray(latents.losses, dtype=np.float64)
+        if losses is not None and rows is not None:
+            losses = losses[rows]
         stats = dict(result.summary())
         seconds = dict(result.seconds)
         seconds["collect"] = latents.seconds
@@ -343,6 +354,12 @@ class LCC(Regulariser):
             accuracy=_accuracy(predictions, y, np.ones(len(y), dtype=bool)),
             accuracy_cc=_accuracy(predictions, y, cc),
             accuracy_mc=_accuracy(predictions, y, ~cc),
+            # the paper's sec. IV.C: ce(CC) < ce < ce(MC), on the pass the refresh read
+            cross_entropy=_mean_loss(losses, np.ones(len(y), dtype=bool)),
+            cross_entropy_cc=_mean_loss(losses, cc),
+            cross_entropy_mc=_mean_loss(losses, ~cc),
+            train_accuracy=latents.train_accuracy,
+            refresh_bn=latents.refresh_bn,
             classes=None if classes is None else classes.tolist(),
         )
         target_indices = np.asarray(result.targets.indices, dtype=np.int64)

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from lcc.engine.choices import (
     CLASS_POLICIES,
     CLUSTER_METHODS,
+    CORRECTIONS,
     KNN_MODES,
     METRICS,
     TARGET_MODES,
@@ -45,6 +46,10 @@ REFRESH_OPTIONS: tuple[str, ...] = (
     "weights",
     "resolution",
     "seed",
+    "bandwidth",
+    "correction",
+    "tangent_k",
+    "tangent_dim",
 )
 
 
@@ -56,7 +61,9 @@ class LCCOptions(RegulariserOptions):
     epochs after ``warmup``; ``method``/``targets``/``knn``/``metric``/``pca``/``weights``/
     ``resolution``/``seed``: :class:`lcc.engine.refresh.RefreshConfig`; ``class_policy``/
     ``policy_size``: which classes are corrected (:func:`lcc.engine.selection.select_classes`);
-    ``squared``: the poster's squared loss.
+    ``squared``: the poster's squared loss; ``bandwidth``: the RBF kernel's scale;
+    ``correction``/``tangent_k``/``tangent_dim``: orthogonal correction (paper sec. V.C,
+    :mod:`lcc.engine.orthogonal`).
 
     ``knn`` defaults to ``"approximate"`` (unlike :class:`lcc.engine.refresh.RefreshConfig`): on
     the demo's 10,000 x 128 latents it halves the refresh (0.22 s -> 0.11 s), its clusters are
@@ -86,6 +93,13 @@ class LCCOptions(RegulariserOptions):
         None, "project latents to this many PCA dimensions first", shown="no PCA"
     )
     weights: str = option("unweighted", "edge weights of the k-NN graph", choices=WEIGHTS)
+    bandwidth: str | float = option(
+        "median",
+        "scale s of the rbf weights exp(-||zi - zj||^2 / s^2): 'median' (the median k-NN "
+        "distance; departs from the paper, whose unscaled exp(-||zi - zj||^2) underflows to 0 "
+        "in high dimension) or a number (1: the paper's kernel)",
+        kind="mixed",
+    )
     resolution: float = option(1.0, "modularity resolution of Leiden/Louvain")
     class_policy: str = option(
         "all", "which classes are corrected (confusion graph)", choices=CLASS_POLICIES
@@ -93,7 +107,24 @@ class LCCOptions(RegulariserOptions):
     policy_size: int | None = option(
         None, "N for the top-pairs / heaviest-set class policies", shown="none"
     )
-    squared: bool = option(False, "use the squared loss (the poster's variant)")
+    squared: bool = option(
+        False, "use the poster's squared loss ||z - T(z)||^2 / sqrt(d) instead of eq. 8's norm"
+    )
+    correction: str = option(
+        "plain",
+        "pull of a misclustered latent: towards its target (plain, eq. 8) or only its part "
+        "orthogonal to the tangent space of its own cluster (orthogonal, paper sec. V.C)",
+        choices=CORRECTIONS,
+    )
+    tangent_k: int = option(
+        50, "orthogonal: neighbours within the cluster whose PCA estimates the tangent space"
+    )
+    tangent_dim: int | float = option(
+        8,
+        "orthogonal: tangent dimension, an integer < tangent_k, or a fraction in (0, 1): the "
+        "fewest principal components explaining that share of the neighbours' variance",
+        kind="mixed",
+    )
     seed: int = option(0, "seed of the clustering")
 
     def check(self) -> None:
@@ -120,6 +151,22 @@ class LCCOptions(RegulariserOptions):
         if not resolution > 0:
             raise LCCInputError(f"resolution must be a positive number, got {self.resolution!r}")
         self.resolution = resolution
+        self.tangent_k = check_integer(self.tangent_k, "tangent_k", 2)
+        from lcc.engine.orthogonal import check_tangent  # torch: not needed to build parsers
+
+        self.tangent_dim = check_tangent(self.tangent_k, self.tangent_dim)
+        if self.bandwidth != "median":
+            bandwidth = check_number(self.bandwidth, "bandwidth")
+            if not bandwidth > 0:
+                raise LCCInputError(
+                    f"bandwidth must be 'median' or a positive number, got {self.bandwidth!r}"
+                )
+            if self.weights != "rbf":
+                raise LCCInputError(
+                    f"bandwidth={self.bandwidth} applies to weights=rbf only; add weights=rbf "
+                    "or drop it"
+                )
+            self.bandwidth = bandwidth
 
     def refresh_config(self) -> RefreshConfig:
         """The :class:`lcc.engine.refresh.RefreshConfig` these settings ask for."""

@@ -84,16 +84,20 @@ def idle_warnings(regularisation: Any, epochs: int) -> list[str]:
     >>> model = nn.Sequential(nn.Linear(2, 2))
     >>> idle_warnings(Regularisation(model, [LCC(layers=["0"], warmup=5)]), 2)
     ['lcc never acts in this run: warmup=5 >= epochs=2 (it starts at epoch 5); lower the warmup or raise --epochs']
+    >>> idle_warnings(Regularisation(model, [LCC(layers=["0"], weight=0)]), 2)  # monitoring
+    []
     """  # noqa: E501
     lines = []
     for key, reg in regularisation.items():
         refreshes = [e for e in range(epochs) if reg.needs_training_latents(e)]
         active = [e for e in range(epochs) if reg.weight_at(e) > 0]
-        if (reg.refreshes and not refreshes) or not active:
+        if (reg.refreshes and not refreshes) or (not active and reg.weight > 0):
             lines.append(
                 f"{key} never acts in this run: warmup={reg.warmup} >= epochs={epochs} "
                 f"(it starts at epoch {reg.warmup}); lower the warmup or raise --epochs"
             )
+        elif not active and not reg.refreshes:  # weight 0 and nothing to monitor
+            lines.append(f"{key} has weight 0: its term is never added; give it a weight")
     return lines
 
 
@@ -205,6 +209,7 @@ def build(
         regularisers=regularisers,
         source=config.source,
         pool=config.pool,
+        refresh_bn=config.refresh_bn,
         sample=sample,
         num_classes=bundle.num_classes,
         n_train=len(train_set),

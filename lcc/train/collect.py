@@ -32,7 +32,8 @@ from lcc.errors import LCCInputError, check_integer
 from lcc.regularisers.base import TrainingLatents
 from lcc.regularisers.lcc import to_numpy, to_torch
 from lcc.train.exchange import Exchange
-from lcc.zoo.latents import collect_latents
+from lcc.zoo.batchnorm import batch_statistics, check_refresh_bn, recalibrate
+from lcc.zoo.latents import collect_latents, eval_mode, model_device
 
 __all__ = ["RecordedLatents", "Shard", "collect_fresh", "dataset_labels"]
 
@@ -79,9 +80,16 @@ def collect_fresh(
     latents_dir: Path | None,
     latents_dtype: str,
     reason: str | None = None,
+    refresh_bn: str = "running",
+    seed: int = 0,
 ) -> TrainingLatents | None:
     """The eval pass over the training set (sharded over ``exchange``'s ranks); the gathered
     :class:`TrainingLatents` on the main rank, None on the others.
+
+    ``refresh_bn`` (:mod:`lcc.zoo.batchnorm`): ``running`` (eval mode), ``batch`` (BatchNorm
+    with batch statistics, running ones untouched) or ``recalibrate`` (running statistics first
+    re-estimated on a sample of the training set drawn with ``seed``). The per-sample
+    cross-entropy of the pass is kept in ``losses`` (gathered like the latents).
 
     ``latents_dir``: the latents are memory-mapped ``.npy`` files there (every rank writes its
     shard in ``latents_dir/shard-RANK``, the main rank the gathered whole in ``latents_dir``).
@@ -92,7 +100,16 @@ def collect_fresh(
         raise LCCInputError(
             "a refresh needs the training loader (yielding (x, y, index)) for the latent pass"
         )
+    refresh_bn = check_refresh_bn(refresh_bn)
     world = exchange.world
+    if refresh_bn == "recalibrate":
+        recalibrate(
+            model,
+            loader.dataset,
+            batch_size=getattr(loader, "batch_size", None) or 128,
+            seed=seed,
+            device=device,
+        )
     if world > 1:
         exchange.broadcast_buffers(model)  # BatchNorm statistics drift apart per rank
         loader = _shard_loader(loader, exchange.rank, world)
@@ -100,6 +117,14 @@ def collect_fresh(
     if folder is not None and world > 1:
         folder = latents_dir / f"shard-{exchange.rank}"  # type: ignore[operator]
         folder.mkdir(parents=True, exist_ok=True)
+    losses = np.full(len(loader.dataset), np.nan)
+
+    def keep_loss(logits: Tensor, labels: Tensor, rows: np.ndarray) -> None:
+        labels = labels.reshape(-1).to(logits.device, torch.int64)
+        scores = logits.reshape(labels.shape[0], -1).float()
+        loss = nn.functional.cross_entropy(scores, labels.clamp(min=0), reduction="none")
+        losses[rows] = torch.where(labels >= 0, loss, torch.nan).cpu().numpy()
+
     latents, y, predictions = collect_latents(
         model,
         loader,
@@ -108,18 +133,27 @@ def collect_fresh(
         device=device,
         memmap_dir=folder,
         memmap_dtype=np.dtype(latents_dtype),
+        mode=batch_statistics if refresh_bn == "batch" else eval_mode,
+        on_batch=keep_loss,
     )
     if world > 1:
         gathered = _gather_shards(latents, y, predictions, exchange, latents_dir, latents_dtype)
+        shards = exchange.gather_rows(losses.reshape(-1, 1))  # every rank takes part
         if gathered is None:
             return None
         latents, y, predictions = gathered
+        losses = np.empty(len(y))
+        for rank, part in enumerate(shards):
+            losses[rank::world] = part[:, 0]
     return TrainingLatents(
         latents=latents,
         y=np.asarray(y, dtype=np.int64),
         predictions=np.asarray(predictions, dtype=np.int64),
         source="fresh" if reason is None else f"fresh (fallback: {reason})",
         seconds=time.perf_counter() - start,
+        device=str(device if device is not None else model_device(model)),
+        losses=losses,
+        refresh_bn=refresh_bn,
     )
 
 
@@ -171,8 +205,9 @@ def dataset_labels(loader: Any) -> np.ndarray | None:
 
 
 class RecordedLatents:
-    """Per-sample buffers of the training forwards: predictions, labels, the epoch each row was
-    recorded in, and latents per layer ((N, D), in RAM or memory-mapped in ``latents_dir``)."""
+    """Per-sample buffers of the training forwards: predictions, labels, cross-entropy, the
+    epoch each row was recorded in, and latents per layer ((N, D), in RAM or memory-mapped in
+    ``latents_dir``)."""
 
     def __init__(self, *, latents_dir: Path | None, dtype: str):
         self.latents_dir, self.dtype = latents_dir, dtype
@@ -180,6 +215,7 @@ class RecordedLatents:
         self.predictions: np.ndarray | None = None
         self.labels: np.ndarray | None = None
         self.recorded_at: np.ndarray | None = None
+        self.losses: np.ndarray | None = None  # (N,) float64 cross-entropy, NaN unknown
         self.latents: dict[str, np.ndarray] = {}
 
     def set_size(self, n: int) -> None:
@@ -198,6 +234,7 @@ class RecordedLatents:
             self.predictions = np.full(n, -1, dtype=np.int64)
             self.labels = np.full(n, -1, dtype=np.int64)
             self.recorded_at = np.full(n, -1, dtype=np.int64)
+            self.losses = np.full(n, np.nan)
             self.latents = {}
 
     def observe(
@@ -229,6 +266,8 @@ class RecordedLatents:
             labels = torch.as_tensor(y).detach().reshape(-1).cpu().long()
             _check_rows(labels.shape[0], index, "y")
             torch.from_numpy(self.labels)[index] = labels  # type: ignore[arg-type]
+        if logits is not None and y is not None:
+            self._observe_losses(index, logits, labels)
         if not outputs:
             return
         n = self.n
@@ -240,6 +279,25 @@ class RecordedLatents:
                 self.latents[name] = self._buffer(name, (n, out.shape[1]))
             torch.from_numpy(self.latents[name])[index] = out
         torch.from_numpy(self.recorded_at)[index] = max(epoch, 0)  # type: ignore[arg-type]
+
+    def _observe_losses(self, index: Tensor, logits: Tensor, labels: Tensor) -> None:
+        """Per-sample cross-entropy of the batch (NaN for unlabelled rows)."""
+        if self.losses is None or self.losses.shape[0] != self.predictions.shape[0]:  # type: ignore[union-attr]
+            self.losses = np.full(self.predictions.shape[0], np.nan)  # type: ignore[union-attr]
+        scores = logits.detach().reshape(labels.shape[0], -1).float().cpu()
+        loss = nn.functional.cross_entropy(scores, labels.clamp(min=0), reduction="none")
+        values = torch.where(labels >= 0, loss, torch.nan).double()
+        torch.from_numpy(self.losses)[index] = values
+
+    def accuracy(self) -> float | None:
+        """Accuracy of the last training forward of every sample (the epoch before a refresh,
+        when each epoch sees every sample); None before any was recorded."""
+        if self.predictions is None or self.labels is None:
+            return None
+        known = (self.predictions >= 0) & (self.labels >= 0)
+        if not known.any():
+            return None
+        return float(np.mean(self.predictions[known] == self.labels[known]))
 
     def gap(self, layers: Sequence[str]) -> str | None:
         """Why the buffers cannot serve a refresh of ``layers``, or None when they can."""
@@ -269,6 +327,7 @@ class RecordedLatents:
             source="recorded",
             seconds=time.perf_counter() - start,
             stale=stale,
+            losses=None if self.losses is None else self.losses[:n].copy(),
         )
 
     def share(
@@ -283,11 +342,16 @@ class RecordedLatents:
         gathered_rows = exchange.gather_rows(rows)
         meta = exchange.gather_rows(np.stack([self.predictions[rows], self.labels[rows]], axis=1))
         gathered = {name: exchange.gather_rows(self.latents[name][rows]) for name in layers}
+        losses = None
+        if self.losses is not None:
+            losses = exchange.gather_rows(self.losses[rows].reshape(-1, 1))
         for rank in reversed(range(len(gathered_rows))):  # lowest rank written last: it wins
             index = gathered_rows[rank]
             self.predictions[index] = meta[rank][:, 0]
             self.labels[index] = meta[rank][:, 1]
             self.recorded_at[index] = epoch
+            if losses is not None and self.losses is not None:
+                self.losses[index] = losses[rank][:, 0]
             for name in layers:
                 self.latents[name][index] = gathered[name][rank]
 
@@ -298,6 +362,7 @@ class RecordedLatents:
             "predictions": self.predictions,
             "labels": self.labels,
             "recorded_at": self.recorded_at,
+            "losses": self.losses,
             "latents": self.latents,
         }
 
@@ -309,6 +374,7 @@ class RecordedLatents:
         self.predictions = buffers["predictions"]
         self.labels = buffers["labels"]
         self.recorded_at = buffers["recorded_at"]
+        self.losses = buffers.get("losses")  # absent from checkpoints before issue 20
         self.latents = dict(buffers["latents"])
 
     def _buffer(self, name: str, shape: tuple[int, int]) -> np.ndarray:

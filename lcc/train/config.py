@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lcc.engine.choices import LATENT_DTYPES, POOLS, SOURCES
+from lcc.engine.choices import LATENT_DTYPES, POOLS, REFRESH_BN, SOURCES
 from lcc.errors import LCCInputError
 from lcc.regularisers.lcc_options import LCCOptions
 from lcc.regularisers.options import coerce, field_kind, option
@@ -122,6 +122,16 @@ class TrainConfig:
     )
     pool: str = _option(
         "flatten", "how conv feature maps become vectors", kind="str", choices=POOLS, group="lcc"
+    )
+    refresh_bn: str = _option(
+        "running",
+        "BatchNorm statistics of the fresh latent pass: running (eval mode, as the paper's "
+        "code), batch (each batch's own statistics, the running ones untouched) or recalibrate "
+        "(running statistics re-estimated first on a seeded sample of 4,096 training samples, "
+        "precise BN; they stay in the model)",
+        kind="str",
+        choices=REFRESH_BN,
+        group="lcc",
     )
     regularisers: list[Any] | None = _option(  # noqa: RUF009 - a None default, copied per instance
         None,

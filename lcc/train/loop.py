@@ -45,6 +45,7 @@ refresh once and every rank installs the broadcast states; the same lines run fo
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,7 +55,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lcc.engine.choices import LATENT_DTYPES, POOLS, SOURCES
+from lcc.engine.choices import LATENT_DTYPES, POOLS, REFRESH_BN, SOURCES
 from lcc.errors import LCCInputError, check_choice
 from lcc.regularisers.base import (
     OUTPUT,
@@ -66,7 +67,8 @@ from lcc.regularisers.base import (
 from lcc.regularisers.lcc import LCC, LayerState, LCCOptions, RefreshState, check_class_sizes
 from lcc.train.collect import RecordedLatents, collect_fresh, dataset_labels
 from lcc.train.exchange import Exchange, SingleProcess, check_identical, compute_on_main
-from lcc.zoo.latents import LatentRecorder
+from lcc.zoo.batchnorm import batch_norm_layers
+from lcc.zoo.latents import LatentRecorder, model_device
 
 __all__ = [
     "LATENT_DTYPES",
@@ -151,12 +153,14 @@ class Regularisation:
         sample: Any = None,
         latents_dir: str | os.PathLike[str] | None = None,
         latents_dtype: str = "float32",
+        refresh_bn: str = "running",
     ) -> None:
         regularisers = list(regularisers)
         _checked(regularisers, default_layers)
         self.model = model
         self.source = check_choice(source, SOURCES, name="source")
         self.pool = check_choice(pool, POOLS, name="pool")
+        self.refresh_bn = check_choice(refresh_bn, REFRESH_BN, name="refresh_bn")
         self.regularisers = nn.ModuleList(regularisers)
         self.keys = unique_keys(regularisers)
         self.device = None if device is None else torch.device(device)
@@ -293,9 +297,14 @@ class Regularisation:
         if self.source == "recorded":
             reason = self.buffers.gap(layers)
             if reason is None:
-                return self.buffers.collected(layers, self.epoch) if exchange.is_main else None
+                if not exchange.is_main:
+                    return None
+                collected = self.buffers.collected(layers, self.epoch)
+                collected.device = str(model_device(self.model))
+                return collected
+        train_accuracy = self.buffers.accuracy()
         try:
-            return collect_fresh(
+            collected = collect_fresh(
                 self.model,
                 loader,
                 layers,
@@ -305,9 +314,16 @@ class Regularisation:
                 latents_dir=self.latents_dir,
                 latents_dtype=self.latents_dtype,
                 reason=reason,
+                refresh_bn=self.refresh_bn,
+                seed=self.epoch or 0,
             )
         finally:  # collect_latents restores every submodule's train/eval mode itself
             self.recorder.clear()  # our hooks saw the eval pass too: drop those outputs
+        if collected is not None:
+            collected.train_accuracy = train_accuracy
+            if batch_norm_layers(self.model):
+                warn_latent_gap(collected, self.refresh_bn, self.epoch)
+        return collected
 
     def compute(
         self, collected: TrainingLatents, *, epoch: int | None = None, keys: Sequence[str]
@@ -445,6 +461,34 @@ class Regularisation:
     def recorded(self) -> dict[str, Any]:
         """The per-sample buffers of :meth:`observe` (:meth:`RecordedLatents.as_dict`)."""
         return self.buffers.as_dict()
+
+
+#: A fresh pass whose accuracy is this far from training's (fraction) gets a warning.
+GAP_WARNING = 0.15
+
+
+def warn_latent_gap(collected: TrainingLatents, refresh_bn: str, epoch: int | None) -> None:
+    """One warning line when the fresh pass's accuracy is more than :data:`GAP_WARNING` below
+    the accuracy of the previous epoch's training forwards (stale BatchNorm statistics: the
+    targets are computed in latents that training does not produce). Called for models with
+    BatchNorm only; a pass *above* training is expected while the model still learns fast
+    (training's accuracy is averaged over an epoch of a changing model)."""
+    before, predictions = collected.train_accuracy, collected.predictions
+    if before is None or predictions is None:
+        return
+    known = (collected.y >= 0) & (predictions >= 0)
+    if not known.any():
+        return
+    now = float(np.mean(predictions[known] == collected.y[known]))
+    if before - now > GAP_WARNING:
+        other = "recalibrate or batch" if refresh_bn == "running" else "another --refresh-bn"
+        warnings.warn(
+            f"refresh at epoch {epoch}: the fresh latent pass scores {100 * now:.1f}% on the "
+            f"training set, the training forwards of the epoch before {100 * before:.1f}%: its "
+            f"latents differ from training's (BatchNorm statistics, --refresh-bn "
+            f"{refresh_bn}); try --refresh-bn {other}",
+            stacklevel=3,
+        )
 
 
 def LatentClusterCorrection(

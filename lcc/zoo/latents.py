@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import os
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -47,6 +47,7 @@ __all__ = [
     "first_tensor",
     "layer_trace",
     "list_layers",
+    "model_device",
     "model_latents",
     "pool_output",
     "probe_latents",
@@ -260,7 +261,7 @@ def probe_latents(
     (torch.Size([5, 4]), torch.Size([5, 2]), True)
     """
     names = check_layer_names(model, layers)
-    target = torch.device(device) if device is not None else _model_device(model)
+    target = torch.device(device) if device is not None else model_device(model)
     recorder = LatentRecorder(model, names, pool=pool)
     with eval_mode(model), torch.no_grad(), recorder:
         logits = first_tensor(_call(model, _to(sample, target)), "model output")
@@ -325,7 +326,8 @@ def list_layers(model: nn.Module, sample_input: object) -> list[tuple[str, tuple
     ]
 
 
-def _model_device(model: nn.Module) -> torch.device:
+def model_device(model: nn.Module) -> torch.device:
+    """Where ``model``'s parameters (or buffers) live (the CPU for a model with neither)."""
     for tensor in model.parameters():
         return tensor.device
     for tensor in model.buffers():
@@ -357,8 +359,14 @@ def collect_latents(
     device: str | torch.device | None = None,
     memmap_dir: str | os.PathLike[str] | None = None,
     memmap_dtype: npt.DTypeLike = np.float32,
+    mode: Callable[[nn.Module], contextlib.AbstractContextManager[Any]] = eval_mode,
+    on_batch: Callable[[Tensor, Tensor, np.ndarray], None] | None = None,
 ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
     """One eval-mode pass without gradients over ``loader``; latents ordered by dataset index.
+
+    ``mode``: the context the pass runs in (default :func:`eval_mode`; e.g.
+    :func:`lcc.zoo.batchnorm.batch_statistics`); ``on_batch(logits, y, rows)``, if given, sees
+    each batch's detached logits, labels and dataset rows.
 
     ``loader`` yields ``(x, y, index)`` with ``index`` the position in ``loader.dataset``
     (shuffled loaders are fine). Returns ``({layer: (N, D) float32}, y (N,) int64,
@@ -393,11 +401,11 @@ def collect_latents(
         raise LCCInputError("the loader needs a sized `.dataset` (a torch DataLoader)") from error
     if n == 0:
         raise LCCInputError("the loader's dataset is empty; nothing to collect")
-    target = torch.device(device) if device is not None else _model_device(model)
+    target = torch.device(device) if device is not None else model_device(model)
     files = _latent_files(memmap_dir, names, memmap_dtype)
     with contextlib.ExitStack() as stack:
         latents, labels, predictions = _collect(
-            model, loader, names, n, pool, target, files, memmap_dtype, stack
+            model, loader, names, n, pool, target, files, memmap_dtype, stack, mode, on_batch
         )
     if files:  # renamed into place when the stack closed: reopen read-only
         latents = {name: np.load(files[name], mmap_mode="r") for name in latents}
@@ -428,13 +436,15 @@ def _collect(
     files: dict[str, Path],
     dtype: npt.DTypeLike,
     stack: contextlib.ExitStack,
+    mode: Callable[[nn.Module], contextlib.AbstractContextManager[Any]] = eval_mode,
+    on_batch: Callable[[Tensor, Tensor, np.ndarray], None] | None = None,
 ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
     latents: dict[str, np.ndarray] = {}
     labels = np.zeros(n, dtype=np.int64)
     predictions = np.zeros(n, dtype=np.int64)
     seen = np.zeros(n, dtype=bool)
     recorder = LatentRecorder(model, names, pool=pool)
-    with eval_mode(model), torch.no_grad(), recorder:
+    with mode(model), torch.no_grad(), recorder:
         for x, y, index in _iterate(loader):
             recorder.clear()
             logits = first_tensor(_call(model, _to(x, target)), "model output")
@@ -456,6 +466,8 @@ def _collect(
             labels[rows] = y.to("cpu", torch.int64).reshape(-1).numpy()
             predictions[rows] = logits.detach().reshape(logits.shape[0], -1).argmax(1).cpu().numpy()
             seen[rows] = True
+            if on_batch is not None:
+                on_batch(logits.detach(), y, rows)
         recorder.clear()
     if not seen.all():
         raise LCCInputError(

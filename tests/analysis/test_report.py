@@ -235,3 +235,29 @@ def test_measures_file_of_a_run_is_drawn(tmp_path):
     (run / "measures.jsonl").write_text(f"{{not json\n{good}\n")  # damaged before the end
     with pytest.raises(LCCInputError, match="line 1 is not a JSON object"):
         write_report([run], tmp_path / "out")
+
+
+@pytest.mark.slow
+def test_class_map_draws_one_class_coloured_by_cluster(runs, tmp_path):
+    """--class: per layer, the class's latents coloured by cluster (paper Fig. 2, right)."""
+    report = write_report([runs[1]], tmp_path / "r", max_points=200, class_name="3")
+    names = {path.name for path in report.images}
+    assert {"lcc-class-3-fc1.png", "lcc-class-3-act1.png"} <= names
+    for name in ("lcc-class-3-fc1.png", "lcc-class-3-act1.png"):
+        check_png(tmp_path / "r" / name)
+    snapshot = load_latent_snapshot(load_run(runs[1]))
+    rows = snapshot.y == 3
+    text = (tmp_path / "r" / "report.md").read_text()
+    for layer in ("fc1", "act1"):
+        count = len(np.unique(snapshot.clusters[layer][rows]))
+        assert f"Class 3, layer {layer}: its latents coloured by cluster ({count} clusters)" in text
+    with pytest.raises(LCCInputError, match="saved no latent of label 42"):
+        write_report([runs[1]], tmp_path / "r2", class_name="42")
+    # the per-layer table gives the last refresh's cross-entropy of CC and MC samples
+    last = {r["layer"]: r for r in load_run(runs[1]).refreshes if r["epoch"] == snapshot.epoch}
+    rows = [row for table in markdown_tables(text) for row in table if "CC CE" in row]
+    for row in rows:
+        stats = last[row["layer"]]
+        assert row["CC CE"] == f"{stats['cross_entropy_cc']:.3f}"
+        assert row["MC CE"] == f"{stats['cross_entropy_mc']:.3f}"
+    assert {row["layer"] for row in rows} == {"fc1", "act1"}

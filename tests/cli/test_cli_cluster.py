@@ -502,3 +502,37 @@ def test_stage_seconds_reach_a_log_only_for_slow_runs(
     assert stages == ["load", "check", "knn", "graph", "cluster", "match", "targets", "write"]
     assert all(line.startswith("lcc cluster: ") and " s (total " in line for line in lines[:-1])
     assert lines[-1].startswith(f"lcc cluster: wrote {out}")
+
+
+def test_orthogonal_correction_and_bandwidth_flags(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--correction/--tangent-k/--tangent-dim write the effective targets z - P_perp(z - t)
+    (the pull they leave is shorter than the plain one); --bandwidth reaches the graph."""
+    from lcc.engine.orthogonal import orthogonal_targets
+    from lcc.engine.targets import Targets
+
+    source = latents(tmp_path / "latents.npz")
+    z = np.load(source)["z"]
+    plain_out, ortho_out = tmp_path / "plain.npz", tmp_path / "ortho.npz"
+    assert run_cli([str(source), str(plain_out)], capsys)[0] == 0
+    args = ["--correction", "orthogonal", "--tangent-k", "10", "--tangent-dim", "0.8"]
+    code, stdout, _ = run_cli([str(source), str(ortho_out), *args], capsys)
+    summary = json.loads(stdout)
+    assert code == 0 and summary["correction"] == "orthogonal" and summary["tangent_dim"] == 0.8
+    plain, ortho = np.load(plain_out), np.load(ortho_out)
+    rows = np.flatnonzero(plain["correctible"])
+    assert rows.size and summary["orthogonal_projected"] == rows.size
+    expected = orthogonal_targets(
+        z, plain["clusters"], Targets(rows, plain["targets"][rows], n_samples=len(z)),
+        tangent_k=10, tangent_dim=0.8,
+    )  # fmt: skip
+    np.testing.assert_allclose(ortho["targets"][rows], expected.targets.vectors, atol=1e-5)
+    kept = np.linalg.norm(z[rows] - ortho["targets"][rows], axis=1)
+    assert np.all(kept <= np.linalg.norm(z[rows] - plain["targets"][rows], axis=1) + 1e-5)
+    code, stdout, _ = run_cli(
+        [str(source), str(plain_out), "--weights", "rbf", "--bandwidth", "1"], capsys
+    )
+    assert code == 0 and json.loads(stdout)["bandwidth"] == 1.0
+    line = run_error([str(source), str(plain_out), "--bandwidth", "2"], capsys)
+    assert "applies to weights=rbf only" in line

@@ -142,3 +142,37 @@ def test_graph_memory_stays_linear_in_edges() -> None:
 def test_knn_graph_rejects_bad_input(neighbors: object, kwargs: dict, match: str) -> None:
     with pytest.raises(LCCInputError, match=match):
         knn_graph(neighbors, **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("bandwidth", [1.0, 0.5])
+def test_refresh_weighs_its_graph_with_the_chosen_bandwidth(bandwidth: float) -> None:
+    """refresh(weights=rbf, bandwidth=s): the modularity it reports is that of its clusters on
+    the oracle graph exp(-||zi - zj||^2 / s^2) (s = 1: the paper's unscaled kernel, sec. III.B),
+    and not on the median-scaled one."""
+    from oracles import brute_force_knn_graph
+
+    from lcc.engine.refresh import refresh
+
+    z, y, _ = gaussian_mixture(n_samples=150, dim=4, n_classes=3, seed=2)
+    z = (z * 0.3).astype(np.float32)
+    result = refresh(z, y, k=5, knn="exact", weights="rbf", bandwidth=bandwidth)
+    links = brute_force_knn_graph(z, 5).tocoo()
+    graph = nx.Graph()
+    graph.add_nodes_from(range(len(z)))
+    for i, j in zip(links.row, links.col, strict=True):
+        distance = np.linalg.norm(z[i].astype(np.float64) - z[j])
+        graph.add_edge(int(i), int(j), weight=float(np.exp(-(distance**2) / bandwidth**2)))
+    communities = [set(np.flatnonzero(result.clusters == c)) for c in np.unique(result.clusters)]
+    expected = nx.algorithms.community.modularity(graph, communities, weight="weight")
+    assert result.modularity == pytest.approx(expected, abs=1e-6)
+    median = refresh(z, y, k=5, knn="exact", weights="rbf")
+    assert median.summary()["bandwidth"] == "median"
+    assert result.summary()["bandwidth"] == bandwidth
+
+
+def test_a_bandwidth_without_rbf_weights_is_refused() -> None:
+    from lcc.engine.refresh import refresh
+
+    z, y, _ = gaussian_mixture(n_samples=60, dim=4, n_classes=3, seed=2)
+    with pytest.raises(LCCInputError, match="weights=rbf only"):
+        refresh(z, y, k=5, bandwidth=1.0)

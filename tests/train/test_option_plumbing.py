@@ -126,3 +126,32 @@ def test_squared_weight_warmup_and_interval_reach_the_loss_and_schedule(monkeypa
     d = z.shape[1]
     assert float(term) != pytest.approx(float((plain / d**0.5).mean()), rel=1e-4)
     assert reg.losses["fc"].squared is True
+
+
+def test_orthogonal_correction_and_bandwidth_reach_the_engine(monkeypatch):
+    """--correction/--tangent-k/--tangent-dim reach the orthogonal projection, --bandwidth the
+    graph; the refresh's stats record what the projection did."""
+    calls: dict = {}
+    _spy(monkeypatch, refresh_module, "orthogonal_targets", calls)
+    argv = ["--correction", "orthogonal", "--tangent-k", "9", "--tangent-dim", "0.7"]
+    spied, reg = _refresh_with(monkeypatch, [*argv, "--weights", "rbf", "--bandwidth", "1.5"])
+    assert _kwarg(calls, "orthogonal_targets", "tangent_k") == 9
+    assert _kwarg(calls, "orthogonal_targets", "tangent_dim") == 0.7
+    assert _kwarg(spied, "knn_graph", "bandwidth") == 1.5
+    stats = reg.state.layers["fc"].stats
+    assert stats["correction"] == "orthogonal" and "orthogonal_mean_ratio" in stats
+    assert stats["orthogonal_projected"] + stats["orthogonal_fallback"] == stats["correctible"]
+    calls.clear()
+    default, reg = _refresh_with(monkeypatch, [])
+    assert "orthogonal_targets" not in calls and _kwarg(default, "knn_graph", "bandwidth") is None
+
+
+def test_refresh_bn_reaches_the_regularisation():
+    from lcc.train.lightning import LCCModule
+
+    config = _run_config(["--refresh-bn", "batch"])
+    assert config.refresh_bn == "batch" and _run_config([]).refresh_bn == "running"
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    (reg,) = config.build_regularisers(["0"])
+    module = LCCModule(model, num_classes=3, n_train=10, regularisers=[reg], refresh_bn="batch")
+    assert module.regularisation.refresh_bn == "batch"
