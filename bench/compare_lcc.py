@@ -131,12 +131,14 @@ def table(model: str, results: dict[str, dict[int, dict[str, Any]]]) -> str:
     for setting, by_seed in results.items():
         top1 = {s: r["top1"] for s, r in by_seed.items()}
         mc = {s: r["misclustered"] for s, r in by_seed.items() if r["misclustered"] is not None}
-        ref_top1 = {s: r["top1"] for s, r in reference.items()}
-        ref_mc = {
-            s: r["misclustered"] for s, r in reference.items() if r["misclustered"] is not None
-        }
-        gain = paired_gain(top1, ref_top1) if setting != REFERENCE else None
-        gain_mc = paired_gain(mc, ref_mc) if setting != REFERENCE else None
+        # pairs: the seeds both this setting and the reference finished
+        ref_top1 = {s: r["top1"] for s, r in reference.items() if s in top1}
+        ref_mc = {s: r["misclustered"] for s, r in reference.items() if s in mc}
+        top1_pairs = {s: v for s, v in top1.items() if s in ref_top1}
+        mc_pairs = {s: v for s, v in mc.items() if s in ref_mc and ref_mc[s] is not None}
+        ref_mc = {s: ref_mc[s] for s in mc_pairs}
+        gain = paired_gain(top1_pairs, ref_top1) if setting != REFERENCE else None
+        gain_mc = paired_gain(mc_pairs, ref_mc) if setting != REFERENCE else None
         gaps = [r["gap"] for r in by_seed.values() if r["gap"] is not None]
         max_gaps = [r["max_gap"] for r in by_seed.values() if r["max_gap"] is not None]
         ce_cc = [r["ce_cc"] for r in by_seed.values() if r["ce_cc"] is not None]
@@ -147,9 +149,9 @@ def table(model: str, results: dict[str, dict[int, dict[str, Any]]]) -> str:
                 [
                     setting,
                     _mean_sd(list(top1.values())),
-                    "reference" if gain is None else gain.text() + _star(gain),
+                    _gain_cell(setting, gain),
                     _mean_sd(list(mc.values())),
-                    "reference" if gain_mc is None else gain_mc.text() + _star(gain_mc),
+                    _gain_cell(setting, gain_mc),
                     f"{100 * statistics.fmean(gaps):.1f} / {100 * max(max_gaps):.1f}"
                     if gaps
                     else "-",
@@ -163,8 +165,12 @@ def table(model: str, results: dict[str, dict[int, dict[str, Any]]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _star(gain: Any) -> str:
-    return " **" if gain.beyond_noise else ""
+def _gain_cell(setting: str, gain: Any) -> str:
+    if setting == REFERENCE:
+        return "reference"
+    if gain is None:
+        return "-"
+    return gain.text() + (" **" if gain.beyond_noise else "")
 
 
 def main() -> int:
@@ -177,6 +183,11 @@ def main() -> int:
     parser.add_argument("--test-subset", type=int, default=2_000)
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--out", default="runs/compare_lcc")
+    parser.add_argument(
+        "--table-only",
+        action="store_true",
+        help="train nothing: the table of the finished runs in OUT (a stopped study's)",
+    )
     args = parser.parse_args()
     if REFERENCE not in args.settings:
         args.settings.insert(0, REFERENCE)
@@ -191,12 +202,19 @@ def main() -> int:
         "- accuracy of the previous epoch's training forwards|, mean and max over refreshes."
     )
     for model in args.models:
-        checkpoint = pretrain(model, root)
+        checkpoint = root / f"pretrain-{model}" / "checkpoints" / "last.ckpt"
+        if not args.table_only:
+            checkpoint = pretrain(model, root)
         results: dict[str, dict[int, dict[str, Any]]] = {s: {} for s in args.settings}
         for seed in args.seeds:
-            data = load_dataset(
-                "fashion-mnist", subset=args.train_subset, test_subset=args.test_subset, seed=seed
-            )
+            data = None
+            if not args.table_only:
+                data = load_dataset(
+                    "fashion-mnist",
+                    subset=args.train_subset,
+                    test_subset=args.test_subset,
+                    seed=seed,
+                )
             base = {
                 "model": model,
                 "dataset": "fashion-mnist",
@@ -210,6 +228,10 @@ def main() -> int:
             }
             for setting in args.settings:
                 name = f"{model}-{setting.replace(' ', '_').replace('=', '')}-seed{seed}"
+                if args.table_only:
+                    if (root / name / "metrics.json").is_file():
+                        results[setting][seed] = summary(root / name)
+                    continue
                 out = run(root, name, {**base, **SETTINGS[setting]}, data)
                 results[setting][seed] = summary(out)
             # the table so far (a stopped run still leaves the finished seeds' table)
