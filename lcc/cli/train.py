@@ -111,14 +111,14 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    if hasattr(args, "help_reg"):  # before the trainer's imports
+        print(_regulariser_help(args.help_reg))
+        return 0
     from lcc.train.config import field_names
     from lcc.train.lightning import NonFiniteLossError
     from lcc.train.run import launched_rank, resolve_config, train
     from lcc.train.stopping import TrainingStopped
 
-    if hasattr(args, "help_reg"):
-        print(_regulariser_help(args.help_reg))
-        return 0
     options = {name: getattr(args, name) for name in field_names() if hasattr(args, name)}
     config = resolve_config(options, getattr(args, "config", None))
     try:
@@ -135,6 +135,14 @@ def run(args: argparse.Namespace) -> int:
         summary = {k: v for k, v in metrics.items() if k != "history"}
         summary["out"] = config.out
         print(json.dumps(summary, default=str))
+        if config.ce_weight == 0:
+            print(
+                "lcc train: note: --ce-weight 0 trained no classifier: the top-1 above reads "
+                "logits that no loss made class scores; read the model with "
+                f"`lcc evaluate {config.out} --probe LAYER` (linear and k-NN probes) or "
+                f"`lcc evaluate {config.out} --read-with LAYER`",
+                file=sys.stderr,
+            )
     return 0
 
 

@@ -97,6 +97,10 @@ def parse_spec(spec: str | Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
         if "=" in piece:
             key, _, value = piece.partition("=")
             key = ALIASES.get(key.strip().replace("-", "_"), key.strip().replace("-", "_"))
+            if key in options:
+                raise LCCInputError(
+                    f"regulariser spec {spec!r} gives {key!r} twice; keep one value"
+                )
             options[key] = value.strip()
             last = key
         elif last is not None:
@@ -126,7 +130,7 @@ def regulariser_help(name: str) -> str:
     import textwrap
 
     lines = textwrap.wrap(f"--reg {name}: {' '.join(doc.split())}", 100)
-    lines += ["", f"options (--reg {name}:key=value,...; lists as key=a,b):"]
+    lines += ["", f"options (--reg {name}:key=value,...; lists as key=a,b; w=... is weight=...):"]
     for item in dataclasses.fields(cls.Options):
         default = item.default_factory() if callable(item.default_factory) else item.default  # type: ignore[misc]
         shown = "the trainer's --layers" if item.name == "layers" and default == [] else default

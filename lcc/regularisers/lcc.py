@@ -225,6 +225,8 @@ class LCC(Regulariser):
         sub_predictions = None if predictions is None else np.asarray(predictions)[rows]
         classes = self._select_classes(y, sub_predictions)
         layers: dict[str, LayerState] = {}
+        auto = self.config.refresh_device == "auto"
+        device = (latents.device or "cpu") if auto else self.config.refresh_device
         for name in self.layers:
             if name not in latents.latents:
                 raise LCCInputError(f"no latents were collected for layer {name!r}")
@@ -241,6 +243,7 @@ class LCC(Regulariser):
                 self.config.refresh_config(),
                 classes=classes,
                 name=f"latents of layer {name!r}",
+                device=device,
             )
             subset = rows if labelled_only else None
             layers[name] = self._layer_state(

@@ -24,6 +24,7 @@ from lcc.engine.choices import (
     CORRECTIONS,
     KNN_MODES,
     METRICS,
+    REFRESH_DEVICES,
     TARGET_MODES,
     WEIGHTS,
 )
@@ -124,6 +125,12 @@ class LCCOptions(RegulariserOptions):
         "orthogonal: tangent dimension, an integer < tangent_k, or a fraction in (0, 1): the "
         "fewest principal components explaining that share of the neighbours' variance",
         kind="mixed",
+    )
+    refresh_device: str = option(
+        "auto",
+        "where a refresh's k-NN search, PCA and targets run: auto (the training device), cpu, "
+        "or cuda (exact chunked search on the GPU; graph clustering stays on the CPU)",
+        choices=REFRESH_DEVICES,
     )
     seed: int = option(0, "seed of the clustering")
 

@@ -20,7 +20,7 @@ from lcc.errors import LCCInputError
 from lcc.train.config import TrainConfig, save_config
 from lcc.zoo.latents import check_layer_names, layer_trace
 
-__all__ = ["build", "default_layers", "idle_warnings", "probe_layers"]
+__all__ = ["build", "check_devices", "default_layers", "idle_warnings", "probe_layers"]
 
 
 def default_layers(model: nn.Module, sample: torch.Tensor) -> list[str]:
@@ -83,7 +83,7 @@ def idle_warnings(regularisation: Any, epochs: int) -> list[str]:
     >>> from lcc.train.loop import Regularisation
     >>> model = nn.Sequential(nn.Linear(2, 2))
     >>> idle_warnings(Regularisation(model, [LCC(layers=["0"], warmup=5)]), 2)
-    ['lcc never acts in this run: warmup=5 >= epochs=2 (it starts at epoch 5); lower the warmup or raise --epochs']
+    ['lcc never acts in this run: warmup=5 >= epochs=2 (it would start at epoch 6 of 2); lower the warmup or raise --epochs']
     >>> idle_warnings(Regularisation(model, [LCC(layers=["0"], weight=0)]), 2)  # monitoring
     []
     """  # noqa: E501
@@ -94,7 +94,8 @@ def idle_warnings(regularisation: Any, epochs: int) -> list[str]:
         if (reg.refreshes and not refreshes) or (not active and reg.weight > 0):
             lines.append(
                 f"{key} never acts in this run: warmup={reg.warmup} >= epochs={epochs} "
-                f"(it starts at epoch {reg.warmup}); lower the warmup or raise --epochs"
+                f"(it would start at epoch {reg.warmup + 1} of {epochs}); lower the warmup or "
+                "raise --epochs"
             )
         elif not active and not reg.refreshes:  # weight 0 and nothing to monitor
             lines.append(f"{key} has weight 0: its term is never added; give it a weight")
@@ -108,7 +109,7 @@ def _labelled_split(config: TrainConfig, bundle: Any, out: Path, rank: int) -> A
     from lcc.zoo.labels import MaskedLabels, UnlabeledImages, load_split, save_split, split_labeled
 
     fraction, per_class = config.labeled_fraction, config.labels_per_class
-    if fraction is None and per_class is None and not config.unlabeled:
+    if fraction is None and per_class is None and config.unlabeled is None:
         return None
     saved = out / "split.npz"
     n = len(bundle.train)
@@ -120,7 +121,7 @@ def _labelled_split(config: TrainConfig, bundle: Any, out: Path, rank: int) -> A
     else:
         mask = np.ones(n, dtype=bool)
     extra = None
-    if config.unlabeled:
+    if config.unlabeled is not None:  # "" is refused there with one line
         extra = UnlabeledImages.load(
             config.unlabeled, bundle, root=config.data_dir, seed=config.seed
         )
@@ -131,6 +132,23 @@ def _labelled_split(config: TrainConfig, bundle: Any, out: Path, rank: int) -> A
     if rank == 0:
         save_split(saved, mask)
     return train, plain
+
+
+def check_devices(config: TrainConfig) -> None:
+    """One line, before any work, for a GPU setting on a machine without CUDA."""
+    cuda = torch.cuda.is_available()
+    on_cpu = config.accelerator == "cpu" or (config.accelerator == "auto" and not cuda)
+    if config.precision == "16-mixed" and on_cpu:
+        raise LCCInputError(
+            "--precision 16-mixed needs a CUDA device; on the CPU use --precision bf16-mixed"
+        )
+    if config.refresh_device == "cuda" and not cuda:
+        raise LCCInputError("CUDA is not available on this machine; use --refresh-device cpu")
+    if config.accelerator in ("gpu", "cuda") and not cuda:
+        raise LCCInputError(
+            f"--accelerator {config.accelerator} but CUDA is not available on this machine; "
+            "use --accelerator cpu"
+        )
 
 
 def _load(config: TrainConfig, bundle: Any) -> Any:
@@ -168,7 +186,8 @@ def _regularisers(
     config = dataclasses.replace(config, layers=layers)  # names probed below
     regularisers = config.build_regularisers(layers)
     read = [name for reg in regularisers for name in reg.layers if name != OUTPUT]
-    probe_layers(model, list(dict.fromkeys(read)), sample)
+    if read:  # none when every regulariser reads the logits ('output') only
+        probe_layers(model, list(dict.fromkeys(read)), sample)
     return config, regularisers
 
 
@@ -184,6 +203,7 @@ def build(
     from lcc.train.tracking import make_tracker
     from lcc.zoo.models import build_model
 
+    check_devices(config)
     pl.seed_everything(config.seed, workers=True, verbose=False)
     bundle = _load(config, bundle)
     split = _labelled_split(config, bundle, out, rank)

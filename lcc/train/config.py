@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lcc.engine.choices import LATENT_DTYPES, POOLS, REFRESH_BN, SOURCES
+from lcc.engine.choices import LATENT_DTYPES, POOLS, PRECISIONS, REFRESH_BN, SOURCES
 from lcc.errors import LCCInputError
 from lcc.regularisers.lcc_options import LCCOptions
 from lcc.regularisers.options import coerce, field_kind, option
@@ -234,6 +234,14 @@ class TrainConfig:
     accelerator: str = _option(
         "auto", "Lightning accelerator", kind="str", choices=ACCELERATORS, group="system"
     )
+    precision: str = _option(
+        "32",
+        "numeric precision of training (Lightning's names): 32, bf16-mixed (CPU or GPU), "
+        "16-mixed (GPU only); the regularisers keep their graphs and distances in float32",
+        kind="str",
+        choices=PRECISIONS,
+        group="system",
+    )
     num_workers: int = _option(0, "DataLoader worker processes", kind="int", group="system")
     latents_on_disk: bool = _option(
         False,
@@ -351,6 +359,29 @@ class TrainConfig:
         if self.no_lcc:
             return []
         return list(self.regularisers) if self.regularisers else ["lcc"]
+
+    def unread_options(self) -> list[str]:
+        """Flags set away from their defaults that no regulariser of the run reads (LCC's
+        options without an ``lcc`` entry that takes them, ``--layers`` when every entry names
+        its own layers).
+
+        >>> TrainConfig(k=7, layers=["fc1"], regularisers=["label-variation:layers=act1"]).unread_options()
+        ['--layers', '--k']
+        >>> TrainConfig(k=7, regularisers=["lcc:k=5"]).unread_options()
+        ['--k']
+        """  # noqa: E501
+        from lcc.regularisers import parse_spec
+
+        specs = [parse_spec(spec) for spec in self.regulariser_specs()]
+        defaults = TrainConfig()
+        unread = []
+        if self.layers is not None and all("layers" in options for _, options in specs):
+            unread.append("layers")
+        for name in LCC_FIELDS:
+            taken = any(reg == "lcc" and name not in options for reg, options in specs)
+            if not taken and getattr(self, name) != getattr(defaults, name):
+                unread.append(name)
+        return [_flag(name) for name in unread]
 
     def build_regularisers(self, layers: list[str]) -> list[Any]:
         """The :class:`lcc.regularisers.Regulariser` objects of this run, default layers

@@ -22,6 +22,7 @@ from typing import Any
 
 from lcc.errors import LCCInputError
 from lcc.train.build import build, default_layers, idle_warnings, probe_layers
+from lcc.train.checkpoints import checkpoint_candidates
 from lcc.train.config import TrainConfig, merge_config, read_yaml
 from lcc.train.rundir import loggers, no_run_to_resume, prepare_out, resume_checkpoint
 
@@ -60,8 +61,10 @@ def resolve_config(
     saved = Path(merged.out or "") / "config.yaml" if merged.out else None
     if merged.resume and saved is not None and saved.is_file():
         base = merge_config(TrainConfig(), read_yaml(saved))
-    elif merged.resume and saved is not None and not (merged.model and merged.dataset):
-        raise LCCInputError(no_run_to_resume(saved.parent))
+    elif merged.resume and saved is not None:
+        nothing = not checkpoint_candidates(saved.parent)  # --resume with nothing to resume
+        if nothing or not (merged.model and merged.dataset):
+            raise LCCInputError(no_run_to_resume(saved.parent))
     return merge_config(base, from_file, options)
 
 
@@ -84,6 +87,20 @@ def _quiet_lightning() -> None:
         ".*The dirpath has changed from.*",
     ):
         warnings.filterwarnings("ignore", message=pattern)
+
+
+def _warn_unused(config: TrainConfig, module: Any, unread: list[str]) -> None:
+    """One line per regulariser that never acts, one for the flags (``unread``) nothing reads."""
+    if module.regularisation is not None:
+        for line in idle_warnings(module.regularisation, config.epochs):
+            print(f"lcc train: warning: {line}", file=sys.stderr)
+    if unread:
+        print(
+            f"lcc train: warning: {', '.join(unread)} "
+            f"{'is' if len(unread) == 1 else 'are'} read by no regulariser of this run (its "
+            "--reg entries set their own, or none is lcc); drop them or put them in --reg",
+            file=sys.stderr,
+        )
 
 
 def _trainer(config: TrainConfig, out: Path, resume_from: Path | None, callbacks: Sequence[Any]):
@@ -115,6 +132,7 @@ def _trainer(config: TrainConfig, out: Path, resume_from: Path | None, callbacks
         max_epochs=config.epochs,
         accelerator=config.accelerator,
         devices=config.devices,
+        precision=config.precision,
         strategy=strategy,
         logger=loggers(out, resume_from if launched_rank() == 0 else None),
         callbacks=[checkpoint, stop, *callbacks],
@@ -180,15 +198,15 @@ def train(
         if report:
             print(f"lcc train: {out} already finished {config.epochs} epochs", file=sys.stderr)
         return finished
+    unread = config.unread_options()  # before build fills in the default layers
     try:
         module, data, config, bundle = build(config, bundle, out, rank, report)
     except BaseException:
         if created and out.is_dir() and not any(out.iterdir()):
             out.rmdir()  # leave no empty run directory behind a rejected input
         raise
-    if rank == 0 and module.regularisation is not None:
-        for line in idle_warnings(module.regularisation, config.epochs):
-            print(f"lcc train: warning: {line}", file=sys.stderr)
+    if rank == 0:
+        _warn_unused(config, module, unread)
     trainer, stop = _trainer(config, out, resume_from, callbacks)
     start = time.perf_counter()
     with stopping_signals(trainer) as signals:
@@ -209,6 +227,14 @@ def train(
     return metrics
 
 
+def _read_layers(module: Any, config: TrainConfig) -> list[str] | None:
+    """Every layer the run's regularisers read (``output``: the logits), in order."""
+    if module.regularisation is None:
+        return config.layers
+    names = [name for reg in module.regularisation.regularisers for name in reg.layers]
+    return list(dict.fromkeys(names))
+
+
 def _metrics(
     config: TrainConfig, module: Any, bundle: Any, fit_seconds: float, world: int
 ) -> dict[str, Any]:
@@ -224,7 +250,7 @@ def _metrics(
         "regularisers": []
         if module.regularisation is None
         else [reg.describe() for reg in module.regularisation.regularisers],
-        "layers": config.layers,
+        "layers": _read_layers(module, config),
         "source": None if config.no_lcc else config.source,
         "epochs": config.epochs,
         "n_train": len(bundle.train),

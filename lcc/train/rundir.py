@@ -53,10 +53,15 @@ def prepare_out(config: TrainConfig) -> tuple[Path, Path | None, dict[str, Any] 
                 f"--out {out} already holds a finished run (metrics.json); pass --resume to "
                 "continue it (e.g. with more --epochs) or choose another --out"
             )
-        if saved_config.is_file() or checkpoint_candidates(out):
+        if checkpoint_candidates(out):
             raise LCCInputError(
                 f"--out {out} holds an unfinished run; pass --resume to continue it from its "
                 "last checkpoint or choose another --out"
+            )
+        if saved_config.is_file():
+            raise LCCInputError(
+                f"--out {out} holds a run that stopped before its first checkpoint; pass "
+                "--resume to start it again from epoch 1 or choose another --out"
             )
     elif saved_config.is_file():
         # a run directory that was moved or copied resumes where it is now

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -54,6 +55,8 @@ def finished_run(tmp_path_factory) -> Path:
         (["small-cnn", "digits", "--method", "kmeans"], None),  # argparse: exit 2
         (["small-cnn"], "DATASET is required"),
         (["small-cnn", "digits", "--class-policy", "top-pairs"], "needs a policy_size"),
+        (["small-cnn", "digits", "--precision", "16-mixed", "--accelerator", "cpu"], "bf16-mixed"),
+        (["small-cnn", "digits", "--precision", "64"], None),  # argparse: exit 2
     ],
 )
 def test_bad_inputs_give_one_line(capsys, tmp_path, argv, message):
@@ -150,6 +153,11 @@ def test_unfinished_run_needs_resume(capsys, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     save_config(TrainConfig(model="small-cnn", dataset="digits", out=str(out)), out / "config.yaml")
+    err = _fails(capsys, ["small-cnn", "digits", "--out", str(out)])
+    # no checkpoint yet (e.g. it diverged in its first epoch): --resume starts it again
+    assert "stopped before its first checkpoint; pass --resume to start it again" in err
+    (out / "checkpoints").mkdir()
+    (out / "checkpoints" / "last.ckpt").write_bytes(b"saved")
     err = _fails(capsys, ["small-cnn", "digits", "--out", str(out)])
     assert "holds an unfinished run" in err
 
@@ -480,3 +488,63 @@ def test_resume_before_the_first_checkpoint_starts_over_and_says_so(capsys, tmp_
     err = capsys.readouterr().err
     assert f"lcc train: {run} holds no checkpoint yet: starting the run from epoch 1" in err
     assert json.loads((run / "metrics.json").read_text())["epochs"] == 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the line of a CPU-only machine")
+def test_cuda_settings_without_cuda_are_one_line(capsys, tmp_path):
+    err = _fails(
+        capsys, ["small-cnn", "digits", "--refresh-device", "cuda", "--out", str(tmp_path / "a")]
+    )
+    assert "CUDA is not available on this machine; use --refresh-device cpu" in err
+    err = _fails(
+        capsys, ["small-cnn", "digits", "--accelerator", "gpu", "--out", str(tmp_path / "b")]
+    )
+    assert "use --accelerator cpu" in err
+
+
+def test_bf16_mixed_precision_trains_under_autocast(tmp_path):
+    import lightning.pytorch as pl
+
+    seen: dict = {}
+
+    class Probe(pl.Callback):
+        def on_before_backward(self, trainer, module, loss):
+            seen["precision"] = trainer.precision
+
+    config = resolve_config(
+        {"model": "small-cnn", "dataset": "digits", "out": str(tmp_path / "run"), "epochs": 1,
+         "subset": 200, "test_subset": 50, "warmup": 0, "precision": "bf16-mixed"}
+    )  # fmt: skip
+    from lcc.train.run import train
+
+    metrics = train(config, callbacks=[Probe()], report=False)
+    assert seen["precision"] == "bf16-mixed" and math.isfinite(metrics["test_loss"])
+    assert metrics["refreshes"] == 1  # LCC refreshed and trained under bf16 autocast
+
+
+def test_resume_with_nothing_to_resume_is_one_line_even_with_model_and_dataset(capsys, tmp_path):
+    out = tmp_path / "never-ran"
+    err = _fails(capsys, ["small-cnn", "digits", "--out", str(out), "--resume"])
+    assert "there is no run to resume" in err and not out.exists()
+
+
+def test_label_variation_run_reports_its_layers_and_unread_flags(capsys, tmp_path):
+    out = tmp_path / "lv"
+    argv = ["small-cnn", "digits", "--out", str(out), *TINY, "--k", "7", "--layers", "fc1"]
+    assert main(["train", *argv, "--reg", "label-variation:layers=act1,fc1"]) == 0
+    captured = capsys.readouterr()
+    metrics = json.loads(captured.out.strip().splitlines()[-1])
+    assert metrics["layers"] == ["act1", "fc1"]  # what the regulariser read, not --layers
+    warning = [line for line in captured.err.splitlines() if "read by no regulariser" in line]
+    assert len(warning) == 1 and "--layers, --k" in warning[0]
+    assert not any(" LCC " in line for line in captured.err.splitlines())
+
+
+def test_label_variation_of_the_output_runs_as_the_readme_writes_it(capsys, tmp_path):
+    out = tmp_path / "lv-output"
+    argv = ["small-cnn", "digits", "--out", str(out), *TINY]
+    assert main(["train", *argv, "--ce-weight", "0", "--reg", "label-variation:layers=output"]) == 0
+    captured = capsys.readouterr()
+    metrics = json.loads(captured.out.strip().splitlines()[-1])
+    assert metrics["layers"] == ["output"]
+    assert "--ce-weight 0 trained no classifier" in captured.err and "--probe" in captured.err

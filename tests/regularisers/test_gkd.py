@@ -304,6 +304,7 @@ def test_bad_options_and_inputs_raise_lcc_input_error(tmp_path) -> None:
         reg(Batch({"1": x}, y, torch.arange(len(y)), torch.zeros(len(y), 3)))
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_teacher_follows_the_batch_to_cuda() -> None:
     teacher, student = mlp(11), mlp(12)

@@ -120,3 +120,8 @@ def test_lcc_options_validate_policy_size():
         LCCOptions(layers=["fc"], class_policy="top-pairs")
     with pytest.raises(LCCInputError, match="only used by"):
         LCCOptions(layers=["fc"], policy_size=3)
+
+
+def test_a_key_given_twice_in_a_spec_is_refused():
+    with pytest.raises(LCCInputError, match="gives 'k' twice"):
+        parse_spec("lcc:k=5,k=6")

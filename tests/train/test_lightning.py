@@ -17,8 +17,8 @@ import pytest
 import torch
 from torch import nn
 
-from lcc.train.config import TrainConfig
 from lcc.regularisers.lcc import LCC
+from lcc.train.config import TrainConfig
 from lcc.train.data import EpochSampler, epoch_seed, preserved_rng
 from lcc.train.exchange import SingleProcess
 from lcc.train.lightning import LCCModule, NonFiniteLossError

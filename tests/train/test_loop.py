@@ -15,8 +15,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from lcc.engine.refresh import RefreshConfig, refresh
 from lcc.engine.selection import confusion_graph, select_classes
 from lcc.errors import LCCInputError
-from lcc.synthetic import gaussian_mixture
 from lcc.regularisers.lcc_options import LCCOptions
+from lcc.synthetic import gaussian_mixture
 from lcc.train.loop import LatentClusterCorrection, RefreshState
 from lcc.zoo.datasets import IndexedDataset
 

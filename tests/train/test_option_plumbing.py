@@ -9,6 +9,7 @@ drops the option or replaces it by a default.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
@@ -17,6 +18,7 @@ import torch
 
 from lcc.cli import build_parser
 from lcc.engine import refresh as refresh_module
+from lcc.errors import LCCInputError
 from lcc.regularisers import lcc as lcc_module
 from lcc.regularisers.base import Batch, TrainingLatents
 from lcc.synthetic import gaussian_mixture
@@ -126,6 +128,20 @@ def test_squared_weight_warmup_and_interval_reach_the_loss_and_schedule(monkeypa
     d = z.shape[1]
     assert float(term) != pytest.approx(float((plain / d**0.5).mean()), rel=1e-4)
     assert reg.losses["fc"].squared is True
+
+
+def test_refresh_device_auto_follows_the_training_device_into_the_engine():
+    z, y, _ = gaussian_mixture(n_samples=120, dim=8, n_classes=3, seed=0)
+    on_gpu = TrainingLatents({"fc": z}, y, None, "fresh", 0.0, device="cuda:0")
+    auto = _run_config([]).build_regularisers(["fc"])[0]
+    if not torch.cuda.is_available():  # the training device reached the engine's device check
+        with pytest.raises(LCCInputError, match="CUDA is not available"):
+            auto.compute(on_gpu, epoch=1)
+    (cpu,) = _run_config(["--refresh-device", "cpu"]).build_regularisers(["fc"])
+    state = cpu.compute(on_gpu, epoch=1)  # forced onto the CPU path whatever the training device
+    on_cpu = dataclasses.replace(on_gpu, device="cpu")
+    expected = auto.compute(on_cpu, epoch=1)
+    assert np.array_equal(state.layers["fc"].clusters, expected.layers["fc"].clusters)
 
 
 def test_orthogonal_correction_and_bandwidth_reach_the_engine(monkeypatch):
