@@ -158,10 +158,12 @@ def _figures(
     ok = [row for row in rows if row["status"] == "ok" and row.get("test_top1") is not None]
     overall = [c for c in columns if c in HIGHER_IS_BETTER]  # over all layers
     layered = [c for c in columns if "@" in c]
-    for name in ("misclustered", "cc_mc_gap", "label-variation"):  # per layer only: the last
-        last = [c for c in layered if _base(c) == name]
-        if last and name not in overall:
-            overall.append(last[-1])
+    for name in ("misclustered", "cc_mc_gap", "label-variation"):  # per layer only: the one
+        # measured on the most models (every model's penultimate layer), the last on a tie
+        found = [c for c in layered if _base(c) == name]
+        if found and name not in overall:
+            counts = [sum(row.get(c) is not None for row in ok) for c in found]
+            overall.append(found[max(range(len(found)), key=lambda i: (counts[i], i))])
     names = []
     figure, axes = plt.subplots(
         len(hps), len(overall), figsize=(2.6 * len(overall), 2.3 * len(hps)), squeeze=False
