@@ -60,18 +60,26 @@ def batch_norm_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]
 def batch_statistics(model: nn.Module) -> Iterator[nn.Module]:
     """Eval mode inside the block, except that BatchNorm layers normalise with the statistics
     of each batch and leave their running statistics (and ``num_batches_tracked``) untouched.
-    Every flag is restored on exit. A batch of one sample cannot be normalised so."""
+    A batch of one sample (which has no batch variance) is normalised with the running
+    statistics. Every flag is restored on exit."""
     layers = batch_norm_layers(model)
     tracked = [layer.track_running_stats for layer in layers]
+    hooks = [layer.register_forward_pre_hook(_batch_or_running) for layer in layers]
     with eval_mode(model):
         try:
             for layer in layers:
-                layer.training = True
                 layer.track_running_stats = False  # train mode without updating the buffers
             yield model
         finally:
+            for hook in hooks:
+                hook.remove()
             for layer, flag in zip(layers, tracked, strict=True):
                 layer.track_running_stats = flag
+
+
+def _batch_or_running(module: nn.Module, inputs: tuple[Any, ...]) -> None:
+    """Batch statistics for a batch of several samples, running ones for a single sample."""
+    module.training = inputs[0].shape[0] > 1
 
 
 def recalibrate(

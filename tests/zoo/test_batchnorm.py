@@ -157,7 +157,7 @@ def test_refresh_records_cross_entropy_of_cc_and_mc_samples() -> None:
 
 def test_a_gap_between_pass_and_training_accuracy_warns_naming_the_option() -> None:
     model, (x, y) = stale_model(), data()
-    regs = Regularisation(model, [LCC(layers=["bn"], k=3, warmup=0)])
+    regs = Regularisation(model, [LCC(layers=["bn"], k=3, warmup=0)], refresh_bn="running")
     regs.start_epoch(0, loader(x, y))
     with torch.no_grad():
         regs.observe(torch.arange(N), logits=nn.functional.one_hot(y, 3).float(), y=y)
@@ -209,3 +209,28 @@ def test_lcc_train_refresh_bn_reaches_the_journal(tmp_path, mode: str) -> None:
     assert all(r["cross_entropy_cc"] is not None for r in records)
     last = json.loads((out / "metrics.json").read_text())["last_refresh"]
     assert all(stats["train_accuracy"] is not None for stats in last.values())
+
+
+def test_a_batch_of_one_sample_uses_the_running_statistics() -> None:
+    model, (x, _) = stale_model(), data()
+    with batch_statistics(model), torch.no_grad():
+        one = model.bn(model.fc(x[:1]))
+        two = model.bn(model.fc(x[:2]))
+    stale = normalise(pre_bn(model, x[:1]), np.full(6, 5.0), np.full(6, 0.1), model)
+    np.testing.assert_allclose(one.double().numpy(), stale, atol=1e-4)
+    h = pre_bn(model, x[:2])
+    np.testing.assert_allclose(
+        two.double().numpy(), normalise(h, h.mean(0), h.var(0), model), atol=1e-4
+    )
+    assert float(model.bn.running_mean[0]) == 5.0 and model.bn.training
+
+
+def test_recalibrate_is_the_default_and_keeps_the_pass_near_training() -> None:
+    model, (x, y) = stale_model(), data()
+    regs = Regularisation(model, [LCC(layers=["bn"], k=3, warmup=0)])
+    assert regs.refresh_bn == "recalibrate"
+    regs.start_epoch(0, loader(x, y))
+    got = regs.last_refresh.collected.latents["bn"]
+    regs.close()
+    expected = normalise(pre_bn(model, x), *recalibrated_stats(model, x, 0), model)
+    np.testing.assert_allclose(got, expected, atol=1e-3)
