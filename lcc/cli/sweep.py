@@ -14,7 +14,9 @@ HELP = "run a grid of lcc train runs (resumable) and write their table"
 DESCRIPTION = """\
 Run a grid of `lcc train` runs one after the other, then write the table of the LCC paper's
 Tables III-IV: per setting the test top-1 and top-5, mean ± sample standard deviation over the
-seeds, and the gain over the baseline (difference of the means, percentage points).
+seeds, and the gain over the baseline: with the same seeds in a setting and its baseline, the
+mean paired difference with its 95 % t interval and the number of pairs (the CSV adds a sign
+test and a bootstrap interval); otherwise the difference of the means (percentage points).
 
 CONFIG.yaml:
   base:       options of every run (any lcc train option: model, dataset, epochs, subset, ...)
@@ -24,6 +26,9 @@ CONFIG.yaml:
               the options that make the baseline
   pretrain:   (optional) options of a first run in DIR/pretrain; every other run starts from
               its last checkpoint (model defaults to base's)
+  evaluate:   (optional) `lcc evaluate` options (noise, fgsm, pgd, corruptions, probe, ...;
+              baseline: true compares each seed with its baseline run): every finished run is
+              evaluated and DIR/evaluation.md / .csv hold mean ± std per setting
 
 Each run goes to DIR/<grid values> (e.g. DIR/layers=act1_k=5_seed=0, DIR/baseline_seed=0).
 Every run's options and layers are checked before the first one trains. Finished runs

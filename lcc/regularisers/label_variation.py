@@ -61,7 +61,12 @@ class GraphOptions(RegulariserOptions):
     bandwidth: float | None = option(
         None, "RBF h in exp(-d^2/h^2); default: RMS distance between the batch's samples"
     )
-    normalize: bool = option(False, "degree-normalise the graph (D^-1/2 A D^-1/2)")
+    normalize: bool = option(
+        False,
+        "degree-normalise the graph (D^-1/2 A D^-1/2). Departs from the LGG paper, whose "
+        "experiments normalise (sec. 3.3.2): measured within the seed spread of the paper's "
+        "graph (README, Table 3 in miniature); true is the paper's graph",
+    )
 
     def check(self) -> None:
         super().check()

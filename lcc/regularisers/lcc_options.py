@@ -9,7 +9,7 @@ start fast.
 >>> LCCOptions(layers=["fc"], method="kmeans")
 Traceback (most recent call last):
 ...
-lcc.errors.LCCInputError: method must be one of leiden, louvain, peer-pressure, got 'kmeans'
+lcc.errors.LCCInputError: method='kmeans' is not one of 'leiden', 'louvain', 'peer-pressure'
 """
 
 from __future__ import annotations
@@ -93,7 +93,12 @@ class LCCOptions(RegulariserOptions):
     pca: int | None = option(
         None, "project latents to this many PCA dimensions first", shown="no PCA"
     )
-    weights: str = option("unweighted", "edge weights of the k-NN graph", choices=WEIGHTS)
+    weights: str = option(
+        "unweighted",
+        "edge weights of the k-NN graph; departs from the LCC paper, whose graph is rbf-weighted "
+        "(rbf, see bandwidth): unweighted is what the README's LCC tables ran",
+        choices=WEIGHTS,
+    )
     bandwidth: str | float = option(
         "median",
         "scale s of the rbf weights exp(-||zi - zj||^2 / s^2): 'median' (the median k-NN "

@@ -11,7 +11,8 @@ Two sources, as :class:`lcc.train.loop.Regularisation` offers them:
   merges what each rank recorded so every rank holds the same buffers.
 
 >>> buffers = RecordedLatents(latents_dir=None, dtype="float32")
->>> buffers.gap(["fc"], n=4)
+>>> buffers.set_size(4)
+>>> buffers.gap(["fc"])
 'no latents recorded yet'
 """
 

@@ -366,7 +366,7 @@ class TrainConfig:
     def unread_options(self) -> list[str]:
         """Flags set away from their defaults that no regulariser of the run reads (LCC's
         options without an ``lcc`` entry that takes them, ``--layers`` when every entry names
-        its own layers).
+        its own layers); none for a baseline (``--no-lcc``).
 
         >>> TrainConfig(k=7, layers=["fc1"], regularisers=["label-variation:layers=act1"]).unread_options()
         ['--layers', '--k']
@@ -375,6 +375,8 @@ class TrainConfig:
         """  # noqa: E501
         from lcc.regularisers import parse_spec
 
+        if self.no_lcc:  # a baseline often shares its options with the runs it is compared to
+            return []
         specs = [parse_spec(spec) for spec in self.regulariser_specs()]
         defaults = TrainConfig()
         unread = []

@@ -264,7 +264,7 @@ def test_bad_input_gives_one_line_and_exit_code_2(
         (["--method", "kmeans"], "invalid choice: 'kmeans'"),
         (["--k", "five"], "invalid int value"),
         (["--k", "0"], "k=0 must be at least 1"),
-        (["--pca", "0"], "expected a positive integer"),
+        (["--pca", "0"], "pca=0 must be at least 1"),
         (["--pca", "12"], "pca=12 must be smaller than min(N, D) = 12"),
         (["--resolution", "-1"], "resolution=-1.0 must be a positive"),
         (["--seed", "-3"], "seed must be a non-negative integer"),
