@@ -124,14 +124,14 @@ class TrainConfig:
         "flatten", "how conv feature maps become vectors", kind="str", choices=POOLS, group="lcc"
     )
     refresh_bn: str = _option(
-        "recalibrate",
-        "BatchNorm statistics of the fresh latent pass: recalibrate (running statistics "
-        "re-estimated first on a seeded sample of 4,096 training samples, precise BN; they stay "
-        "in the model), batch (each batch's own statistics, the running ones untouched) or "
-        "running (eval mode, as the paper's code). The default departs from the paper's code: "
-        "with running statistics the pass of small-resnet fine-tuned at lr 0.05 scored 10 to 20 "
-        "percent on the training set at the first refreshes while training scored 30 to 60 "
-        "(bench/compare_lcc.py)",
+        "running",
+        "BatchNorm statistics of the fresh latent pass: running (eval mode, as the paper's code), "
+        "recalibrate (running statistics re-estimated first on a seeded sample of 4,096 training "
+        "samples, precise BN; they stay in the model) or batch (each batch's own statistics, the "
+        "running ones untouched). With running statistics the pass of small-resnet fine-tuned at "
+        "lr 0.05 scored 10 to 20 percent on the training set at the first refreshes while "
+        "training scored 30 to 60 (bench/compare_lcc.py); recalibrate tracks training, but it is "
+        "not the default yet: with kmeans it placed the first centroids badly (README)",
         kind="str",
         choices=REFRESH_BN,
         group="lcc",

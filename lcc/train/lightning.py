@@ -72,7 +72,7 @@ class LCCModule(pl.LightningModule):
         regularisers: Sequence[Regulariser] = (),
         source: str = "fresh",
         pool: str = "flatten",
-        refresh_bn: str = "recalibrate",
+        refresh_bn: str = "running",
         sample: Tensor | None = None,
         latents_dir: str | Path | None = None,
         latents_dtype: str = "float32",

@@ -153,7 +153,7 @@ class Regularisation:
         sample: Any = None,
         latents_dir: str | os.PathLike[str] | None = None,
         latents_dtype: str = "float32",
-        refresh_bn: str = "recalibrate",
+        refresh_bn: str = "running",
     ) -> None:
         regularisers = list(regularisers)
         _checked(regularisers, default_layers)

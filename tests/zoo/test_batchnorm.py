@@ -225,10 +225,10 @@ def test_a_batch_of_one_sample_uses_the_running_statistics() -> None:
     assert float(model.bn.running_mean[0]) == 5.0 and model.bn.training
 
 
-def test_recalibrate_is_the_default_and_keeps_the_pass_near_training() -> None:
+def test_recalibrate_keeps_the_pass_near_training() -> None:
     model, (x, y) = stale_model(), data()
-    regs = Regularisation(model, [LCC(layers=["bn"], k=3, warmup=0)])
-    assert regs.refresh_bn == "recalibrate"
+    assert Regularisation(model, [LCC(layers=["bn"], k=3, warmup=0)]).refresh_bn == "running"
+    regs = Regularisation(model, [LCC(layers=["bn"], k=3, warmup=0)], refresh_bn="recalibrate")
     regs.start_epoch(0, loader(x, y))
     got = regs.last_refresh.collected.latents["bn"]
     regs.close()
