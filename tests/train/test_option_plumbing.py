@@ -166,7 +166,7 @@ def test_refresh_bn_reaches_the_regularisation():
     from lcc.train.lightning import LCCModule
 
     config = _run_config(["--refresh-bn", "batch"])
-    assert config.refresh_bn == "batch" and _run_config([]).refresh_bn == "recalibrate"
+    assert config.refresh_bn == "batch" and _run_config([]).refresh_bn == "running"
     model = torch.nn.Sequential(torch.nn.Linear(4, 3))
     (reg,) = config.build_regularisers(["0"])
     module = LCCModule(model, num_classes=3, n_train=10, regularisers=[reg], refresh_bn="batch")
