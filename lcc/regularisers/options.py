@@ -30,7 +30,7 @@ from typing import Any
 
 from lcc.errors import LCCInputError, check_choice, check_integer, check_number
 
-__all__ = ["RegulariserOptions", "coerce", "kind_of", "make_options", "option"]
+__all__ = ["RegulariserOptions", "coerce", "did_you_mean", "kind_of", "make_options", "option"]
 
 _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 _NONE = ("none", "null", "")
@@ -207,6 +207,18 @@ class RegulariserOptions:
         self.warmup = check_integer(self.warmup, "warmup", low=0)
 
 
+def did_you_mean(name: str, valid: list[str]) -> str:
+    """`` (did you mean 'x'?)`` for the valid name closest to ``name``, or ``""``.
+
+    >>> did_you_mean("wieght", ["weight", "warmup"])
+    " (did you mean 'weight'?)"
+    """
+    import difflib
+
+    close = difflib.get_close_matches(name, valid, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 def make_options(
     cls: type[RegulariserOptions],
     options: RegulariserOptions | None,
@@ -222,17 +234,13 @@ def make_options(
     ...
     lcc.errors.LCCInputError: unknown option 'wieght' of lcc (did you mean 'weight'?); valid: layers, warmup, weight
     """  # noqa: E501
-    import difflib
-
     known = [item.name for item in dataclasses.fields(cls)]
     changes: dict[str, Any] = {}
     for key, value in overrides.items():
         name = str(key).replace("-", "_")
         if name not in known:
-            close = difflib.get_close_matches(name, known, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise LCCInputError(
-                f"unknown option {key!r} of {owner or cls.__name__}{hint}; "
+                f"unknown option {key!r} of {owner or cls.__name__}{did_you_mean(name, known)}; "
                 f"valid: {', '.join(sorted(known))}"
             )
         changes[name] = value

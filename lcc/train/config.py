@@ -18,7 +18,6 @@ lcc.errors.LCCInputError: unknown config key 'kk' (did you mean 'k'?); valid key
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -28,7 +27,7 @@ from typing import Any
 from lcc.engine.choices import LATENT_DTYPES, POOLS, PRECISIONS, REFRESH_BN, SOURCES
 from lcc.errors import LCCInputError
 from lcc.regularisers.lcc_options import LCCOptions
-from lcc.regularisers.options import coerce, field_kind, option
+from lcc.regularisers.options import coerce, did_you_mean, field_kind, option
 from lcc.train.training_options import check_training_options, with_training_options
 
 STRATEGIES: tuple[str, ...] = ("auto", "ddp")
@@ -441,10 +440,9 @@ def merge_config(base: TrainConfig, *layers: Mapping[str, Any] | None) -> TrainC
         for key, value in layer.items():
             name = str(key).replace("-", "_")
             if name not in valid:
-                close = difflib.get_close_matches(name, valid, n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
                 raise LCCInputError(
-                    f"unknown config key {key!r}{hint}; valid keys: {', '.join(valid)}"
+                    f"unknown config key {key!r}{did_you_mean(name, valid)}; "
+                    f"valid keys: {', '.join(valid)}"
                 )
             values[name] = value
     return TrainConfig(**values).check(require_run=False)
