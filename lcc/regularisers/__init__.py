@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from lcc.errors import LCCInputError
-from lcc.regularisers.options import RegulariserOptions, option
+from lcc.regularisers.options import RegulariserOptions, did_you_mean, option
 
 if TYPE_CHECKING:
     from lcc.regularisers.base import OUTPUT, Batch, Regulariser, TrainingLatents
@@ -64,11 +64,8 @@ __all__ = [
 
 def regulariser_class(name: str) -> type[Regulariser]:
     """The class registered as ``name`` (unknown names -> LCCInputError listing the valid ones)."""
-    import difflib
-
     if name not in REGISTRY:
-        close = difflib.get_close_matches(name, list(REGISTRY), n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        hint = did_you_mean(name, list(REGISTRY))
         raise LCCInputError(
             f"unknown regulariser {name!r}{hint}; available: {', '.join(sorted(REGISTRY))}"
         )
