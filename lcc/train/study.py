@@ -38,7 +38,7 @@ from typing import Any
 from lcc.analysis.study_measures import StudyMeasures, parse_measures
 from lcc.errors import LCCInputError
 from lcc.train.config import read_yaml
-from lcc.train.sweep import Sweep, SweepRun, parse_sweep, plan_runs, run_state
+from lcc.train.sweep import Sweep, SweepRun, parse_sweep, plan_runs, run_state, train_run
 
 __all__ = ["STUDY_KEYS", "Study", "load_study", "parse_study", "plan_study", "run_study", "states"]
 
@@ -218,25 +218,17 @@ def _say(text: str) -> None:
 def _train_one(run: SweepRun, where: str, report: bool) -> None:
     """Train (or resume) one model; a divergence is recorded in failed.json."""
     from lcc.io import write_json_atomic
-    from lcc.train.lightning import NonFiniteLossError
-    from lcc.train.run import train
-    from lcc.train.stopping import TrainingStopped
-    from lcc.train.sweep import SweepStopped
 
     state, config = run_state(run)
     if state == "done":
         return
     if report:
         _say(f"{where}: {'resuming' if state == 'resume' else 'training'}")
-    try:
-        train(config, report=False)
-    except TrainingStopped as stopped:
-        message = f"stopped during {where}"
-        raise SweepStopped(message, stopped.exit_code) from None
-    except NonFiniteLossError as error:
-        write_json_atomic(Path(config.out or "") / "failed.json", {"reason": str(error)})
+    diverged = train_run(config, where, report=False)
+    if diverged is not None:
+        write_json_atomic(Path(config.out or "") / "failed.json", {"reason": diverged})
         if report:
-            _say(f"{where}: diverged ({error}); recorded as failed")
+            _say(f"{where}: diverged ({diverged}); recorded as failed")
 
 
 def _measure_one(run: SweepRun, study: Study, where: str, report: bool) -> None:
