@@ -59,6 +59,7 @@ __all__ = [
     "npz_kind",
     "read_csv_tolerant",
     "read_jsonl_tolerant",
+    "read_yaml",
     "safe_torch_load",
     "save_npy_atomic",
     "save_npz_atomic",
@@ -824,3 +825,27 @@ def _unpickler_detail(text: str) -> str:
         text = text.split(marker, 1)[1]
         text = text.split("Check the documentation", 1)[0]
     return _reason(RuntimeError(text.strip())) if text.strip() else ""
+
+
+def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The mapping stored in a YAML file (empty file -> ``{}``), errors as LCCInputError."""
+    import yaml
+
+    file = Path(path).expanduser()
+    try:
+        text = file.read_text(encoding="utf-8")
+    except OSError as error:
+        raise LCCInputError(f"cannot read config file {file}: {error.strerror or error}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        where = getattr(error, "problem_mark", None)
+        line = f" (line {where.line + 1})" if where is not None else ""
+        raise LCCInputError(f"config file {file} is not valid YAML{line}; fix its syntax") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise LCCInputError(
+            f"config file {file} must hold a mapping of option: value, got {type(data).__name__}"
+        )
+    return data

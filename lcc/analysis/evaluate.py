@@ -138,7 +138,7 @@ class LoadedRun:
 def load_run_model(run_dir: str | os.PathLike[str]) -> LoadedRun:
     """Build the model of a run directory from ``config.yaml`` and ``checkpoints/last.ckpt``
     (weights-only load) and load its dataset with the run's subsets and seed."""
-    from lcc.train.config import read_yaml
+    from lcc.io import read_yaml
     from lcc.zoo.datasets import load_dataset
     from lcc.zoo.models import build_model, load_checkpoint
 

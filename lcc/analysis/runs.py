@@ -112,7 +112,7 @@ def load_run(path: str | os.PathLike[str], *, name: str | None = None) -> Run:
         raise LCCInputError(f"{metrics_file} must hold a JSON object; rerun lcc train")
     config: dict[str, Any] = {}
     if config_file.is_file():
-        from lcc.train.config import read_yaml
+        from lcc.io import read_yaml
 
         config = read_yaml(config_file)
     return Run(

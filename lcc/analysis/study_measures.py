@@ -109,7 +109,8 @@ def _load(run: Path) -> tuple[Any, Any, Any]:
     """(config, model with the run's last weights, dataset bundle without augmentation)."""
     import torch
 
-    from lcc.train.config import TrainConfig, merge_config, read_yaml
+    from lcc.io import read_yaml
+    from lcc.train.config import TrainConfig, merge_config
     from lcc.zoo.hierarchy import load_run_dataset
     from lcc.zoo.models import build_model, load_checkpoint
 

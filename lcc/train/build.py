@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from lcc.errors import LCCInputError
-from lcc.train.config import TrainConfig, save_config
+from lcc.train.config import TrainConfig
+from lcc.train.rundir import save_config
 from lcc.zoo.latents import check_layer_names, layer_trace
 
 __all__ = ["build", "check_devices", "default_layers", "idle_warnings", "probe_layers"]

@@ -21,7 +21,6 @@ import dataclasses
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from lcc.engine.choices import LATENT_DTYPES, POOLS, PRECISIONS, REFRESH_BN, SOURCES
@@ -32,11 +31,6 @@ from lcc.train.training_options import check_training_options, with_training_opt
 
 STRATEGIES: tuple[str, ...] = ("auto", "ddp")
 ACCELERATORS: tuple[str, ...] = ("auto", "cpu", "gpu", "cuda", "mps")
-
-#: keys that may differ from the saved config when a run is resumed
-RESUME_MUTABLE: frozenset[str] = frozenset(
-    {"epochs", "num_workers", "resume", "data_dir", "checkpoint_every"}
-)
 
 
 def _option(
@@ -448,72 +442,16 @@ def merge_config(base: TrainConfig, *layers: Mapping[str, Any] | None) -> TrainC
     return TrainConfig(**values).check(require_run=False)
 
 
-def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The mapping stored in a YAML file (empty file -> ``{}``), errors as LCCInputError."""
-    import yaml
-
-    file = Path(path).expanduser()
-    try:
-        text = file.read_text(encoding="utf-8")
-    except OSError as error:
-        raise LCCInputError(f"cannot read config file {file}: {error.strerror or error}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        where = getattr(error, "problem_mark", None)
-        line = f" (line {where.line + 1})" if where is not None else ""
-        raise LCCInputError(f"config file {file} is not valid YAML{line}; fix its syntax") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise LCCInputError(
-            f"config file {file} must hold a mapping of option: value, got {type(data).__name__}"
-        )
-    return data
-
-
 def load_config(path: str | os.PathLike[str], **overrides: Any) -> TrainConfig:
     """A :class:`TrainConfig` from a YAML file, then ``overrides`` (unknown keys -> error)."""
+    from lcc.io import read_yaml
+
     return merge_config(TrainConfig(), read_yaml(path), overrides)
 
 
-def save_config(config: TrainConfig, path: str | os.PathLike[str]) -> Path:
-    """Write ``config`` as YAML to ``path`` atomically (``resume`` is left out)."""
-    import yaml
-
-    from lcc.io import atomic_write
-
-    values = config.to_dict()
-    values.pop("resume", None)
-    text = "# resolved lcc train config (lcc train --config this-file)\n"
-    text += yaml.safe_dump(values, sort_keys=False, default_flow_style=False)
-    data = text.encode("utf-8")
-    return atomic_write(path, lambda handle: handle.write(data))
-
-
-def resume_differences(saved: TrainConfig, requested: TrainConfig) -> list[str]:
-    """Run-defining settings in which ``requested`` differs from the ``saved`` run.
-
-    >>> resume_differences(TrainConfig(k=5), TrainConfig(k=7, epochs=20))
-    ['k: run has 5, requested 7']
-    """
-    out = []
-    for name in field_names():
-        if name in RESUME_MUTABLE:
-            continue
-        old, new = getattr(saved, name), getattr(requested, name)
-        if old != new:
-            out.append(f"{name}: run has {old!r}, requested {new!r}".replace("'", ""))
-    return out
-
-
 __all__ = [
-    "RESUME_MUTABLE",
     "TrainConfig",
     "field_names",
     "load_config",
     "merge_config",
-    "read_yaml",
-    "resume_differences",
-    "save_config",
 ]

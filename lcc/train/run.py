@@ -21,9 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from lcc.errors import LCCInputError
+from lcc.io import read_yaml
 from lcc.train.build import build, default_layers, idle_warnings, probe_layers
 from lcc.train.checkpoints import checkpoint_candidates
-from lcc.train.config import TrainConfig, merge_config, read_yaml
+from lcc.train.config import TrainConfig, merge_config
 from lcc.train.rundir import loggers, no_run_to_resume, prepare_out, resume_checkpoint
 
 __all__ = [

@@ -9,6 +9,7 @@ was moved or copied resumes where it is now.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import tempfile
 import warnings
@@ -16,10 +17,24 @@ from pathlib import Path
 from typing import Any
 
 from lcc.errors import LCCInputError
+from lcc.io import read_yaml
 from lcc.train.checkpoints import checkpoint_candidates, find_resumable, history_names
-from lcc.train.config import TrainConfig, merge_config, read_yaml, resume_differences
+from lcc.train.config import TrainConfig, field_names, merge_config
 
-__all__ = ["loggers", "no_run_to_resume", "prepare_out", "resume_checkpoint"]
+__all__ = [
+    "RESUME_MUTABLE",
+    "loggers",
+    "no_run_to_resume",
+    "prepare_out",
+    "resume_checkpoint",
+    "resume_differences",
+    "save_config",
+]
+
+#: keys that may differ from the saved config when a run is resumed
+RESUME_MUTABLE: frozenset[str] = frozenset(
+    {"epochs", "num_workers", "resume", "data_dir", "checkpoint_every"}
+)
 
 
 def no_run_to_resume(out: Path) -> str:
@@ -164,3 +179,33 @@ def loggers(out: Path, resume_from: Path | None = None) -> list[Any]:
     except (ImportError, ModuleNotFoundError) as error:  # tensorboard missing: CSV only
         warnings.warn(f"TensorBoard logging disabled ({error})", stacklevel=2)
     return loggers
+
+
+def save_config(config: TrainConfig, path: str | os.PathLike[str]) -> Path:
+    """Write ``config`` as YAML to ``path`` atomically (``resume`` is left out)."""
+    import yaml
+
+    from lcc.io import atomic_write
+
+    values = config.to_dict()
+    values.pop("resume", None)
+    text = "# resolved lcc train config (lcc train --config this-file)\n"
+    text += yaml.safe_dump(values, sort_keys=False, default_flow_style=False)
+    data = text.encode("utf-8")
+    return atomic_write(path, lambda handle: handle.write(data))
+
+
+def resume_differences(saved: TrainConfig, requested: TrainConfig) -> list[str]:
+    """Run-defining settings in which ``requested`` differs from the ``saved`` run.
+
+    >>> resume_differences(TrainConfig(k=5), TrainConfig(k=7, epochs=20))
+    ['k: run has 5, requested 7']
+    """
+    out = []
+    for name in field_names():
+        if name in RESUME_MUTABLE:
+            continue
+        old, new = getattr(saved, name), getattr(requested, name)
+        if old != new:
+            out.append(f"{name}: run has {old!r}, requested {new!r}".replace("'", ""))
+    return out

@@ -37,7 +37,7 @@ from typing import Any
 
 from lcc.analysis.study_measures import StudyMeasures, parse_measures
 from lcc.errors import LCCInputError
-from lcc.train.config import read_yaml
+from lcc.io import read_yaml
 from lcc.train.sweep import Sweep, SweepRun, parse_sweep, plan_runs, run_state, train_run
 
 __all__ = ["STUDY_KEYS", "Study", "load_study", "parse_study", "plan_study", "run_study", "states"]

@@ -18,7 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from lcc.errors import LCCInputError
-from lcc.train.config import TrainConfig, merge_config, read_yaml, resume_differences
+from lcc.io import read_yaml
+from lcc.train.config import TrainConfig, merge_config
+from lcc.train.rundir import resume_differences
 from lcc.train.sweep_plan import (
     BASELINE_OPTIONS,
     SWEEP_KEYS,
@@ -236,7 +238,7 @@ def check_out(root: Path) -> None:
 def _adopt_location(config: TrainConfig) -> None:
     """A started run of a moved or copied sweep folder: its config.yaml moves with it (what
     ``lcc train`` saves there anyway once it resumes), so the resume compares equal."""
-    from lcc.train.config import save_config
+    from lcc.train.rundir import save_config
 
     saved_file = Path(config.out or "") / "config.yaml"
     saved = merge_config(TrainConfig(), read_yaml(saved_file))

@@ -46,7 +46,8 @@ from pathlib import Path
 from typing import Any
 
 from lcc.errors import LCCInputError
-from lcc.train.config import TrainConfig, merge_config, read_yaml
+from lcc.io import read_yaml
+from lcc.train.config import TrainConfig, merge_config
 
 __all__ = [
     "BASELINE_OPTIONS",

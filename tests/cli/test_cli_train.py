@@ -19,8 +19,10 @@ from torch import nn
 
 from lcc.cli import main
 from lcc.errors import LCCInputError
-from lcc.train.config import TrainConfig, read_yaml, save_config
+from lcc.io import read_yaml
+from lcc.train.config import TrainConfig
 from lcc.train.run import default_layers, probe_layers, resolve_config
+from lcc.train.rundir import save_config
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = ["--subset", "200", "--test-subset", "100", "--epochs", "1", "--batch-size", "50"]

@@ -9,15 +9,9 @@ import pytest
 
 from lcc.cli import build_parser
 from lcc.errors import LCCInputError
-from lcc.train.config import (
-    TrainConfig,
-    field_names,
-    load_config,
-    merge_config,
-    read_yaml,
-    resume_differences,
-    save_config,
-)
+from lcc.io import read_yaml
+from lcc.train.config import TrainConfig, field_names, load_config, merge_config
+from lcc.train.rundir import resume_differences, save_config
 
 
 def _train_parser():

@@ -29,7 +29,7 @@ BASE = {"model": "small-cnn", "dataset": "digits"}
 
 def finish(run, top1: float, top5: float) -> None:
     """Write a finished run's files by hand: config.yaml as lcc train saves it, metrics.json."""
-    from lcc.train.config import save_config
+    from lcc.train.rundir import save_config
 
     folder = Path(run.config.out)
     folder.mkdir(parents=True, exist_ok=True)
@@ -264,7 +264,7 @@ def test_real_grid_resumes_and_skips(grid_run):
 def test_a_moved_or_copied_sweep_folder_is_the_same_sweep(tmp_path):
     import shutil
 
-    from lcc.train.config import resume_differences
+    from lcc.train.rundir import resume_differences
     from lcc.train.sweep import _adopt_location
 
     pretraining = {"dataset": "digits", "epochs": 1}

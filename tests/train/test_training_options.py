@@ -12,8 +12,9 @@ from lightning.pytorch.callbacks import Callback
 from lcc.cli import build_parser
 from lcc.errors import LCCInputError
 from lcc.train.build import build
-from lcc.train.config import TrainConfig, field_names, merge_config, resume_differences, save_config
+from lcc.train.config import TrainConfig, field_names, merge_config
 from lcc.train.run import resolve_config, train
+from lcc.train.rundir import resume_differences, save_config
 from lcc.train.sweep import parse_sweep, plan_runs
 from lcc.train.training_options import make_optimizer
 
