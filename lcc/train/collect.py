@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,10 +34,17 @@ from lcc.errors import LCCInputError, check_integer
 from lcc.regularisers.base import TrainingLatents
 from lcc.regularisers.lcc import to_numpy, to_torch
 from lcc.train.exchange import Exchange
-from lcc.zoo.batchnorm import batch_statistics, check_refresh_bn, recalibrate
+from lcc.zoo.batchnorm import batch_norm_layers, batch_statistics, check_refresh_bn, recalibrate
 from lcc.zoo.latents import collect_latents, eval_mode, model_device
 
-__all__ = ["RecordedLatents", "Shard", "collect_fresh", "dataset_labels"]
+__all__ = [
+    "GAP_WARNING",
+    "RecordedLatents",
+    "Shard",
+    "collect_fresh",
+    "dataset_labels",
+    "warn_latent_gap",
+]
 
 
 class Shard(Dataset):
@@ -83,14 +91,17 @@ def collect_fresh(
     reason: str | None = None,
     refresh_bn: str = "running",
     seed: int = 0,
+    train_accuracy: float | None = None,
 ) -> TrainingLatents | None:
     """The eval pass over the training set (sharded over ``exchange``'s ranks); the gathered
     :class:`TrainingLatents` on the main rank, None on the others.
 
     ``refresh_bn`` (:mod:`lcc.zoo.batchnorm`): ``running`` (eval mode), ``batch`` (BatchNorm
     with batch statistics, running ones untouched) or ``recalibrate`` (running statistics first
-    re-estimated on a sample of the training set drawn with ``seed``). The per-sample
-    cross-entropy of the pass is kept in ``losses`` (gathered like the latents).
+    re-estimated on a sample of the training set drawn with ``seed``, the epoch). The
+    per-sample cross-entropy of the pass is kept in ``losses`` (gathered like the latents).
+    ``train_accuracy``: that of the previous epoch's training forwards, kept beside the pass's
+    and compared with it (:func:`warn_latent_gap`) for a model with BatchNorm.
 
     ``latents_dir``: the latents are memory-mapped ``.npy`` files there (every rank writes its
     shard in ``latents_dir/shard-RANK``, the main rank the gathered whole in ``latents_dir``).
@@ -102,22 +113,16 @@ def collect_fresh(
             "a refresh needs the training loader (yielding (x, y, index)) for the latent pass"
         )
     refresh_bn = check_refresh_bn(refresh_bn)
-    world = exchange.world
     if refresh_bn == "recalibrate":
-        recalibrate(
-            model,
-            loader.dataset,
-            batch_size=getattr(loader, "batch_size", None) or 128,
-            seed=seed,
-            device=device,
-        )
-    if world > 1:
-        exchange.broadcast_buffers(model)  # BatchNorm statistics drift apart per rank
-        loader = _shard_loader(loader, exchange.rank, world)
+        batch_size = getattr(loader, "batch_size", None) or 128
+        recalibrate(model, loader.dataset, batch_size=batch_size, seed=seed, device=device)
     folder = latents_dir
-    if folder is not None and world > 1:
-        folder = latents_dir / f"shard-{exchange.rank}"  # type: ignore[operator]
-        folder.mkdir(parents=True, exist_ok=True)
+    if exchange.world > 1:
+        exchange.broadcast_buffers(model)  # BatchNorm statistics drift apart per rank
+        loader = _shard_loader(loader, exchange.rank, exchange.world)
+        folder = latents_dir / f"shard-{exchange.rank}" if latents_dir is not None else None
+        if folder is not None:
+            folder.mkdir(parents=True, exist_ok=True)
     losses = np.full(len(loader.dataset), np.nan)
 
     def keep_loss(logits: Tensor, labels: Tensor, rows: np.ndarray) -> None:
@@ -137,16 +142,14 @@ def collect_fresh(
         mode=batch_statistics if refresh_bn == "batch" else eval_mode,
         on_batch=keep_loss,
     )
-    if world > 1:
-        gathered = _gather_shards(latents, y, predictions, exchange, latents_dir, latents_dtype)
-        shards = exchange.gather_rows(losses.reshape(-1, 1))  # every rank takes part
+    if exchange.world > 1:
+        gathered = _gather_shards(
+            latents, y, predictions, losses, exchange, latents_dir, latents_dtype
+        )
         if gathered is None:
             return None
-        latents, y, predictions = gathered
-        losses = np.empty(len(y))
-        for rank, part in enumerate(shards):
-            losses[rank::world] = part[:, 0]
-    return TrainingLatents(
+        latents, y, predictions, losses = gathered
+    collected = TrainingLatents(
         latents=latents,
         y=np.asarray(y, dtype=np.int64),
         predictions=np.asarray(predictions, dtype=np.int64),
@@ -156,19 +159,53 @@ def collect_fresh(
         losses=losses,
         refresh_bn=refresh_bn,
     )
+    collected.train_accuracy = train_accuracy
+    if batch_norm_layers(model):
+        warn_latent_gap(collected, refresh_bn, seed)
+    return collected
+
+
+#: A fresh pass whose accuracy is this far from training's (fraction) gets a warning.
+GAP_WARNING = 0.15
+
+
+def warn_latent_gap(collected: TrainingLatents, refresh_bn: str, epoch: int) -> None:
+    """One warning line when the fresh pass's accuracy is more than :data:`GAP_WARNING` below
+    the accuracy of the previous epoch's training forwards (stale BatchNorm statistics: the
+    targets are computed in latents that training does not produce). For models with
+    BatchNorm only; a pass *above* training is expected while the model still learns fast
+    (training's accuracy is averaged over an epoch of a changing model)."""
+    before, predictions = collected.train_accuracy, collected.predictions
+    if before is None or predictions is None:
+        return
+    known = (collected.y >= 0) & (predictions >= 0)
+    if not known.any():
+        return
+    now = float(np.mean(predictions[known] == collected.y[known]))
+    if before - now > GAP_WARNING:
+        other = "recalibrate or batch" if refresh_bn == "running" else "another --refresh-bn"
+        warnings.warn(
+            f"refresh at epoch {epoch}: the fresh latent pass scores {100 * now:.1f}% on the "
+            f"training set, the training forwards of the epoch before {100 * before:.1f}%: its "
+            f"latents differ from training's (BatchNorm statistics, --refresh-bn "
+            f"{refresh_bn}); try --refresh-bn {other}",
+            stacklevel=4,
+        )
 
 
 def _gather_shards(
     latents: Mapping[str, np.ndarray],
     y: np.ndarray,
     predictions: np.ndarray,
+    losses: np.ndarray,
     exchange: Exchange,
     latents_dir: Path | None,
     dtype: str,
-) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray] | None:
+) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, np.ndarray] | None:
     """Shards ``r::W`` of every rank put back into index order, on the main rank only."""
     world = exchange.world
     meta = exchange.gather_rows(np.stack([y, predictions], axis=1))
+    losses_parts = exchange.gather_rows(losses.reshape(-1, 1))
     n = sum(part.shape[0] for part in meta)
     full: dict[str, np.ndarray] = {}
     for name, mine in latents.items():
@@ -186,9 +223,11 @@ def _gather_shards(
     if not exchange.is_main:
         return None
     labels, predicted = np.empty(n, dtype=np.int64), np.empty(n, dtype=np.int64)
-    for rank, part in enumerate(meta):
+    every_loss = np.empty(n)
+    for rank, (part, loss) in enumerate(zip(meta, losses_parts, strict=True)):
         labels[rank::world], predicted[rank::world] = part[:, 0], part[:, 1]
-    return full, labels, predicted
+        every_loss[rank::world] = loss[:, 0]
+    return full, labels, predicted, every_loss
 
 
 def dataset_labels(loader: Any) -> np.ndarray | None:

@@ -45,7 +45,6 @@ refresh once and every rank installs the broadcast states; the same lines run fo
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,7 +66,6 @@ from lcc.regularisers.base import (
 from lcc.regularisers.lcc import LCC, LayerState, LCCOptions, RefreshState, check_class_sizes
 from lcc.train.collect import RecordedLatents, collect_fresh, dataset_labels
 from lcc.train.exchange import Exchange, SingleProcess, check_identical, compute_on_main
-from lcc.zoo.batchnorm import batch_norm_layers
 from lcc.zoo.latents import LatentRecorder, model_device
 
 __all__ = [
@@ -302,7 +300,6 @@ class Regularisation:
                 collected = self.buffers.collected(layers, self.epoch)
                 collected.device = str(model_device(self.model))
                 return collected
-        train_accuracy = self.buffers.accuracy()
         try:
             collected = collect_fresh(
                 self.model,
@@ -316,13 +313,10 @@ class Regularisation:
                 reason=reason,
                 refresh_bn=self.refresh_bn,
                 seed=self.epoch or 0,
+                train_accuracy=self.buffers.accuracy(),
             )
         finally:  # collect_latents restores every submodule's train/eval mode itself
             self.recorder.clear()  # our hooks saw the eval pass too: drop those outputs
-        if collected is not None:
-            collected.train_accuracy = train_accuracy
-            if batch_norm_layers(self.model):
-                warn_latent_gap(collected, self.refresh_bn, self.epoch)
         return collected
 
     def compute(
@@ -461,34 +455,6 @@ class Regularisation:
     def recorded(self) -> dict[str, Any]:
         """The per-sample buffers of :meth:`observe` (:meth:`RecordedLatents.as_dict`)."""
         return self.buffers.as_dict()
-
-
-#: A fresh pass whose accuracy is this far from training's (fraction) gets a warning.
-GAP_WARNING = 0.15
-
-
-def warn_latent_gap(collected: TrainingLatents, refresh_bn: str, epoch: int | None) -> None:
-    """One warning line when the fresh pass's accuracy is more than :data:`GAP_WARNING` below
-    the accuracy of the previous epoch's training forwards (stale BatchNorm statistics: the
-    targets are computed in latents that training does not produce). Called for models with
-    BatchNorm only; a pass *above* training is expected while the model still learns fast
-    (training's accuracy is averaged over an epoch of a changing model)."""
-    before, predictions = collected.train_accuracy, collected.predictions
-    if before is None or predictions is None:
-        return
-    known = (collected.y >= 0) & (predictions >= 0)
-    if not known.any():
-        return
-    now = float(np.mean(predictions[known] == collected.y[known]))
-    if before - now > GAP_WARNING:
-        other = "recalibrate or batch" if refresh_bn == "running" else "another --refresh-bn"
-        warnings.warn(
-            f"refresh at epoch {epoch}: the fresh latent pass scores {100 * now:.1f}% on the "
-            f"training set, the training forwards of the epoch before {100 * before:.1f}%: its "
-            f"latents differ from training's (BatchNorm statistics, --refresh-bn "
-            f"{refresh_bn}); try --refresh-bn {other}",
-            stacklevel=3,
-        )
 
 
 def LatentClusterCorrection(
