@@ -123,14 +123,7 @@ def collect_fresh(
         folder = latents_dir / f"shard-{exchange.rank}" if latents_dir is not None else None
         if folder is not None:
             folder.mkdir(parents=True, exist_ok=True)
-    losses = np.full(len(loader.dataset), np.nan)
-
-    def keep_loss(logits: Tensor, labels: Tensor, rows: np.ndarray) -> None:
-        labels = labels.reshape(-1).to(logits.device, torch.int64)
-        scores = logits.reshape(labels.shape[0], -1).float()
-        loss = nn.functional.cross_entropy(scores, labels.clamp(min=0), reduction="none")
-        losses[rows] = torch.where(labels >= 0, loss, torch.nan).cpu().numpy()
-
+    losses, keep_loss = _loss_keeper(len(loader.dataset))
     latents, y, predictions = collect_latents(
         model,
         loader,
@@ -163,6 +156,21 @@ def collect_fresh(
     if batch_norm_layers(model):
         warn_latent_gap(collected, refresh_bn, seed)
     return collected
+
+
+def _loss_keeper(n: int) -> tuple[np.ndarray, Any]:
+    """A NaN-filled array of ``n`` per-sample losses and the ``on_batch`` callback of
+    :func:`lcc.zoo.latents.collect_latents` that fills it with each labelled row's
+    cross-entropy."""
+    losses = np.full(n, np.nan)
+
+    def keep_loss(logits: Tensor, labels: Tensor, rows: np.ndarray) -> None:
+        labels = labels.reshape(-1).to(logits.device, torch.int64)
+        scores = logits.reshape(labels.shape[0], -1).float()
+        loss = nn.functional.cross_entropy(scores, labels.clamp(min=0), reduction="none")
+        losses[rows] = torch.where(labels >= 0, loss, torch.nan).cpu().numpy()
+
+    return losses, keep_loss
 
 
 #: A fresh pass whose accuracy is this far from training's (fraction) gets a warning.
