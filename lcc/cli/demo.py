@@ -199,21 +199,8 @@ def run_demo(
     except LCCInputError as error:
         raise LCCInputError(f"{FASHION_HOW} ({error})") from None
 
-    pretrain_name, pretrain_data = _pretrain_data(sizes, seed)
     common = {"model": model, "seed": seed, "resume": True, "lr": 0.05}
-    _say(f"1/3 pretraining {model} on {pretrain_name} ({len(pretrain_data.train)} samples)")
-    pretrain = _train(
-        TrainConfig(
-            **common,
-            dataset=pretrain_name,
-            out=str(root / f"{prefix}pretrain-{pretrain_name}"),
-            epochs=sizes["pretrain_epochs"],
-            no_lcc=True,
-        ),
-        pretrain_data,
-        root,
-    )
-    weights = root / f"{prefix}pretrain-{pretrain_name}" / "checkpoints" / "last.ckpt"
+    pretrain_name, pretrain, weights = _pretrain(common, sizes, root, prefix)
     finetune = {
         **common,
         "dataset": "fashion-mnist",
@@ -249,6 +236,22 @@ def run_demo(
         "seconds": time.perf_counter() - start,
         "out": str(root),
     }
+
+
+def _pretrain(
+    common: dict[str, Any], sizes: dict[str, int], root: Path, prefix: str
+) -> tuple[str, dict[str, Any], Path]:
+    """Step 1: pretrain on the offline pretraining set in ``root/{prefix}pretrain-NAME``;
+    returns (NAME, its metrics, its last checkpoint)."""
+    from lcc.train.config import TrainConfig
+
+    name, data = _pretrain_data(sizes, common["seed"])
+    _say(f"1/3 pretraining {common['model']} on {name} ({len(data.train)} samples)")
+    out = root / f"{prefix}pretrain-{name}"
+    config = TrainConfig(
+        **common, dataset=name, out=str(out), epochs=sizes["pretrain_epochs"], no_lcc=True
+    )
+    return name, _train(config, data, root), out / "checkpoints" / "last.ckpt"
 
 
 def _last_misclustered(metrics: dict[str, Any]) -> float | None:

@@ -68,25 +68,33 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument(
         "runs", nargs="+", metavar="RUN_DIR", help="run directories (lcc train --out DIR)"
     )
-    parser.add_argument(
+    _robustness_options(parser.add_argument_group("robustness"))
+    _probe_options(parser.add_argument_group("probes"))
+    _data_options(parser.add_argument_group("data and output"))
+    parser.set_defaults(handler=run)
+    return parser
+
+
+def _robustness_options(group: Any) -> None:
+    group.add_argument(
         "--noise",
         default=None,
         metavar="SIGMAS",
         help="comma-separated noise standard deviations, normalised-input units (e.g. 0.1,0.5,1)",
     )
-    parser.add_argument(
+    group.add_argument(
         "--fgsm",
         default=None,
         metavar="EPS",
         help="comma-separated FGSM radii, pixel units in [0, 1] (e.g. 0.05,0.1 or 8/255)",
     )
-    parser.add_argument(
+    group.add_argument(
         "--pgd",
         default=None,
         metavar="EPS:STEPS:ALPHA",
         help="PGD settings, comma-separated (e.g. 0.1:10:0.025), pixel units in [0, 1]",
     )
-    parser.add_argument(
+    group.add_argument(
         "--corruptions",
         nargs="?",
         const="all",
@@ -95,72 +103,76 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         help="corruption types (comma-separated names, 'common' for the benchmark's 15, 'all' "
         "or no value: every type that applies); None: no corruption",
     )
-    parser.add_argument(
+    group.add_argument(
         "--severities",
         default="1,2,3,4,5",
         metavar="LIST",
         help="corruption severities (1-5), comma-separated",
     )
-    parser.add_argument(
+    group.add_argument(
         "--baseline",
         default=None,
         metavar="RUN_DIR",
         help="baseline run (same dataset and test set) for the corruption errors and mCE",
     )
-    parser.add_argument(
+
+
+def _probe_options(group: Any) -> None:
+    group.add_argument(
         "--probe",
         action="append",
         default=None,
         metavar="LAYER",
         help="layer to probe (repeat for several; 'output' = logits; `lcc layers MODEL`)",
     )
-    parser.add_argument(
+    group.add_argument(
         "--read-with",
         default=None,
         metavar="LAYER",
         help="read every accuracy through the linear probe of LAYER ('output' = logits); None: "
         "the model's logits",
     )
-    parser.add_argument("--probe-k", type=int, default=10, help="neighbours of the k-NN probe")
-    parser.add_argument(
+    group.add_argument("--probe-k", type=int, default=10, help="neighbours of the k-NN probe")
+    group.add_argument(
         "--probe-train",
         type=int,
         default=None,
         metavar="N",
         help="fit the probes on a seeded stratified subset of N training samples; None: all",
     )
-    parser.add_argument(
+    group.add_argument(
         "--probe-pool",
         choices=("flatten", "avg", "max"),
         default="flatten",
         help="how conv feature maps of the probed layer become vectors",
     )
-    parser.add_argument(
+
+
+def _data_options(group: Any) -> None:
+    group.add_argument(
         "--subset",
         type=int,
         default=None,
         metavar="N",
         help="evaluate on a seeded stratified subset of N test samples; None: the whole test set",
     )
-    parser.add_argument(
+    group.add_argument(
         "--seed", type=int, default=0, help="seed of the subset, noise, PGD starts, corruptions"
     )
-    parser.add_argument("--batch-size", type=int, default=500, help="samples per forward pass")
-    parser.add_argument(
+    group.add_argument("--batch-size", type=int, default=500, help="samples per forward pass")
+    group.add_argument(
         "--cache-dir",
         default=None,
         metavar="DIR",
         help="cache of corrupted test sets; None: $LCC_DATA_DIR/corruptions or "
         "~/.cache/lcc/corruptions",
     )
-    parser.add_argument(
+    group.add_argument(
         "--out",
         default=None,
         metavar="DIR",
         help="folder for the comparison table (evaluation.md, evaluation.csv); None: no table",
     )
-    parser.set_defaults(handler=run)
-    return parser
 
 
 def _numbers(text: str | None, name: str) -> tuple[float, ...]:

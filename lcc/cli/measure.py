@@ -111,7 +111,6 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
 
 def _measure_options(measures: Any) -> None:
     from lcc.analysis.intraclass import ACTIVE_FRACTION, TOP_LAYERS, TOP_NEURONS
-    from lcc.engine.choices import CLUSTER_METHODS  # torch-free: --help stays fast
 
     measures.add_argument(
         "--top-k",
@@ -156,6 +155,13 @@ def _measure_options(measures: Any) -> None:
         default=ACTIVE_FRACTION,
         help="c4: fraction of samples left active by the bias + ReLU of the standardisation",
     )
+    _graph_options(measures)
+
+
+def _graph_options(measures: Any) -> None:
+    """Options of the k-NN graph measures (clusters, label-variation)."""
+    from lcc.engine.choices import CLUSTER_METHODS  # torch-free: --help stays fast
+
     measures.add_argument(
         "--k",
         type=_positive_int,
