@@ -1,10 +1,11 @@
 """Benchmark the start-up of the command line: seconds until ``lcc ... --help`` has printed.
 
-Run ``python bench/bench_startup.py`` (every command's ``--help``, ``lcc --help`` and
-``lcc train --help-reg``; best and median of ``--repeats`` fresh processes each) and read one
-row per command line, with the heavy packages (torch, scikit-learn, faiss, lightning) the
-process imported. ``--importtime`` also prints the slowest imports of each line
-(``python -X importtime``), to find what to import lazily. Target: every ``--help`` under 1 s.
+Run ``python bench/bench_startup.py`` (every command's ``--help``, ``lcc --help``,
+``lcc train --help-reg`` and ``--help-reg NAME``; best and median of ``--repeats`` fresh
+processes each) and read one row per command line, with the heavy packages (torch,
+scikit-learn, faiss, lightning) the process imported. ``--importtime`` also prints the slowest
+imports of each line (``python -X importtime``), to find what to import lazily. Target: every
+``--help`` under 1 s.
 Wall-clock times on a shared machine are noisy: compare the best column.
 """
 
@@ -28,6 +29,8 @@ LINES: tuple[tuple[str, ...], ...] = (
     ("--help",),
     *((name, "--help") for name in SUBCOMMANDS),
     ("train", "--help-reg"),
+    ("train", "--help-reg", "lcc"),
+    ("train", "--help-reg", "label-variation"),
 )
 #: reports the heavy packages a command line imported (run in the same process, after it)
 _PROBE = (

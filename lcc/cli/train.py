@@ -148,12 +148,11 @@ def run(args: argparse.Namespace) -> int:
 
 def _regulariser_help(name: str) -> str:
     """``--help-reg``: one regulariser's options, or the list of them."""
-    from lcc.regularisers import REGISTRY, regulariser_class, regulariser_help
+    from lcc.regularisers import REGISTRY, regulariser_help, regulariser_summary
 
     if name:
         return regulariser_help(name)
     lines = ["regularisers (lcc train --reg NAME[:key=value,...]; --help-reg NAME for options):"]
     for key in sorted(REGISTRY):
-        doc = (regulariser_class(key).__doc__ or "").strip().split("\n\n")[0]
-        lines.append(f"  {key:<16} {' '.join(doc.split())}")
+        lines.append(f"  {key:<16} {regulariser_summary(key)}")
     return "\n".join(lines)

@@ -20,6 +20,7 @@ __all__ = [
     "PRECISIONS",
     "REFRESH_BN",
     "REFRESH_DEVICES",
+    "SIMILARITIES",
     "SOURCES",
     "TARGET_MODES",
     "WEIGHTS",
@@ -55,5 +56,7 @@ SOURCES: tuple[str, ...] = ("fresh", "recorded")
 LATENT_DTYPES: tuple[str, ...] = ("float32", "float16")
 #: where a refresh's k-NN, PCA and targets run (:func:`lcc.engine.refresh.refresh`'s ``device``)
 REFRESH_DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
+#: edge similarity of a batch's latent geometry graph (:mod:`lcc.engine.lgg_graph`)
+SIMILARITIES: tuple[str, ...] = ("auto", "cosine", "rbf")
 #: Lightning's precision names offered by ``lcc train --precision``
 PRECISIONS: tuple[str, ...] = ("32", "bf16-mixed", "16-mixed")

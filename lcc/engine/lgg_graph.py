@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from lcc.engine.choices import SIMILARITIES
 from lcc.errors import LCCInputError, check_choice, check_k
 
 __all__ = [
@@ -53,7 +54,6 @@ __all__ = [
 ]
 
 Similarity = Literal["auto", "cosine", "rbf"]
-SIMILARITIES: tuple[str, ...] = ("auto", "cosine", "rbf")
 
 _HALF = (torch.float16, torch.bfloat16)
 _EPS = 1e-12  # F.normalize's: rows shorter than this are scaled by 1 / _EPS

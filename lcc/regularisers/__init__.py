@@ -1,12 +1,20 @@
 """The latent regularisers of the family, behind one interface (:mod:`lcc.regularisers.base`).
 
-Register a new one with one line in :data:`REGISTRY` (``"name": "module:Class"``); it is then
-available as ``lcc train --reg NAME:key=value,...``, in YAML (``regularisers: [{name: NAME,
-key: value}]``) and documented by ``lcc train --help-reg NAME``.
+Register a new one with one entry in :data:`REGISTRY`: ``"name": Registration("module:Class",
+"module:Options")``; it is then available as ``lcc train --reg NAME:key=value,...``, in YAML
+(``regularisers: [{name: NAME, key: value}]``) and documented by ``lcc train --help-reg NAME``.
+The options dataclass lives in a module without torch (``NAME_options.py`` beside the
+regulariser, as :mod:`lcc.regularisers.lcc_options`), and the first paragraph of its docstring
+is the summary ``--help-reg`` prints: the help then starts in a fraction of a second. A bare
+``"module:Class"`` registers one too; its help imports the class (and torch).
 
 >>> spec = parse_spec("label-variation:w=0.1,layers=fc1,act1")
 >>> spec
 ('label-variation', {'weight': '0.1', 'layers': ['fc1', 'act1']})
+>>> options_class("label-variation").__name__
+'LabelVariationOptions'
+>>> regulariser_summary("smoothness")
+'Smoothness of label variation across consecutive layers (sec. 4.3, eq. 8; weight = gamma).'
 """
 
 from __future__ import annotations
@@ -14,17 +22,17 @@ from __future__ import annotations
 import dataclasses
 import importlib
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from lcc.errors import LCCInputError
-from lcc.regularisers.options import RegulariserOptions, did_you_mean, option
+from lcc.regularisers.options import OUTPUT, RegulariserOptions, did_you_mean, option
 
 if TYPE_CHECKING:
-    from lcc.regularisers.base import OUTPUT, Batch, Regulariser, TrainingLatents
+    from lcc.regularisers.base import Batch, Regulariser, TrainingLatents
 
 #: names re-exported from :mod:`lcc.regularisers.base` on first use (it imports torch; the
-#: option parsers import this package without it)
-_FROM_BASE = ("OUTPUT", "Batch", "Regulariser", "TrainingLatents")
+#: option parsers and ``--help-reg`` import this package without it)
+_FROM_BASE = ("Batch", "Regulariser", "TrainingLatents")
 
 
 def __getattr__(name: str) -> Any:
@@ -33,15 +41,42 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'lcc.regularisers' has no attribute {name!r}")
 
 
-#: name -> "module:Class"; one line registers a regulariser
-REGISTRY: dict[str, str] = {
-    "lcc": "lcc.regularisers.lcc:LCC",
-    "label-variation": "lcc.regularisers.label_variation:LabelVariation",
-    "smoothness": "lcc.regularisers.smoothness:Smoothness",
-    "gkd": "lcc.regularisers.gkd:GraphDistillation",
-    "kmeans": "lcc.regularisers.kmeans:KMeansCentroids",
-    "rkd": "lcc.regularisers.rkd:RelationalDistillation",
-    "parseval": "lcc.regularisers.parseval:Parseval",
+class Registration(NamedTuple):
+    """Where a regulariser lives: ``regulariser``, its ``"module:Class"`` (imports torch), and
+    ``options``, the ``"module:Class"`` of its options dataclass in a module without torch
+    (what ``--help-reg`` reads; empty: the class's ``Options``, importing the class)."""
+
+    regulariser: str
+    options: str = ""
+
+
+#: name -> its :class:`Registration` (or a bare ``"module:Class"``); one entry registers one
+REGISTRY: dict[str, Registration | str] = {
+    "lcc": Registration("lcc.regularisers.lcc:LCC", "lcc.regularisers.lcc_options:LCCOptions"),
+    "label-variation": Registration(
+        "lcc.regularisers.label_variation:LabelVariation",
+        "lcc.regularisers.label_variation_options:LabelVariationOptions",
+    ),
+    "smoothness": Registration(
+        "lcc.regularisers.smoothness:Smoothness",
+        "lcc.regularisers.smoothness_options:SmoothnessOptions",
+    ),
+    "gkd": Registration(
+        "lcc.regularisers.gkd:GraphDistillation",
+        "lcc.regularisers.gkd_options:GraphDistillationOptions",
+    ),
+    "kmeans": Registration(
+        "lcc.regularisers.kmeans:KMeansCentroids",
+        "lcc.regularisers.kmeans_options:KMeansOptions",
+    ),
+    "rkd": Registration(
+        "lcc.regularisers.rkd:RelationalDistillation",
+        "lcc.regularisers.rkd_options:RelationalDistillationOptions",
+    ),
+    "parseval": Registration(
+        "lcc.regularisers.parseval:Parseval",
+        "lcc.regularisers.parseval_options:ParsevalOptions",
+    ),
 }
 
 #: short option names accepted in specs
@@ -51,26 +86,59 @@ __all__ = [
     "OUTPUT",
     "REGISTRY",
     "Batch",
+    "Registration",
     "Regulariser",
     "RegulariserOptions",
     "TrainingLatents",
     "build_regulariser",
     "option",
+    "options_class",
     "parse_spec",
+    "registration",
     "regulariser_class",
     "regulariser_help",
+    "regulariser_summary",
 ]
 
 
-def regulariser_class(name: str) -> type[Regulariser]:
-    """The class registered as ``name`` (unknown names -> LCCInputError listing the valid ones)."""
+def registration(name: str) -> Registration:
+    """The :class:`Registration` of ``name`` (unknown names -> LCCInputError listing the valid
+    ones)."""
     if name not in REGISTRY:
         hint = did_you_mean(name, list(REGISTRY))
         raise LCCInputError(
             f"unknown regulariser {name!r}{hint}; available: {', '.join(sorted(REGISTRY))}"
         )
-    module_name, class_name = REGISTRY[name].split(":")
-    return getattr(importlib.import_module(module_name), class_name)
+    entry = REGISTRY[name]
+    return Registration(entry) if isinstance(entry, str) else entry
+
+
+def _load(target: str) -> Any:
+    """The object that ``"module:name"`` names (imports the module)."""
+    module_name, _, attribute = target.partition(":")
+    return getattr(importlib.import_module(module_name), attribute)
+
+
+def regulariser_class(name: str) -> type[Regulariser]:
+    """The class registered as ``name`` (imports it, and torch)."""
+    return _load(registration(name).regulariser)
+
+
+def options_class(name: str) -> type[RegulariserOptions]:
+    """The options dataclass of the regulariser registered as ``name``, imported without torch
+    when its registration names it (else the class's ``Options``)."""
+    entry = registration(name)
+    return _load(entry.options) if entry.options else regulariser_class(name).Options
+
+
+def regulariser_summary(name: str) -> str:
+    """One paragraph on ``name``: the first of its options' docstring (or, when that has
+    none, of the regulariser class's), on one line."""
+    options = options_class(name)
+    doc = options.__doc__ or ""
+    if not doc.strip() or doc.startswith(f"{options.__name__}("):  # dataclass's generated one
+        doc = regulariser_class(name).__doc__ or ""
+    return " ".join(doc.strip().split("\n\n")[0].split())
 
 
 def parse_spec(spec: str | Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -121,14 +189,14 @@ def build_regulariser(spec: str | Mapping[str, Any], **defaults: Any) -> Regular
 
 
 def regulariser_help(name: str) -> str:
-    """Text of ``lcc train --help-reg NAME``: the docstring's first paragraph and each option."""
-    cls = regulariser_class(name)
-    doc = (cls.__doc__ or "").strip().split("\n\n")[0]
+    """Text of ``lcc train --help-reg NAME``: its summary and each option with its default
+    (read from :func:`options_class`: no torch for a full :class:`Registration`)."""
     import textwrap
 
-    lines = textwrap.wrap(f"--reg {name}: {' '.join(doc.split())}", 100)
+    options = options_class(name)
+    lines = textwrap.wrap(f"--reg {name}: {regulariser_summary(name)}", 100)
     lines += ["", f"options (--reg {name}:key=value,...; lists as key=a,b; w=... is weight=...):"]
-    for item in dataclasses.fields(cls.Options):
+    for item in dataclasses.fields(options):
         default = item.default_factory() if callable(item.default_factory) else item.default  # type: ignore[misc]
         shown = "the trainer's --layers" if item.name == "layers" and default == [] else default
         choices = item.metadata.get("choices")

@@ -18,9 +18,11 @@ The trainer calls, in this order:
 4. ``state_dict()``/``load_state_dict()`` (parameters, buffers and ``get_extra_state``) for
    exact resume; checkpoints hold plain values and tensors only (``weights_only=True`` loads).
 
-A new regulariser is one file: an options dataclass built with :func:`option` (its help texts
-feed ``lcc train --help-reg NAME``) and a subclass that sets ``name`` and ``Options``; then one
-line in :mod:`lcc.regularisers` registers it.
+A new regulariser is a subclass that sets ``name`` and ``Options`` (an options dataclass built
+with :func:`option`, its help texts feed ``lcc train --help-reg NAME``); one entry in
+:mod:`lcc.regularisers` registers it. The package's own keep the options dataclass in a
+torch-free ``NAME_options.py`` beside the regulariser (its docstring's first paragraph is the
+summary ``--help-reg`` prints), so that the help starts without torch.
 
 >>> import torch
 >>> from dataclasses import dataclass
@@ -52,7 +54,7 @@ import torch
 from torch import Tensor, nn
 
 from lcc.errors import LCCInputError
-from lcc.regularisers.options import RegulariserOptions, make_options, option
+from lcc.regularisers.options import OUTPUT, RegulariserOptions, make_options, option
 
 __all__ = [
     "OUTPUT",
@@ -62,9 +64,6 @@ __all__ = [
     "TrainingLatents",
     "option",
 ]
-
-#: Pseudo layer name of the model's output (the logits), accepted wherever layers are named.
-OUTPUT = "output"
 
 
 @dataclass

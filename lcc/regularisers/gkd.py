@@ -33,8 +33,7 @@ with ``torch.load(weights_only=True)``.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -42,67 +41,13 @@ import torch
 from torch import Tensor, nn
 
 from lcc.engine.lgg import distinct_classes_mask, gkd_distance, latent_graph
-from lcc.errors import LCCInputError, check_choice
-from lcc.regularisers.base import OUTPUT, Batch, Regulariser, option
-from lcc.regularisers.label_variation import GraphOptions, attached_zero
-from lcc.zoo.latents import POOLS, LatentRecorder, check_layer_names, first_tensor
+from lcc.errors import LCCInputError
+from lcc.regularisers.base import OUTPUT, Batch, Regulariser
+from lcc.regularisers.gkd_options import GraphDistillationOptions, check_pairs
+from lcc.regularisers.label_variation import attached_zero
+from lcc.zoo.latents import LatentRecorder, check_layer_names, first_tensor
 
 __all__ = ["GraphDistillation", "GraphDistillationOptions"]
-
-
-def _names(value: object, name: str) -> list[str]:
-    entries = [value] if isinstance(value, str) else list(value)  # type: ignore[call-overload]
-    names: list[str] = []
-    for entry in entries:
-        if not isinstance(entry, str):
-            raise LCCInputError(f"{name} must be layer names, got {entry!r}")
-        names.extend(part.strip() for part in entry.split(",") if part.strip())
-    return names
-
-
-def _check_pairs(teacher_layers: Sequence[str], layers: Sequence[str]) -> None:
-    if len(teacher_layers) != len(layers):
-        raise LCCInputError(
-            f"teacher_layers {list(teacher_layers)} and layers {list(layers)} pair up in order "
-            "and need the same count; list one teacher layer per student layer"
-        )
-
-
-@dataclass
-class GraphDistillationOptions(GraphOptions):
-    """Options of :class:`GraphDistillation`: the graph options, the teacher and its layers."""
-
-    teacher: str = option(
-        "", "teacher: model spec (small-resnet, hf:NAME, ...) or a checkpoint naming its model"
-    )
-    teacher_checkpoint: str | None = option(None, "weights of the teacher spec (a checkpoint)")
-    teacher_layers: list[str] = option(  # noqa: RUF009 - copied per instance
-        [], "teacher layers, paired in order with `layers` (default: the same names)"
-    )
-    teacher_pool: str = option("flatten", "pooling of the teacher's layer outputs", choices=POOLS)
-    distinct_classes: bool = option(
-        False, "build both graphs between labelled samples of distinct classes only"
-    )
-    normalize: bool = option(True, "degree-normalise both graphs (the paper's GKD)")
-
-    def check(self) -> None:
-        super().check()
-        if not isinstance(self.teacher, str):
-            raise LCCInputError(
-                f"teacher must be a model spec or a checkpoint path, got {self.teacher!r}; "
-                "pass an nn.Module as GraphDistillation(teacher=module)"
-            )
-        self.teacher = self.teacher.strip()
-        checkpoint = self.teacher_checkpoint
-        if isinstance(checkpoint, Path):
-            checkpoint = str(checkpoint)
-        if checkpoint is not None and not isinstance(checkpoint, str):
-            raise LCCInputError(f"teacher_checkpoint must be a path, got {checkpoint!r}")
-        self.teacher_checkpoint = (checkpoint.strip() or None) if checkpoint else None
-        self.teacher_layers = _names(self.teacher_layers, "teacher_layers")
-        check_choice(self.teacher_pool, POOLS, name="teacher_pool")
-        if self.layers and self.teacher_layers:
-            _check_pairs(self.teacher_layers, self.layers)
 
 
 def _model_spec(path: Path) -> str:
@@ -177,7 +122,7 @@ def _call(model: nn.Module, x: object) -> object:
 
 
 class GraphDistillation(Regulariser):
-    """Graph knowledge distillation from a frozen teacher (sec. 4.1, eq. 7).
+    """The ``gkd`` regulariser (summary and options: :class:`GraphDistillationOptions`).
 
     Mean over the pairs (``teacher_layers[i]``, ``layers[i]``) of ``||A_T - A_S||_F``, the
     Frobenius distance between the degree-normalised latent geometry graphs of the batch in
@@ -267,7 +212,7 @@ class GraphDistillation(Regulariser):
             )
         if not self.layers:
             raise LCCInputError("gkd reads no student layer; pass layers=NAME[,NAME...]")
-        _check_pairs(self.teacher_layers, self.layers)
+        check_pairs(self.teacher_layers, self.layers)
         hooked = [name for name in dict.fromkeys(self.teacher_layers) if name != OUTPUT]
         if hooked:
             self._check_teacher_layers(teacher, hooked)

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -36,19 +35,18 @@ import torch
 from torch import Tensor, nn
 
 from lcc.engine.centroids import centroid_term, nearest_centroids, spread_indices
-from lcc.errors import LCCInputError, check_choice, check_integer
+from lcc.errors import LCCInputError
 from lcc.regularisers.base import (
     OUTPUT,
     Batch,
     Regulariser,
     RegulariserOptions,
     TrainingLatents,
-    option,
 )
+from lcc.regularisers.kmeans_options import KMeansOptions
 
 __all__ = ["KMeansCentroids", "KMeansOptions", "ramp_factor"]
 
-RAMP_SHAPES = ("linear", "sigmoid")
 #: centroids per class when ``centroids=0``
 PER_CLASS = 2
 
@@ -70,45 +68,8 @@ def ramp_factor(epoch: int, start: int, length: int, shape: str = "linear") -> f
     return t if shape == "linear" else math.exp(-5.0 * (1.0 - t) ** 2)
 
 
-@dataclass
-class KMeansOptions(RegulariserOptions):
-    """Options of :class:`KMeansCentroids` (``weight`` is the paper's beta)."""
-
-    weight: float = option(0.01, "beta: weight of the centroid term once ramped up")
-    warmup: int = option(1, "epochs (from 0) with beta = 0 before the ramp starts")
-    centroids: int | list[int] = option(  # noqa: RUF009 - an int, or a list copied per instance
-        0, "centroids per layer: one number or one per layer; 0 = 2 x classes"
-    )
-    ramp: int = option(5, "epochs over which beta rises to weight after warmup (0: at once)")
-    ramp_shape: str = option("linear", "shape of the ramp", choices=RAMP_SHAPES)
-    reinit: int = option(
-        3, "draw the centroids from real training latents at the start of epochs 0..reinit-1"
-    )
-    seed: int = option(0, "seed of the centroid draws (the trainer passes its --seed)")
-
-    def check(self) -> None:
-        super().check()
-        if OUTPUT in self.layers:
-            raise LCCInputError(
-                "kmeans clusters hidden layers, not the logits; name layers from `lcc layers`"
-            )
-        self.centroids = _centroid_counts(self.centroids)
-        self.ramp = check_integer(self.ramp, "ramp", low=0)
-        self.ramp_shape = check_choice(str(self.ramp_shape), RAMP_SHAPES, name="ramp_shape")
-        self.reinit = check_integer(self.reinit, "reinit", low=1)
-        self.seed = check_integer(self.seed, "seed", low=0)
-
-
-def _centroid_counts(value: Any) -> int | list[int]:
-    values = value if isinstance(value, (list, tuple)) else [value]
-    counts = [check_integer(v, "centroids", low=0) for v in values]
-    if len(counts) > 1 and 0 in counts:
-        raise LCCInputError(f"centroids per layer must all be >= 1, got {counts}")
-    return counts[0] if len(counts) == 1 else counts
-
-
 class KMeansCentroids(Regulariser):
-    """Learnable k-means centroids on latents of labelled and unlabelled samples (beta = weight).
+    """The ``kmeans`` regulariser (summary and options: :class:`KMeansOptions`).
 
     Parameters ``centroids[i]`` (J_i, D_i) are created by :meth:`bind`; buffers
     ``counts_i`` (assignments per centroid this epoch) and ``reservoir_i`` (recent latents for

@@ -6,8 +6,9 @@ samples of distinct classes are not neighbours. The trainer adds ``weight * term
 cross-entropy; the paper's sec. 4.2 also trains on it alone (output layer, ``layers=output``):
 call ``reg(batch)`` as the loss in a custom loop for that.
 
-Shared here by the LGG regularisers: :class:`GraphOptions` / :class:`LGGOptions` and
-:func:`layer_variations` (label variation of each layer's latents, for any batch size).
+Shared here by the LGG regularisers: :func:`layer_variations` (label variation of each layer's
+latents, for any batch size); their options (:class:`GraphOptions`, :class:`LGGOptions`) are
+declared without torch in :mod:`lcc.regularisers.label_variation_options`.
 
 >>> import torch
 >>> from lcc.regularisers.base import Batch
@@ -22,18 +23,16 @@ True
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
-from lcc.engine.lgg import SIMILARITIES, batch_graph, label_variation
-from lcc.errors import LCCInputError, check_choice, check_integer, check_number
-from lcc.regularisers.base import (
-    Batch,
-    Regulariser,
-    RegulariserOptions,
-    option,
+from lcc.engine.lgg import batch_graph, label_variation
+from lcc.errors import LCCInputError
+from lcc.regularisers.base import Batch, Regulariser
+from lcc.regularisers.label_variation_options import (
+    GraphOptions,
+    LabelVariationOptions,
+    LGGOptions,
 )
 
 __all__ = [
@@ -44,54 +43,6 @@ __all__ = [
     "attached_zero",
     "layer_variations",
 ]
-
-_NONE = ("", "none", "auto", "null")
-
-
-@dataclass
-class GraphOptions(RegulariserOptions):
-    """Options of the batch latent geometry graph (sec. 3.3), shared by the LGG regularisers."""
-
-    k: int = option(10, "neighbours per sample in the batch's latent geometry graph")
-    similarity: str = option(
-        "auto",
-        "edge similarity: cosine, rbf (of the L2 distance), auto = cosine if latents >= 0",
-        choices=SIMILARITIES,
-    )
-    bandwidth: float | None = option(
-        None, "RBF h in exp(-d^2/h^2); default: RMS distance between the batch's samples"
-    )
-    normalize: bool = option(
-        False,
-        "degree-normalise the graph (D^-1/2 A D^-1/2). Departs from the LGG paper, whose "
-        "experiments normalise (sec. 3.3.2): measured within the seed spread of the paper's "
-        "graph (README, Table 3 in miniature); true is the paper's graph",
-    )
-
-    def check(self) -> None:
-        super().check()
-        self.k = check_integer(self.k, "k", 1)
-        check_choice(self.similarity, SIMILARITIES, name="similarity")
-        if self.bandwidth is None or (
-            isinstance(self.bandwidth, str) and self.bandwidth.strip().lower() in _NONE
-        ):
-            self.bandwidth = None
-        else:
-            value = check_number(self.bandwidth, "bandwidth")
-            if not value > 0:
-                raise LCCInputError(f"bandwidth must be a positive number, got {self.bandwidth!r}")
-            self.bandwidth = value
-
-
-@dataclass
-class LGGOptions(GraphOptions):
-    """Graph options plus the form of label variation (label-variation and smoothness)."""
-
-    normalized: bool = option(
-        True,
-        "normalised label variation (share of edge weight between distinct classes, 0..1); "
-        "false: the raw sum of eq. 5, which grows with batch size and k",
-    )
 
 
 def attached_zero(z: Tensor) -> Tensor:
@@ -128,13 +79,8 @@ def layer_variations(batch: Batch, layers: tuple[str, ...], options: LGGOptions)
     return label_variation(graph, y, normalized=options.normalized)
 
 
-@dataclass
-class LabelVariationOptions(LGGOptions):
-    """Options of :class:`LabelVariation` (the graph options of :class:`LGGOptions`)."""
-
-
 class LabelVariation(Regulariser):
-    """Label variation of the batch's latent geometry graph, mean over its layers (sec. 4.2).
+    """The ``label-variation`` regulariser (summary and options: :class:`LabelVariationOptions`).
 
     Per layer: LGG of the labelled samples of the batch (k-NN by cosine or RBF similarity,
     union-symmetrised, optionally degree-normalised), then the summed (``normalized=false``)

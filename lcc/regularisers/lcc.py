@@ -165,8 +165,8 @@ def _accuracy(predictions: np.ndarray | None, y: np.ndarray, mask: np.ndarray) -
 
 
 class LCC(Regulariser):
-    """Latent Cluster Correction: pull each misclustered latent towards the mean of its k nearest
-    correctly clustered neighbours of its class (targets refreshed from the training set)."""
+    """The ``lcc`` regulariser, Latent Cluster Correction (summary and options:
+    :class:`LCCOptions`): refreshes its targets from the training set's latents."""
 
     name = "lcc"
     Options = LCCOptions

@@ -56,15 +56,17 @@ REFRESH_OPTIONS: tuple[str, ...] = (
 
 @dataclass
 class LCCOptions(RegulariserOptions):
-    """Hyperparameters of Latent Cluster Correction (defaults from the paper where it has them).
+    """Latent Cluster Correction: pull each misclustered latent towards the mean of its k nearest
+    correctly clustered neighbours of its class (targets refreshed from the training set).
 
-    ``k``: neighbours for the graph and the targets; ``interval``: refresh every that many
-    epochs after ``warmup``; ``method``/``targets``/``knn``/``metric``/``pca``/``weights``/
-    ``resolution``/``seed``: :class:`lcc.engine.refresh.RefreshConfig`; ``class_policy``/
-    ``policy_size``: which classes are corrected (:func:`lcc.engine.selection.select_classes`);
-    ``squared``: the poster's squared loss; ``bandwidth``: the RBF kernel's scale;
-    ``correction``/``tangent_k``/``tangent_dim``: orthogonal correction (paper sec. V.C,
-    :mod:`lcc.engine.orthogonal`).
+    Its hyperparameters (defaults from the paper where it has them; the first paragraph above
+    is the summary ``lcc train --help-reg`` prints). ``k``: neighbours for the graph and the
+    targets; ``interval``: refresh every that many epochs after ``warmup``;
+    ``method``/``targets``/``knn``/``metric``/``pca``/``weights``/``resolution``/``seed``:
+    :class:`lcc.engine.refresh.RefreshConfig`; ``class_policy``/``policy_size``: which classes
+    are corrected (:func:`lcc.engine.selection.select_classes`); ``squared``: the poster's
+    squared loss; ``bandwidth``: the RBF kernel's scale; ``correction``/``tangent_k``/
+    ``tangent_dim``: orthogonal correction (paper sec. V.C, :mod:`lcc.engine.orthogonal`).
 
     ``knn`` defaults to ``"approximate"`` (unlike :class:`lcc.engine.refresh.RefreshConfig`): on
     the demo's 10,000 x 128 latents it halves the refresh (0.22 s -> 0.11 s), its clusters are

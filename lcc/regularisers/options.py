@@ -30,7 +30,18 @@ from typing import Any
 
 from lcc.errors import LCCInputError, check_choice, check_integer, check_number
 
-__all__ = ["RegulariserOptions", "coerce", "did_you_mean", "kind_of", "make_options", "option"]
+__all__ = [
+    "OUTPUT",
+    "RegulariserOptions",
+    "coerce",
+    "did_you_mean",
+    "kind_of",
+    "make_options",
+    "option",
+]
+
+#: Pseudo layer name of the model's output (the logits), accepted wherever layers are named.
+OUTPUT = "output"
 
 _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 _NONE = ("none", "null", "")

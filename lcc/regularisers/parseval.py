@@ -30,14 +30,14 @@ not used.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from lcc.errors import LCCInputError
-from lcc.regularisers.base import OUTPUT, Regulariser, RegulariserOptions, option
+from lcc.regularisers.base import OUTPUT, Regulariser
+from lcc.regularisers.parseval_options import ParsevalOptions
 from lcc.zoo.latents import check_layer_names
 
 __all__ = ["Parseval", "ParsevalOptions", "parseval_penalty", "weight_matrix"]
@@ -68,29 +68,8 @@ def parseval_penalty(weight: Tensor) -> Tensor:
     return (gram - eye).pow(2).sum()
 
 
-@dataclass
-class ParsevalOptions(RegulariserOptions):
-    """Options of :class:`Parseval`: ``modules`` whose weights are penalised (empty: every
-    Linear and Conv layer); ``layers`` is not used (no latent is read)."""
-
-    modules: list[str] = option(  # noqa: RUF009 - copied per instance
-        [], "modules whose weight matrices are penalised (default: every Linear and Conv layer)"
-    )
-
-    def check(self) -> None:
-        super().check()
-        names: list[str] = []
-        for entry in [self.modules] if isinstance(self.modules, str) else list(self.modules):
-            if not isinstance(entry, str):
-                raise LCCInputError(f"modules must be module names, got {entry!r}")
-            names.extend(part.strip() for part in entry.split(",") if part.strip())
-        self.modules = names
-
-
 class Parseval(Regulariser):
-    """Parseval regularisation (Cisse et al. 2017) as a penalty: sum over the chosen layers of
-    ||W W^T - I||_F^2 on their weight matrices (conv kernels unfolded). A penalty, not the
-    paper's retraction step (one SGD step on it is that retraction with beta = 4 lr weight).
+    """The ``parseval`` regulariser (summary and options: :class:`ParsevalOptions`).
 
     ``modules``: modules with a weight matrix (default: every Linear and Conv layer); reads no
     latents (``layers`` is not used).

@@ -25,18 +25,17 @@ this reuses): a model spec with ``teacher_checkpoint``, a checkpoint naming its 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lcc.errors import LCCInputError, check_choice, check_number
-from lcc.regularisers.base import Batch, Regulariser, RegulariserOptions, option
+from lcc.errors import LCCInputError
+from lcc.regularisers.base import Batch, Regulariser
 from lcc.regularisers.gkd import GraphDistillation
 from lcc.regularisers.label_variation import attached_zero
-from lcc.zoo.latents import POOLS
+from lcc.regularisers.rkd_options import RelationalDistillationOptions
 
 __all__ = ["RelationalDistillation", "RelationalDistillationOptions", "rkd_distance"]
 
@@ -83,32 +82,8 @@ def rkd_distance(teacher_z: Tensor, student_z: Tensor, delta: float = 1.0) -> Te
     return F.huber_loss(student[off], target[off], delta=delta)
 
 
-@dataclass
-class RelationalDistillationOptions(RegulariserOptions):
-    """Options of :class:`RelationalDistillation`: the teacher (as ``gkd``) and Huber's delta."""
-
-    teacher: str = option(
-        "", "teacher: model spec (small-resnet, hf:NAME, ...) or a checkpoint naming its model"
-    )
-    teacher_checkpoint: str | None = option(None, "weights of the teacher spec (a checkpoint)")
-    teacher_layers: list[str] = option(  # noqa: RUF009 - copied per instance
-        [], "teacher layers, paired in order with `layers` (default: the same names)"
-    )
-    teacher_pool: str = option("flatten", "pooling of the teacher's layer outputs", choices=POOLS)
-    delta: float = option(1.0, "Huber loss threshold (Park et al.: 1, i.e. smooth L1)")
-
-    def check(self) -> None:
-        super().check()
-        check_choice(self.teacher_pool, POOLS, name="teacher_pool")
-        self.delta = check_number(self.delta, "delta")
-        if not self.delta > 0:
-            raise LCCInputError(f"delta must be a positive number, got {self.delta!r}")
-
-
 class RelationalDistillation(Regulariser):
-    """Distance-wise relational knowledge distillation, RKD-D (Park et al. 2019), from a frozen
-    teacher: pairwise distances of the batch in teacher and student, each divided by its mean,
-    compared with the Huber loss (mean over pairs); the LGG paper's Table 1 baseline to GKD.
+    """The ``rkd`` regulariser (summary and options: :class:`RelationalDistillationOptions`).
 
     Mean over the pairs (``teacher_layers[i]``, ``layers[i]``); dimensions may differ; needs the
     batch's inputs (``Batch.x``). Teacher options as ``gkd``.

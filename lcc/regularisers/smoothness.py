@@ -2,7 +2,7 @@
 
 The term is ``sum_l |sigma(l+1) - sigma(l)|`` over consecutive chosen layers, ``sigma(l)`` the
 label variation of the batch's LGG at layer ``l`` (labelled samples only; graph options as in
-:class:`lcc.regularisers.label_variation.LGGOptions`). List the layers in the order the data
+:class:`lcc.regularisers.label_variation_options.LGGOptions`). List the layers in the order the data
 flows through them; ``weight`` is the paper's gamma.
 
 >>> import torch
@@ -18,38 +18,18 @@ flows through them; ``weight`` is the paper's gamma.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from torch import Tensor
 
 from lcc.engine.lgg import smoothness
-from lcc.errors import LCCInputError
 from lcc.regularisers.base import Batch, Regulariser
-from lcc.regularisers.label_variation import LGGOptions, layer_variations
+from lcc.regularisers.label_variation import layer_variations
+from lcc.regularisers.smoothness_options import SmoothnessOptions, check_layers
 
 __all__ = ["Smoothness", "SmoothnessOptions"]
 
 
-def _check_layers(layers: list[str] | tuple[str, ...]) -> None:
-    if len(layers) < 2:
-        raise LCCInputError(
-            f"smoothness compares consecutive layers and needs at least 2, got {list(layers)}; "
-            "pass layers=A,B[,...] in the order the data flows"
-        )
-
-
-@dataclass
-class SmoothnessOptions(LGGOptions):
-    """Options of :class:`Smoothness`: the LGG options; ``layers`` in forward order (>= 2)."""
-
-    def check(self) -> None:
-        super().check()
-        if self.layers:  # empty: the trainer's layers, checked at the first batch
-            _check_layers(self.layers)
-
-
 class Smoothness(Regulariser):
-    """Smoothness of label variation across consecutive layers (sec. 4.3, eq. 8; weight = gamma).
+    """The ``smoothness`` regulariser (summary and options: :class:`SmoothnessOptions`).
 
     ``sum_l |sigma(l+1) - sigma(l)|`` with ``sigma(l)`` the label variation of the batch's latent
     geometry graph at the l-th listed layer; layers in forward order, at least two.
@@ -59,5 +39,5 @@ class Smoothness(Regulariser):
     Options = SmoothnessOptions
 
     def forward(self, batch: Batch) -> Tensor:
-        _check_layers(self.layers)
+        check_layers(self.layers)
         return smoothness(layer_variations(batch, self.layers, self.options))

@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -11,11 +18,17 @@ from lcc.errors import LCCInputError
 from lcc.regularisers import (
     REGISTRY,
     Batch,
+    Registration,
+    Regulariser,
+    RegulariserOptions,
     TrainingLatents,
     build_regulariser,
+    option,
+    options_class,
     parse_spec,
     regulariser_class,
     regulariser_help,
+    regulariser_summary,
 )
 from lcc.regularisers.lcc import LCC, LCCOptions
 from lcc.synthetic import gaussian_mixture
@@ -125,3 +138,104 @@ def test_lcc_options_validate_policy_size():
 def test_a_key_given_twice_in_a_spec_is_refused():
     with pytest.raises(LCCInputError, match="gives 'k' twice"):
         parse_spec("lcc:k=5,k=6")
+
+
+# --------------------------------------------------------------------------- --help-reg start-up
+
+REPO = Path(__file__).resolve().parents[2]
+#: what ``--help-reg`` must not import (each takes seconds on 2 cores)
+HEAVY = ("torch", "sklearn", "lightning", "scipy")
+#: runs ``lcc train --help-reg`` and ``--help-reg NAME`` for every name in one fresh interpreter,
+#: then prints the texts and the heavy packages imported meanwhile
+_HELP_PROBE = """
+import contextlib, io, json, sys
+from lcc.cli import main
+from lcc.regularisers import REGISTRY
+texts = {}
+for name in ["", *REGISTRY]:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main(["train", "--help-reg", *([name] if name else [])])
+    texts[name] = (code, out.getvalue())
+heavy = [m for m in %r if m in sys.modules]
+print(json.dumps({"texts": texts, "heavy": heavy}))
+"""
+
+
+def _option_rows(text: str) -> dict[str, str]:
+    """{option: its help text on one line} of a ``--help-reg NAME`` text."""
+    rows: dict[str, str] = {}
+    last = None
+    for line in text.split("\noptions (", 1)[1].splitlines()[1:]:
+        if line.startswith(" " * 19) and last is not None:
+            rows[last] += " " + line.strip()
+        elif line.startswith("  ") and line.strip():
+            last, _, rest = line.strip().partition(" ")
+            rows[last] = rest.strip()
+    return rows
+
+
+def test_help_reg_imports_no_heavy_package_and_lists_every_option_with_its_default():
+    done = subprocess.run(
+        [sys.executable, "-c", _HELP_PROBE % (HEAVY,)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        check=True,
+    )
+    result = json.loads(done.stdout)
+    assert result["heavy"] == [], f"--help-reg imported {result['heavy']}"
+    code, listing = result["texts"][""]
+    assert code == 0
+    for name in REGISTRY:
+        assert f"  {name:<16} {regulariser_summary(name)}" in listing
+        code, text = result["texts"][name]
+        assert code == 0 and text.startswith(f"--reg {name}: ")
+        fields = dataclasses.fields(regulariser_class(name).Options)  # the class, with torch
+        rows = _option_rows(text)
+        assert list(rows) == [item.name for item in fields], name
+        for item in fields:
+            default = item.default_factory() if callable(item.default_factory) else item.default
+            shown = "the trainer's --layers" if item.name == "layers" and default == [] else default
+            assert rows[item.name].endswith(f"[default: {shown}]"), (name, item.name)
+
+
+def test_each_registration_names_the_options_its_class_uses_and_its_own_summary():
+    summaries = set()
+    for name, entry in REGISTRY.items():
+        assert isinstance(entry, Registration) and entry.options, name
+        assert options_class(name) is regulariser_class(name).Options, name
+        summary = regulariser_summary(name)
+        assert summary and "\n" not in summary and summary not in summaries, name
+        summaries.add(summary)
+    assert regulariser_summary("lcc").startswith("Latent Cluster Correction: pull each")
+
+
+@dataclass
+class _EchoOptions(RegulariserOptions):
+    loudness: int = option(3, "how loud")
+
+
+class _Echo(Regulariser):
+    """Toy registered by a bare "module:Class": its summary is this paragraph.
+
+    Not this one."""
+
+    name = "echo"
+    Options = _EchoOptions
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        return torch.zeros(())
+
+
+def test_a_bare_module_class_string_still_registers_one(monkeypatch):
+    monkeypatch.setitem(REGISTRY, "echo", f"{__name__}:_Echo")
+    assert regulariser_class("echo") is _Echo and options_class("echo") is _EchoOptions
+    assert regulariser_summary("echo") == (
+        'Toy registered by a bare "module:Class": its summary is this paragraph.'
+    )
+    text = regulariser_help("echo")
+    assert _option_rows(text)["loudness"] == "how loud [default: 3]"
+    assert build_regulariser("echo:loudness=5").options.loudness == 5
+    with pytest.raises(LCCInputError, match="unknown regulariser 'ecko' \\(did you mean 'echo'"):
+        options_class("ecko")

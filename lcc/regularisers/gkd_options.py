@@ -1,0 +1,85 @@
+"""Options of the ``gkd`` regulariser, declared without torch (``--help-reg`` reads them).
+
+>>> options = GraphDistillationOptions(teacher=" small-cnn ", teacher_layers="act1,fc1",
+...                                    layers=["a", "b"])
+>>> options.teacher, options.teacher_layers, options.normalize
+('small-cnn', ['act1', 'fc1'], True)
+>>> GraphDistillationOptions(teacher="small-cnn", teacher_layers=["act1"], layers=["a", "b"])
+Traceback (most recent call last):
+...
+lcc.errors.LCCInputError: teacher_layers ['act1'] and layers ['a', 'b'] pair up in order and need the same count; list one teacher layer per student layer
+"""  # noqa: E501
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from lcc.engine.choices import POOLS
+from lcc.errors import LCCInputError, check_choice
+from lcc.regularisers.label_variation_options import GraphOptions
+from lcc.regularisers.options import option
+
+__all__ = ["GraphDistillationOptions", "check_pairs"]
+
+
+def _names(value: object, name: str) -> list[str]:
+    entries = [value] if isinstance(value, str) else list(value)  # type: ignore[call-overload]
+    names: list[str] = []
+    for entry in entries:
+        if not isinstance(entry, str):
+            raise LCCInputError(f"{name} must be layer names, got {entry!r}")
+        names.extend(part.strip() for part in entry.split(",") if part.strip())
+    return names
+
+
+def check_pairs(teacher_layers: Sequence[str], layers: Sequence[str]) -> None:
+    """Raise :class:`LCCInputError` unless each student layer has one teacher layer."""
+    if len(teacher_layers) != len(layers):
+        raise LCCInputError(
+            f"teacher_layers {list(teacher_layers)} and layers {list(layers)} pair up in order "
+            "and need the same count; list one teacher layer per student layer"
+        )
+
+
+@dataclass
+class GraphDistillationOptions(GraphOptions):
+    """Graph knowledge distillation from a frozen teacher (sec. 4.1, eq. 7).
+
+    The options of :class:`lcc.regularisers.gkd.GraphDistillation`: the graph options of
+    :class:`lcc.regularisers.label_variation_options.GraphOptions`, the teacher and its layers.
+    The first paragraph above is the summary ``lcc train --help-reg`` prints.
+    """
+
+    teacher: str = option(
+        "", "teacher: model spec (small-resnet, hf:NAME, ...) or a checkpoint naming its model"
+    )
+    teacher_checkpoint: str | None = option(None, "weights of the teacher spec (a checkpoint)")
+    teacher_layers: list[str] = option(  # noqa: RUF009 - copied per instance
+        [], "teacher layers, paired in order with `layers` (default: the same names)"
+    )
+    teacher_pool: str = option("flatten", "pooling of the teacher's layer outputs", choices=POOLS)
+    distinct_classes: bool = option(
+        False, "build both graphs between labelled samples of distinct classes only"
+    )
+    normalize: bool = option(True, "degree-normalise both graphs (the paper's GKD)")
+
+    def check(self) -> None:
+        super().check()
+        if not isinstance(self.teacher, str):
+            raise LCCInputError(
+                f"teacher must be a model spec or a checkpoint path, got {self.teacher!r}; "
+                "pass an nn.Module as GraphDistillation(teacher=module)"
+            )
+        self.teacher = self.teacher.strip()
+        checkpoint = self.teacher_checkpoint
+        if isinstance(checkpoint, Path):
+            checkpoint = str(checkpoint)
+        if checkpoint is not None and not isinstance(checkpoint, str):
+            raise LCCInputError(f"teacher_checkpoint must be a path, got {checkpoint!r}")
+        self.teacher_checkpoint = (checkpoint.strip() or None) if checkpoint else None
+        self.teacher_layers = _names(self.teacher_layers, "teacher_layers")
+        check_choice(self.teacher_pool, POOLS, name="teacher_pool")
+        if self.layers and self.teacher_layers:
+            check_pairs(self.teacher_layers, self.layers)
