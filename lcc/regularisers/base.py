@@ -62,7 +62,9 @@ __all__ = [
     "Regulariser",
     "RegulariserOptions",
     "TrainingLatents",
+    "check_regularisers",
     "option",
+    "unique_keys",
 ]
 
 
@@ -238,3 +240,40 @@ def zero_term(batch: Batch) -> Tensor:
     if not parts:
         return torch.zeros(())
     return torch.stack(parts).sum()
+
+
+def unique_keys(regularisers: Sequence[Regulariser]) -> list[str]:
+    """Names that tell the regularisers apart in logs and checkpoints (``name``, ``name#2``).
+
+    >>> from lcc.regularisers.smoothness import Smoothness
+    >>> unique_keys([Smoothness(layers=["a", "b"]), Smoothness(layers=["b", "c"])])
+    ['smoothness', 'smoothness#2']
+    """
+    keys: list[str] = []
+    for reg in regularisers:
+        key, count = reg.name, 1
+        while key in keys:
+            count += 1
+            key = f"{reg.name}#{count}"
+        keys.append(key)
+    return keys
+
+
+def check_regularisers(
+    regularisers: Sequence[Regulariser], default_layers: Sequence[str] | None
+) -> None:
+    """Refuse anything but :class:`Regulariser` objects and regularisers without layers (after
+    giving ``default_layers`` to those that name none)."""
+    for reg in regularisers:
+        if not isinstance(reg, Regulariser):
+            raise LCCInputError(
+                f"regularisers must be lcc.regularisers.Regulariser objects, got "
+                f"{type(reg).__name__}; build them with lcc.regularisers.build_regulariser"
+            )
+        if default_layers:
+            reg.set_default_layers(list(default_layers))
+        if not reg.layers:
+            raise LCCInputError(
+                f"regulariser {reg.name!r} names no layers; pass layers=... (names from "
+                "`lcc layers MODEL`)"
+            )

@@ -61,6 +61,8 @@ from lcc.regularisers.base import (
     Batch,
     Regulariser,
     TrainingLatents,
+    check_regularisers,
+    unique_keys,
     zero_term,
 )
 from lcc.regularisers.lcc import LCC, LayerState, LCCOptions, RefreshState, check_class_sizes
@@ -89,38 +91,6 @@ class Refreshed:
     epoch: int
     collected: TrainingLatents | None
     states: dict[str, Any]
-
-
-def unique_keys(regularisers: Sequence[Regulariser]) -> list[str]:
-    """Names that tell the regularisers apart in logs and checkpoints (``name``, ``name#2``).
-
-    >>> unique_keys([LCC(layers=["a"]), LCC(layers=["b"])])
-    ['lcc', 'lcc#2']
-    """
-    keys: list[str] = []
-    for reg in regularisers:
-        key, count = reg.name, 1
-        while key in keys:
-            count += 1
-            key = f"{reg.name}#{count}"
-        keys.append(key)
-    return keys
-
-
-def _checked(regularisers: Sequence[Regulariser], default_layers: Sequence[str] | None) -> None:
-    for reg in regularisers:
-        if not isinstance(reg, Regulariser):
-            raise LCCInputError(
-                f"regularisers must be lcc.regularisers.Regulariser objects, got "
-                f"{type(reg).__name__}; build them with lcc.regularisers.build_regulariser"
-            )
-        if default_layers:
-            reg.set_default_layers(list(default_layers))
-        if not reg.layers:
-            raise LCCInputError(
-                f"regulariser {reg.name!r} names no layers; pass layers=... (names from "
-                "`lcc layers MODEL`)"
-            )
 
 
 class Regularisation:
@@ -154,7 +124,7 @@ class Regularisation:
         refresh_bn: str = "running",
     ) -> None:
         regularisers = list(regularisers)
-        _checked(regularisers, default_layers)
+        check_regularisers(regularisers, default_layers)
         self.model = model
         self.source = check_choice(source, SOURCES, name="source")
         self.pool = check_choice(pool, POOLS, name="pool")
