@@ -456,7 +456,8 @@ def top1_figure(
     title: str | None = None,
 ) -> Any:
     """Training top-1 (%) and loss per epoch, one line per run (``{name: history}``, records
-    with ``epoch``, ``train_top1``, ``loss``); each run's final test top-1 as a star."""
+    with ``epoch`` counted from 1 as in metrics.json, ``train_top1``, ``loss``); each run's
+    final test top-1 as a star."""
     if not histories:
         raise LCCInputError("plot_top1 needs at least one run's history")
     figure = _figure(11.0, 4.2 + (0.3 if title else 0.0))
@@ -469,7 +470,7 @@ def top1_figure(
             (r for r in history if _number(r.get("epoch")) is not None),
             key=lambda r: r["epoch"],
         )
-        epochs = [int(r["epoch"]) + 1 for r in records]
+        epochs = [int(r["epoch"]) for r in records]
         seen += epochs
         top1 = [_number(r.get("train_top1")) for r in records]
         values = [(e, 100 * v) for e, v in zip(epochs, top1, strict=True) if v is not None]
@@ -530,8 +531,8 @@ def refresh_quality_figure(
     """Per refresh (epoch) and layer: misclustered fraction, and the model's training accuracy
     on correctly clustered (CC, solid) vs misclustered (MC, dashed) samples and on all (dotted).
 
-    ``records``: refreshes.jsonl lines (``epoch``, ``layer``, ``misclustered_fraction``,
-    ``accuracy``, ``accuracy_cc``, ``accuracy_mc``).
+    ``records``: refreshes.jsonl lines (``epoch`` counted from 1, ``layer``,
+    ``misclustered_fraction``, ``accuracy``, ``accuracy_cc``, ``accuracy_mc``).
     """
     usable = [r for r in records if "layer" in r and _number(r.get("epoch")) is not None]
     if not usable:
@@ -542,7 +543,7 @@ def refresh_quality_figure(
     styles = (("accuracy_cc", "-", "o", "CC"), ("accuracy_mc", "--", "s", "MC"))
     for colour, layer in zip(_series_colours(len(layers)), layers, strict=True):
         rows = sorted((r for r in usable if str(r["layer"]) == layer), key=lambda r: r["epoch"])
-        epochs = [int(r["epoch"]) + 1 for r in rows]
+        epochs = [int(r["epoch"]) for r in rows]
 
         def series(key: str, rows: list = rows, epochs: list = epochs) -> list:
             values = [_number(r.get(key)) for r in rows]
@@ -571,7 +572,7 @@ def refresh_quality_figure(
     share.set_ylabel("misclustered (% of training samples)")
     accuracy.set_title("training accuracy: CC vs MC samples", fontsize=10)
     accuracy.set_ylabel("accuracy (%)")
-    epochs = sorted({int(r["epoch"]) + 1 for r in usable})
+    epochs = sorted({int(r["epoch"]) for r in usable})
     shares = [v for r in usable if (v := _number(r.get("misclustered_fraction"))) is not None]
     share.set_ylim(0, 100 * max([*shares, 0.05]) * 1.15)
     accuracy.set_ylim(0, 102)
@@ -620,7 +621,7 @@ def refresh_seconds_figure(
         heights = np.array([by_epoch[e].get(stage, 0.0) for e in epochs])
         axis.bar(positions, heights, bottom=bottom, color=colour, label=stage, width=0.7)
         bottom += heights
-    axis.set_xticks(positions, [str(e + 1) for e in epochs])
+    axis.set_xticks(positions, [str(e) for e in epochs])
     axis.set_xlabel("epoch (refresh at its start)")
     axis.set_ylabel("seconds")
     axis.set_title("refresh seconds per stage (all layers)", fontsize=10)
@@ -690,7 +691,7 @@ def _group(measure: Mapping[str, Any]) -> str:
     if "run" in measure:
         parts.append(str(measure["run"]))
     if _number(measure.get("epoch")) is not None:
-        parts.append(f"epoch {int(measure['epoch']) + 1}")
+        parts.append(f"epoch {int(measure['epoch'])}")
     return " ".join(parts)
 
 

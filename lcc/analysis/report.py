@@ -236,7 +236,7 @@ def _comparison(runs: Sequence[Run]) -> list[Table]:
                 [
                     summary["name"],
                     str(layer),
-                    _format(None if epoch is None else epoch + 1, "integer"),
+                    _format(epoch, "integer"),
                 ]
                 + [_format(stats.get(key), kind) for _, key, kind in LAYER_COLUMNS]
             )
@@ -386,7 +386,7 @@ def write_report(
         if snapshot is not None:
             section.images.append(
                 Image(
-                    f"Latents at the refresh of epoch {snapshot.epoch + 1}, coloured by class, "
+                    f"Latents at the refresh of epoch {snapshot.epoch}, coloured by class, "
                     "misclustered samples ringed",
                     png(
                         plots.latent_map(
@@ -397,7 +397,7 @@ def write_report(
                             max_points=max_points,
                             seed=seed,
                             path=folder / f"{slug}-latents",
-                            title=f"{run.name}: epoch {snapshot.epoch + 1}",
+                            title=f"{run.name}: epoch {snapshot.epoch}",
                             formats=formats,
                         )
                     ),

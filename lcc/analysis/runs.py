@@ -2,7 +2,8 @@
 
 A run directory (``lcc train --out DIR``) holds ``config.yaml``, ``metrics.json`` (test top-1/top-5
 and a per-epoch ``history``), ``refreshes.jsonl`` (one line per refresh and layer) and
-``refresh/epoch_E_<layer>.npz`` (clusters; with ``--save-latents`` also ``z`` and ``y``).
+``refresh/epoch_E_<layer>.npz`` (clusters; with ``--save-latents`` also ``z`` and ``y``); every
+epoch in them counts from 1, as on the console (E: the refresh at the start of the E-th epoch).
 :func:`load_run` reads the text files once; keys it does not know (other regularisers' terms)
 are kept as they are, and missing optional files give empty lists.
 
@@ -85,7 +86,8 @@ class Run:
 class LatentSnapshot:
     """Latents saved by one refresh (``--save-latents``): per layer ``z`` (N, D), the labels
     ``y`` (N,), and per layer the misclustered mask from the saved clusters and their matching
-    to classes (:func:`lcc.engine.match.match_clusters`) and the clusters themselves."""
+    to classes (:func:`lcc.engine.match.match_clusters`) and the clusters themselves;
+    ``epoch``: the E of its ``epoch_E_<layer>.npz`` files (counted from 1)."""
 
     epoch: int
     z: dict[str, np.ndarray]

@@ -90,7 +90,7 @@ def write_figure(run: Path, out: Path) -> bool:
             parts = axis.violinplot(data, positions + shift, widths=0.35, showextrema=False)
             for body in parts["bodies"]:
                 body.set_facecolor(colour)
-        axis.set_xticks(positions, [str(e + 1) for e, _ in epochs], fontsize=7)
+        axis.set_xticks(positions, [str(e) for e, _ in epochs], fontsize=7)
         axis.set_xlabel("epoch")
         axis.set_ylabel(f"{names[neuron]} pre-activation", fontsize=8)
         axis.set_title(f"{kind}: subclass {subclass} (red) vs rest of superclass, s={value:.2f}",

@@ -257,7 +257,7 @@ def _fig6(root: Path, runs: Sequence[Any], rows: Sequence[Mapping[str, Any]]) ->
     figure, axes = plt.subplots(1, len(names), figsize=(3.4 * len(names), 2.8), squeeze=False)
     for axis, name in zip(axes[0], names, strict=True):
         for acc, lines in tracks:
-            points = sorted((r["epoch"] + 1, r["value"]) for r in lines
+            points = sorted((r["epoch"], r["value"]) for r in lines
                             if r.get("measure") == name and r.get("layer") == "all")  # fmt: skip
             if points:
                 axis.plot(*zip(*points, strict=True), marker="o", label=f"test {acc:.1%}")

@@ -33,7 +33,8 @@ Run directory --out DIR: config.yaml (the resolved config; reusable with --confi
 checkpoints/last.ckpt (every epoch, LCC state included), metrics.json (test top-1/top-5,
 per-epoch times), refreshes.jsonl (per refresh and layer: clusters, misclustered and
 correctible fractions, modularity, stage seconds, CC/MC accuracy), refresh/epoch_E_LAYER.npz
-(clusters), logs/metrics.csv and tensorboard/. stdout gets one JSON line of final metrics.
+(clusters), logs/metrics.csv and tensorboard/; every epoch E in them counts from 1, as the
+per-epoch lines. stdout gets one JSON line of final metrics.
 
 A YAML --config file may set any option (keys are the option names, e.g. batch_size: 64,
 layers: [act1]); options given on the command line override it.

@@ -23,7 +23,7 @@ epoch and step agree with its loop state, with one note per file it had to skip.
 >>> _ = (run / "checkpoints" / "last.ckpt").write_bytes(b"")  # what a bad copy leaves
 >>> path, notes = find_resumable(run)
 >>> path.name, notes
-('previous.ckpt', ['checkpoint .../last.ckpt is unusable (empty file (0 bytes)); resuming from previous.ckpt (epoch 0, step 4)'])
+('previous.ckpt', ['checkpoint .../last.ckpt is unusable (empty file (0 bytes)); resuming from previous.ckpt (epoch 1, step 4)'])
 """  # noqa: E501
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ import torch
 
 from lcc.errors import LCCInputError
 from lcc.io import TorchLoadError, atomic_write, safe_torch_load
+from lcc.train.epochs import shown_epoch
 
 __all__ = [
     "LAST",
@@ -212,7 +213,7 @@ def find_resumable(run_dir: str | os.PathLike[str]) -> tuple[Path, list[str]]:
     best = max(good, key=lambda info: (info.global_step, info.epoch, -order[info.path]))
     notes = [
         f"checkpoint {path} is unusable ({reason}); resuming from {best.path.name} "
-        f"(epoch {best.epoch}, step {best.global_step})"
+        f"(epoch {shown_epoch(best.epoch)}, step {best.global_step})"
         for path, reason in bad
     ]
     return best.path, notes

@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 from lcc.errors import LCCInputError, check_integer
 from lcc.regularisers.base import TrainingLatents
 from lcc.regularisers.lcc import to_numpy, to_torch
+from lcc.train.epochs import shown_epoch
 from lcc.train.exchange import Exchange
 from lcc.zoo.batchnorm import batch_norm_layers, batch_statistics, check_refresh_bn, recalibrate
 from lcc.zoo.latents import collect_latents, eval_mode, model_device
@@ -193,10 +194,10 @@ def warn_latent_gap(collected: TrainingLatents, refresh_bn: str, epoch: int) -> 
     if before - now > GAP_WARNING:
         other = "recalibrate or batch" if refresh_bn == "running" else "another --refresh-bn"
         warnings.warn(
-            f"refresh at epoch {epoch}: the fresh latent pass scores {100 * now:.1f}% on the "
-            f"training set, the training forwards of the epoch before {100 * before:.1f}%: its "
-            f"latents differ from training's (BatchNorm statistics, --refresh-bn "
-            f"{refresh_bn}); try --refresh-bn {other}",
+            f"refresh at epoch {shown_epoch(epoch)}: the fresh latent pass scores "
+            f"{100 * now:.1f}% on the training set, the training forwards of the epoch before "
+            f"{100 * before:.1f}%: its latents differ from training's (BatchNorm statistics, "
+            f"--refresh-bn {refresh_bn}); try --refresh-bn {other}",
             stacklevel=4,
         )
 

@@ -3,7 +3,9 @@
 :func:`write_refresh` appends one JSON line per refresh and layer to ``DIR/refreshes.jsonl``
 (atomically; a resumed run rewrites its epoch) and saves ``DIR/refresh/epoch_E_<layer>.npz``
 (clusters, targets' indices, and with ``save_latents`` the latents ``z`` and labels ``y``).
-:func:`epoch_line` is the line printed after each epoch.
+:func:`epoch_line` is the line printed after each epoch. Every epoch written or printed here
+counts from 1 (:func:`lcc.train.epochs.shown_epoch`): the refresh at the start of the E-th
+epoch is ``"epoch": E`` and is printed on the line ``epoch E/N``.
 
 >>> record = {"epoch": 0, "loss": 0.5, "ce": 0.4, "lcc": 0.1, "train_top1": 0.9, "seconds": 2.0}
 >>> epoch_line(record, 3, regularised=True)
@@ -25,6 +27,7 @@ from torch import Tensor
 
 from lcc.io import atomic_write, read_jsonl_tolerant, save_npz_atomic
 from lcc.regularisers.lcc import RefreshState
+from lcc.train.epochs import shown_epoch
 from lcc.train.loop import Refreshed
 
 __all__ = ["REPORTED", "epoch_line", "layer_stats", "refresh_metrics", "write_refresh"]
@@ -58,8 +61,9 @@ def layer_stats(states: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def refresh_metrics(states: Mapping[str, Any], epoch: int) -> dict[str, float]:
-    """The numbers of a refresh as flat logger metrics (``refresh/LAYER/KEY``)."""
-    flat: dict[str, float] = {"epoch": float(epoch)}
+    """The numbers of the refresh at the start of the 0-based ``epoch`` as flat logger metrics
+    (``refresh/LAYER/KEY``; ``epoch`` counted from 1)."""
+    flat: dict[str, float] = {"epoch": float(shown_epoch(epoch))}
     for name, stats in layer_stats(states).items():
         for key in REPORTED:
             value = stats.get(key)
@@ -88,17 +92,19 @@ def write_refresh(
     """Append the refresh to ``out_dir/refreshes.jsonl`` and save its clusters (main rank);
     ``fine``: the fine labels of a superclass run, saved as ``y_fine`` beside ``y`` (the
     trained superclasses) with the latents."""
-    epoch, states, collected = refreshed.epoch, refreshed.states, refreshed.collected
+    states, collected = refreshed.states, refreshed.collected
+    epoch = shown_epoch(refreshed.epoch)
     journal = out_dir / "refreshes.jsonl"
     # keep earlier epochs only (a resumed run rewrites its epoch; a torn last line is dropped)
     lines = [
         json.dumps(record, default=_json_value)
         for record in read_jsonl_tolerant(journal)
-        if record.get("epoch", -1) < epoch
+        if record.get("epoch", 0) < epoch
     ]
     for key, state in states.items():
         for name, stats in (getattr(state, "stats", None) or {}).items():
             record = {"epoch": epoch, "layer": name, **stats}
+            record["epoch"] = epoch  # the stats carry the regulariser's own, 0-based, epoch
             if key != "lcc":
                 record["regulariser"] = key
             lines.append(json.dumps(record, default=_json_value))
@@ -124,7 +130,7 @@ def write_refresh(
 
 
 def epoch_line(record: Mapping[str, Any], max_epochs: int | None, *, regularised: bool) -> str:
-    """The console line of one finished epoch (1-based, as every line a user reads)."""
+    """The console line of one finished epoch (``record["epoch"]`` 0-based, printed from 1)."""
     total = f"/{max_epochs}" if max_epochs else ""
     terms = record.get("terms")
     named = ", ".join(f"{key} {value:.4f}" for key, value in terms.items()) if terms else ""
@@ -136,7 +142,7 @@ def epoch_line(record: Mapping[str, Any], max_epochs: int | None, *, regularised
     else:
         regs = f", LCC {total_term}"
     text = (
-        f"epoch {record['epoch'] + 1}{total}: loss {record['loss']:.4f} "
+        f"epoch {shown_epoch(record['epoch'])}{total}: loss {record['loss']:.4f} "
         f"(CE {record['ce']:.4f}{regs}), train top-1 "
         f"{100 * record['train_top1']:.2f}%, {record['seconds']:.1f} s"
     )

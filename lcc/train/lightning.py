@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader, Dataset
 from lcc.regularisers.base import Regulariser
 from lcc.regularisers.lcc import LCC
 from lcc.train.data import preserved_rng
+from lcc.train.epochs import shown_epoch
 from lcc.train.exchange import Exchange, current_exchange
 from lcc.train.journal import REPORTED, epoch_line, layer_stats, refresh_metrics, write_refresh
 from lcc.train.loop import Regularisation
@@ -295,8 +296,8 @@ class LCCModule(pl.LightningModule):
         for name, parameter in self.model.named_parameters():
             if not torch.isfinite(parameter).all():
                 raise NonFiniteLossError(
-                    f"weight {name} became NaN/inf during epoch {epoch + 1}; stopped before "
-                    f"saving it{self._checkpoint_hint()}; lower --lr or --weight"
+                    f"weight {name} became NaN/inf during epoch {shown_epoch(epoch)}; stopped "
+                    f"before saving it{self._checkpoint_hint()}; lower --lr or --weight"
                 )
         exchange = self.exchange
         if self.regularisation is not None:
@@ -304,11 +305,15 @@ class LCCModule(pl.LightningModule):
         record = self._epoch_record(epoch, exchange)
         self.history = [r for r in self.history if r["epoch"] < epoch] + [record]
         end_of_epoch(self, epoch, record["loss"])  # --stop-at-train-loss, --track-measures
-        numbers = {
-            f"train/{k}": float(v)
+        # "epoch" counted from 1: the logger rows (Lightning adds its 0-based current_epoch
+        # only where none is logged) and checkpoints/epoch=E.ckpt (ModelCheckpoint's {epoch} is
+        # the logged one when there is one) read it
+        numbers = {"epoch": float(shown_epoch(epoch))}
+        numbers.update(
+            (f"train/{k}", float(v))
             for k, v in record.items()
-            if k not in ("refresh", "terms", "regulariser_stats")
-        }
+            if k not in ("epoch", "refresh", "terms", "regulariser_stats")
+        )
         numbers.update({f"train/term/{k}": float(v) for k, v in record.get("terms", {}).items()})
         self.log_dict(numbers, on_step=False, on_epoch=True, logger=True)
         if self.report and self.trainer.is_global_zero and not self.trainer.progress_bar_callback:
@@ -359,7 +364,7 @@ class LCCModule(pl.LightningModule):
             bad = self.exchange.all_reduce_sum([float(bad)])[0] > 0
         if bad:
             raise NonFiniteLossError(
-                f"non-finite loss at epoch {self.current_epoch + 1}, batch {batch_idx} "
+                f"non-finite loss at epoch {shown_epoch(self.current_epoch)}, batch {batch_idx} "
                 f"(cross-entropy {float(ce.detach()):.4g}, regularisers "
                 f"{float(term.detach()):.4g}); stopped{self._checkpoint_hint()}; lower --lr or "
                 "--weight"

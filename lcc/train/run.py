@@ -25,6 +25,7 @@ from lcc.io import read_yaml
 from lcc.train.build import build, default_layers, idle_warnings, probe_layers
 from lcc.train.checkpoints import checkpoint_candidates
 from lcc.train.config import TrainConfig, merge_config
+from lcc.train.epochs import shown_epoch
 from lcc.train.rundir import loggers, no_run_to_resume, prepare_out, resume_checkpoint
 
 __all__ = [
@@ -114,6 +115,7 @@ def _trainer(config: TrainConfig, out: Path, resume_from: Path | None, callbacks
 
     checkpoint = ModelCheckpoint(
         dirpath=str(out / "checkpoints"),
+        # {epoch}: the epoch LCCModule logs, counted from 1 (epoch=1.ckpt after the first)
         filename="epoch={epoch}" if config.keep_checkpoints else "last",
         auto_insert_metric_name=False,
         save_top_k=-1 if config.keep_checkpoints else 1,
@@ -162,7 +164,7 @@ def _stopped(config: TrainConfig, out: Path, stop: Any, signals: Any) -> Excepti
         return TrainingStopped(f"stopped {where}; {resume}", code)
     epoch, step = stop.stopped_at
     return TrainingStopped(
-        f"stopped at epoch {epoch + 1}/{config.epochs}, step {step}; {resume}", code
+        f"stopped at epoch {shown_epoch(epoch)}/{config.epochs}, step {step}; {resume}", code
     )
 
 
@@ -239,7 +241,10 @@ def _read_layers(module: Any, config: TrainConfig) -> list[str] | None:
 def _metrics(
     config: TrainConfig, module: Any, bundle: Any, fit_seconds: float, world: int
 ) -> dict[str, Any]:
-    history = sorted(module.history, key=lambda record: record["epoch"])
+    history = [  # epochs counted from 1, as the console and every other file
+        {**record, "epoch": shown_epoch(record["epoch"])}
+        for record in sorted(module.history, key=lambda record: record["epoch"])
+    ]
     seconds = [record["seconds"] for record in history]
     refresh_seconds = [record["refresh_seconds"] for record in history]
     refreshed = [record for record in history if record.get("refresh")]

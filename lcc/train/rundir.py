@@ -20,6 +20,7 @@ from lcc.errors import LCCInputError
 from lcc.io import read_yaml
 from lcc.train.checkpoints import checkpoint_candidates, find_resumable, history_names
 from lcc.train.config import TrainConfig, field_names, merge_config
+from lcc.train.epochs import shown_epoch
 
 __all__ = [
     "RESUME_MUTABLE",
@@ -137,15 +138,16 @@ def _number(text: str) -> float | int:
 
 def _earlier_csv_rows(path: Path, checkpoint: Path | None) -> list[dict[str, float | int]]:
     """Rows of an earlier ``metrics.csv`` up to the checkpoint's epoch and step (Lightning's CSV
-    logger deletes the file when it starts, so a resumed run writes them again). A row torn by
-    a kill is dropped; the checkpoint is read weights-only."""
+    logger deletes the file when it starts, so a resumed run writes them again). The rows'
+    ``epoch`` counts from 1, the checkpoint's from 0. A row torn by a kill is dropped; the
+    checkpoint is read weights-only."""
     from lcc.io import read_csv_tolerant, safe_torch_load
 
     if checkpoint is None or not path.is_file():
         return []
     try:
         saved = safe_torch_load(checkpoint, mmap=True)
-        saved_epoch, saved_step = int(saved["epoch"]), int(saved.get("global_step", -1))
+        saved_epoch, saved_step = shown_epoch(saved["epoch"]), int(saved.get("global_step", -1))
         rows = read_csv_tolerant(path)
     except (LCCInputError, KeyError, TypeError, ValueError):  # unreadable: start a new log
         return []

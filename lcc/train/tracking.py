@@ -6,9 +6,10 @@ and at the end of every ``--track-every``-th epoch (and the last) records the ma
 pre-activations of the tracked layers (every BatchNorm layer and ``fc1`` by default, else
 ``--layers``), computes the chosen measures (:mod:`lcc.analysis.measures`: c1-c4, clusters,
 label-variation; c1/c2 with the fine labels as subclasses) and appends one JSON line per
-measure and layer, with its ``epoch``, to ``DIR/measures.jsonl`` (a resumed run rewrites its
-epochs). The latents go to ``DIR/tracking/epoch=E.npz`` (``z_<LAYER>`` float16, ``y``,
-``y_fine``) for the neuron-level figure (Fig. 7). Main process only.
+measure and layer, with its ``epoch`` (counted from 1, as on the console), to
+``DIR/measures.jsonl`` (a resumed run rewrites its epochs). The latents go to
+``DIR/tracking/epoch=E.npz`` (``z_<LAYER>`` float16, ``y``, ``y_fine``) for the neuron-level
+figure (Fig. 7). Main process only.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from lcc.io import atomic_write, read_jsonl_tolerant, save_npz_atomic
+from lcc.train.epochs import shown_epoch
 
 __all__ = ["MeasureTracker", "make_tracker"]
 
@@ -53,10 +55,12 @@ class MeasureTracker:
         self.fine = None if fine is None else np.asarray(fine)[rows]
 
     def due(self, epoch: int, last: bool) -> bool:
-        return (epoch + 1) % self.every == 0 or last
+        """Whether the end of the 0-based ``epoch`` is recorded (``last``: the run's last)."""
+        return shown_epoch(epoch) % self.every == 0 or last
 
     def record(self, model: Any, epoch: int) -> list[dict[str, Any]]:
-        """Measure ``model`` at the end of ``epoch`` and append the lines (returned)."""
+        """Measure ``model`` at the end of the 0-based ``epoch`` and append the lines (returned;
+        their ``epoch`` counted from 1)."""
         from lcc.analysis.measures import MeasureInput, MeasureOptions, run_measures
         from lcc.analysis.study_measures import _latents, default_layers
 
@@ -67,16 +71,17 @@ class MeasureTracker:
         else:
             data = MeasureInput(latents, self.y, predictions=predictions)
         options = MeasureOptions(top_k=5, top_layers=2)
-        lines = [{"epoch": epoch, **line} for line in run_measures(self.names, data, options)]
+        shown = shown_epoch(epoch)
+        lines = [{"epoch": shown, **line} for line in run_measures(self.names, data, options)]
         journal = self.out / "measures.jsonl"
-        kept = [r for r in read_jsonl_tolerant(journal) if r.get("epoch", -1) < epoch]
+        kept = [r for r in read_jsonl_tolerant(journal) if r.get("epoch", 0) < shown]
         text = "".join(json.dumps(r, default=float) + "\n" for r in [*kept, *lines])
         atomic_write(journal, lambda handle: handle.write(text.encode("utf-8")))
         folder = self.out / "tracking"
         folder.mkdir(exist_ok=True)
         arrays = {f"z_{name}": np.asarray(z, dtype=np.float16) for name, z in latents.items()}
         extra = {} if self.fine is None else {"y_fine": self.fine}
-        save_npz_atomic(folder / f"epoch={epoch}.npz", **arrays, y=self.y, **extra)
+        save_npz_atomic(folder / f"epoch={shown}.npz", **arrays, y=self.y, **extra)
         return lines
 
 

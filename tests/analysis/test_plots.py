@@ -138,10 +138,10 @@ def test_latent_map_bad_input():
 
 # --------------------------------------------------------------------------- run plots
 
-HISTORY_BASE = [
-    {"epoch": 0, "loss": 2.0, "train_top1": 0.3, "seconds": 1.0},
-    {"epoch": 1, "loss": 1.0, "train_top1": 0.6, "seconds": 1.0},
-    {"epoch": 2, "loss": 0.5, "train_top1": 0.8, "seconds": 1.0},
+HISTORY_BASE = [  # epochs as metrics.json counts them, from 1
+    {"epoch": 1, "loss": 2.0, "train_top1": 0.3, "seconds": 1.0},
+    {"epoch": 2, "loss": 1.0, "train_top1": 0.6, "seconds": 1.0},
+    {"epoch": 3, "loss": 0.5, "train_top1": 0.8, "seconds": 1.0},
 ]
 HISTORY_REG = [  # another regulariser's terms: extra keys are ignored
     dict(record, **{"reg/label-variation": 0.1, "train_top1": record["train_top1"] + 0.05})
@@ -183,7 +183,7 @@ def test_refresh_quality_figure_per_layer(tmp_path):
     share, accuracy = figure.axes
     lines = {line.get_label(): line for line in share.get_lines()}
     np.testing.assert_allclose(lines["act1"].get_ydata(), [15, 25])
-    np.testing.assert_allclose(lines["fc1"].get_xdata(), [2, 3])  # epochs, 1-based
+    np.testing.assert_allclose(lines["fc1"].get_xdata(), [1, 2])  # the journal's epochs
     labels = {line.get_label(): line for line in accuracy.get_lines()}
     assert {"fc1 CC", "fc1 MC", "fc1 all", "act1 CC", "act1 MC", "act1 all"} <= set(labels)
     np.testing.assert_allclose(labels["act1 MC"].get_ydata(), [45, 45])
@@ -251,7 +251,7 @@ def test_top1_legend_never_covers_a_test_star():
             name = f"/tmp/runs/long-name-{r}"
             histories[name] = [
                 {"epoch": e, "train_top1": float(v), "loss": float(rng.uniform(0, 2))}
-                for e, v in enumerate(top1)
+                for e, v in enumerate(top1, start=1)
             ]
             tests[name] = float(np.clip(top1[-1] + rng.uniform(-0.1, 0.1), 0, 1))
         figure = top1_figure(histories, test_top1=tests)

@@ -22,7 +22,7 @@ TINY = ["--subset", "300", "--test-subset", "100", "--epochs", "3", "--batch-siz
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> tuple[Path, Path]:
-    """A baseline and an LCC run (two layers, latents saved, refreshes at epochs 1 and 2)."""
+    """A baseline and an LCC run (two layers, latents saved, refreshes at epochs 2 and 3)."""
     root = tmp_path_factory.mktemp("runs")
     base, lcc = root / "baseline", root / "lcc"
     assert main(["train", "small-cnn", "digits", "--out", str(base), "--no-lcc", *TINY]) == 0
@@ -41,7 +41,7 @@ def fake_run(folder: Path, **metrics) -> Path:
     """A finished run directory written by hand (no refresh)."""
     folder.mkdir(parents=True)
     (folder / "config.yaml").write_text("model: small-cnn\ndataset: digits\n")
-    history = [{"epoch": 0, "loss": 1.0, "train_top1": 0.5, "seconds": 1.0}]
+    history = [{"epoch": 1, "loss": 1.0, "train_top1": 0.5, "seconds": 1.0}]
     values = {"test_top1": 0.5, "test_top5": 0.9, "epochs": 1, "history": history, **metrics}
     (folder / "metrics.json").write_text(json.dumps(values))
     return folder
@@ -121,7 +121,7 @@ def test_markdown_tables_equal_the_metrics(runs, report):
     assert [row["layer"] for row in layers] == ["fc1", "act1"]
     for row in layers:
         stats = last[row["layer"]]
-        assert row["epoch"] == str(metrics["lcc"]["last_refresh_epoch"] + 1)
+        assert row["epoch"] == str(metrics["lcc"]["last_refresh_epoch"]) == "3"  # from 1
         assert row["clusters"] == str(stats["n_clusters"])
         assert row["misclustered (%)"] == f"{100 * stats['misclustered_fraction']:.2f}"
         assert row["CC accuracy (%)"] == f"{100 * stats['accuracy_cc']:.2f}"
@@ -132,11 +132,11 @@ def test_markdown_tables_equal_the_metrics(runs, report):
 def test_latent_snapshot_marks_the_misclustered_of_the_refresh(runs):
     run = load_run(runs[1])
     snapshot = load_latent_snapshot(run)
-    assert snapshot is not None and snapshot.epoch == 2
+    assert snapshot is not None and snapshot.epoch == 3  # the refreshes of epochs 2 and 3
     assert list(snapshot.z) == ["fc1", "act1"] and snapshot.z["fc1"].shape == (300, 128)
     journal = {(r["epoch"], r["layer"]): r for r in run.refreshes}
     for layer in ("fc1", "act1"):
-        clusters = np.load(run.path / "refresh" / f"epoch_2_{layer}.npz")["clusters"]
+        clusters = np.load(run.path / "refresh" / f"epoch_3_{layer}.npz")["clusters"]
         # oracle: majority class per cluster by explicit loops
         expected = np.zeros(len(snapshot.y), dtype=bool)
         for cluster in np.unique(clusters):
@@ -145,8 +145,8 @@ def test_latent_snapshot_marks_the_misclustered_of_the_refresh(runs):
             majority = max(sorted(counts), key=lambda c: counts[c])
             expected[members] = snapshot.y[members] != majority
         assert np.array_equal(snapshot.misclustered[layer], expected)
-        assert int(expected.sum()) == journal[(2, layer)]["misclustered"]
-    assert load_latent_snapshot(run, epoch=1).epoch == 1
+        assert int(expected.sum()) == journal[(3, layer)]["misclustered"]
+    assert load_latent_snapshot(run, epoch=2).epoch == 2
     assert load_latent_snapshot(load_run(runs[0])) is None  # the baseline saved nothing
 
 
@@ -206,8 +206,8 @@ def test_same_folder_names_are_told_apart(tmp_path):
 
 def test_future_keys_are_carried(tmp_path):
     history = [
-        {"epoch": 0, "loss": 1.0, "train_top1": 0.5, "reg/label-variation": 0.2, "seconds": 2.0},
-        {"epoch": 1, "loss": 0.8, "train_top1": 0.6, "reg/label-variation": 0.1, "seconds": 4.0},
+        {"epoch": 1, "loss": 1.0, "train_top1": 0.5, "reg/label-variation": 0.2, "seconds": 2.0},
+        {"epoch": 2, "loss": 0.8, "train_top1": 0.6, "reg/label-variation": 0.1, "seconds": 4.0},
     ]
     run = load_run(fake_run(tmp_path / "run", history=history, epochs=2))
     summary = run_summary(run)

@@ -33,7 +33,7 @@ def test_figure_from_tracked_epochs(tmp_path):
     y_fine = np.arange(80) % 4
     folder = tmp_path / "run" / "tracking"
     folder.mkdir(parents=True)
-    for epoch in range(3):
+    for epoch in (1, 2, 3):  # tracking/epoch=E.npz counts from 1
         z = rng.normal(size=(80, 6))
         save_npz_atomic(folder / f"epoch={epoch}.npz", z_fc=z, y=y_fine // 2, y_fine=y_fine)
     assert write_figure(tmp_path / "run", tmp_path / "fig7")

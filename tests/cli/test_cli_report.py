@@ -17,7 +17,7 @@ def fake_run(folder: Path, top1: float = 0.5) -> Path:
     folder.mkdir(parents=True)
     (folder / "config.yaml").write_text("model: small-cnn\ndataset: digits\nno_lcc: true\n")
     history = [
-        {"epoch": e, "loss": 1.0 - 0.2 * e, "train_top1": 0.4 + 0.1 * e, "seconds": 1.0}
+        {"epoch": e + 1, "loss": 1.0 - 0.2 * e, "train_top1": 0.4 + 0.1 * e, "seconds": 1.0}
         for e in range(2)
     ]
     metrics = {"test_top1": top1, "test_top5": 0.9, "epochs": 2, "history": history}

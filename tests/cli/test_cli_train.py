@@ -210,17 +210,17 @@ def test_lcc_run_writes_its_directory(capsys, tmp_path):
         64,
         ["act1"],
     )
-    assert metrics["refreshes"] == 1 and metrics["last_refresh_epoch"] == 1
+    assert metrics["refreshes"] == 1 and metrics["last_refresh_epoch"] == 2  # after warmup 1
     assert 0 <= metrics["test_top1"] <= metrics["test_top5"] <= 1
     assert len(metrics["epoch_seconds"]) == 2 and metrics["refresh_seconds"][0] == 0
     assert json.loads((out / "metrics.json").read_text())["test_top1"] == metrics["test_top1"]
     (line,) = (out / "refreshes.jsonl").read_text().splitlines()
     record = json.loads(line)
-    assert (record["epoch"], record["layer"], record["n"]) == (1, "act1", 300)
+    assert (record["epoch"], record["layer"], record["n"]) == (2, "act1", 300)
     for key in ("n_clusters", "misclustered_fraction", "correctible_fraction", "modularity"):
         assert key in record
     assert {"accuracy_cc", "accuracy_mc", "seconds"} <= set(record)
-    arrays = np.load(out / "refresh" / "epoch_1_act1.npz")
+    arrays = np.load(out / "refresh" / "epoch_2_act1.npz")
     again = refresh(arrays["z"], arrays["y"], RefreshConfig(k=5, seed=0))
     assert np.array_equal(arrays["clusters"], again.clusters)
     assert record["n_clusters"] == again.n_clusters
@@ -273,7 +273,7 @@ def test_sigkill_and_resume_gives_the_same_final_metrics(tmp_path):
         while not condition() and process.poll() is None and time.monotonic() < deadline:
             time.sleep(0.01)
 
-    wait(journal.exists)  # epoch 1 started with a refresh; wait for its checkpoint
+    wait(journal.exists)  # epoch 2 started with a refresh; wait for its checkpoint
     first = checkpoint.stat().st_mtime_ns if checkpoint.exists() else 0
     wait(lambda: checkpoint.exists() and checkpoint.stat().st_mtime_ns != first)
     process.send_signal(signal.SIGKILL)
@@ -295,7 +295,7 @@ def test_sigkill_and_resume_gives_the_same_final_metrics(tmp_path):
     assert [round(r["loss"], 6) for r in history[1]] == [round(r["loss"], 6) for r in history[0]]
     assert got["refreshes"] == expected["refreshes"] == 3
     journal = (out / "refreshes.jsonl").read_text().splitlines()
-    assert [json.loads(line)["epoch"] for line in journal] == [1, 2, 3]  # no duplicates
+    assert [json.loads(line)["epoch"] for line in journal] == [2, 3, 4]  # no duplicates
 
 
 # --------------------------------------------------------------------------- faults and misuse
@@ -381,14 +381,14 @@ def test_resume_falls_back_from_a_damaged_last_checkpoint(capsys, tmp_path, two_
             "zero-byte": "empty file (0 bytes)",
             "random-bytes": "not a file written by torch.save (unrecognised bytes)",
         }[how]
-        + "); resuming from previous.ckpt (epoch 0, step 4)"
+        + "); resuming from previous.ckpt (epoch 1, step 4)"
     ]
     assert "Traceback" not in captured.err
     metrics = json.loads((run / "metrics.json").read_text())
-    assert [record["epoch"] for record in metrics["history"]] == [0, 1, 2]
-    assert metrics["history"][0]["loss"] == earlier[0]["loss"]  # epoch 0 came from previous.ckpt
+    assert [record["epoch"] for record in metrics["history"]] == [1, 2, 3]
+    assert metrics["history"][0]["loss"] == earlier[0]["loss"]  # epoch 1 came from previous.ckpt
     journal = [json.loads(line) for line in (run / "refreshes.jsonl").read_text().splitlines()]
-    assert [record["epoch"] for record in journal] == [1, 2]
+    assert [record["epoch"] for record in journal] == [2, 3]
     # the next save did not keep the damaged file as previous.ckpt
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 2
     assert torch.load(run / "checkpoints" / "previous.ckpt", weights_only=True)["epoch"] == 1
@@ -435,17 +435,17 @@ def test_resume_tolerates_torn_logs(capsys, tmp_path, two_epochs):
     csv_file, journal = run / "logs" / "metrics.csv", run / "refreshes.jsonl"
     text = csv_file.read_text()
     csv_file.write_text(text + text.splitlines()[1][:7])  # a row cut by a kill
-    journal.write_text(journal.read_text() + '{"epoch": 2, "layer": "ac')
+    journal.write_text(journal.read_text() + '{"epoch": 3, "layer": "ac')
     assert main(["train", "--out", str(run), "--resume", "--epochs", "3"]) == 0
     capsys.readouterr()
     records = [json.loads(line) for line in journal.read_text().splitlines()]
-    assert [record["epoch"] for record in records] == [1, 2]
+    assert [record["epoch"] for record in records] == [2, 3]
     import csv as csv_module
 
     with csv_file.open(newline="") as handle:
         rows = list(csv_module.DictReader(handle))
-    epochs = [row["epoch"] for row in rows if row.get("train/loss")]
-    assert epochs == ["0", "1", "2"]  # one row per epoch: no torn row, nothing twice
+    epochs = [float(row["epoch"]) for row in rows if row.get("train/loss")]
+    assert epochs == [1, 2, 3]  # one row per epoch, counted from 1: no torn row, nothing twice
     before = [row for row in csv_module.DictReader(text.splitlines()) if row.get("train/loss")]
     after = [row for row in rows if row.get("train/loss")]
     assert after[0] == {key: before[0][key] for key in after[0]}  # written back as they were

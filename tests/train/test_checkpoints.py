@@ -287,7 +287,8 @@ def test_a_damaged_last_falls_back_to_previous_with_one_note(tmp_path, how):
     assert len(notes) == 1 and "\n" not in notes[0]
     assert notes[0].startswith(f"checkpoint {folder / 'last.ckpt'} is unusable (")
     assert words in notes[0]
-    assert notes[0].endswith("resuming from previous.ckpt (epoch 1, step 8)")
+    # the checkpoint's 0-based epoch 1 is the second epoch: shown from 1, as on the console
+    assert notes[0].endswith("resuming from previous.ckpt (epoch 2, step 8)")
     assert not marker.exists()
 
 

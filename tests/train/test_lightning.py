@@ -246,9 +246,9 @@ def test_ddp_refresh_equals_a_single_process_refresh(tmp_path):
     assert metrics["test_samples"] == 100  # test shards summed exactly, no padding
     loader = DataLoader(IndexedDataset(bundle.train_plain), batch_size=64)
     config = RefreshConfig(k=5, seed=0)
-    for epoch in (0, 1, 2):
+    for epoch in (1, 2, 3):  # as the files count them, from 1
         # epoch E's refresh ran on the weights saved at the end of epoch E - 1
-        if epoch == 0:
+        if epoch == 1:
             model = start
         else:
             path = out / "checkpoints" / f"epoch={epoch - 1}.ckpt"
@@ -261,7 +261,7 @@ def test_ddp_refresh_equals_a_single_process_refresh(tmp_path):
         assert np.array_equal(saved["clusters"], single.clusters)
         assert np.array_equal(saved["target_indices"], single.targets.indices)
     lines = [json.loads(line) for line in (out / "refreshes.jsonl").read_text().splitlines()]
-    assert [(line["epoch"], line["layer"]) for line in lines] == [(e, "act1") for e in range(3)]
+    assert [(line["epoch"], line["layer"]) for line in lines] == [(e, "act1") for e in (1, 2, 3)]
     # the test metrics (summed over both ranks' shards) are those of the saved model
     final = build_model(
         "small-cnn",

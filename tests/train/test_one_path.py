@@ -58,17 +58,18 @@ def test_plain_loop_and_lightning_give_identical_refreshes(tmp_path):
     )  # fmt: skip
     loader = DataLoader(IndexedDataset(bundle.train_plain), batch_size=32)
     journal = [json.loads(line) for line in (out / "refreshes.jsonl").read_text().splitlines()]
-    for epoch in (0, 1):
+    for epoch in (1, 2):  # as the files count them, from 1
         # the refresh of epoch E ran on the weights at the end of epoch E - 1
-        checkpoint = weights if epoch == 0 else out / "checkpoints" / f"epoch={epoch - 1}.ckpt"
+        checkpoint = weights if epoch == 1 else out / "checkpoints" / f"epoch={epoch - 1}.ckpt"
         model = build_model("small-cnn", 10, input_shape=bundle.input_shape, checkpoint=checkpoint)
         reg = LCC(layers=["act1"], k=7, method="louvain", pca=8, knn="exact", warmup=0, seed=0)
         with Regularisation(model, [reg]) as regs:
-            stats = regs.start_epoch(epoch, loader)["lcc"]["act1"]
+            stats = regs.start_epoch(epoch - 1, loader)["lcc"]["act1"]  # 0-based inside
         saved = np.load(out / "refresh" / f"epoch_{epoch}_act1.npz")
         assert np.array_equal(saved["clusters"], reg.state.layers["act1"].clusters)
         assert np.array_equal(saved["target_indices"], reg.state.layers["act1"].target_indices)
-        logged = journal[epoch]
+        logged = journal[epoch - 1]
+        assert logged["epoch"] == epoch
         for key in ("n_clusters", "misclustered_fraction", "correctible_fraction", "accuracy"):
             assert logged[key] == pytest.approx(stats[key], abs=1e-12), key
 
@@ -84,17 +85,17 @@ def test_ddp_with_latents_on_disk_writes_memory_maps_and_changes_no_result(tmp_p
     on_disk = _lcc_train(on_disk_out, *common, "--latents-on-disk")
     assert on_disk["devices"] == 2 and on_disk["refreshes"] == 2
     mapped = np.load(on_disk_out / "latents" / "act1.npy", mmap_mode="r")  # gathered, on disk
-    saved = np.load(on_disk_out / "refresh" / "epoch_1_act1.npz")
+    saved = np.load(on_disk_out / "refresh" / "epoch_2_act1.npz")
     assert mapped.shape == (400, saved["z"].shape[1])
     np.testing.assert_array_equal(np.asarray(mapped), saved["z"])
     for rank in (0, 1):  # each rank's shard went through a memory map too
         assert (on_disk_out / "latents" / f"shard-{rank}" / "act1.npy").is_file()
-    # the epoch-0 refresh read the start weights: its gathered rows are one process's pass
+    # the epoch-1 refresh read the start weights: its gathered rows are one process's pass
     model = build_model("small-cnn", 10, input_shape=bundle.input_shape, checkpoint=weights)
     loader = DataLoader(IndexedDataset(bundle.train_plain), batch_size=64)
     with Regularisation(model, [LCC(layers=["act1"], warmup=0)]) as regs:
         single = regs.collect(loader, keys=["lcc"])
-    first = np.load(on_disk_out / "refresh" / "epoch_0_act1.npz")
+    first = np.load(on_disk_out / "refresh" / "epoch_1_act1.npz")
     np.testing.assert_allclose(first["z"], single.latents["act1"], rtol=1e-5, atol=1e-6)
     # keeping the latents on disk changes no result of the run
     for key in ("test_top1", "test_top5", "test_loss", "train_loss", "last_refresh"):

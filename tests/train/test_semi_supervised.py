@@ -67,7 +67,7 @@ def test_kmeans_run_with_few_labels_writes_and_reuses_its_split(capsys, tmp_path
     # LCC clustered the labelled samples only
     refresh = [json.loads(line) for line in (out / "refreshes.jsonl").read_text().splitlines()]
     assert refresh and all(r["labelled_samples"] == 60 for r in refresh)
-    clusters = np.load(out / "refresh" / "epoch_1_act1.npz")["clusters"]
+    clusters = np.load(out / "refresh" / "epoch_2_act1.npz")["clusters"]
     assert (clusters[~mask] == -1).all() and (clusters[mask] >= 0).all()
     # more epochs on resume: the saved split is reused, even if the seed's split would differ
     before = (out / "split.npz").read_bytes()

@@ -166,11 +166,11 @@ def test_track_measures_writes_measures_jsonl_per_tracked_epoch(tmp_path):
                      "100", "--test-subset", "20", dataset="digits:super")  # fmt: skip
     train(config, report=False)
     lines = [json.loads(x) for x in (tmp_path / "run" / "measures.jsonl").read_text().splitlines()]
-    assert sorted({line["epoch"] for line in lines}) == [1, 2]  # every 2nd epoch and the last
+    assert sorted({line["epoch"] for line in lines}) == [2, 3]  # every 2nd epoch and the last
     assert {line["measure"] for line in lines} == {"c1", "c3", "label-variation"}
     assert {line["n"] for line in lines} == {60}
     assert sorted(p.name for p in (tmp_path / "run" / "tracking").iterdir()) == [
-        "epoch=1.npz", "epoch=2.npz"
+        "epoch=2.npz", "epoch=3.npz"
     ]  # fmt: skip
     from lcc.cli import main
 

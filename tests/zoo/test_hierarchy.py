@@ -61,7 +61,7 @@ def test_saved_refresh_latents_of_a_superclass_run_carry_the_fine_labels(tmp_pat
     assert main(["train", "small-cnn", "digits:super", "--subset", "200", "--epochs", "2",
                  "--batch-size", "50", "--save-latents", "--out", str(run)]) == 0  # fmt: skip
     capsys.readouterr()
-    (saved,) = sorted((run / "refresh").glob("epoch_1_*.npz"))
+    (saved,) = sorted((run / "refresh").glob("epoch_2_*.npz"))  # after the warmup epoch
     plain = load_dataset("digits", subset=200)
     with np.load(saved) as data:
         assert (data["y_fine"] == plain.targets).all() and (data["y"] == (plain.targets >= 5)).all()
