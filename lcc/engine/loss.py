@@ -18,7 +18,7 @@ tensor(3.5355, grad_fn=<DivBackward0>)
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -78,7 +78,13 @@ def _full_precision(z: Tensor) -> torch.autocast:
     return torch.autocast(z.device.type, enabled=False)
 
 
-def _masked_mean(flat: Tensor, target: Tensor, mask: Tensor | None, squared: bool) -> Tensor:
+def _masked_mean(
+    flat: Tensor,
+    target: Tensor,
+    mask: Tensor | None,
+    squared: bool,
+    reduce_count: Callable[[Tensor], Tensor] | None = None,
+) -> Tensor:
     diff = flat - target
     accumulate = torch.float32 if flat.dtype in _HALF else None
     if squared:
@@ -92,7 +98,8 @@ def _masked_mean(flat: Tensor, target: Tensor, mask: Tensor | None, squared: boo
         raise LCCInputError(f"mask must have shape ({flat.shape[0]},), got {tuple(mask.shape)}")
     mask = mask.to(flat.device, torch.bool)
     total = torch.where(mask, per_row, 0).sum()
-    count = mask.sum().clamp(min=1).to(per_row.dtype)
+    count = mask.sum().to(per_row.dtype)
+    count = count.clamp(min=1) if reduce_count is None else reduce_count(count)
     return (total / (count * scale)).to(flat.dtype)
 
 
@@ -229,8 +236,20 @@ class LCCLoss(torch.nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # -- loss ------------------------------------------------------------------------------
-    def forward(self, z: Tensor, indices: Tensor) -> Tensor:
-        """Loss of a batch: z (B, ...) latents, indices (B,) their dataset ids."""
+    def forward(
+        self,
+        z: Tensor,
+        indices: Tensor,
+        *,
+        reduce_count: Callable[[Tensor], Tensor] | None = None,
+    ) -> Tensor:
+        """Loss of a batch: z (B, ...) latents, indices (B,) their dataset ids.
+
+        ``reduce_count`` maps the batch's number of correctible rows to the number the mean
+        divides by (default: itself, at least 1). Under data parallelism give it the count over
+        all processes divided by their number: the averaged gradients are then those of the
+        mean over the whole global batch (:func:`lcc.regularisers.lcc.count_over_processes`).
+        """
         if not isinstance(z, Tensor) or not z.is_floating_point() or z.ndim < 1:
             raise LCCInputError(f"z must be a floating-point (B, ...) tensor, got {_describe(z)}")
         flat = _flatten(z)
@@ -238,9 +257,16 @@ class LCCLoss(torch.nn.Module):
         if self.rows.device != flat.device:
             self.to(flat.device)
         with _full_precision(z):
-            return self._loss(z, flat.to(_working(flat.dtype)), indices).to(z.dtype)
+            working = flat.to(_working(flat.dtype))
+            return self._loss(z, working, indices, reduce_count).to(z.dtype)
 
-    def _loss(self, z: Tensor, flat: Tensor, indices: Tensor) -> Tensor:
+    def _loss(
+        self,
+        z: Tensor,
+        flat: Tensor,
+        indices: Tensor,
+        reduce_count: Callable[[Tensor], Tensor] | None = None,
+    ) -> Tensor:
         """:meth:`forward` on flattened latents in the working dtype, autocast off."""
         if self.projection_components.numel() > 0:
             if flat.shape[1] != self.projection_mean.shape[0]:
@@ -262,7 +288,7 @@ class LCCLoss(torch.nn.Module):
         rows = self.rows[indices.to(flat.device, non_blocking=True)]
         mask = rows >= 0
         target = self.vectors[rows.clamp(min=0)].to(flat.dtype)
-        return _masked_mean(flat, target, mask, self.squared)
+        return _masked_mean(flat, target, mask, self.squared, reduce_count)
 
     def _check_indices(self, indices: object, batch: int) -> Tensor:
         if not isinstance(indices, Tensor):

@@ -5,7 +5,9 @@ At the start of every post-warmup epoch that fits the interval, :meth:`LCC.compu
 :func:`lcc.engine.refresh.refresh` on each layer's latents of the whole (labelled) training set
 (k-NN graph, clustering, cluster-class matching, targets); :meth:`LCC.install` hands the targets
 to one :class:`lcc.engine.loss.LCCLoss` per layer; per batch the term is the mean over layers of
-that loss (eq. 8; the squared variant with ``squared``).
+that loss (eq. 8; the squared variant with ``squared``). Under data parallelism (an initialised
+``torch.distributed`` group of several processes) the mean is over the correctible samples of
+the global batch (:func:`count_over_processes`), so DDP trains as one process would.
 
 >>> import numpy as np, torch
 >>> from lcc.regularisers.base import Batch, TrainingLatents
@@ -49,7 +51,30 @@ from lcc.regularisers.lcc_options import LCCOptions
 if TYPE_CHECKING:
     from lcc.engine.projection import Projection
 
-__all__ = ["LCC", "LCCOptions", "LayerState", "RefreshState", "check_class_sizes"]
+__all__ = [
+    "LCC",
+    "LCCOptions",
+    "LayerState",
+    "RefreshState",
+    "check_class_sizes",
+    "count_over_processes",
+]
+
+
+def _processes() -> int:
+    """The number of processes of the initialised ``torch.distributed`` group (1 without)."""
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    return torch.distributed.get_world_size() if distributed else 1
+
+
+def count_over_processes(count: Tensor) -> Tensor:
+    """The batch's count of correctible samples summed over the processes (at least 1),
+    divided by their number: each process's mean then divides by it, and the gradients DDP
+    averages are those of the mean over the global batch. Every process calls it once per
+    layer and batch (a collective)."""
+    total = count.detach().clone()
+    torch.distributed.all_reduce(total)
+    return total.clamp(min=1) / torch.distributed.get_world_size()
 
 
 @dataclass
@@ -270,7 +295,10 @@ class LCC(Regulariser):
         if self.state is None:
             return zero_term(batch)
         index = torch.as_tensor(batch.indices, dtype=torch.long)
-        terms = [self._loss(name)(batch.layer(name), index) for name in self.layers]
+        reduce = count_over_processes if _processes() > 1 else None
+        terms = [
+            self._loss(name)(batch.layer(name), index, reduce_count=reduce) for name in self.layers
+        ]
         return torch.stack(terms).mean()
 
     def epoch_stats(self) -> dict[str, Any]:

@@ -266,6 +266,8 @@ class RecordedLatents:
         self.recorded_at: np.ndarray | None = None
         self.losses: np.ndarray | None = None  # (N,) float64 cross-entropy, NaN unknown
         self.latents: dict[str, np.ndarray] = {}
+        #: per epoch, the labelled training forwards seen and predicted right by this process
+        self.tally: dict[int, tuple[int, int]] = {}
 
     def set_size(self, n: int) -> None:
         """The training set has ``n`` samples (it may not change once rows are recorded)."""
@@ -317,6 +319,10 @@ class RecordedLatents:
             torch.from_numpy(self.labels)[index] = labels  # type: ignore[arg-type]
         if logits is not None and y is not None:
             self._observe_losses(index, logits, labels)
+            known = labels >= 0
+            right, seen = self.tally.get(epoch, (0, 0))
+            right += int((predicted[known] == labels[known]).sum())
+            self.tally[epoch] = (right, seen + int(known.sum()))
         if not outputs:
             return
         n = self.n
@@ -338,9 +344,15 @@ class RecordedLatents:
         values = torch.where(labels >= 0, loss, torch.nan).double()
         torch.from_numpy(self.losses)[index] = values
 
-    def accuracy(self) -> float | None:
-        """Accuracy of the last training forward of every sample (the epoch before a refresh,
-        when each epoch sees every sample); None before any was recorded."""
+    def accuracy(self, epoch: int | None = None, exchange: Exchange | None = None) -> float | None:
+        """Accuracy of the training forwards of ``epoch`` (over every process of ``exchange``,
+        a collective: each one saw its shard), or without ``epoch`` that of the last forward of
+        every sample recorded here; None before any was recorded."""
+        if epoch is not None and (exchange is not None or epoch in self.tally):
+            right, seen = self.tally.get(epoch, (0, 0))
+            if exchange is not None and exchange.world > 1:
+                right, seen = exchange.all_reduce_sum([right, seen])
+            return float(right / seen) if seen else None
         if self.predictions is None or self.labels is None:
             return None
         known = (self.predictions >= 0) & (self.labels >= 0)
@@ -416,7 +428,10 @@ class RecordedLatents:
         }
 
     def state_dict(self) -> dict[str, Any]:
-        return to_torch({**self.as_dict(), "latents": dict(self.latents)})
+        tally = np.array([[e, r, n] for e, (r, n) in sorted(self.tally.items())], dtype=np.int64)
+        return to_torch(
+            {**self.as_dict(), "latents": dict(self.latents), "tally": tally.reshape(-1, 3)}
+        )
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         buffers = to_numpy(dict(state))
@@ -425,6 +440,8 @@ class RecordedLatents:
         self.recorded_at = buffers["recorded_at"]
         self.losses = buffers.get("losses")  # absent from checkpoints before issue 20
         self.latents = dict(buffers["latents"])
+        rows = buffers.get("tally", np.zeros((0, 3), dtype=np.int64))  # absent before
+        self.tally = {int(e): (int(r), int(n)) for e, r, n in rows}
 
     def _buffer(self, name: str, shape: tuple[int, int]) -> np.ndarray:
         """A zeroed (N, D) buffer: in RAM, or a memory-mapped ``recorded-<layer>.npy``."""

@@ -283,7 +283,9 @@ class Regularisation:
                 reason=reason,
                 refresh_bn=self.refresh_bn,
                 seed=self.epoch or 0,
-                train_accuracy=self.buffers.accuracy(),
+                train_accuracy=self.buffers.accuracy(
+                    None if not self.epoch else self.epoch - 1, exchange
+                ),
             )
         finally:  # collect_latents restores every submodule's train/eval mode itself
             self.recorder.clear()  # our hooks saw the eval pass too: drop those outputs

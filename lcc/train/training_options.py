@@ -88,7 +88,8 @@ class TrainingOptions:
     depth: int | None = _training(
         None,
         "built-in models: small-cnn's conv blocks (2: two pooled blocks; more add unpooled "
-        "blocks at the last width), small-resnet's blocks per stage (1); also small-cnn:depth=3",
+        "blocks at the last width; 0: none, an MLP without BatchNorm), small-resnet's blocks "
+        "per stage (1); also small-cnn:depth=3",
         "int?",
         shown="the model's own (small-cnn 2, small-resnet 1)",
     )
@@ -150,8 +151,8 @@ def check_training_options(config: Any) -> None:
         raise LCCInputError(f"--dropout must be in [0, 1), got {config.dropout}")
     if not config.width > 0:
         raise LCCInputError(f"--width must be > 0, got {config.width}")
-    if config.depth is not None and config.depth < 1:
-        raise LCCInputError(f"--depth must be >= 1, got {config.depth}")
+    if config.depth is not None and config.depth < 0:
+        raise LCCInputError(f"--depth must be >= 0 (0: small-cnn as an MLP), got {config.depth}")
     if config.stop_at_train_loss is not None and not config.stop_at_train_loss > 0:
         raise LCCInputError(f"--stop-at-train-loss must be > 0, got {config.stop_at_train_loss}")
     if config.track_every < 1 or config.track_samples < 10:

@@ -79,8 +79,13 @@ def _scaled(base: int, width: float) -> int:
 
 class SmallCNN(nn.Module):
     """Conv blocks (conv-bn-relu-maxpool; ``depth`` > 2 adds unpooled conv-bn-relu blocks at
-    the last width) and a two-layer MLP head; ``width`` multiplies every channel and unit
-    count; ``dropout`` > 0 adds ``drop`` after each block and before the head."""
+    the last width; ``depth`` 0: none, an MLP on the flattened image without BatchNorm) and a
+    two-layer MLP head; ``width`` multiplies every channel and unit count; ``dropout`` > 0 adds
+    ``drop`` after each block and before the head.
+
+    >>> SmallCNN(1, 10, (8, 8), depth=0).fc1
+    Linear(in_features=64, out_features=128, bias=True)
+    """
 
     def __init__(
         self,
@@ -540,10 +545,16 @@ def build_model(
     model: nn.Module | None = None
     if key == "small-cnn":
         model = SmallCNN(
-            channels, num_classes, (height, side), width=width, depth=depth or 2, dropout=dropout
+            channels, num_classes, (height, side), width=width, depth=_or(depth, 2), dropout=dropout
         )
     elif key == "small-resnet":
-        model = SmallResNet(channels, num_classes, width=width, depth=depth or 1, dropout=dropout)
+        if depth == 0:
+            raise LCCInputError(
+                "small-resnet needs depth >= 1 (blocks per stage); depth 0 is small-cnn's MLP"
+            )
+        model = SmallResNet(
+            channels, num_classes, width=width, depth=_or(depth, 1), dropout=dropout
+        )
     else:
         if width != 1.0 or depth is not None:
             raise LCCInputError(
@@ -568,6 +579,10 @@ def build_model(
     return model
 
 
+def _or(value: int | None, default: int) -> int:
+    return default if value is None else value
+
+
 def _spec_options(text: str, width: float, depth: int | None) -> tuple[str, float, int | None]:
     """``small-cnn:width=2,depth=3`` -> ("small-cnn", 2.0, 3); the keyword values otherwise
     (a spec option and a different keyword value together are refused)."""
@@ -580,10 +595,11 @@ def _spec_options(text: str, width: float, depth: int | None) -> tuple[str, floa
             number = float(value) if key == "width" else int(value)
         except ValueError:
             number = None
-        if key not in ("width", "depth") or number is None or number <= 0:
+        low = 0 if key == "depth" else 1e-12
+        if key not in ("width", "depth") or number is None or number < low:
             raise LCCInputError(
                 f"model option {item!r} of {text!r}: use width=FACTOR (> 0) and/or "
-                "depth=BLOCKS (>= 1), e.g. small-cnn:width=2,depth=3"
+                "depth=BLOCKS (>= 0; small-cnn:depth=0 is an MLP), e.g. small-cnn:width=2,depth=3"
             )
         current = width if key == "width" else depth
         if current not in (None, 1.0) and current != number:

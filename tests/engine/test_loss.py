@@ -258,3 +258,34 @@ def test_the_projection_runs_in_float32_under_autocast() -> None:
         value = LCCLoss(targets, projection=projection)(z, torch.arange(10))
     assert value.dtype == torch.float32
     assert float(value) == pytest.approx(exact, rel=1e-4)
+
+
+@pytest.mark.parametrize("squared", [False, True])
+def test_shares_averaged_as_data_parallelism_does_give_the_global_batch_gradient(
+    squared: bool,
+) -> None:
+    """A global batch split over two 'processes' whose correctible counts differ: each share
+    divides by the global count over two (what ``reduce_count`` receives under DDP); the average
+    of the shares' gradients (what DDP applies) is the gradient of eq. 8 over the whole batch."""
+    targets = make_targets()
+    loss = LCCLoss(targets, squared=squared)
+    rng = np.random.default_rng(3)
+    ids = np.array([1, 3, 5, 7, 9, 11, 13, 15, 0, 2])
+    ids = ids[rng.permutation(len(ids))]
+    z = torch.tensor(rng.normal(size=(len(ids), 6)), requires_grad=True)
+    # the oracle: eq. 8 over the global batch, differentiated
+    full = loss(z, torch.tensor(ids))
+    (expected,) = torch.autograd.grad(full, z)
+    shares = [slice(0, 3), slice(3, len(ids))]
+    counts = [int(targets.correctible[ids[part]].sum()) for part in shares]
+    assert counts[0] != counts[1]  # unequal shares: a per-process mean would weigh them wrong
+    world_count = torch.tensor(float(sum(counts)))
+    grads = []
+    for part in shares:
+        piece = z[part]
+        value = loss(piece, torch.tensor(ids[part]), reduce_count=lambda _: world_count / 2)
+        grads.append(torch.autograd.grad(value, z)[0])
+    torch.testing.assert_close((grads[0] + grads[1]) / 2, expected)
+    # without the reduction each share is its own mean: not the global batch's gradient
+    plain = [torch.autograd.grad(loss(z[p], torch.tensor(ids[p])), z)[0] for p in shares]
+    assert not torch.allclose((plain[0] + plain[1]) / 2, expected)

@@ -4,7 +4,11 @@
   hand) give identical refreshes on the same weights, data and seed;
 - DDP (2 gloo processes) with ``--latents-on-disk`` writes the gathered latents (and each
   rank's shard) to memory-mapped files, its first refresh reads one process's latents, and it
-  ends with exactly the metrics of the same DDP run that keeps its latents in RAM.
+  ends with exactly the metrics of the same DDP run that keeps its latents in RAM;
+- on a model without BatchNorm (whose per-process batch statistics would make any DDP run
+  differ from one process), DDP with ``--latents-on-disk`` ends with the metrics of one process
+  training on the global batch: same data order, same refreshes, the LCC mean over the global
+  batch's correctible samples, the training accuracy summed over processes.
 """
 
 from __future__ import annotations
@@ -29,8 +33,8 @@ REPO = Path(__file__).resolve().parents[2]
 DIGITS = ["--subset", "400", "--test-subset", "100", "--seed", "0"]
 
 
-def _lcc_train(out: Path, *extra: str) -> dict:
-    command = [sys.executable, "-m", "lcc", "train", "small-cnn", "digits", "--out", str(out)]
+def _lcc_train(out: Path, *extra: str, model: str = "small-cnn") -> dict:
+    command = [sys.executable, "-m", "lcc", "train", model, "digits", "--out", str(out)]
     command += [*DIGITS, "--accelerator", "cpu", *extra]
     env = dict(os.environ, PYTHONPATH=str(REPO))
     done = subprocess.run(command, capture_output=True, text=True, timeout=400, env=env)
@@ -100,3 +104,30 @@ def test_ddp_with_latents_on_disk_writes_memory_maps_and_changes_no_result(tmp_p
     # keeping the latents on disk changes no result of the run
     for key in ("test_top1", "test_top5", "test_loss", "train_loss", "last_refresh"):
         assert on_disk[key] == in_ram[key], key
+
+
+@pytest.mark.slow
+def test_ddp_trains_as_one_process_with_the_global_batch(tmp_path):
+    bundle = load_dataset("digits", subset=400, test_subset=100, seed=0)
+    torch.manual_seed(123)
+    start = build_model("small-cnn:depth=0", 10, input_shape=bundle.input_shape)  # no BatchNorm
+    torch.save(start.state_dict(), tmp_path / "start.pt")
+    common = ["--epochs", "3", "--warmup", "0", "--checkpoint", str(tmp_path / "start.pt")]
+    common += ["--knn", "exact", "--weight", "0.5"]
+    one = _lcc_train(tmp_path / "one", *common, "--batch-size", "32", model="small-cnn:depth=0")
+    ddp_out = tmp_path / "ddp"
+    ddp = _lcc_train(
+        ddp_out, *common, "--batch-size", "16", "--devices", "2", "--strategy", "ddp",
+        "--latents-on-disk", model="small-cnn:depth=0",
+    )  # fmt: skip
+    assert ddp["devices"] == 2 and (ddp_out / "latents" / "shard-1" / "act1.npy").is_file()
+    assert one["last_refresh"]["act1"]["misclustered_fraction"] > 0  # LCC had work to do
+    for key in ("test_top1", "test_top5", "train_top1"):
+        assert ddp[key] == one[key], key
+    for key in ("test_loss", "train_loss"):
+        assert ddp[key] == pytest.approx(one[key], rel=1e-5), key
+    for key, value in one["last_refresh"]["act1"].items():
+        if isinstance(value, float):
+            assert ddp["last_refresh"]["act1"][key] == pytest.approx(value, rel=1e-5), key
+        else:
+            assert ddp["last_refresh"]["act1"][key] == value, key

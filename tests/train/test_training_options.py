@@ -111,6 +111,22 @@ def test_width_and_depth_shape_the_built_in_models(tmp_path):
         build_model("small-cnn:width=3", 10, input_shape=(1, 8, 8), width=2.0)
 
 
+def test_depth_zero_makes_small_cnn_an_mlp_without_batchnorm(tmp_path):
+    from torch import nn
+
+    from lcc.zoo.models import build_model
+
+    module, _ = _built(tmp_path, "--depth", "0")
+    model = module.model
+    assert not any(isinstance(m, (nn.Conv2d, nn.BatchNorm2d)) for m in model.modules())
+    assert model.fc1.in_features == 64  # the flattened 8 x 8 digit
+    assert build_model("small-cnn:depth=0", 10, input_shape=(1, 8, 8)).fc1.in_features == 64
+    with pytest.raises(LCCInputError, match="small-resnet needs depth >= 1"):
+        build_model("small-resnet", 10, input_shape=(1, 8, 8), depth=0)
+    with pytest.raises(LCCInputError, match="--depth must be >= 0"):
+        _config(tmp_path, "--depth", "-1")
+
+
 def test_augment_basic_none_and_default(tmp_path):
     _, basic = _built(tmp_path, "--augment", "basic", dataset="fashion-mnist")
     assert (basic.train.padding, basic.train.flip) == (4, True)
