@@ -198,16 +198,28 @@ def save_config(config: TrainConfig, path: str | os.PathLike[str]) -> Path:
 
 
 def resume_differences(saved: TrainConfig, requested: TrainConfig) -> list[str]:
-    """Run-defining settings in which ``requested`` differs from the ``saved`` run.
+    """Run-defining settings in which ``requested`` differs from the ``saved`` run. A path
+    written another way (relative or absolute) names the same file; no ``layers`` requested
+    means the run's own (its default, resolved when it started).
 
     >>> resume_differences(TrainConfig(k=5), TrainConfig(k=7, epochs=20))
     ['k: run has 5, requested 7']
+    >>> resume_differences(TrainConfig(layers=["act1"]), TrainConfig(layers=None))
+    []
     """
     out = []
     for name in field_names():
-        if name in RESUME_MUTABLE:
+        if name in RESUME_MUTABLE or (name == "layers" and requested.layers is None):
             continue
         old, new = getattr(saved, name), getattr(requested, name)
-        if old != new:
+        if old != new and not _same_file(old, new):
             out.append(f"{name}: run has {old!r}, requested {new!r}".replace("'", ""))
     return out
+
+
+def _same_file(old: Any, new: Any) -> bool:
+    """Two path strings naming one existing file or folder."""
+    if not isinstance(old, str) or not isinstance(new, str) or not old or not new:
+        return False
+    first, second = Path(old).expanduser(), Path(new).expanduser()
+    return first.exists() and first.resolve() == second.resolve()

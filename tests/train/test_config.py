@@ -164,3 +164,18 @@ def test_resume_differences_ignore_the_mutable_keys():
         "k: run has 5, requested 3",
         "method: run has leiden, requested louvain",
     ]
+
+
+def test_resume_differences_read_paths_as_files_and_no_layers_as_the_runs(tmp_path, monkeypatch):
+    (tmp_path / "start.ckpt").write_bytes(b"weights")
+    monkeypatch.chdir(tmp_path)
+    saved = TrainConfig(model="m", dataset="d", checkpoint=str(tmp_path / "start.ckpt"))
+    saved = dataclasses.replace(saved, layers=["act1"])
+    # the same file written relative to the working directory; layers left to the run
+    assert resume_differences(saved, dataclasses.replace(saved, checkpoint="start.ckpt")) == []
+    assert resume_differences(saved, dataclasses.replace(saved, layers=None)) == []
+    other = dataclasses.replace(saved, checkpoint="other.ckpt", layers=["fc1"])
+    assert resume_differences(saved, other) == [
+        "layers: run has [act1], requested [fc1]",
+        f"checkpoint: run has {tmp_path / 'start.ckpt'}, requested other.ckpt",
+    ]
