@@ -17,6 +17,7 @@ tensor(3.5355, grad_fn=<DivBackward0>)
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -73,8 +74,11 @@ def _working(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in _HALF else dtype
 
 
-def _full_precision(z: Tensor) -> torch.autocast:
-    """Autocast off: distances to the targets are computed in the working dtype."""
+def _full_precision(z: Tensor) -> contextlib.AbstractContextManager[Any]:
+    """Autocast off: distances to the targets are computed in the working dtype (no context
+    when autocast is not on: entering one costs a tenth of the loss's time)."""
+    if not torch.is_autocast_enabled(z.device.type):
+        return contextlib.nullcontext()
     return torch.autocast(z.device.type, enabled=False)
 
 
