@@ -19,9 +19,9 @@ from pathlib import Path
 from lcc.engine.choices import POOLS
 from lcc.errors import LCCInputError, check_choice
 from lcc.regularisers.label_variation_options import GraphOptions
-from lcc.regularisers.options import option
+from lcc.regularisers.options import RegulariserOptions, option
 
-__all__ = ["GraphDistillationOptions", "check_pairs"]
+__all__ = ["GraphDistillationOptions", "TeacherOptions", "check_pairs"]
 
 
 def _names(value: object, name: str) -> list[str]:
@@ -44,13 +44,12 @@ def check_pairs(teacher_layers: Sequence[str], layers: Sequence[str]) -> None:
 
 
 @dataclass
-class GraphDistillationOptions(GraphOptions):
-    """Graph knowledge distillation from a frozen teacher (sec. 4.1, eq. 7).
+class TeacherOptions(RegulariserOptions):
+    """The frozen teacher of a distillation regulariser (``gkd``, ``rkd``) and its layers.
 
-    The options of :class:`lcc.regularisers.gkd.GraphDistillation`: the graph options of
-    :class:`lcc.regularisers.label_variation_options.GraphOptions`, the teacher and its layers.
-    The first paragraph above is the summary ``lcc train --help-reg`` prints.
-    """
+    >>> TeacherOptions(teacher="small-cnn", teacher_checkpoint=" ", teacher_layers="act1").teacher_layers
+    ['act1']
+    """  # noqa: E501
 
     teacher: str = option(
         "", "teacher: model spec (small-resnet, hf:NAME, ...) or a checkpoint naming its model"
@@ -60,17 +59,13 @@ class GraphDistillationOptions(GraphOptions):
         [], "teacher layers, paired in order with `layers` (default: the same names)"
     )
     teacher_pool: str = option("flatten", "pooling of the teacher's layer outputs", choices=POOLS)
-    distinct_classes: bool = option(
-        False, "build both graphs between labelled samples of distinct classes only"
-    )
-    normalize: bool = option(True, "degree-normalise both graphs (the paper's GKD)")
 
     def check(self) -> None:
         super().check()
         if not isinstance(self.teacher, str):
             raise LCCInputError(
                 f"teacher must be a model spec or a checkpoint path, got {self.teacher!r}; "
-                "pass an nn.Module as GraphDistillation(teacher=module)"
+                "pass an nn.Module to the regulariser (teacher=module) in Python"
             )
         self.teacher = self.teacher.strip()
         checkpoint = self.teacher_checkpoint
@@ -83,3 +78,19 @@ class GraphDistillationOptions(GraphOptions):
         check_choice(self.teacher_pool, POOLS, name="teacher_pool")
         if self.layers and self.teacher_layers:
             check_pairs(self.teacher_layers, self.layers)
+
+
+@dataclass
+class GraphDistillationOptions(GraphOptions, TeacherOptions):
+    """Graph knowledge distillation from a frozen teacher (sec. 4.1, eq. 7).
+
+    The options of :class:`lcc.regularisers.gkd.GraphDistillation`: the graph options of
+    :class:`lcc.regularisers.label_variation_options.GraphOptions`, the teacher and its layers
+    (:class:`TeacherOptions`). The first paragraph above is the summary ``lcc train
+    --help-reg`` prints.
+    """
+
+    distinct_classes: bool = option(
+        False, "build both graphs between labelled samples of distinct classes only"
+    )
+    normalize: bool = option(True, "degree-normalise both graphs (the paper's GKD)")

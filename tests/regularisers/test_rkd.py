@@ -135,6 +135,24 @@ def test_help_registry_and_bad_input(tmp_path) -> None:
         ).bind(nn.Linear(1, 1), num_classes=3, sample=torch.zeros(2, 1, 12, 12))
 
 
+@pytest.mark.parametrize("name", ["rkd", "gkd"])
+def test_teacher_options_are_read_and_checked_alike(name: str) -> None:
+    from lcc.regularisers import options_class
+
+    cls = options_class(name)
+    options = cls(teacher=" small-cnn ", teacher_checkpoint="  ", teacher_layers="act1, fc1")
+    assert (options.teacher, options.teacher_checkpoint) == ("small-cnn", None)
+    assert options.teacher_layers == ["act1", "fc1"]
+    with pytest.raises(LCCInputError, match="teacher must be"):
+        cls(teacher=3)
+    with pytest.raises(LCCInputError, match="teacher_checkpoint must be"):
+        cls(teacher="small-cnn", teacher_checkpoint=3)
+    with pytest.raises(LCCInputError, match="same count"):
+        cls(teacher="small-cnn", teacher_layers="act1,fc1", layers=["fc1"])
+    with pytest.raises(LCCInputError, match="teacher_pool"):
+        cls(teacher="small-cnn", teacher_pool="mean")
+
+
 def test_plugs_into_the_plain_training_loop_without_trainer_change() -> None:
     torch.manual_seed(0)
     x = torch.randn(64, 6, dtype=torch.float64)
