@@ -24,7 +24,7 @@ not used.
 ...     _ = model[0].weight.copy_(torch.tensor([[1.0, 0.0, 0.0], [0.0, 2.0, 0.0]]))
 >>> reg = Parseval()
 >>> reg.bind(model, num_classes=2)
->>> float(reg(None))  # (2^2 - 1)^2
+>>> float(reg(None).detach())  # (2^2 - 1)^2
 9.0
 """
 
