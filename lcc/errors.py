@@ -31,13 +31,8 @@ def as_latent_matrix(z: object, *, name: str = "z", checked: bool = False) -> np
     >>> as_latent_matrix(np.zeros((4, 2, 3))).shape
     (4, 6)
     """
-    try:
-        import torch
-
-        if isinstance(z, torch.Tensor):
-            z = z.detach().to("cpu", torch.float32).numpy()
-    except ImportError:  # pragma: no cover - torch is a dependency
-        pass
+    if _is_tensor(z):
+        z = z.detach().cpu().float().numpy()  # type: ignore[attr-defined]
     array = np.asarray(z)
     if array.dtype == object or not (
         np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)
@@ -105,13 +100,8 @@ def as_label_vector(y: object, n_samples: int, *, name: str = "y") -> np.ndarray
     >>> as_label_vector([3, 7, 42], 3).tolist()
     [3, 7, 42]
     """
-    try:
-        import torch
-
-        if isinstance(y, torch.Tensor):
-            y = y.detach().cpu().numpy()
-    except ImportError:  # pragma: no cover
-        pass
+    if _is_tensor(y):
+        y = y.detach().cpu().numpy()  # type: ignore[attr-defined]
     labels = np.asarray(y)
     if labels.ndim != 1:
         raise LCCInputError(f"{name} must be a 1-D label vector, got shape {labels.shape}")

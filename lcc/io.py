@@ -180,22 +180,16 @@ def _open_npy(file: Path, *, mmap: bool) -> np.ndarray:
                 f"cannot read {file}: not a .npy file (corrupt or another format); "
                 "write it with numpy.save"
             )
-        if mmap:
-            array = np.load(file, mmap_mode="r", allow_pickle=False)
-        else:
-            array = np.load(file, allow_pickle=False)
+        return np.load(file, mmap_mode="r" if mmap else None, allow_pickle=False)
     except LCCInputError:
         raise
-    except ValueError as error:
-        if "pickle" in str(error) or "object" in str(error):
+    except Exception as error:  # OSError, truncated data, bad header, object arrays...
+        if isinstance(error, ValueError) and ("pickle" in str(error) or "object" in str(error)):
             raise LCCInputError(
                 f"cannot read {file}: it holds Python objects (an object array); save numeric "
                 "arrays only"
             ) from error
         raise LCCInputError(f"cannot read {file} as .npy: {_reason(error)}") from error
-    except Exception as error:  # OSError, truncated data, bad header...
-        raise LCCInputError(f"cannot read {file} as .npy: {_reason(error)}") from error
-    return array
 
 
 def load_arrays(path: str | os.PathLike[str], keys: tuple[str, ...]) -> dict[str, np.ndarray]:
@@ -224,12 +218,7 @@ def array_keys(path: str | os.PathLike[str]) -> list[str]:
     file = _readable(path, ("z", "y"))
     try:
         if file.suffix.lower() == ".npz":
-            if not zipfile.is_zipfile(file):
-                raise LCCInputError(
-                    f"cannot read {file}: not a .npz archive (corrupt or another format); "
-                    "write it with numpy.savez"
-                )
-            with np.load(file, allow_pickle=False) as archive:
+            with _open_npz(file) as archive:
                 return list(archive.files)
         from safetensors import safe_open
 
@@ -259,14 +248,19 @@ def _readable(path: str | os.PathLike[str], keys: tuple[str, ...]) -> Path:
     return file
 
 
+def _open_npz(file: Path) -> Any:
+    """``np.load`` of a ``.npz`` archive (never unpickling); LCCInputError for another format."""
+    if not zipfile.is_zipfile(file):
+        raise LCCInputError(
+            f"cannot read {file}: not a .npz archive (corrupt or another format); "
+            "write it with numpy.savez"
+        )
+    return np.load(file, allow_pickle=False)
+
+
 def _read_npz(file: Path, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
     try:
-        if not zipfile.is_zipfile(file):
-            raise LCCInputError(
-                f"cannot read {file}: not a .npz archive (corrupt or another format); "
-                "write it with numpy.savez"
-            )
-        with np.load(file, allow_pickle=False) as archive:
+        with _open_npz(file) as archive:
             _check_keys(file, keys, list(archive.files))
             return {key: np.asarray(archive[key]) for key in keys}
     except LCCInputError:
@@ -291,12 +285,10 @@ def _read_safetensors(file: Path, keys: tuple[str, ...]) -> dict[str, np.ndarray
         raise
     except Exception as error:  # SafetensorError, OSError: corrupt header, truncated data, ...
         raise LCCInputError(f"cannot read {file} as .safetensors: {_reason(error)}") from error
-    arrays = {}
-    for key, tensor in tensors.items():
-        if tensor.dtype in (torch.bfloat16, torch.float16):
-            tensor = tensor.float()
-        arrays[key] = tensor.numpy()
-    return arrays
+    return {
+        key: (tensor.float() if tensor.dtype in (torch.bfloat16, torch.float16) else tensor).numpy()
+        for key, tensor in tensors.items()
+    }
 
 
 def _check_keys(file: Path, wanted: tuple[str, ...], present: list[str]) -> None:
@@ -341,18 +333,29 @@ def atomic_write(
     verify the written file or to keep the old one); an exception there aborts the write and
     leaves ``path`` untouched. Returns ``path`` as a :class:`~pathlib.Path`.
     """
+    with _replacing(path, before_replace) as handle:
+        write(handle)
+    return Path(path)
+
+
+@contextlib.contextmanager
+def _replacing(
+    path: str | os.PathLike[str], before_replace: Callable[[Path], None] | None = None
+) -> Iterator[IO[bytes]]:
+    """A temporary file beside ``path``, open for writing, that replaces ``path`` at the end of
+    the block (flushed, fsynced, given ``path``'s permissions, ``before_replace`` called,
+    renamed); on an exception it is removed instead and an ``OSError`` becomes LCCInputError."""
     target = _writable_target(path)
-    directory = target.parent
     try:
         handle = tempfile.NamedTemporaryFile(  # noqa: SIM115 - closed below, renamed on success
-            mode="wb", dir=directory, prefix=f".{target.name}.", suffix=".tmp", delete=False
+            mode="wb", dir=target.parent, prefix=f".{target.name}.", suffix=".tmp", delete=False
         )
     except OSError as error:
         raise LCCInputError(f"cannot write {target}: {_os_reason(error)}") from error
     temporary = Path(handle.name)
     try:
         with handle:
-            write(handle)
+            yield handle
             handle.flush()
             os.fsync(handle.fileno())
         os.chmod(temporary, _file_mode(target))
@@ -365,8 +368,7 @@ def atomic_write(
         if isinstance(error, OSError):
             raise LCCInputError(f"cannot write {target}: {_os_reason(error)}") from error
         raise
-    _fsync_directory(directory)
-    return target
+    _fsync_directory(target.parent)
 
 
 def save_npz_atomic(path: str | os.PathLike[str], **arrays: Any) -> Path:
@@ -412,32 +414,13 @@ def npy_memmap_atomic(
     >>> np.load(out).tolist()
     [[1.0, 1.0], [1.0, 1.0], [2.0, 2.0], [2.0, 2.0]]
     """
-    target = _writable_target(path)
-    directory = target.parent
-    try:
-        descriptor, name = tempfile.mkstemp(dir=directory, prefix=f".{target.name}.", suffix=".tmp")
-        os.close(descriptor)
-    except OSError as error:
-        raise LCCInputError(f"cannot write {target}: {_os_reason(error)}") from error
-    temporary = Path(name)
-    try:
+    with _replacing(path) as handle:
         array = np.lib.format.open_memmap(
-            temporary, mode="w+", dtype=np.dtype(dtype), shape=tuple(int(s) for s in shape)
+            handle.name, mode="w+", dtype=np.dtype(dtype), shape=tuple(int(s) for s in shape)
         )
         yield array
         array.flush()
         del array
-        with temporary.open("rb+") as handle:
-            os.fsync(handle.fileno())
-        os.chmod(temporary, _file_mode(target))
-        os.replace(temporary, target)
-    except BaseException as error:
-        with contextlib.suppress(OSError):
-            temporary.unlink()
-        if isinstance(error, OSError):
-            raise LCCInputError(f"cannot write {target}: {_os_reason(error)}") from error
-        raise
-    _fsync_directory(directory)
 
 
 def write_json_atomic(
@@ -470,8 +453,7 @@ def _json_default(value: Any) -> Any:
 
 
 def _os_reason(error: OSError) -> str:
-    reason = error.strerror or str(error)
-    return f"{reason}; choose a writable location"
+    return f"{error.strerror or error}; choose a writable location"
 
 
 def _file_mode(target: Path) -> int:
@@ -483,13 +465,10 @@ def _file_mode(target: Path) -> int:
 
 
 def _umask() -> int:
-    try:
-        with open("/proc/self/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
+    with contextlib.suppress(OSError, ValueError), open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
     current = os.umask(0o022)
     os.umask(current)
     return current
@@ -502,9 +481,8 @@ def _fsync_directory(directory: Path) -> None:
     except OSError:
         return
     try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
+        with contextlib.suppress(OSError):
+            os.fsync(descriptor)
     finally:
         os.close(descriptor)
 
@@ -535,11 +513,9 @@ def npz_kind(name: str, *keys: str) -> OutputKind:
 
     def matches(path: Path) -> bool:
         try:
-            if not zipfile.is_zipfile(path):
-                return False
-            with np.load(path, allow_pickle=False) as archive:
+            with _open_npz(path) as archive:
                 return wanted <= set(archive.files)
-        except Exception:  # unreadable: not ours
+        except Exception:  # unreadable or not a .npz archive: not ours
             return False
 
     return OutputKind(name, matches)
@@ -568,10 +544,7 @@ def check_output_path(
     lcc.errors.LCCInputError: OUT .../sub/../lat.npz is the input .../lat.npz: ...
     """
     out = Path(output).expanduser()
-    for source in inputs:
-        if source is None:
-            continue
-        source_path = Path(source).expanduser()
+    for source_path in (Path(source).expanduser() for source in inputs if source is not None):
         if _same_file(out, source_path):
             raise LCCInputError(
                 f"{label} {out} is the input {source_path}: writing it would destroy the input; "
@@ -617,10 +590,9 @@ def read_jsonl_tolerant(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     ]
     records: list[dict[str, Any]] = []
     for position, (number, line) in enumerate(lines):
-        try:
+        record = None
+        with contextlib.suppress(ValueError):
             record = json.loads(line)
-        except ValueError:
-            record = None
         if isinstance(record, dict):
             records.append(record)
         elif position < len(lines) - 1:
@@ -648,12 +620,9 @@ def read_csv_tolerant(path: str | os.PathLike[str]) -> list[dict[str, str]]:
     text = _read_text(file)
     if not text.endswith("\n"):
         text = text[: text.rfind("\n") + 1]  # the cut last line (and a header-only file: none)
-    rows = []
-    for row in csv.DictReader(io.StringIO(text, newline="")):
-        if None in row or None in row.values():  # more or fewer fields than the header
-            continue
-        rows.append(row)
-    return rows
+    rows = csv.DictReader(io.StringIO(text, newline=""))
+    # a row with more or fewer fields than the header has None as a key or a value
+    return [row for row in rows if None not in row and None not in row.values()]
 
 
 def _read_text(file: Path) -> str:
@@ -741,7 +710,6 @@ def unsafe_globals(path: str | os.PathLike[str], error: BaseException | None = N
     loading); read statically from the pickle, never executed. Empty when there are none."""
     import torch
 
-    names: list[str] = []
     try:
         if zipfile.is_zipfile(path):
             names = sorted(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
@@ -822,8 +790,7 @@ def _unpickler_detail(text: str) -> str:
     """The useful sentence of torch's weights-only error text (it spans many lines)."""
     marker = "WeightsUnpickler error:"
     if marker in text:
-        text = text.split(marker, 1)[1]
-        text = text.split("Check the documentation", 1)[0]
+        text = text.split(marker, 1)[1].split("Check the documentation", 1)[0]
     return _reason(RuntimeError(text.strip())) if text.strip() else ""
 
 

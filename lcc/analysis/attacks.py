@@ -57,9 +57,8 @@ def parse_eps_list(text: str, name: str = "--fgsm") -> list[float]:
     >>> parse_eps_list("0, 8/255")
     [0.0, 0.03137254901960784]
     """
-    values = []
-    for piece in filter(None, (part.strip() for part in str(text).split(","))):
-        values.append(_eps(piece, name))
+    pieces = filter(None, (part.strip() for part in str(text).split(",")))
+    values = [_eps(piece, name) for piece in pieces]
     if not values:
         raise LCCInputError(f"{name} needs at least one eps, e.g. {name} 0.01,0.03")
     return values

@@ -35,8 +35,8 @@ import io
 import json
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -181,14 +181,6 @@ def load_run_model(run_dir: str | os.PathLike[str]) -> LoadedRun:
 # --------------------------------------------------------------------------- forward passes
 
 
-def _test_arrays(bundle: Any) -> tuple[np.ndarray, np.ndarray]:
-    test = bundle.test
-    images = getattr(test, "images", None)
-    if not isinstance(images, Tensor) or images.dtype != torch.uint8:
-        raise LCCInputError("lcc evaluate needs an image dataset of uint8 tensors (lcc.zoo)")
-    return images.numpy(), test.labels.numpy()
-
-
 def _normalised(images: np.ndarray, labels: np.ndarray, bundle: Any) -> Any:
     """A dataset serving ``images`` normalised exactly as the run's test set is."""
     from lcc.zoo.datasets import ImageTensorDataset
@@ -241,19 +233,20 @@ class _Data:
     images: np.ndarray
     labels: np.ndarray
     digest: str
-    rows: np.ndarray | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _test_data(loaded: LoadedRun, options: EvalOptions) -> _Data:
     from lcc.zoo.datasets import stratified_subset
 
-    images, labels = _test_arrays(loaded.bundle)
-    rows = None
+    test = loaded.bundle.test
+    images = getattr(test, "images", None)
+    if not isinstance(images, Tensor) or images.dtype != torch.uint8:
+        raise LCCInputError("lcc evaluate needs an image dataset of uint8 tensors (lcc.zoo)")
+    images, labels = images.numpy(), test.labels.numpy()
     if options.subset is not None and options.subset < len(labels):
         rows = stratified_subset(labels, int(options.subset), options.seed)
         images, labels = images[rows], labels[rows]
-    return _Data(images, labels, images_digest(images), rows)
+    return _Data(images, labels, images_digest(images))
 
 
 def _features(
@@ -271,25 +264,21 @@ def _features(
     if options.probe_train is not None and options.probe_train < len(train_y):
         rows = stratified_subset(train_y, int(options.probe_train), options.seed)
         train, train_y = Subset(train, rows.tolist()), train_y[rows]
+
+    def features(dataset: Any) -> np.ndarray:
+        if layer == OUTPUT:
+            return _logits(loaded.model, dataset, options.batch_size).numpy()
+        loader = DataLoader(IndexedDataset(dataset), batch_size=options.batch_size)
+        z, _, _ = collect_latents(
+            loaded.model,
+            loader,
+            [layer],
+            pool=options.probe_pool,  # type: ignore[arg-type]
+        )
+        return z[layer]
+
     test = None if data is None else _normalised(data.images, data.labels, loaded.bundle)
-    if layer == OUTPUT:
-        train_z = _logits(loaded.model, train, options.batch_size).numpy()
-        test_z = None if test is None else _logits(loaded.model, test, options.batch_size).numpy()
-    else:
-
-        def features(dataset: Any) -> np.ndarray:
-            loader = DataLoader(IndexedDataset(dataset), batch_size=options.batch_size)
-            z, _, _ = collect_latents(
-                loaded.model,
-                loader,
-                [layer],
-                pool=options.probe_pool,  # type: ignore[arg-type]
-            )
-            return z[layer]
-
-        train_z = features(train)
-        test_z = None if test is None else features(test)
-    return train_z, train_y, test_z
+    return features(train), train_y, None if test is None else features(test)
 
 
 def _probe(loaded: LoadedRun, layer: str, data: _Data, options: EvalOptions) -> dict[str, float]:
@@ -352,10 +341,9 @@ def linear_readout(loaded: LoadedRun, layer: str, options: EvalOptions) -> Linea
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         probe.fit(train_z, train_y)
-    readout = LinearReadout(
+    return LinearReadout(
         loaded.model, layer, options.probe_pool, probe, loaded.bundle.num_classes
-    )
-    return readout.eval()
+    ).eval()
 
 
 def evaluate_loaded(
@@ -371,16 +359,15 @@ def evaluate_loaded(
     from lcc.zoo.latents import check_layer_names
 
     options = options.check()
+    say = say or (lambda _: None)
     model, bundle = loaded.model, loaded.bundle
     model.eval()
     for layer in (*options.probe, *([options.read_with] if options.read_with else [])):
         if layer != OUTPUT:
             check_layer_names(model, [layer])
-    corruptions = (
-        parse_corruptions(options.corruptions, bundle.input_shape[0])
-        if options.corruptions is not None
-        else []
-    )
+    corruptions = []
+    if options.corruptions is not None:
+        corruptions = parse_corruptions(options.corruptions, bundle.input_shape[0])
     data = _test_data(loaded, options)
     seconds: dict[str, float] = {}
     result: dict[str, Any] = {
@@ -428,8 +415,7 @@ def evaluate_loaded(
         scores: dict[str, float] = {}
         for setting in settings:
             key = setting.key if isinstance(setting, PGDSpec) else f"{setting:g}"
-            if say:
-                say(f"{loaded.path.name}: {kind} {key}")
+            say(f"{loaded.path.name}: {kind} {key}")
             scores[key] = _attack_accuracy(pixel_model, data, kind, setting, options)
         result[kind] = scores
         seconds[kind] = time.perf_counter() - start
@@ -437,8 +423,7 @@ def evaluate_loaded(
     start = time.perf_counter()
     corruption: dict[str, dict[str, float]] = {}
     for name in corruptions:
-        if say:
-            say(f"{loaded.path.name}: {name}")
+        say(f"{loaded.path.name}: {name}")
         corruption[name] = {}
         for severity in options.severities:
             corrupted = cached_corruption(
@@ -458,8 +443,7 @@ def evaluate_loaded(
     start = time.perf_counter()
     probe: dict[str, dict[str, float]] = {}
     for layer in options.probe:
-        if say:
-            say(f"{loaded.path.name}: probe {layer}")
+        say(f"{loaded.path.name}: probe {layer}")
         probe[layer] = _probe(loaded, layer, data, options)
     result["probe"] = probe
     seconds["probe"] = time.perf_counter() - start
@@ -503,15 +487,9 @@ def _corruption_measures(
     result: Mapping[str, Any], baseline: Mapping[str, Any] | None
 ) -> dict[str, Any]:
     """Per-type CE and relative CE, their means, against ``baseline`` (None: all None)."""
-    empty = {
-        "baseline": None,
-        "corruption_error": None,
-        "relative_corruption_error": None,
-        "mce": None,
-        "relative_mce": None,
-    }
     if baseline is None or not result.get("corruption"):
-        return empty
+        keys = ("baseline", "corruption_error", "relative_corruption_error", "mce", "relative_mce")
+        return dict.fromkeys(keys)
     errors, base = _errors(result), _errors(baseline)
     ce = corruption_errors(errors, base)
     relative = relative_corruption_errors(
@@ -528,14 +506,6 @@ def _corruption_measures(
 
 
 # --------------------------------------------------------------------------- several runs
-
-
-def _check_baseline(run: LoadedRun, base: LoadedRun) -> None:
-    if run.dataset != base.dataset:
-        raise LCCInputError(
-            f"--baseline {base.path} was trained on {base.dataset}, but {run.path} on "
-            f"{run.dataset}; pass a baseline run on {run.dataset}"
-        )
 
 
 def evaluate_runs(
@@ -557,18 +527,20 @@ def evaluate_runs(
     if not runs:
         raise LCCInputError("pass at least one RUN_DIR")
     loaded = [load_run_model(run) for run in runs]
-    base = None
+    base = base_result = None
     if baseline is not None:
         matches = [item for item in loaded if _same_dir(item.path, Path(baseline))]
         base = matches[0] if matches else load_run_model(baseline)
         for item in loaded:
-            _check_baseline(item, base)
+            if item.dataset != base.dataset:
+                raise LCCInputError(
+                    f"--baseline {base.path} was trained on {base.dataset}, but {item.path} on "
+                    f"{item.dataset}; pass a baseline run on {item.dataset}"
+                )
         if options.corruptions is None:
             raise LCCInputError(
                 "--baseline compares corruption errors; add --corruptions (e.g. --corruptions all)"
             )
-    base_result = None
-    if base is not None:
         base_options = options
         if not any(_same_dir(item.path, base.path) for item in loaded):
             base_options = replace(options, noise=(), fgsm=(), pgd=(), probe=())
@@ -669,35 +641,38 @@ def evaluation_rows(
     (['run', 'top1 (%)', 'nll'], [['a', '50.00', '0.250']])
     """
     flat = [(name, evaluation_columns(result)) for name, result in results]
-    header: list[str] = []
-    for _, columns in flat:
-        header.extend(name for name in columns if name not in header)
-    shown = [name if name in ("nll", "mce", "relative_mce") else f"{name} (%)" for name in header]
+    header = _header(columns for _, columns in flat)
     rows = [
         [name, *(format_value(column, columns.get(column)) for column in header)]
         for name, columns in flat
     ]
+    shown = [name if name in ("nll", "mce", "relative_mce") else f"{name} (%)" for name in header]
     return ["run", *shown], rows
+
+
+def _header(flat: Iterable[Mapping[str, Any]]) -> list[str]:
+    """The columns of flattened evaluations, in the order they first appear."""
+    header: list[str] = []
+    for columns in flat:
+        header.extend(name for name in columns if name not in header)
+    return header
 
 
 def evaluation_table(results: Sequence[Mapping[str, Any]]) -> tuple[str, str]:
     """(markdown, CSV) comparing evaluations, one row per run; markdown in % (mCE x 100),
     CSV with the raw fractions."""
     names = [Path(str(result.get("run", "?"))).name for result in results]
-    rows = [(name, evaluation_columns(result)) for name, result in zip(names, results, strict=True)]
-    header: list[str] = []
-    for _, columns in rows:
-        header.extend(name for name in columns if name not in header)
+    flat = [evaluation_columns(result) for result in results]
+    header = _header(flat)
     shown, cells = evaluation_rows(list(zip(names, results, strict=True)))
     lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
     lines += ["| " + " | ".join(row) + " |" for row in cells]
-    note = "\n" + TABLE_NOTE
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["run", *header])
-    for name, columns in rows:
+    for name, columns in zip(names, flat, strict=True):
         writer.writerow([name, *("" if columns.get(c) is None else columns[c] for c in header)])
-    return "\n".join(lines) + "\n" + note + "\n", buffer.getvalue()
+    return "\n".join(lines) + "\n\n" + TABLE_NOTE + "\n", buffer.getvalue()
 
 
 # --------------------------------------------------------------------------- sweeps
@@ -861,18 +836,13 @@ def _current(result: Mapping[str, Any] | None, record: Any, baseline: Path | Non
     result = result or {}
     against = result.get("baseline")
     if against is None or baseline is None:
-        same_baseline = against is None and baseline is None
-    else:
-        same_baseline = _same_dir(Path(against), baseline)
-    return result.get("options") == record and same_baseline
+        return result.get("options") == record and against is None and baseline is None
+    return result.get("options") == record and _same_dir(Path(against), baseline)
 
 
 def _sweep_tables(groups: Mapping[str, Sequence[Mapping[str, Any]]]) -> tuple[str, str]:
     flat = {label: [evaluation_columns(r) for r in results] for label, results in groups.items()}
-    header: list[str] = []
-    for rows in flat.values():
-        for columns in rows:
-            header.extend(name for name in columns if name not in header)
+    header = _header(columns for rows in flat.values() for columns in rows)
     shown = [name if name in ("nll", "mce", "relative_mce") else f"{name} (%)" for name in header]
     lines = ["| setting | runs | " + " | ".join(shown) + " |", "|" + "---|" * (len(header) + 2)]
     buffer = io.StringIO()

@@ -41,7 +41,7 @@ float64 matrix would take 20 GB.
 from __future__ import annotations
 
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -70,6 +70,7 @@ __all__ = [
 
 Reduce = Literal["mean", "median"]
 Latents = Any  # one (N, ...) array, a sequence of them, or a mapping layer name -> array
+Ratio = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (numerator, denominator) -> ratio
 
 #: Default top-k of the neuron-level measures c1, c3 (the paper's k = 30, sec. 4.1).
 TOP_NEURONS = 30
@@ -226,16 +227,17 @@ def _check_top_k(k: object) -> int:
     return int(k)
 
 
-def _column_blocks(n_rows: int, n_cols: int) -> list[slice]:
-    width = max(1, BLOCK // max(n_rows, 1))
-    return [slice(start, min(start + width, n_cols)) for start in range(0, n_cols, width)]
+def _blocks(n: int, size: int) -> list[slice]:
+    """Slices of ``range(n)`` of at most ``BLOCK`` values when each index holds ``size``."""
+    step = max(1, BLOCK // max(size, 1))
+    return [slice(start, min(start + step, n)) for start in range(0, n, step)]
 
 
 def _mean_std(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-column mean and (population) standard deviation, two-pass in float64 blocks."""
     mean = np.empty(rows.shape[1])
     std = np.empty(rows.shape[1])
-    for block in _column_blocks(rows.shape[0], rows.shape[1]):
+    for block in _blocks(rows.shape[1], rows.shape[0]):
         part = rows[:, block].astype(np.float64)
         mean[block] = part.mean(axis=0)
         std[block] = np.sqrt(np.square(part - mean[block]).mean(axis=0))
@@ -264,7 +266,11 @@ def subclass_selectivity(z: object, y: object, y_super: object) -> ClassValues:
     >>> subclass_selectivity(z, [0, 0, 1, 1], [0, 0, 0, 0]).values.ravel().tolist()
     [-4.0, 4.0]
     """
-    z = neurons(z)
+    return _selectivity(neurons(z), y, y_super, _ratio)
+
+
+def _selectivity(z: np.ndarray, y: object, y_super: object, ratio: Ratio) -> ClassValues:
+    """Eq. (1)'s terms ``ratio(mu_in - mu_out, sigma_in + sigma_out)`` of :func:`neurons` ``z``."""
     sub, sup = _hierarchy(y, y_super, z.shape[0])
     labels, rows_out = [], []
     for rows, sub_labels in _groups(sub, sup):
@@ -273,7 +279,7 @@ def subclass_selectivity(z: object, y: object, y_super: object) -> ClassValues:
             mean_in, std_in = _mean_std(z[rows[inside]])
             mean_out, std_out = _mean_std(z[rows[~inside]])
             labels.append(label)
-            rows_out.append(_ratio(mean_in - mean_out, std_in + std_out))
+            rows_out.append(ratio(mean_in - mean_out, std_in + std_out))
     order = np.argsort(labels, kind="stable")
     return ClassValues(np.asarray(labels, dtype=np.int64)[order], np.stack(rows_out)[order])
 
@@ -289,10 +295,14 @@ def intraclass_variance_ratio(z: object, y: object) -> ClassValues:
     [[0.196, 0.0], [0.196, 0.0]]
     """
     z = neurons(z)
-    y = as_label_vector(y, z.shape[0])
+    return _variance_ratio(z, as_label_vector(y, z.shape[0]), _ratio)
+
+
+def _variance_ratio(z: np.ndarray, y: np.ndarray, ratio: Ratio) -> ClassValues:
+    """Eq. (3)'s terms ``ratio(sigma_C, sigma_D)`` of :func:`neurons` ``z``, labels ``y``."""
     classes = _classes(y)
     _, std_all = _mean_std(z)
-    values = np.stack([_ratio(_mean_std(z[rows])[1], std_all) for rows in classes])
+    values = np.stack([ratio(_mean_std(z[rows])[1], std_all) for rows in classes])
     return ClassValues(np.unique(y), values)
 
 
@@ -490,7 +500,7 @@ def standardize_activations(z: object, *, active: float = ACTIVE_FRACTION) -> np
     if not 0.0 < float(active) < 1.0:
         raise LCCInputError(f"active={active} must be a fraction strictly between 0 and 1")
     out = np.empty_like(z)
-    for block in _column_blocks(z.shape[0], z.shape[1]):
+    for block in _blocks(z.shape[1], z.shape[0]):
         part = z[:, block].astype(np.float64)
         mean = part.mean(axis=0)
         std = np.sqrt(np.square(part - mean).mean(axis=0))
@@ -527,18 +537,13 @@ def cosine_distance_std(z: object, *, method: Literal["auto", "gram", "pairs"] =
     return float(np.sqrt(max(squares / count - mean * mean, 0.0)))
 
 
-def _row_chunks(n: int, d: int) -> list[slice]:
-    step = max(1, BLOCK // max(d, 1))
-    return [slice(start, min(start + step, n)) for start in range(0, n, step)]
-
-
 def _pair_sums_gram(z: np.ndarray) -> tuple[float, float, float]:
     """(pair count, sum of distances, sum of squared distances) over i < j, via U^T U."""
     n, d = z.shape
     gram = np.zeros((d, d))
     column_sum = np.zeros(d)
     norms2 = norms4 = 0.0
-    for rows in _row_chunks(n, d):
+    for rows in _blocks(n, d):
         u = _unit_rows(z[rows])
         gram += u.T @ u
         column_sum += u.sum(axis=0)

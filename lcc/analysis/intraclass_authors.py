@@ -71,18 +71,7 @@ def subclass_selectivity(z: object, y: object, y_super: object) -> ClassValues:
     [-4.0, 4.0]
     """
     z = intraclass.neurons(z)
-    sub, sup = intraclass._hierarchy(y, y_super, z.shape[0])
-    live = alive(z)
-    labels, rows_out = [], []
-    for rows, sub_labels in intraclass._groups(sub, sup):
-        for label in np.unique(sub_labels):
-            inside = sub_labels == label
-            mean_in, std_in = intraclass._mean_std(z[rows[inside]])
-            mean_out, std_out = intraclass._mean_std(z[rows[~inside]])
-            labels.append(label)
-            rows_out.append(np.where(live, (mean_in - mean_out) / (std_in + std_out + EPSILON), 0))
-    order = np.argsort(labels, kind="stable")
-    return ClassValues(np.asarray(labels, dtype=np.int64)[order], np.stack(rows_out)[order])
+    return intraclass._selectivity(z, y, y_super, _live_ratio(z))
 
 
 def variance_ratio(z: object, y: object) -> ClassValues:
@@ -94,17 +83,13 @@ def variance_ratio(z: object, y: object) -> ClassValues:
     [[0.0, 0.196], [0.0, 0.196]]
     """
     z = intraclass.neurons(z)
-    labels = np.asarray(y)
-    classes = intraclass._classes(labels)
+    return intraclass._variance_ratio(z, np.asarray(y), _live_ratio(z))
+
+
+def _live_ratio(z: np.ndarray) -> intraclass.Ratio:
+    """The code's ratio: ``numerator / (denominator + 1e-7)``, 0 for the dead neurons of ``z``."""
     live = alive(z)
-    _, std_all = intraclass._mean_std(z)
-    values = np.stack(
-        [
-            np.where(live, intraclass._mean_std(z[rows])[1] / (std_all + EPSILON), 0)
-            for rows in classes
-        ]
-    )
-    return ClassValues(np.unique(labels), values)
+    return lambda numerator, denominator: np.where(live, numerator / (denominator + EPSILON), 0)
 
 
 def c4_activations(z: object) -> np.ndarray | None:

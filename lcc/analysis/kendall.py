@@ -88,11 +88,9 @@ def value_key(value: Any) -> str:
 
 
 def _number(value: Any) -> float | None:
-    if value is None or value == "":
-        return None
     try:
         number = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError):  # None and "" too
         return None
     return number if math.isfinite(number) else None
 

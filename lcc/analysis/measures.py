@@ -197,26 +197,24 @@ def _line(name: str, value: float, layer: str, data: _Prepared, **context: Any) 
     }
 
 
-def _all_layers(data: _Prepared) -> list[str]:
-    return list(data.layers)
+def _neuron_values(measure: str, variant: str) -> Callable[..., intraclass.ClassValues]:
+    """c1's subclass selectivity or c3's variance ratio (``measure``), as ``variant`` computes
+    them."""
+    if measure == "c1":
+        authors, paper = intraclass_authors.subclass_selectivity, intraclass.subclass_selectivity
+    else:
+        authors, paper = intraclass_authors.variance_ratio, intraclass.intraclass_variance_ratio
+    return authors if variant == "authors" else paper
 
 
 def _c1(data: _Prepared, options: MeasureOptions) -> list[dict[str, Any]]:
-    select = (
-        intraclass_authors.subclass_selectivity
-        if options.variant == "authors"
-        else intraclass.subclass_selectivity
-    )
+    select = _neuron_values("c1", options.variant)
     parts = {name: select(z, data.y, data.y_super) for name, z in data.layers.items()}
     return _neuron_lines("c1", parts, "median", "subclasses", data, options)
 
 
 def _c3(data: _Prepared, options: MeasureOptions) -> list[dict[str, Any]]:
-    ratio = (
-        intraclass_authors.variance_ratio
-        if options.variant == "authors"
-        else intraclass.intraclass_variance_ratio
-    )
+    ratio = _neuron_values("c3", options.variant)
     parts = {name: ratio(z, data.classes) for name, z in data.layers.items()}
     return _neuron_lines("c3", parts, "mean", "classes", data, options, labels=data.labels)
 
@@ -232,30 +230,20 @@ def _neuron_lines(
 ) -> list[dict[str, Any]]:
     count = _count(parts)
     context["variant"] = options.variant
-    lines = []
-    for layer, part in parts.items():
-        k = options.neuron_k(name, part.values.shape[1], count)
-        value = intraclass.combine_neurons([part], k, reduce)
-        top = min(k, part.values.shape[1])
-        if name == "c1" and k >= part.values.shape[1]:
-            _warn_all_neurons(layer, k, part.values.shape[1])
-        lines.append(_line(name, value, layer, data, top_k=top, **{count_key: count}, **context))
+    # one line per layer, then the "all" line of the pooled neurons
+    groups: list[tuple[str, list[intraclass.ClassValues], dict[str, Any]]]
+    groups = [(layer, [part], {}) for layer, part in parts.items()]
     if len(parts) > 1:
-        total = sum(part.values.shape[1] for part in parts.values())
-        k = options.neuron_k(name, total, count)
-        value = intraclass.combine_neurons(list(parts.values()), k, reduce)
-        lines.append(
-            _line(
-                name,
-                value,
-                "all",
-                data,
-                layers=_all_layers(data),
-                top_k=min(k, total),
-                **{count_key: count},
-                **context,
-            )
-        )
+        groups.append(("all", list(parts.values()), {"layers": list(data.layers)}))
+    lines = []
+    for layer, group, extra in groups:
+        width = sum(part.values.shape[1] for part in group)
+        k = options.neuron_k(name, width, count)
+        value = intraclass.combine_neurons(group, k, reduce)
+        if name == "c1" and len(group) == 1 and k >= width:
+            _warn_all_neurons(layer, k, width)
+        top = {"top_k": min(k, width), count_key: count}
+        lines.append(_line(name, value, layer, data, **extra, **top, **context))
     return lines
 
 
@@ -319,7 +307,7 @@ def _layer_lines(
         value = intraclass.combine_layers(list(parts.values()), options.layer_k(), reduce)
         top = min(options.layer_k(), len(parts))
         lines.append(
-            _line(name, value, "all", data, layers=_all_layers(data), top_layers=top, **context)
+            _line(name, value, "all", data, layers=list(data.layers), top_layers=top, **context)
         )
     return lines
 
@@ -465,16 +453,8 @@ def run_measures(
 def _prepare(data: MeasureInput) -> _Prepared:
     if not isinstance(data.layers, Mapping) or not data.layers:
         raise LCCInputError("no layer given; pass at least one layer's latents")
-    layers = {
-        str(name): intraclass.neurons(z, name=f"layer {name}") for name, z in data.layers.items()
-    }
-    first, n = next(iter(layers)), next(iter(layers.values())).shape[0]
-    for name, z in layers.items():
-        if z.shape[0] != n:
-            raise LCCInputError(
-                f"layer {name} has {z.shape[0]} rows but layer {first} has {n}; "
-                "collect every layer on the same samples"
-            )
+    layers = dict(intraclass._layers(data.layers))  # neurons of each, the same rows
+    n = next(iter(layers.values())).shape[0]
     y = as_label_vector(data.y, n)
     y_super = None if data.y_super is None else as_label_vector(data.y_super, n, name="y_super")
     predictions = (
@@ -570,7 +550,7 @@ def read_measure_input(
 
     file = Path(path)
     keys = array_keys(file)
-    stored = {_layer_name(key): key for key in keys if key == "z" or key.startswith("z_")}
+    stored = {key.removeprefix("z_"): key for key in keys if key == "z" or key.startswith("z_")}
     if not stored:
         raise LCCInputError(
             f"{file} holds no latents (keys found: {', '.join(keys) or 'none'}); save them "
@@ -611,7 +591,3 @@ def read_measure_input(
         y_super=arrays.get(superclass_key) if superclass_key is not None else None,
         predictions=arrays.get("predictions"),
     )
-
-
-def _layer_name(key: str) -> str:
-    return "z" if key == "z" else key[len("z_") :]

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass, fields
 
 import numpy as np
 from scipy import stats
@@ -102,15 +102,7 @@ def paired_gain(
         means = differences[rng.integers(0, n, size=(BOOTSTRAP_RESAMPLES, n))].mean(axis=1)
         tail = (1 - confidence) / 2
         boot_low, boot_high = (float(q) for q in np.quantile(means, [tail, 1 - tail]))
-    return PairedGain(
-        pairs=n,
-        mean=mean,
-        low=low,
-        high=high,
-        sign_p=sign_test(differences),
-        boot_low=boot_low,
-        boot_high=boot_high,
-    )
+    return PairedGain(n, mean, low, high, sign_test(differences), boot_low, boot_high)
 
 
 def sign_test(differences: np.ndarray) -> float:
@@ -146,18 +138,6 @@ def paired_cells(*gains: PairedGain | None) -> list[str]:
     """
     cells: list[str] = []
     for gain in gains:
-        values = (
-            [None] * 7
-            if gain is None
-            else [
-                gain.pairs,
-                gain.mean,
-                gain.low,
-                gain.high,
-                gain.sign_p,
-                gain.boot_low,
-                gain.boot_high,
-            ]
-        )
+        values = [None] * len(fields(PairedGain)) if gain is None else astuple(gain)
         cells += ["" if value is None else repr(value) for value in values]
     return cells

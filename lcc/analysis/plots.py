@@ -30,6 +30,7 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -69,30 +70,34 @@ EMBEDDINGS: tuple[str, ...] = ("auto", "umap", "pca", "tsne")
 MAX_POINTS = 5000
 DPI = 110
 _PANEL = (4.4, 4.0)  # inches per panel
+_Record = Mapping[str, Any]
+_Rows = Sequence[_Record]
+_StrPath = str | os.PathLike[str]
 
 
 # --------------------------------------------------------------------------- files
 
 
-def _figure(width: float, height: float) -> Any:
+def _figure(width: float, height: float, title: str | None = None, room: float = 0.3) -> Any:
+    """A figure drawn by the Agg canvas, ``room`` inches taller with ``title`` on top."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(width, height), layout="constrained")
+    figure = Figure(figsize=(width, height + (room if title else 0.0)), layout="constrained")
     FigureCanvasAgg(figure)
+    if title:
+        figure.suptitle(title, fontsize=11)
     return figure
 
 
-def _stem(path: str | os.PathLike[str]) -> Path:
+def _stem(path: _StrPath) -> Path:
     target = Path(path).expanduser()
     if target.suffix.lower().lstrip(".") in FORMATS:
         target = target.with_suffix("")
     return target
 
 
-def save_figure(
-    figure: Any, path: str | os.PathLike[str], formats: Sequence[str] = FORMATS
-) -> list[Path]:
+def save_figure(figure: Any, path: _StrPath, formats: Sequence[str] = FORMATS) -> list[Path]:
     """Write ``figure`` to ``path`` in each of ``formats`` atomically; returns the paths."""
     from lcc.io import atomic_write
 
@@ -242,6 +247,14 @@ def _grid(n: int, columns: int = 3) -> tuple[int, int]:
     return math.ceil(n / cols), cols
 
 
+def _panels(figure: Any, n: int, rows: int, cols: int) -> list[Any]:
+    """The first ``n`` axes of a ``rows`` x ``cols`` grid (row by row); the others hidden."""
+    axes = figure.subplots(rows, cols, squeeze=False).ravel()
+    for axis in axes[n:]:
+        axis.set_visible(False)
+    return list(axes[:n])
+
+
 # --------------------------------------------------------------------------- latent map
 
 
@@ -253,7 +266,7 @@ def latent_map(
     method: str = "auto",
     max_points: int = MAX_POINTS,
     seed: int = 0,
-    path: str | os.PathLike[str],
+    path: _StrPath,
     title: str | None = None,
     formats: Sequence[str] = FORMATS,
 ) -> list[Path]:
@@ -306,42 +319,27 @@ def latent_map_figure(
     rows = sample_indices(n, max_points, seed)
     classes = np.unique(labels)
     colours = _class_colours(len(classes))
-    colour_of = np.searchsorted(classes, labels[rows])
-    point_colours = np.array(colours)[colour_of]
+    point_colours = np.array(colours)[np.searchsorted(classes, labels[rows])]
     size = float(np.clip(3000.0 / max(len(rows), 1), 3.0, 30.0))
 
     n_rows, n_cols = _grid(len(layers))
-    figure = _figure(_PANEL[0] * n_cols + 1.4, _PANEL[1] * n_rows + (0.4 if title else 0.0))
-    axes = figure.subplots(n_rows, n_cols, squeeze=False)
-    for position, layer in enumerate(layers):
-        axis = axes[position // n_cols][position % n_cols]
+    figure = _figure(_PANEL[0] * n_cols + 1.4, _PANEL[1] * n_rows, title, room=0.4)
+    for axis, layer in zip(_panels(figure, len(layers), n_rows, n_cols), layers, strict=True):
         embedding = embed_2d(matrices[layer], method=method, seed=seed, index=rows)
         x, y2 = embedding.coords[:, 0], embedding.coords[:, 1]
         axis.scatter(x, y2, c=point_colours, s=size, linewidths=0, alpha=0.75, rasterized=True)
         heading = f"{layer} ({embedding.method.upper()})"
         if layer in masks:
             drawn = masks[layer][rows]
-            axis.scatter(
-                x[drawn],
-                y2[drawn],
-                s=size * 3.5,
-                facecolors="none",
-                edgecolors="black",
-                linewidths=0.45,
-                rasterized=True,
-            )
+            ring = {"facecolors": "none", "edgecolors": "black", "linewidths": 0.45}
+            axis.scatter(x[drawn], y2[drawn], s=size * 3.5, rasterized=True, **ring)
             share = 100.0 * float(masks[layer].mean())
             heading += f"\nmisclustered: {int(masks[layer].sum())} ({share:.1f}%)"
         axis.set_title(heading, fontsize=10)
-        axis.set_xticks([])
-        axis.set_yticks([])
-    for position in range(len(layers), n_rows * n_cols):
-        axes[position // n_cols][position % n_cols].set_visible(False)
+        axis.set(xticks=[], yticks=[])
     _latent_legend(
         figure, classes, colours, with_ring=bool(masks), shown=len(rows), total=n, what=legend
     )
-    if title:
-        figure.suptitle(title, fontsize=11)
     return figure
 
 
@@ -354,7 +352,7 @@ def class_map(
     method: str = "auto",
     max_points: int = MAX_POINTS,
     seed: int = 0,
-    path: str | os.PathLike[str],
+    path: _StrPath,
     title: str | None = None,
     formats: Sequence[str] = FORMATS,
 ) -> list[Path]:
@@ -386,24 +384,16 @@ def _latent_legend(
 ) -> None:
     from matplotlib.lines import Line2D
 
+    dot = partial(Line2D, [], [], marker="o", linestyle="")
     handles: list[Any] = []
     if len(classes) <= 20:
         handles = [
-            Line2D([], [], marker="o", linestyle="", color=colour, markersize=6, label=str(value))
+            dot(color=colour, markersize=6, label=str(value))
             for value, colour in zip(classes.tolist(), colours, strict=True)
         ]
     if with_ring:
         handles.append(
-            Line2D(
-                [],
-                [],
-                marker="o",
-                linestyle="",
-                markerfacecolor="none",
-                markeredgecolor="black",
-                markersize=8,
-                label="misclustered",
-            )
+            dot(markerfacecolor="none", markeredgecolor="black", markersize=8, label="misclustered")
         )
     if not handles:
         return
@@ -438,8 +428,8 @@ def _number(value: Any) -> float | None:
 
 
 def plot_top1(
-    histories: Mapping[str, Sequence[Mapping[str, Any]]],
-    path: str | os.PathLike[str],
+    histories: Mapping[str, _Rows],
+    path: _StrPath,
     *,
     test_top1: Mapping[str, float | None] | None = None,
     title: str | None = None,
@@ -450,7 +440,7 @@ def plot_top1(
 
 
 def top1_figure(
-    histories: Mapping[str, Sequence[Mapping[str, Any]]],
+    histories: Mapping[str, _Rows],
     *,
     test_top1: Mapping[str, float | None] | None = None,
     title: str | None = None,
@@ -460,7 +450,7 @@ def top1_figure(
     final test top-1 as a star."""
     if not histories:
         raise LCCInputError("plot_top1 needs at least one run's history")
-    figure = _figure(11.0, 4.2 + (0.3 if title else 0.0))
+    figure = _figure(11.0, 4.2, title)
     accuracy, loss = figure.subplots(1, 2)
     seen: list[int] = []
     for position, (colour, (name, history)) in enumerate(
@@ -484,21 +474,14 @@ def top1_figure(
             loss.plot(*zip(*losses, strict=True), marker="o", color=colour, label=name)
         test = None if test_top1 is None else _number(test_top1.get(name))
         if test is not None and epochs:
-            accuracy.plot(  # beside the last epoch, shifted per run so equal values show
-                [epochs[-1] + 0.15 + 0.1 * position],
-                [100 * test],
-                marker="*",
-                markersize=13,
-                linestyle="",
-                color=colour,
-                markeredgecolor="black",
-                label=f"{name} (test, final)",
+            star = {"marker": "*", "markersize": 13, "linestyle": "", "markeredgecolor": "black"}
+            beside = epochs[-1] + 0.15 + 0.1 * position  # shifted per run so equal values show
+            accuracy.plot(
+                [beside], [100 * test], color=colour, label=f"{name} (test, final)", **star
             )
-    accuracy.set_xlabel("epoch")
-    accuracy.set_ylabel("top-1 accuracy (%)")
+    accuracy.set(xlabel="epoch", ylabel="top-1 accuracy (%)")
     accuracy.set_title("top-1 per epoch", fontsize=10)
-    loss.set_xlabel("epoch")
-    loss.set_ylabel("training loss (CE + regularisers)")
+    loss.set(xlabel="epoch", ylabel="training loss (CE + regularisers)")
     loss.set_title("training loss per epoch", fontsize=10)
     for axis in (accuracy, loss):
         axis.grid(alpha=0.3)
@@ -507,27 +490,17 @@ def top1_figure(
             axis.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
     if seen:
         accuracy.set_xlim(min(seen) - 0.5, max(seen) + 0.6 + 0.1 * len(histories))
-    if title:
-        figure.suptitle(title, fontsize=11)
     return figure
 
 
 def plot_refresh_quality(
-    records: Sequence[Mapping[str, Any]],
-    path: str | os.PathLike[str],
-    *,
-    title: str | None = None,
-    formats: Sequence[str] = FORMATS,
+    records: _Rows, path: _StrPath, *, title: str | None = None, formats: Sequence[str] = FORMATS
 ) -> list[Path]:
     """Write :func:`refresh_quality_figure` to ``path`` (PNG and SVG); returns the paths."""
     return save_figure(refresh_quality_figure(records, title=title), path, formats)
 
 
-def refresh_quality_figure(
-    records: Sequence[Mapping[str, Any]],
-    *,
-    title: str | None = None,
-) -> Any:
+def refresh_quality_figure(records: _Rows, *, title: str | None = None) -> Any:
     """Per refresh (epoch) and layer: misclustered fraction, and the model's training accuracy
     on correctly clustered (CC, solid) vs misclustered (MC, dashed) samples and on all (dotted).
 
@@ -538,9 +511,13 @@ def refresh_quality_figure(
     if not usable:
         raise LCCInputError("plot_refresh_quality needs refresh records with epoch and layer")
     layers = list(dict.fromkeys(str(r["layer"]) for r in usable))
-    figure = _figure(11.0, 4.2 + (0.3 if title else 0.0))
+    figure = _figure(11.0, 4.2, title)
     share, accuracy = figure.subplots(1, 2)
-    styles = (("accuracy_cc", "-", "o", "CC"), ("accuracy_mc", "--", "s", "MC"))
+    styles = (
+        ("accuracy_cc", "-", "o", "CC"),
+        ("accuracy_mc", "--", "s", "MC"),
+        ("accuracy", ":", "x", "all"),
+    )
     for colour, layer in zip(_series_colours(len(layers)), layers, strict=True):
         rows = sorted((r for r in usable if str(r["layer"]) == layer), key=lambda r: r["epoch"])
         epochs = [int(r["epoch"]) for r in rows]
@@ -560,14 +537,6 @@ def refresh_quality_figure(
                     color=colour,
                     label=f"{layer} {label}",
                 )
-        if points := series("accuracy"):
-            accuracy.plot(
-                *zip(*points, strict=True),
-                linestyle=":",
-                marker="x",
-                color=colour,
-                label=f"{layer} all",
-            )
     share.set_title("misclustered samples per refresh", fontsize=10)
     share.set_ylabel("misclustered (% of training samples)")
     accuracy.set_title("training accuracy: CC vs MC samples", fontsize=10)
@@ -582,27 +551,17 @@ def refresh_quality_figure(
         _epoch_axis(axis, epochs)
         if axis.has_data():
             axis.legend(fontsize=8, loc="best")
-    if title:
-        figure.suptitle(title, fontsize=11)
     return figure
 
 
 def plot_refresh_seconds(
-    records: Sequence[Mapping[str, Any]],
-    path: str | os.PathLike[str],
-    *,
-    title: str | None = None,
-    formats: Sequence[str] = FORMATS,
+    records: _Rows, path: _StrPath, *, title: str | None = None, formats: Sequence[str] = FORMATS
 ) -> list[Path]:
     """Write :func:`refresh_seconds_figure` to ``path`` (PNG and SVG); returns the paths."""
     return save_figure(refresh_seconds_figure(records, title=title), path, formats)
 
 
-def refresh_seconds_figure(
-    records: Sequence[Mapping[str, Any]],
-    *,
-    title: str | None = None,
-) -> Any:
+def refresh_seconds_figure(records: _Rows, *, title: str | None = None) -> Any:
     """Seconds per refresh stage (collect, knn, graph, cluster, match, targets, ...) as stacked
     bars, one bar per refresh, summed over layers (see
     :func:`lcc.analysis.runs.refresh_stage_seconds`)."""
@@ -613,7 +572,7 @@ def refresh_seconds_figure(
         raise LCCInputError("plot_refresh_seconds needs refresh records with a seconds dict")
     stages = list(dict.fromkeys(stage for stages in by_epoch.values() for stage in stages))
     epochs = list(by_epoch)
-    figure = _figure(max(6.0, 2.0 + 0.5 * len(epochs)), 4.2 + (0.3 if title else 0.0))
+    figure = _figure(max(6.0, 2.0 + 0.5 * len(epochs)), 4.2, title)
     axis = figure.subplots()
     positions = np.arange(len(epochs))
     bottom = np.zeros(len(epochs))
@@ -627,27 +586,17 @@ def refresh_seconds_figure(
     axis.set_title("refresh seconds per stage (all layers)", fontsize=10)
     axis.grid(axis="y", alpha=0.3)
     figure.legend(loc="outside right center", fontsize=8, frameon=False, title="stage")
-    if title:
-        figure.suptitle(title, fontsize=11)
     return figure
 
 
 def plot_measures(
-    measures: Sequence[Mapping[str, Any]],
-    path: str | os.PathLike[str],
-    *,
-    title: str | None = None,
-    formats: Sequence[str] = FORMATS,
+    measures: _Rows, path: _StrPath, *, title: str | None = None, formats: Sequence[str] = FORMATS
 ) -> list[Path]:
     """Write :func:`measures_figure` to ``path`` (PNG and SVG); returns the paths."""
     return save_figure(measures_figure(measures, title=title), path, formats)
 
 
-def measures_figure(
-    measures: Sequence[Mapping[str, Any]],
-    *,
-    title: str | None = None,
-) -> Any:
+def measures_figure(measures: _Rows, *, title: str | None = None) -> Any:
     """One panel per measure: its value per layer (layers in order of first appearance).
 
     ``measures``: dicts with ``measure``, ``value`` and ``layer`` (e.g. ``lcc measure``'s JSON
@@ -660,10 +609,8 @@ def measures_figure(
     layers = list(dict.fromkeys(str(m.get("layer", "")) for m in usable))
     n_rows, n_cols = _grid(len(names))
     width = max(3.6, 0.9 * len(layers) + 1.6)
-    figure = _figure(width * n_cols, 3.4 * n_rows + (0.3 if title else 0.0))
-    axes = figure.subplots(n_rows, n_cols, squeeze=False)
-    for position, name in enumerate(names):
-        axis = axes[position // n_cols][position % n_cols]
+    figure = _figure(width * n_cols, 3.4 * n_rows, title)
+    for axis, name in zip(_panels(figure, len(names), n_rows, n_cols), names, strict=True):
         rows = [m for m in usable if str(m["measure"]) == name]
         groups = list(dict.fromkeys(_group(m) for m in rows))
         for colour, group in zip(_series_colours(len(groups)), groups, strict=True):
@@ -679,10 +626,6 @@ def measures_figure(
         axis.grid(alpha=0.3)
         if any(groups):
             axis.legend(fontsize=8)
-    for position in range(len(names), n_rows * n_cols):
-        axes[position // n_cols][position % n_cols].set_visible(False)
-    if title:
-        figure.suptitle(title, fontsize=11)
     return figure
 
 
@@ -735,16 +678,13 @@ def robustness_curves(evaluation: Mapping[str, Any]) -> dict[str, list[tuple[flo
 
 
 def plot_robustness(
-    evaluations: Mapping[str, Mapping[str, Any]],
-    path: str | os.PathLike[str],
-    *,
-    formats: Sequence[str] = FORMATS,
+    evaluations: Mapping[str, _Record], path: _StrPath, *, formats: Sequence[str] = FORMATS
 ) -> list[Path]:
     """Write :func:`robustness_figure` to ``path`` (PNG and SVG); returns the paths."""
     return save_figure(robustness_figure(evaluations), path, formats)
 
 
-def robustness_figure(evaluations: Mapping[str, Mapping[str, Any]]) -> Any:
+def robustness_figure(evaluations: Mapping[str, _Record]) -> Any:
     """Top-1 (%) against noise sigma, FGSM/PGD eps and corruption severity, one panel per kind
     that some run has, runs overlaid (``{name: lcc evaluate result}``)."""
     curves = {name: robustness_curves(result) for name, result in evaluations.items()}
@@ -754,9 +694,8 @@ def robustness_figure(evaluations: Mapping[str, Mapping[str, Any]]) -> Any:
                             "--fgsm, --pgd or --corruptions)")  # fmt: skip
     rows, cols = _grid(len(panels), columns=4)
     figure = _figure(_PANEL[0] * cols, _PANEL[1] * rows + 0.4)
-    axes = np.atleast_1d(figure.subplots(rows, cols)).ravel()
     colours = _series_colours(len(curves))
-    for axis, (key, label) in zip(axes, panels, strict=False):
+    for axis, (key, label) in zip(_panels(figure, len(panels), rows, cols), panels, strict=True):
         for colour, (name, by_panel) in zip(colours, curves.items(), strict=True):
             if key in by_panel:
                 xs, ys = zip(*by_panel[key], strict=True)
@@ -766,6 +705,4 @@ def robustness_figure(evaluations: Mapping[str, Mapping[str, Any]]) -> Any:
         axis.set_title(key, fontsize=10)
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
-    for axis in axes[len(panels) :]:
-        axis.set_visible(False)
     return figure

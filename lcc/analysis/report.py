@@ -29,6 +29,7 @@ import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -197,13 +198,12 @@ def _check_out(out: Path, runs: Sequence[Run], force: bool) -> None:
 
 
 def _read_measures(run: Run) -> list[dict[str, Any]]:
-    records = []
-    for record in read_jsonl_tolerant(run.path / "measures.jsonl"):
-        if "measure" not in record or "value" not in record:
-            continue
-        if record.get("layer") != "all":  # lcc measure's value over all layers: not a layer
-            records.append(record)
-    return records
+    return [
+        record
+        for record in read_jsonl_tolerant(run.path / "measures.jsonl")
+        # "layer": "all" is lcc measure's value over all layers: not a layer
+        if "measure" in record and "value" in record and record.get("layer") != "all"
+    ]
 
 
 def _layer_measures(run: Run) -> list[dict[str, Any]]:
@@ -219,12 +219,8 @@ def _layer_measures(run: Run) -> list[dict[str, Any]]:
 
 def _comparison(runs: Sequence[Run]) -> list[Table]:
     summaries = [run_summary(run) for run in runs]
-    tables = [
-        Table(
-            header=[header for header, _, _ in RUN_COLUMNS],
-            rows=[[_format(s.get(key), kind) for _, key, kind in RUN_COLUMNS] for s in summaries],
-        )
-    ]
+    rows = [[_format(s.get(key), kind) for _, key, kind in RUN_COLUMNS] for s in summaries]
+    tables = [Table(header=[header for header, _, _ in RUN_COLUMNS], rows=rows)]
     layer_rows = []
     for summary, run in zip(summaries, runs, strict=True):
         refreshed = [r for r in run.history if r.get("refresh")]
@@ -232,23 +228,15 @@ def _comparison(runs: Sequence[Run]) -> list[Table]:
         if epoch is None and refreshed:
             epoch = refreshed[-1].get("epoch")
         for layer, stats in summary["last_refresh"].items():
-            layer_rows.append(
-                [
-                    summary["name"],
-                    str(layer),
-                    _format(epoch, "integer"),
-                ]
-                + [_format(stats.get(key), kind) for _, key, kind in LAYER_COLUMNS]
-            )
+            cells = [_format(stats.get(key), kind) for _, key, kind in LAYER_COLUMNS]
+            layer_rows.append([summary["name"], str(layer), _format(epoch, "integer"), *cells])
     if layer_rows:
         header = ["run", "layer", "epoch"] + [header for header, _, _ in LAYER_COLUMNS]
         tables.append(Table(header=header, rows=layer_rows))
     return tables
 
 
-def _evaluation_section(
-    runs: Sequence[Run], folder: Path, formats: Sequence[str], png: Any
-) -> Section | None:
+def _evaluation_section(runs: Sequence[Run], draw: Any) -> Section | None:
     """The ``lcc evaluate`` results of the runs that have an ``evaluation.json``: their table and
     robustness curves (top-1 vs noise, eps and severity, runs overlaid); None when none has."""
     from lcc.analysis import plots
@@ -266,8 +254,8 @@ def _evaluation_section(
     )
     curves = dict(evaluations)
     if any(plots.robustness_curves(result) for result in curves.values()):
-        picture = plots.plot_robustness(curves, folder / "robustness", formats=formats)
-        section.images.append(Image("Top-1 under noise, attacks and corruptions", png(picture)))
+        caption = "Top-1 under noise, attacks and corruptions"
+        draw(section, caption, plots.plot_robustness, "robustness", curves)
     return section
 
 
@@ -312,9 +300,13 @@ def write_report(
 
     written: list[Path] = []
 
-    def png(paths: list[Path]) -> Path:
+    def draw(
+        section: Section, caption: str, plot: Any, name: str, *args: Any, **options: Any
+    ) -> None:
+        """Draw ``plot`` (a :mod:`lcc.analysis.plots` function) to ``out/name``; show its PNG."""
+        paths = plot(*args, path=folder / name, formats=formats, **options)
         written.extend(paths)
-        return next(p for p in paths if p.suffix == ".png")
+        section.images.append(Image(caption, next(p for p in paths if p.suffix == ".png")))
 
     overview = Section(
         title="Runs",
@@ -327,23 +319,14 @@ def write_report(
     )
     histories = {run.name: run.history for run in runs if run.history}
     if histories:
-        overview.images.append(
-            Image(
-                "Training top-1 and loss per epoch; stars: final test top-1",
-                png(
-                    plots.plot_top1(
-                        histories,
-                        folder / "top1",
-                        test_top1={run.name: run.metrics.get("test_top1") for run in runs},
-                        formats=formats,
-                    )
-                ),
-            )
-        )
+        tests = {run.name: run.metrics.get("test_top1") for run in runs}
+        caption = "Training top-1 and loss per epoch; stars: final test top-1"
+        draw(overview, caption, plots.plot_top1, "top1", histories, test_top1=tests)
     sections = [overview]
-    evaluated = _evaluation_section(runs, folder, formats, png)
+    evaluated = _evaluation_section(runs, draw)
     if evaluated is not None:
         sections.append(evaluated)
+    sampling = {"method": method, "max_points": max_points, "seed": seed}
     taken: set[str] = set()
     for run in runs:
         slug = _slug(run.name, taken)
@@ -352,81 +335,46 @@ def write_report(
         if isinstance(regularisers, list):
             listed = "; ".join(map(str, regularisers)) or "none (baseline)"
             section.text += f" Regularisers: {listed}."
+        add = partial(draw, section)  # a picture in this run's section
         if any("layer" in r for r in run.refreshes):
-            section.images.append(
-                Image(
-                    "Misclustered fraction and CC/MC accuracy per refresh and layer",
-                    png(
-                        plots.plot_refresh_quality(
-                            run.refreshes, folder / f"{slug}-refresh-quality", formats=formats
-                        )
-                    ),
-                )
-            )
+            caption = "Misclustered fraction and CC/MC accuracy per refresh and layer"
+            add(caption, plots.plot_refresh_quality, f"{slug}-refresh-quality", run.refreshes)
         if any(isinstance(r.get("seconds"), dict) for r in run.refreshes):
-            section.images.append(
-                Image(
-                    "Refresh seconds per stage",
-                    png(
-                        plots.plot_refresh_seconds(
-                            run.refreshes, folder / f"{slug}-refresh-seconds", formats=formats
-                        )
-                    ),
-                )
-            )
+            caption = "Refresh seconds per stage"
+            add(caption, plots.plot_refresh_seconds, f"{slug}-refresh-seconds", run.refreshes)
         measures = _layer_measures(run)
         if len({str(m.get("layer")) for m in measures}) > 1 or _read_measures(run):
-            section.images.append(
-                Image(
-                    "Values per layer at the last refresh (and measures.jsonl)",
-                    png(plots.plot_measures(measures, folder / f"{slug}-layers", formats=formats)),
-                )
-            )
+            caption = "Values per layer at the last refresh (and measures.jsonl)"
+            add(caption, plots.plot_measures, f"{slug}-layers", measures)
         snapshot = load_latent_snapshot(run)
         if snapshot is not None:
-            section.images.append(
-                Image(
-                    f"Latents at the refresh of epoch {snapshot.epoch}, coloured by class, "
-                    "misclustered samples ringed",
-                    png(
-                        plots.latent_map(
-                            snapshot.z,
-                            snapshot.y,
-                            snapshot.misclustered,
-                            method=method,
-                            max_points=max_points,
-                            seed=seed,
-                            path=folder / f"{slug}-latents",
-                            title=f"{run.name}: epoch {snapshot.epoch}",
-                            formats=formats,
-                        )
-                    ),
-                )
+            add(
+                f"Latents at the refresh of epoch {snapshot.epoch}, coloured by class, "
+                "misclustered samples ringed",
+                plots.latent_map,
+                f"{slug}-latents",
+                snapshot.z,
+                snapshot.y,
+                snapshot.misclustered,
+                title=f"{run.name}: epoch {snapshot.epoch}",
+                **sampling,
             )
         if snapshot is not None and class_name is not None:
             label, shown = _class_label(run, class_name, snapshot.y)
             rows = np.flatnonzero(snapshot.y == label)
             for layer in snapshot.z:
                 clusters = snapshot.clusters[layer][rows]
-                section.images.append(
-                    Image(
-                        f"Class {shown}, layer {layer}: its latents coloured by cluster "
-                        f"({len(np.unique(clusters))} clusters), misclustered samples ringed",
-                        png(
-                            plots.class_map(
-                                layer,
-                                snapshot.z[layer][rows],
-                                clusters,
-                                snapshot.misclustered[layer][rows],
-                                method=method,
-                                max_points=max_points,
-                                seed=seed,
-                                path=folder / f"{slug}-class-{_slug(shown, set())}-{layer}",
-                                title=f"{run.name}: class {shown}, {layer}",
-                                formats=formats,
-                            )
-                        ),
-                    )
+                add(
+                    f"Class {shown}, layer {layer}: its latents coloured by cluster "
+                    f"({len(np.unique(clusters))} clusters), misclustered samples ringed",
+                    plots.class_map,
+                    f"{slug}-class-{_slug(shown, set())}-{layer}",
+                    layer,
+                    snapshot.z[layer][rows],
+                    clusters,
+                    snapshot.misclustered[layer][rows],
+                    title=f"{run.name}: class {shown}, {layer}",
+                    **sampling,
                 )
         if not section.images:
             section.text += " No refreshes: nothing to draw."

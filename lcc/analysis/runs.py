@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from lcc.errors import LCCInputError
-from lcc.io import read_jsonl_tolerant
+from lcc.io import load_arrays, read_jsonl_tolerant, read_yaml
 
 __all__ = [
     "LatentSnapshot",
@@ -112,17 +112,13 @@ def load_run(path: str | os.PathLike[str], *, name: str | None = None) -> Run:
     metrics = _read_json(metrics_file)
     if not isinstance(metrics, dict):
         raise LCCInputError(f"{metrics_file} must hold a JSON object; rerun lcc train")
-    config: dict[str, Any] = {}
-    if config_file.is_file():
-        from lcc.io import read_yaml
-
-        config = read_yaml(config_file)
+    config = read_yaml(config_file) if config_file.is_file() else {}
     return Run(
         path=folder,
         name=name or folder.name,
         config=config,
         metrics=metrics,
-        refreshes=_read_jsonl(folder / "refreshes.jsonl"),
+        refreshes=read_jsonl_tolerant(folder / "refreshes.jsonl"),  # a torn last line: dropped
     )
 
 
@@ -158,11 +154,6 @@ def _read_json(file: Path) -> Any:
         raise LCCInputError(f"{file} is not valid JSON ({error}); rerun lcc train") from None
 
 
-def _read_jsonl(file: Path) -> list[dict[str, Any]]:
-    """The records of a JSON-lines log (a torn last line, left by a kill, is dropped)."""
-    return read_jsonl_tolerant(file)
-
-
 def latent_files(run: Run) -> dict[int, dict[str, Path]]:
     """``{epoch: {layer: refresh/epoch_E_<layer>.npz}}`` for the saved refreshes of ``run``.
 
@@ -189,7 +180,6 @@ def load_latent_snapshot(run: Run, epoch: int | None = None) -> LatentSnapshot |
     """The latents saved at ``epoch`` (default: the last refresh that saved ``z`` and ``y``),
     with misclustered masks; ``None`` when the run saved no latents (no ``--save-latents``)."""
     from lcc.engine.match import match_clusters
-    from lcc.io import load_arrays
 
     by_epoch = latent_files(run)
     candidates = [epoch] if epoch is not None else sorted(by_epoch, reverse=True)

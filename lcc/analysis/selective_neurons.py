@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from lcc.analysis.intraclass import subclass_selectivity
+from lcc.io import atomic_write
 
 __all__ = ["selective_neurons", "tracked_epochs", "write_figure"]
 
@@ -59,15 +60,29 @@ def _load(file: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, list[s
         return np.concatenate(parts, axis=1), data["y"], fine, names
 
 
-def write_figure(run: Path, out: Path) -> bool:
-    """Fig. 7 of ``run`` into ``out`` (.png, .svg); False when it has no fine-label tracking."""
+def _pyplot() -> Any:
+    """matplotlib's pyplot, drawing with the Agg backend (no window)."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    from lcc.io import atomic_write
+    return plt
 
+
+def _save_pyplot(figure: Any, out: Path) -> None:
+    """Lay out a pyplot ``figure`` tight, write it to ``out`` .png and .svg atomically, close it."""
+    figure.tight_layout()
+    for suffix in ("png", "svg"):
+        atomic_write(
+            out.with_suffix(f".{suffix}"),
+            lambda handle, s=suffix: figure.savefig(handle, format=s, dpi=110),
+        )
+    _pyplot().close(figure)
+
+
+def write_figure(run: Path, out: Path) -> bool:
+    """Fig. 7 of ``run`` into ``out`` (.png, .svg); False when it has no fine-label tracking."""
     epochs = tracked_epochs(run)
     if not epochs:
         return False
@@ -75,7 +90,7 @@ def write_figure(run: Path, out: Path) -> bool:
     if fine is None:
         return False
     picks = selective_neurons(z, fine, y)
-    figure, axes = plt.subplots(1, 2, figsize=(9, 3.2), squeeze=False)
+    figure, axes = _pyplot().subplots(1, 2, figsize=(9, 3.2), squeeze=False)
     for axis, (subclass, neuron, value), kind in zip(
         axes[0], picks, ("max", "median"), strict=True
     ):
@@ -95,14 +110,6 @@ def write_figure(run: Path, out: Path) -> bool:
         axis.set_ylabel(f"{names[neuron]} pre-activation", fontsize=8)
         axis.set_title(f"{kind}: subclass {subclass} (red) vs rest of superclass, s={value:.2f}",
                        fontsize=8)  # fmt: skip
-    figure.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
-    for suffix in ("png", "svg"):
-        import io
-
-        buffer = io.BytesIO()
-        figure.savefig(buffer, format=suffix, dpi=110)
-        data = buffer.getvalue()
-        atomic_write(out.with_suffix(f".{suffix}"), lambda handle, d=data: handle.write(d))
-    plt.close(figure)
+    _save_pyplot(figure, out)
     return True

@@ -133,12 +133,11 @@ class SearchResult:
         return math.inf if self.value == 0 else 1.0 / self.value
 
 
-def _perturbed(model: nn.Module, config: SharpnessConfig) -> list[Tensor]:
-    return [
-        p
-        for p in model.parameters()
-        if p.requires_grad and (not config.kernels_only or p.dim() >= 2)
-    ]
+def _perturbed(model: nn.Module, config: SharpnessConfig) -> tuple[list[Tensor], list[Tensor]]:
+    """The perturbed parameters and copies of their values."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for p in params if not config.kernels_only or p.dim() >= 2]
+    return params, [p.detach().clone() for p in params]
 
 
 @contextlib.contextmanager
@@ -185,8 +184,7 @@ def noise_accuracy(
     """Mean accuracy over ``config.samples`` magnitude-aware Gaussian perturbations of scale
     ``sigma`` (common random numbers, see the module docstring); the model is restored."""
     config = config.check()
-    params = _perturbed(model, config)
-    originals = [p.detach().clone() for p in params]
+    params, originals = _perturbed(model, config)
     total = 0.0
     with _evaluation(model, config), torch.no_grad():
         for j in range(config.samples):
@@ -202,8 +200,7 @@ def worst_case_accuracy(
     """Lowest accuracy found in the box ``|u_i| <= alpha |w_i| + eps`` by projected
     sign-gradient ascent of the cross-entropy (see the module docstring); model restored."""
     config = config.check()
-    params = _perturbed(model, config)
-    originals = [p.detach().clone() for p in params]
+    params, originals = _perturbed(model, config)
     radius = [alpha * w.abs() + config.epsilon for w in originals]
     worst = math.inf
     with _evaluation(model, config):
@@ -241,11 +238,16 @@ def _bisect(drop_at, upper: float, clean: float, config: SharpnessConfig) -> Sea
     return SearchResult(float(value), float(drop), float(clean), steps, not reached)
 
 
-def _inputs(model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+def _clean(
+    model: nn.Module, x: Tensor, y: Tensor, config: SharpnessConfig
+) -> tuple[Tensor, Tensor, float]:
+    """``x``, ``y`` on the model's device and the model's clean accuracy on them."""
     if x.shape[0] != y.shape[0] or x.shape[0] < 1:
         raise LCCInputError(f"x has {x.shape[0]} samples but y has {y.shape[0]}; pass pairs")
     device = next(model.parameters()).device
-    return x.to(device), y.to(device)
+    x, y = x.to(device), y.to(device)
+    with _evaluation(model, config):
+        return x, y, accuracy(model, x, y, config.batch_size)
 
 
 def pac_bayes_sigma(
@@ -254,9 +256,7 @@ def pac_bayes_sigma(
     """sigma' of Jiang et al. (magnitude-aware PAC-Bayes flatness; the measure is
     ``result.measure = 1/sigma'``), found by bisection (module docstring)."""
     config = (config or SharpnessConfig()).check()
-    x, y = _inputs(model, x, y)
-    with _evaluation(model, config):
-        clean = accuracy(model, x, y, config.batch_size)
+    x, y, clean = _clean(model, x, y, config)
     return _bisect(lambda s: noise_accuracy(model, x, y, s, config), config.upper, clean, config)
 
 
@@ -266,9 +266,7 @@ def sharpness_alpha(
     """alpha' of Jiang et al. (magnitude-aware worst-case sharpness; the measure is
     ``result.measure = 1/alpha'``), found by bisection over ascent results (module docstring)."""
     config = (config or SharpnessConfig()).check()
-    x, y = _inputs(model, x, y)
-    with _evaluation(model, config):
-        clean = accuracy(model, x, y, config.batch_size)
+    x, y, clean = _clean(model, x, y, config)
     return _bisect(
         lambda a: worst_case_accuracy(model, x, y, a, config), config.alpha_upper, clean, config
     )

@@ -186,6 +186,10 @@ def measure_run(run: str | Path, measures: StudyMeasures, *, seed: int = 0) -> d
     x, y, fine = _sample(bundle, measures.samples, seed)
     latents, predictions = _latents(model, x, layers)
     wanted = [n for n in ("c1", "c2", "c3", "c4") if n in measures.names]
+    if "misclustered" in measures.names or "cc_mc_gap" in measures.names:
+        wanted.append("clusters")
+    if "label-variation" in measures.names:
+        wanted.append("label-variation")
     if measures.needs_superclasses and fine is None:
         raise LCCInputError(
             f"c1 and c2 need fine labels but {config.dataset} is trained without superclasses; "
@@ -198,21 +202,11 @@ def measure_run(run: str | Path, measures: StudyMeasures, *, seed: int = 0) -> d
         k=measures.k, seed=seed,
     )  # fmt: skip
     values: dict[str, float | None] = {}
-    graph = [n for n in ("clusters", "label-variation") if n in _graph_names(measures)]
-    for line in run_measures([*wanted, *graph], data, options):
+    for line in run_measures(wanted, data, options):
         _store(values, line)
     out = {"values": values, "neurons": _neurons(latents, fine, y, measures)}
     values.update(_sharpness(model, bundle, measures, seed))
     return out
-
-
-def _graph_names(measures: StudyMeasures) -> list[str]:
-    names = []
-    if "misclustered" in measures.names or "cc_mc_gap" in measures.names:
-        names.append("clusters")
-    if "label-variation" in measures.names:
-        names.append("label-variation")
-    return names
 
 
 def _store(values: dict[str, float | None], line: Mapping[str, Any]) -> None:
@@ -227,19 +221,14 @@ def _store(values: dict[str, float | None], line: Mapping[str, Any]) -> None:
 
 def _neurons(latents: Mapping[str, np.ndarray], fine: Any, y: Any, measures: StudyMeasures) -> Any:
     """Per-(sub)class, per-neuron values of c1 and c3 (layers pooled) for Fig. 4."""
-    from lcc.analysis import intraclass, intraclass_authors
+    from lcc.analysis.measures import _neuron_values
 
-    authors = measures.variant == "authors"
     out = {}
     if fine is not None and "c1" in measures.names:
-        select = (
-            intraclass_authors.subclass_selectivity if authors else intraclass.subclass_selectivity
-        )
+        select = _neuron_values("c1", measures.variant)
         out["c1"] = np.concatenate([select(z, fine, y).values for z in latents.values()], axis=1)
     if "c3" in measures.names:
-        ratio = (
-            intraclass_authors.variance_ratio if authors else intraclass.intraclass_variance_ratio
-        )
+        ratio = _neuron_values("c3", measures.variant)
         out["c3"] = np.concatenate([ratio(z, y).values for z in latents.values()], axis=1)
     return out
 
@@ -254,10 +243,6 @@ def _sharpness(model: Any, bundle: Any, measures: StudyMeasures, seed: int) -> d
 
     x, y, _ = _sample(bundle, measures.sharpness_samples, seed + 1)
     config = SharpnessConfig(**{"seed": seed, **dict(measures.sharpness)})
-    out = {}
+    searches = {"sharpness_sigma": pac_bayes_sigma, "sharpness_alpha": sharpness_alpha}
     target = torch.as_tensor(y)
-    if "sharpness_sigma" in wanted:
-        out["sharpness_sigma"] = pac_bayes_sigma(model, x, target, config).measure
-    if "sharpness_alpha" in wanted:
-        out["sharpness_alpha"] = sharpness_alpha(model, x, target, config).measure
-    return out
+    return {name: searches[name](model, x, target, config).measure for name in wanted}

@@ -24,6 +24,7 @@ import csv
 import html
 import io
 import json
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,12 +32,15 @@ from typing import Any
 import numpy as np
 
 from lcc.analysis.kendall import kendall_rows
+from lcc.analysis.selective_neurons import _pyplot, _save_pyplot
 from lcc.analysis.study_measures import HIGHER_IS_BETTER
 from lcc.io import atomic_write
 
 __all__ = ["k_curve", "kendall_markdown", "model_rows", "write_study"]
 
 _FIXED = ("status", "train_top1", "test_top1", "gap")
+#: the counts of groups in ``kendall.csv`` after the ``kendall.md`` columns
+_GROUP_COUNTS = ("groups", "skipped_small", "skipped_undefined", "left_out")
 
 
 def _read(file: Path) -> dict[str, Any] | None:
@@ -149,11 +153,7 @@ def _figures(
     curves: Mapping[str, Any],
     columns: Sequence[str],
 ) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
+    plt = _pyplot()
     (root / "figures").mkdir(exist_ok=True)
     ok = [row for row in rows if row["status"] == "ok" and row.get("test_top1") is not None]
     overall = [c for c in columns if c in HIGHER_IS_BETTER]  # over all layers
@@ -187,7 +187,6 @@ def _figures(
             if j == 0:
                 axis.set_ylabel("test top-1", fontsize=7)
                 axis.legend(fontsize=5, loc="best")
-    figure.tight_layout()
     names.append(_save(figure, root, "fig3_measures_vs_test"))
     if curves:
         figure, axis = plt.subplots(figsize=(4, 3))
@@ -198,7 +197,6 @@ def _figures(
         axis.set_xlabel("k (neurons per (sub)class)")
         axis.set_ylabel("granulated Kendall (overall)")
         axis.legend()
-        figure.tight_layout()
         names.append(_save(figure, root, "fig4_kendall_vs_k"))
     names += _fig5(root, ok, layered, plt)
     return names
@@ -224,20 +222,15 @@ def _fig5(root: Path, ok: list[dict[str, Any]], layered: Sequence[str], plt: Any
         axis.set_title(base, fontsize=8)
         axis.set_xlabel("layer", fontsize=7)
         axis.legend(fontsize=5)
-    figure.tight_layout()
     return [_save(figure, root, "fig5_measures_across_layers")]
 
 
-def _fig6(root: Path, runs: Sequence[Any], rows: Sequence[Mapping[str, Any]]) -> list[str]:
+def _fig6(root: Path, scored: Sequence[tuple[float, Any]]) -> list[str]:
     """Fig. 6: the tracked measures (over all layers) per epoch of the models with the highest,
-    median and lowest test accuracy, when the models tracked their measures."""
+    median and lowest test accuracy (``scored``: (test top-1, run), sorted), when the models
+    tracked their measures."""
     from lcc.io import read_jsonl_tolerant
 
-    scored = sorted(
-        ((row["test_top1"], run) for run, row in zip(runs, rows, strict=True)
-         if row["status"] == "ok" and row.get("test_top1") is not None),
-        key=lambda pair: pair[0],
-    )  # fmt: skip
     if not scored:
         return []
     picks = [scored[-1], scored[(len(scored) - 1) // 2], scored[0]]
@@ -249,12 +242,7 @@ def _fig6(root: Path, runs: Sequence[Any], rows: Sequence[Mapping[str, Any]]) ->
     )
     if not names:
         return []
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
-    figure, axes = plt.subplots(1, len(names), figsize=(3.4 * len(names), 2.8), squeeze=False)
+    figure, axes = _pyplot().subplots(1, len(names), figsize=(3.4 * len(names), 2.8), squeeze=False)
     for axis, name in zip(axes[0], names, strict=True):
         for acc, lines in tracks:
             points = sorted((r["epoch"], r["value"]) for r in lines
@@ -264,16 +252,13 @@ def _fig6(root: Path, runs: Sequence[Any], rows: Sequence[Mapping[str, Any]]) ->
         axis.set_title(name, fontsize=8)
         axis.set_xlabel("epoch", fontsize=7)
         axis.legend(fontsize=6)
-    figure.tight_layout()
     return [_save(figure, root, "fig6_measures_over_training")]
 
 
-def _fig7(root: Path, runs: Sequence[Any], rows: Sequence[Mapping[str, Any]]) -> list[str]:
+def _fig7(root: Path, scored: Sequence[tuple[float, Any]]) -> list[str]:
     """Fig. 7 of the model with the best test accuracy, when its measures were tracked."""
     from lcc.analysis.selective_neurons import write_figure
 
-    scored = [(row["test_top1"], run) for run, row in zip(runs, rows, strict=True)
-              if row["status"] == "ok" and row.get("test_top1") is not None]  # fmt: skip
     if not scored:
         return []
     best = max(scored, key=lambda pair: pair[0])[1]
@@ -282,28 +267,17 @@ def _fig7(root: Path, runs: Sequence[Any], rows: Sequence[Mapping[str, Any]]) ->
 
 
 def _save(figure: Any, root: Path, name: str) -> str:
-    from matplotlib import pyplot as plt
-
-    for suffix in ("png", "svg"):
-        buffer = io.BytesIO()
-        figure.savefig(buffer, format=suffix, dpi=110)
-        _write(root / "figures" / f"{name}.{suffix}", buffer.getvalue())
-    plt.close(figure)
+    _save_pyplot(figure, root / "figures" / name)
     return name
 
 
 def _html(
     table_md: str, counts: Mapping[str, int], figures: Sequence[str], hps: Sequence[str]
 ) -> bytes:
-    rows = [line.strip("|").split("|") for line in table_md.strip().splitlines()]
-    cells = "".join(
-        "<tr>"
-        + "".join(
-            f"<{'th' if i == 0 else 'td'}>{html.escape(c.strip())}</{'th' if i == 0 else 'td'}>"
-            for c in row
-        )
-        + "</tr>"
-        for i, row in enumerate(r for j, r in enumerate(rows) if j != 1)
+    head, _, *body = [line.strip("|").split("|") for line in table_md.strip().splitlines()]
+    cells = "".join(  # the header's cells are th, the others td; markdown's "|---|" line dropped
+        "<tr>" + "".join(f"<{tag}>{html.escape(c.strip())}</{tag}>" for c in row) + "</tr>"
+        for tag, row in [("th", head)] + [("td", row) for row in body]
     )
     images = "".join(
         f'<figure><img src="figures/{n}.png" alt="{n}"><figcaption>{n} '
@@ -341,25 +315,19 @@ def write_study(
     _write(root / "models.csv", _csv(columns, rows))
     measures = {c: HIGHER_IS_BETTER[_base(c)] for c in columns if _base(c) in HIGHER_IS_BETTER}
     table = kendall_rows(rows, hps, measures)
-    head = [
-        "measure",
-        *hps,
-        "overall",
-        "sign",
-        "groups",
-        "skipped_small",
-        "skipped_undefined",
-        "left_out",
-    ]
+    head = ["measure", *hps, "overall", "sign", *_GROUP_COUNTS]
     _write(root / "kendall.csv", _csv(head, table))
     markdown = kendall_markdown(table, hps)
     _write(root / "kendall.md", markdown.encode("utf-8"))
-    counts: dict[str, int] = {}
-    for row in rows:
-        counts[row["status"]] = counts.get(row["status"], 0) + 1
+    counts = Counter(row["status"] for row in rows)
     curves = k_curve([Path(run.config.out) for run in runs], rows, hps)
     figures = _figures(root, rows, hps, curves, columns) if counts.get("ok") else []
-    figures += _fig6(root, runs, rows) + _fig7(root, runs, rows)
+    scored = sorted(
+        ((row["test_top1"], run) for run, row in zip(runs, rows, strict=True)
+         if row["status"] == "ok" and row.get("test_top1") is not None),
+        key=lambda pair: pair[0],
+    )  # fmt: skip
+    figures += _fig6(root, scored) + _fig7(root, scored)
     _write(root / "report.html", _html(markdown, counts, figures, hps))
     return {
         name: root / name for name in ("models.csv", "kendall.csv", "kendall.md", "report.html")

@@ -37,6 +37,17 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
     """Shows each option's default and keeps description paragraphs as written."""
 
 
+def add_command(
+    subparsers: Any, name: str, help: str, description: str, run: Any
+) -> argparse.ArgumentParser:
+    """Add subcommand ``name`` to ``subparsers``: its parser, with ``handler=run``."""
+    parser = subparsers.add_parser(
+        name, help=help, description=description, formatter_class=HelpFormatter
+    )
+    parser.set_defaults(handler=run)
+    return parser
+
+
 def _module(name: str) -> ModuleType:
     return importlib.import_module(f"lcc.cli.{name.replace('-', '_')}")
 

@@ -26,8 +26,8 @@ from typing import IO, Any
 
 import numpy as np
 
-from lcc.cli import HelpFormatter
-from lcc.cli.flags import add_flag, option_field
+from lcc.cli import add_command
+from lcc.cli.flags import add_flag, option_field, positive_int
 from lcc.errors import LCCInputError
 from lcc.io import npz_kind
 
@@ -67,11 +67,12 @@ examples:
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``cluster`` subcommand to ``subparsers``."""
-    parser = subparsers.add_parser(
+    parser = add_command(
+        subparsers,
         "cluster",
-        help="cluster latents and compute LCC correction targets",
-        description=DESCRIPTION,
-        formatter_class=HelpFormatter,
+        "cluster latents and compute LCC correction targets",
+        DESCRIPTION,
+        run,
     )
     parser.add_argument(
         "latents",
@@ -90,7 +91,6 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--labels",
-        default=None,
         metavar="Y.npy",
         help="labels .npy (N,) integers, when LATENTS is a latents .npy; None: y.npy in a "
         "LATENTS directory",
@@ -99,7 +99,6 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument(
         "--classes",
         type=_int_list,
-        default=None,
         metavar="C1,C2,...",
         help="only samples of these classes get targets; None: every class",
     )
@@ -116,12 +115,11 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--example-samples",
-        type=_positive_int,
+        type=positive_int,
         default=2000,
         metavar="N",
         help="number of samples of the generated example",
     )
-    parser.set_defaults(handler=run)
     return parser
 
 
@@ -234,16 +232,6 @@ def _check_writable(out: Path) -> None:
         raise LCCInputError(f"cannot write {out}: no write permission in {directory}")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
 def _int_list(text: str) -> list[int]:
     try:
         values = [int(part) for part in text.split(",") if part.strip()]
@@ -277,6 +265,7 @@ class _Progress:
         self.start_time = time.perf_counter()
         self.pending: list[str] = []
         self.shown = terminal
+        self.prefix = "\r\x1b[K" if terminal else ""
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start_time
@@ -295,8 +284,7 @@ class _Progress:
         if not self.shown:
             self.pending.append(line)
             return
-        prefix = "\r\x1b[K" if self.terminal else ""
-        self.stream.write("".join(f"{prefix}{text}\n" for text in [*self.pending, line]))
+        self.stream.write("".join(f"{self.prefix}{text}\n" for text in [*self.pending, line]))
         self.stream.flush()
         self.pending = []
 
@@ -310,6 +298,5 @@ class _Progress:
 
     def finish(self, message: str) -> None:
         if self.shown:
-            prefix = "\r\x1b[K" if self.terminal else ""
-            self.stream.write(f"{prefix}lcc cluster: {message} ({self.elapsed():.1f} s)\n")
+            self.stream.write(f"{self.prefix}lcc cluster: {message} ({self.elapsed():.1f} s)\n")
             self.stream.flush()

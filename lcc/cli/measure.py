@@ -12,7 +12,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from lcc.cli import HelpFormatter
+from lcc.cli import add_command
+from lcc.cli.flags import MODEL_HELP, NO_PRETRAINED_HELP, positive_int
 from lcc.errors import LCCInputError
 from lcc.io import OutputKind
 
@@ -73,16 +74,10 @@ SAVED_LATENTS = OutputKind(
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``measure`` subcommand to ``subparsers``."""
-    parser = subparsers.add_parser(
-        "measure",
-        help=HELP,
-        description=DESCRIPTION,
-        formatter_class=HelpFormatter,
-    )
+    parser = add_command(subparsers, "measure", HELP, DESCRIPTION, run)
     parser.add_argument(
         "latents",
         nargs="?",
-        default=None,
         metavar="LATENTS",
         help=".npz or .safetensors file with z or z_<LAYER>, y, optional y_super and "
         "predictions; None: --model, or a generated example",
@@ -96,7 +91,6 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument(
         "--layers",
         nargs="+",
-        default=None,
         metavar="LAYER",
         help="with --model: the layers to measure (required); with LATENTS: measure only these "
         "of its layers; None: every layer in LATENTS",
@@ -105,7 +99,6 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     _model_options(
         parser.add_argument_group("collecting latents from a model (instead of LATENTS)")
     )
-    parser.set_defaults(handler=run)
     return parser
 
 
@@ -114,16 +107,14 @@ def _measure_options(measures: Any) -> None:
 
     measures.add_argument(
         "--top-k",
-        type=_positive_int,
-        default=None,
+        type=positive_int,
         help=f"c1, c3: neurons averaged per (sub)class (all when fewer, and c1 then warns: its "
         f"value cancels out); None: the paper's k = {TOP_NEURONS}, with --variant authors their "
         "code's k (c1: 1, c3: neurons / classes)",
     )
     measures.add_argument(
         "--top-layers",
-        type=_positive_int,
-        default=None,
+        type=positive_int,
         help=f"c2, c4 over several layers: layers averaged per (sub)class (eq. 2, 4); None: "
         f"{TOP_LAYERS} (the paper's ResNets), with --variant authors 1 (their code)",
     )
@@ -138,7 +129,6 @@ def _measure_options(measures: Any) -> None:
     )
     measures.add_argument(
         "--superclass-key",
-        default=None,
         metavar="KEY",
         help="key of the superclass labels in LATENTS; None: y_super when present",
     )
@@ -164,8 +154,7 @@ def _graph_options(measures: Any) -> None:
 
     measures.add_argument(
         "--k",
-        type=_positive_int,
-        default=None,
+        type=positive_int,
         help="neighbours of the k-NN graph measures; None: 5 for clusters (as lcc cluster), "
         "10 for label-variation",
     )
@@ -184,7 +173,6 @@ def _graph_options(measures: Any) -> None:
     measures.add_argument(
         "--bandwidth",
         type=float,
-        default=None,
         help="label-variation: RBF bandwidth h; None: the mean squared pair distance's root",
     )
     measures.add_argument(
@@ -200,28 +188,20 @@ def _graph_options(measures: Any) -> None:
 
 
 def _model_options(model: Any) -> None:
-    model.add_argument(
-        "--model",
-        default=None,
-        help="model spec: small-cnn, small-resnet, hf:NAME, timm:NAME, torchvision:NAME",
-    )
+    model.add_argument("--model", help=MODEL_HELP)
     model.add_argument(
         "--dataset",
-        default=None,
         help="dataset spec, e.g. digits, fashion-mnist; DATASET:super (mnist, digits, "
         "fashion-mnist, cifar100) for a model trained on superclasses: y = the fine classes "
         "(c1/c2's subclasses), y_super = the superclasses the model predicts",
     )
     model.add_argument(
         "--superclasses",
-        default=None,
         metavar="MAP.yaml",
         help="a model trained with lcc train --superclasses MAP.yaml: the same map (fine "
         "class: superclass); y and y_super as with DATASET:super",
     )
-    model.add_argument(
-        "--checkpoint", default=None, help="saved weights to load (None: initial weights)"
-    )
+    model.add_argument("--checkpoint", help="saved weights to load (None: initial weights)")
     model.add_argument(
         "--split",
         choices=("train", "test"),
@@ -230,25 +210,17 @@ def _model_options(model: Any) -> None:
     )
     model.add_argument(
         "--subset",
-        type=_positive_int,
-        default=None,
+        type=positive_int,
         metavar="N",
         help="a seeded stratified subset of N samples of the split; None: all",
     )
     model.add_argument(
-        "--batch-size", type=_positive_int, default=256, help="batch size of the forward passes"
+        "--batch-size", type=positive_int, default=256, help="batch size of the forward passes"
     )
-    model.add_argument(
-        "--no-pretrained",
-        action="store_true",
-        help="build external models from their config only (no weight download)",
-    )
-    model.add_argument(
-        "--data-dir", default=None, help="dataset root (None: $LCC_DATA_DIR, else ~/.cache/lcc)"
-    )
+    model.add_argument("--no-pretrained", action="store_true", help=NO_PRETRAINED_HELP)
+    model.add_argument("--data-dir", help="dataset root (None: $LCC_DATA_DIR, else ~/.cache/lcc)")
     model.add_argument(
         "--save-latents",
-        default=None,
         metavar="OUT.npz",
         help="also write the collected latents (z_<LAYER>, y, predictions) to this .npz, e.g. "
         "to add y_super for c1 and c2",
@@ -279,79 +251,56 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+#: the MeasureOptions fields that are flags of the same name
+OPTION_NAMES = (
+    "top_k", "top_layers", "k", "method", "similarity", "bandwidth", "active", "seed", "variant"
+)  # fmt: skip
+
+
 def _options(args: argparse.Namespace) -> Any:
     from lcc.analysis.measures import MeasureOptions
 
     return MeasureOptions(
-        top_k=args.top_k,
-        top_layers=args.top_layers,
-        k=args.k,
-        method=args.method,
-        similarity=args.similarity,
-        bandwidth=args.bandwidth,
+        **{name: getattr(args, name) for name in OPTION_NAMES},
         normalize=getattr(args, "normalize", False),
         relu=getattr(args, "relu", True),
-        active=args.active,
-        seed=args.seed,
-        variant=args.variant,
     )
 
 
 def _collect(args: argparse.Namespace) -> Any:
     """Latents of ``args.layers`` of ``args.model`` on ``args.dataset`` (conv maps max-pooled),
-    also written to ``--save-latents``."""
+    also written to ``--save-latents``. A model trained on superclasses (DATASET:super,
+    --superclasses): y = the fine classes (c1/c2's subclasses), y_super = the trained
+    superclasses."""
     from lcc.analysis.measures import MeasureInput, parse_measures
     from lcc.io import save_npz_atomic
+    from lcc.zoo.hierarchy import hierarchical_latents
     from lcc.zoo.latents import model_latents
 
     _check_model_args(args)
+    names = ("split", "subset", "checkpoint", "data_dir", "batch_size", "seed")
+    common = {name: getattr(args, name) for name in names}
     if args.dataset.endswith(":super") or args.superclasses:
-        return _collect_hierarchical(args)
-    _check_flat(parse_measures(args.measure), f"dataset {args.dataset} has no superclass labels")
-    latents, y, predictions = model_latents(
-        args.model,
-        args.dataset,
-        args.layers,
-        split=args.split,
-        subset=args.subset,
-        checkpoint=args.checkpoint,
-        pretrained=not args.no_pretrained,
-        data_dir=args.data_dir,
-        batch_size=args.batch_size,
-        pool="max",
-        seed=args.seed,
-    )
-    if args.save_latents is not None:
-        arrays = {f"z_{layer}": z for layer, z in latents.items()}
-        save_npz_atomic(args.save_latents, **arrays, y=y, predictions=predictions)
-    return MeasureInput(latents, y, predictions=predictions)
-
-
-def _collect_hierarchical(args: argparse.Namespace) -> Any:
-    """A model trained on superclasses (DATASET:super, --superclasses): y = the fine classes
-    (c1/c2's subclasses), y_super = the trained superclasses (as in --save-latents)."""
-    from lcc.analysis.measures import MeasureInput
-    from lcc.io import save_npz_atomic
-    from lcc.zoo.hierarchy import hierarchical_latents
-
-    latents, fine, y_super, predictions = hierarchical_latents(
-        args.model,
-        args.dataset,
-        args.layers,
-        superclasses=args.superclasses,
-        split=args.split,
-        subset=args.subset,
-        checkpoint=args.checkpoint,
-        data_dir=args.data_dir,
-        batch_size=args.batch_size,
-        seed=args.seed,
-    )
-    if args.save_latents is not None:
-        arrays = {f"z_{layer}": z for layer, z in latents.items()}
-        save_npz_atomic(
-            args.save_latents, **arrays, y=fine, y_super=y_super, predictions=predictions
+        latents, y, y_super, predictions = hierarchical_latents(
+            args.model, args.dataset, args.layers, superclasses=args.superclasses, **common
         )
-    return MeasureInput(latents, fine, y_super=y_super, predictions=predictions)
+        labels = {"y_super": y_super}
+    else:
+        why = f"dataset {args.dataset} has no superclass labels"
+        _check_flat(parse_measures(args.measure), why)
+        latents, y, predictions = model_latents(
+            args.model,
+            args.dataset,
+            args.layers,
+            pretrained=not args.no_pretrained,
+            pool="max",
+            **common,
+        )
+        labels = {}
+    if args.save_latents is not None:
+        arrays = {f"z_{layer}": z for layer, z in latents.items()}
+        save_npz_atomic(args.save_latents, **arrays, y=y, **labels, predictions=predictions)
+    return MeasureInput(latents, y, predictions=predictions, **labels)
 
 
 def example(n_samples: int = 1200, *, seed: int = 0) -> Any:
@@ -380,11 +329,7 @@ def _check_model_args(args: argparse.Namespace) -> None:
         raise LCCInputError(
             f"pass either LATENTS ({args.latents}) or --model, not both; drop one of them"
         )
-    missing = [
-        flag
-        for flag, value in (("--dataset", args.dataset), ("--layers", args.layers))
-        if not value
-    ]
+    missing = [f"--{name}" for name in ("dataset", "layers") if not getattr(args, name)]
     if missing:
         raise LCCInputError(
             f"--model needs {' and '.join(missing)}; e.g. --dataset digits --layers fc1 "
@@ -437,21 +382,12 @@ def _check_example_layers(layers: list[str] | None, data: Any) -> None:
 
 
 def _check_file_args(args: argparse.Namespace) -> None:
-    given = [
-        flag
-        for flag, value in (
-            ("--dataset", args.dataset),
-            ("--checkpoint", args.checkpoint),
-            ("--subset", args.subset),
-            ("--data-dir", args.data_dir),
-            ("--save-latents", args.save_latents),
-        )
-        if value is not None
-    ]
+    names = ("dataset", "checkpoint", "subset", "data_dir", "save_latents")
+    given = [name for name in names if getattr(args, name) is not None]
     if given:
         raise LCCInputError(
-            f"{given[0]} applies to --model only; pass --model MODEL to collect latents, or "
-            "drop it to measure LATENTS"
+            f"--{given[0].replace('_', '-')} applies to --model only; pass --model MODEL to "
+            "collect latents, or drop it to measure LATENTS"
         )
 
 
@@ -466,13 +402,3 @@ def _check_flat(names: list[str], why: str) -> None:
             "here, or pass --save-latents OUT.npz, add y_super (N,) superclass labels to it "
             "and run `lcc measure OUT.npz --measure c1,c2`"
         )
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value

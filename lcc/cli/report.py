@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from lcc.cli import HelpFormatter
+from lcc.cli import add_command
 
 HELP = "pictures, report.md and report.html comparing finished runs"
 
@@ -41,12 +41,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``report`` subcommand to ``subparsers``."""
     from lcc.analysis.plots import EMBEDDINGS, MAX_POINTS
 
-    parser = subparsers.add_parser(
-        "report",
-        help=HELP,
-        description=DESCRIPTION,
-        formatter_class=HelpFormatter,
-    )
+    parser = add_command(subparsers, "report", HELP, DESCRIPTION, run)
     parser.add_argument(
         "runs", nargs="+", metavar="RUN_DIR", help="run directories (lcc train --out DIR)"
     )
@@ -68,7 +63,6 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument(
         "--class",
         dest="class_name",
-        default=None,
         metavar="NAME",
         help="also draw this class's latents coloured by cluster, misclustered samples ringed "
         "(runs trained with --save-latents): an integer label or a class name of the run's "
@@ -79,7 +73,6 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         action="store_true",
         help="replace a report.md / report.html in --out that lcc report did not write",
     )
-    parser.set_defaults(handler=run)
     return parser
 
 

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from lcc.cli import HelpFormatter
+from lcc.cli import add_command
 
 HELP = "train a set of models and rank latent measures by how well they predict generalisation"
 
@@ -48,9 +48,7 @@ examples:
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``study`` subcommand to ``subparsers``."""
-    parser = subparsers.add_parser(
-        "study", help=HELP, description=DESCRIPTION, formatter_class=HelpFormatter
-    )
+    parser = add_command(subparsers, "study", HELP, DESCRIPTION, run)
     parser.add_argument("config", metavar="CONFIG.yaml", help="the study file")
     parser.add_argument(
         "--out",
@@ -61,7 +59,6 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument(
         "--dry-run", action="store_true", help="list the models and their state; train nothing"
     )
-    parser.set_defaults(handler=run)
     return parser
 
 

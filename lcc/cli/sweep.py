@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from lcc.cli import HelpFormatter
+from lcc.cli import add_command
 
 HELP = "run a grid of lcc train runs (resumable) and write their table"
 
@@ -46,12 +46,7 @@ examples:
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``sweep`` subcommand to ``subparsers``."""
-    parser = subparsers.add_parser(
-        "sweep",
-        help=HELP,
-        description=DESCRIPTION,
-        formatter_class=HelpFormatter,
-    )
+    parser = add_command(subparsers, "sweep", HELP, DESCRIPTION, run)
     parser.add_argument("config", metavar="CONFIG.yaml", help="the sweep file")
     parser.add_argument(
         "--out",
@@ -66,7 +61,6 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     mode.add_argument(
         "--table-only", action="store_true", help="write the table of the finished runs only"
     )
-    parser.set_defaults(handler=run)
     return parser
 
 

@@ -12,7 +12,7 @@ import json
 import sys
 from typing import Any
 
-from lcc.cli import HelpFormatter
+from lcc.cli import add_command
 from lcc.cli.flags import add_flag, default_text
 from lcc.train.config import TrainConfig
 
@@ -60,11 +60,12 @@ GROUPS = {
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``train`` subcommand to ``subparsers``."""
-    parser = subparsers.add_parser(
+    parser = add_command(
+        subparsers,
         "train",
-        help="fine-tune a classifier with LCC (Lightning; checkpoints, logs, DDP)",
-        description=DESCRIPTION,
-        formatter_class=HelpFormatter,
+        "fine-tune a classifier with LCC (Lightning; checkpoints, logs, DDP)",
+        DESCRIPTION,
+        run,
     )
     groups = {key: parser.add_argument_group(title) for key, title in GROUPS.items()}
     for item in dataclasses.fields(TrainConfig):
@@ -79,8 +80,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
                 default=argparse.SUPPRESS,
                 help=f"{text} (may come from --config)",
             )
-            continue
-        if item.name == "regularisers":
+        elif item.name == "regularisers":
             group.add_argument(
                 "--reg",
                 dest="regularisers",
@@ -107,7 +107,6 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         default=argparse.SUPPRESS,
         help="read options from this YAML file (command-line options override it) (default: none)",
     )
-    parser.set_defaults(handler=run)
     return parser
 
 

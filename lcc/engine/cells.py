@@ -27,7 +27,7 @@ from lcc.engine.exact_search import (
     RECALL_SAMPLE,
     TARGET_RECALL,
     drop_self,
-    faiss_module,
+    faiss_kmeans,
     squared_norms,
     torch_search,
     torch_threads,
@@ -61,17 +61,10 @@ def _kmeans(
     n_train = min(matrix.shape[0], _POINTS_PER_CELL * n_cells)
     sample = matrix[np.sort(rng.choice(matrix.shape[0], n_train, replace=False))]
     if use_faiss:
-        faiss = faiss_module()
-        kmeans = faiss.Kmeans(
-            matrix.shape[1],
-            n_cells,
-            niter=_KMEANS_ITERATIONS,
-            seed=seed,
-            max_points_per_centroid=_POINTS_PER_CELL,
-            min_points_per_centroid=1,
+        centroids = faiss_kmeans(
+            sample, n_cells, seed=seed, iterations=_KMEANS_ITERATIONS, points=_POINTS_PER_CELL
         )
-        kmeans.train(np.ascontiguousarray(sample))
-        return np.asarray(kmeans.centroids, dtype=np.float32)
+        return np.asarray(centroids, dtype=np.float32)
     return _torch_kmeans(sample, n_cells, rng)
 
 

@@ -50,7 +50,9 @@ def _shape(value: object) -> str:
     return str(tuple(value.shape)) if hasattr(value, "shape") else type(value).__name__
 
 
-def _check_pair(z: Tensor, centroids: Tensor) -> None:
+def _pair(z: Tensor, centroids: Tensor) -> tuple[Tensor, Tensor]:
+    """``z`` and ``centroids``, checked, in their common floating dtype (float32 for half
+    precision and integers), on ``z``'s device."""
     if not isinstance(z, Tensor) or not isinstance(centroids, Tensor):
         raise LCCInputError(
             f"z and centroids must be torch tensors, got {type(z).__name__} and "
@@ -63,6 +65,10 @@ def _check_pair(z: Tensor, centroids: Tensor) -> None:
         )
     if centroids.shape[0] == 0:
         raise LCCInputError("there are no centroids; pass at least one (J >= 1)")
+    dtype = torch.promote_types(z.dtype, centroids.dtype)
+    if dtype in _HALF or not dtype.is_floating_point:
+        dtype = torch.float32
+    return z.to(dtype), centroids.to(dtype=dtype, device=z.device)
 
 
 def centroid_distances(z: Tensor, centroids: Tensor) -> Tensor:
@@ -75,13 +81,8 @@ def centroid_distances(z: Tensor, centroids: Tensor) -> Tensor:
     >>> centroid_distances(torch.ones(1, 3), torch.zeros(2, 3)).tolist()
     [[3.0, 3.0]]
     """
-    _check_pair(z, centroids)
-    dtype = torch.promote_types(z.dtype, centroids.dtype)
-    if dtype in _HALF or not dtype.is_floating_point:
-        dtype = torch.float32
+    a, c = _pair(z, centroids)
     with _no_autocast(z):
-        a = z.to(dtype)
-        c = centroids.to(dtype=dtype, device=z.device)
         squares = a.square().sum(1, keepdim=True) + c.square().sum(1)
         return torch.addmm(squares, a, c.T, alpha=-2.0).clamp_min(0.0)
 
@@ -97,12 +98,7 @@ def nearest_centroids(z: Tensor, centroids: Tensor) -> tuple[Tensor, Tensor]:
     >>> d.tolist(), j.tolist()
     ([1.0], [1])
     """
-    _check_pair(z, centroids)
-    dtype = torch.promote_types(z.dtype, centroids.dtype)
-    if dtype in _HALF or not dtype.is_floating_point:
-        dtype = torch.float32
-    a = z.to(dtype)
-    c = centroids.to(dtype=dtype, device=z.device)
+    a, c = _pair(z, centroids)
     with _no_autocast(z):
         with torch.no_grad():
             index = torch.addmm(c.square().sum(1), a, c.T, alpha=-2.0).argmin(dim=1)
@@ -220,12 +216,6 @@ def semi_supervised_loss(ce_per_sample: Tensor, lc: Tensor, labeled: Tensor, bet
     return _group_mean(ce_per_sample, mask) + beta * centroid_term(lc, mask)
 
 
-def _rng(generator: np.random.Generator | int | Sequence[int] | None) -> np.random.Generator:
-    if isinstance(generator, np.random.Generator):
-        return generator
-    return np.random.default_rng(generator)
-
-
 def spread_indices(
     y: np.ndarray, n_centroids: int, generator: np.random.Generator | int | None = None
 ) -> np.ndarray:
@@ -252,7 +242,7 @@ def spread_indices(
             f"{n_centroids} centroids need as many samples to start from, but there are "
             f"{labels.size}; use fewer centroids"
         )
-    rng = _rng(generator)
+    rng = np.random.default_rng(generator)  # a Generator is returned as it is
     labeled = labels >= 0
     classes = np.unique(labels[labeled])
     if classes.size == 0:

@@ -39,10 +39,11 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from lcc.engine.choices import CLUSTER_METHODS, ClusterMethod
 from lcc.engine.graph import EdgeList, as_adjacency, compact_labels, relabel
 from lcc.engine.peer_pressure import run_peer_pressure
 from lcc.errors import LCCInputError, check_choice, check_count
@@ -62,9 +63,6 @@ __all__ = [
     "modularity",
     "relabel",
 ]
-
-ClusterMethod = Literal["leiden", "louvain", "peer-pressure"]
-CLUSTER_METHODS: tuple[str, ...] = ("leiden", "louvain", "peer-pressure")
 
 # Leiden stops once a pass gains less modularity than this.
 _LEIDEN_TOLERANCE = 1e-3
@@ -129,25 +127,21 @@ def _seeded_igraph(seed: int) -> Iterator[None]:
             igraph.set_random_number_generator(random)
 
 
-def _igraph_graph(edges: EdgeList) -> igraph.Graph:
+def _igraph_graph(edges: EdgeList) -> tuple[igraph.Graph, str | None]:
+    """The igraph graph of ``edges`` and its weight attribute: weights are attached unless the
+    graph is unweighted (all ones), which igraph does faster."""
     import igraph
 
     graph = igraph.Graph(n=edges.n_nodes, directed=False)
     graph.add_edges(np.column_stack([edges.source, edges.target]))
-    return graph
-
-
-def _igraph_weights(edges: EdgeList, graph: igraph.Graph) -> str | None:
-    """Attach weights unless the graph is unweighted (all ones), which igraph does faster."""
     if edges.weight.size == 0 or np.all(edges.weight == 1.0):
-        return None
+        return graph, None
     graph.es["weight"] = edges.weight
-    return "weight"
+    return graph, "weight"
 
 
 def _leiden(edges: EdgeList, resolution: float, seed: int, max_iterations: int) -> np.ndarray:
-    graph = _igraph_graph(edges)
-    weights = _igraph_weights(edges, graph)
+    graph, weights = _igraph_graph(edges)
     membership: list[int] | None = None
     quality = -math.inf
     with _seeded_igraph(seed):
@@ -168,8 +162,7 @@ def _leiden(edges: EdgeList, resolution: float, seed: int, max_iterations: int) 
 
 
 def _louvain(edges: EdgeList, resolution: float, seed: int) -> np.ndarray:
-    graph = _igraph_graph(edges)
-    weights = _igraph_weights(edges, graph)
+    graph, weights = _igraph_graph(edges)
     with _seeded_igraph(seed):
         partition = graph.community_multilevel(weights=weights, resolution=resolution)
     return np.asarray(partition.membership, dtype=np.int64)
@@ -211,5 +204,4 @@ def cluster_graph(
     else:
         raw = run_peer_pressure(matrix, seed, max_iterations, patience).labels
     labels = relabel(raw)
-    n_clusters = int(labels.max()) + 1
-    return Clustering(labels=labels, modularity=edges.modularity(labels, n_clusters))
+    return Clustering(labels, edges.modularity(labels, int(labels.max()) + 1))

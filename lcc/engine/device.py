@@ -93,9 +93,7 @@ def resolve_device(
         raise LCCInputError(
             f"device={device!r} is not one of {', '.join(map(repr, DEVICES))} (or 'cuda:N')"
         )
-    if target is None and backend == "torch":
-        return torch.device("cpu")
-    return target
+    return torch.device("cpu") if target is None and backend == "torch" else target
 
 
 def _cuda_device(text: str) -> torch.device:
@@ -117,9 +115,7 @@ def _cuda_device(text: str) -> torch.device:
 
 def free_bytes(device: torch.device) -> int:
     """Free memory of ``device`` in bytes (the host's is not limited here: ``2**62``)."""
-    if device.type != "cuda":
-        return 1 << 62
-    return int(torch.cuda.mem_get_info(device)[0])
+    return int(torch.cuda.mem_get_info(device)[0]) if device.type == "cuda" else 1 << 62
 
 
 def block_entries(device: torch.device) -> int:

@@ -31,6 +31,7 @@ __all__ = [
     "TARGET_RECALL",
     "drop_self",
     "faiss_gpu_module",
+    "faiss_kmeans",
     "faiss_module",
     "faiss_search",
     "faiss_threads",
@@ -69,6 +70,23 @@ def faiss_gpu_module() -> ModuleType | None:
         return faiss if faiss.get_num_gpus() > 0 else None
     except RuntimeError:  # a GPU build on a machine whose driver it cannot use
         return None
+
+
+def faiss_kmeans(
+    sample: np.ndarray, n_centroids: int, *, seed: int, iterations: int, points: int
+) -> np.ndarray:
+    """Centroids of a seeded faiss k-means on the rows of ``sample`` (at most ``points`` of them
+    per centroid)."""
+    kmeans = faiss_module().Kmeans(
+        sample.shape[1],
+        n_centroids,
+        niter=iterations,
+        seed=seed,
+        max_points_per_centroid=points,
+        min_points_per_centroid=1,
+    )
+    kmeans.train(np.ascontiguousarray(sample))
+    return kmeans.centroids
 
 
 def to_distance(squared: np.ndarray) -> np.ndarray:

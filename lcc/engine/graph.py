@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import scipy.sparse as sp
 
+from lcc.engine.choices import WEIGHTS, Weights
 from lcc.engine.knn import Neighbors
 from lcc.errors import LCCInputError, as_label_vector, check_choice
 
@@ -36,17 +36,12 @@ __all__ = [
     "relabel",
 ]
 
-Weights = Literal["unweighted", "rbf"]
-WEIGHTS: tuple[str, ...] = ("unweighted", "rbf")
 # Relative tolerance of the symmetry check (weights are floats).
 _SYMMETRY_RTOL = 1e-5
 
 
 def knn_graph(
-    neighbors: Neighbors,
-    *,
-    weights: Weights = "unweighted",
-    bandwidth: float | None = None,
+    neighbors: Neighbors, *, weights: Weights = "unweighted", bandwidth: float | None = None
 ) -> sp.csr_matrix:
     """Symmetric ``(N, N)`` float64 CSR adjacency of the k-NN graph, zero diagonal.
 
@@ -165,13 +160,12 @@ class EdgeList:
         n = adjacency.shape[0]
         rows = np.repeat(np.arange(n, dtype=np.int64), np.diff(adjacency.indptr))
         upper = adjacency.indices > rows
-        degree = np.asarray(adjacency.sum(axis=1), dtype=np.float64).ravel()
         return cls(
             n_nodes=n,
             source=rows[upper],
             target=adjacency.indices[upper].astype(np.int64),
             weight=adjacency.data[upper],
-            degree=degree,
+            degree=np.asarray(adjacency.sum(axis=1), dtype=np.float64).ravel(),
         )
 
     def cluster_volumes(self, labels: np.ndarray, n_clusters: int) -> tuple[np.ndarray, np.ndarray]:
@@ -179,10 +173,9 @@ class EdgeList:
         volume = np.bincount(labels, weights=self.degree, minlength=n_clusters)
         source_label = labels[self.source]
         inside = source_label == labels[self.target]
-        internal = np.bincount(
+        return volume, np.bincount(
             source_label[inside], weights=self.weight[inside], minlength=n_clusters
         )
-        return volume, internal
 
     def modularity(self, labels: np.ndarray, n_clusters: int, resolution: float = 1.0) -> float:
         """Modularity of contiguous ``labels`` (values < ``n_clusters``)."""
@@ -234,16 +227,12 @@ pass A.maximum(A.T) or (A + A.T) / 2
 
 def _to_csr(adjacency: object, name: str) -> sp.csr_matrix:
     """Convert to a canonical float64 CSR matrix without touching the caller's arrays."""
-    if sp.issparse(adjacency):
-        source = adjacency
-    else:
-        array = np.asarray(adjacency)
-        if array.dtype == object or array.ndim != 2:
-            raise LCCInputError(
-                f"{name} must be a 2-D scipy.sparse matrix or array, got "
-                f"{type(adjacency).__name__} with shape {array.shape}"
-            )
-        source = array
+    source = adjacency if sp.issparse(adjacency) else np.asarray(adjacency)
+    if not sp.issparse(source) and (source.dtype == object or source.ndim != 2):
+        raise LCCInputError(
+            f"{name} must be a 2-D scipy.sparse matrix or array, got "
+            f"{type(adjacency).__name__} with shape {source.shape}"
+        )
     if not (
         np.issubdtype(source.dtype, np.floating)
         or np.issubdtype(source.dtype, np.integer)

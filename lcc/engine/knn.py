@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from lcc.engine import cells
+from lcc.engine.choices import KNN_MODES, METRICS, KnnMode, Metric
 from lcc.engine.device import (
     Placed,
     block_entries,
@@ -54,6 +55,7 @@ from lcc.engine.exact_search import (
     TARGET_RECALL,
     drop_self,
     faiss_gpu_module,
+    faiss_kmeans,
     faiss_module,
     faiss_search,
     faiss_threads,
@@ -77,13 +79,10 @@ __all__ = [
     "search_tensors",
 ]
 
-Metric = Literal["l2", "cosine"]
-KnnMode = Literal["exact", "approximate"]
 Backend = Literal["auto", "faiss", "torch"]
 IndexKind = Literal["auto", "cells", "ivf-flat", "ivf-pq", "hnsw"]
 
-METRICS: tuple[str, ...] = ("l2", "cosine")
-MODES: tuple[str, ...] = ("exact", "approximate")
+MODES: tuple[str, ...] = KNN_MODES
 BACKENDS: tuple[str, ...] = ("auto", "faiss", "torch")
 INDEXES: tuple[str, ...] = ("auto", "cells", "ivf-flat", "ivf-pq", "hnsw")
 
@@ -205,7 +204,6 @@ def knn(
     matrix = as_latent_matrix(z, checked=checked)
     k = check_k(k, matrix.shape[0])
     matrix = _prepare(matrix, metric)
-    rows = np.arange(matrix.shape[0])
     approximate = mode == "approximate" and matrix.shape[0] >= _APPROXIMATE_MIN_ROWS
     if approximate and (
         index == "cells" or (index == "auto" and matrix.shape[0] <= cells.MAX_ROWS)
@@ -220,7 +218,7 @@ def knn(
             indices, squared, recall = _approximate_self_search(matrix, k, kind, seed)
             return Neighbors(indices, to_distance(squared), recall=recall)
         indices, squared = faiss_search(matrix, matrix, k + 1)
-    return Neighbors(*_finish(*drop_self(indices, squared, rows)))
+    return _without_self(indices, squared)
 
 
 def _torch_knn(
@@ -243,8 +241,7 @@ def _torch_knn(
         squared_np, indices_np = gpu_faiss.knn_gpu(
             gpu_faiss.StandardGpuResources(), rows, rows, k + 1, device=device.index or 0
         )
-        n_rows = np.arange(rows.shape[0])
-        return Neighbors(*_finish(*drop_self(indices_np.astype(np.int64), squared_np, n_rows)))
+        return _without_self(indices_np.astype(np.int64), squared_np)
 
     def run(entries: int) -> tuple[torch.Tensor, torch.Tensor]:
         return torch_search_tensors(
@@ -258,8 +255,7 @@ def _torch_knn(
 
     with full_precision():
         indices, squared = shrinking_blocks(run, block_entries(device), device)
-    rows = np.arange(placed.rows.shape[0])
-    return Neighbors(*_finish(*drop_self(indices.cpu().numpy(), squared.cpu().numpy(), rows)))
+    return _without_self(indices.cpu().numpy(), squared.cpu().numpy())
 
 
 def prepare_rows(placed: Placed, metric: str) -> None:
@@ -369,22 +365,14 @@ def search(
         return found.cpu().numpy(), to_distance(squared_t.cpu().numpy())
     centre = base_matrix.mean(axis=0, dtype=np.float64).astype(np.float32)
     small = base_matrix.size * query_matrix.shape[0] < SMALL_WORK
-    if use_faiss:
-        with faiss_threads(1 if small else None):
-            indices, squared = faiss_search(base_matrix - centre, query_matrix - centre, int(k))
-        return indices, to_distance(squared)
-    with torch_threads(1 if small else None):
-        indices, squared = torch_search(base_matrix - centre, query_matrix - centre, int(k))
+    threads, run = (faiss_threads, faiss_search) if use_faiss else (torch_threads, torch_search)
+    with threads(1 if small else None):
+        indices, squared = run(base_matrix - centre, query_matrix - centre, int(k))
     return indices, to_distance(squared)
 
 
 def search_tensors(
-    base: torch.Tensor,
-    queries: torch.Tensor,
-    k: int,
-    device: torch.device,
-    *,
-    metric: str = "l2",
+    base: torch.Tensor, queries: torch.Tensor, k: int, device: torch.device, *, metric: str = "l2"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`search` on float32 tensors, on ``device``: int64 indices and squared distances.
 
@@ -485,8 +473,10 @@ def _prepare(matrix: np.ndarray, metric: str) -> np.ndarray:
     return np.ascontiguousarray(matrix - centre)
 
 
-def _finish(indices: np.ndarray, squared: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    return indices, to_distance(squared)
+def _without_self(indices: np.ndarray, squared: np.ndarray) -> Neighbors:
+    """Neighbors of every row from its ``k + 1`` nearest rows, the row itself dropped."""
+    found, squared = drop_self(indices, squared, np.arange(indices.shape[0]))
+    return Neighbors(found, to_distance(squared))
 
 
 def _approximate_self_search(
@@ -539,29 +529,15 @@ def _sample_recall(found_sq: np.ndarray, exact_sq: np.ndarray, matrix: np.ndarra
     return float(hits.mean())
 
 
-class _Index:
-    """A faiss index over all rows with a width knob: ``search`` (sample) and ``search_all``."""
-
-    first_width: int
-    max_width: int
-    exact_width: int  # widths above this cost as much as an exact search
-
-    def search(self, queries: np.ndarray, k: int, width: int) -> tuple[np.ndarray, np.ndarray]:
-        raise NotImplementedError
-
-    def search_all(self, k: int, width: int) -> tuple[np.ndarray, np.ndarray]:
-        raise NotImplementedError
-
-
 def _build_index(
     kind: str, matrix: np.ndarray, k: int, rng: np.random.Generator, seed: int
-) -> _Index:
-    if kind == "hnsw":
-        return _Hnsw(matrix)
-    return _Ivf(matrix, k, rng, seed, pq=kind == "ivf-pq")
+) -> _Ivf | _Hnsw:
+    """A faiss index over all rows with a width knob (``first_width`` to ``max_width``; widths
+    above ``exact_width`` cost as much as an exact search): ``search`` (sample), ``search_all``."""
+    return _Hnsw(matrix) if kind == "hnsw" else _Ivf(matrix, k, rng, seed, pq=kind == "ivf-pq")
 
 
-class _Ivf(_Index):
+class _Ivf:
     """IVF-Flat or IVF-PQ over ``matrix``, lists assigned once for adding and searching all rows.
 
     Width: ``nprobe``. The coarse assignment of every row (the ``nprobe`` nearest centroids) is
@@ -581,17 +557,11 @@ class _Ivf(_Index):
         self.max_width = n_lists
         self.exact_width = max(self.first_width, int(_IVF_EXACT_SHARE * n_lists))
         train = matrix[np.sort(rng.choice(n, min(n, _TRAIN_PER_LIST * n_lists), replace=False))]
-        kmeans = faiss.Kmeans(
-            d,
-            n_lists,
-            niter=_KMEANS_ITERATIONS,
-            seed=seed,
-            max_points_per_centroid=_TRAIN_PER_LIST,
-            min_points_per_centroid=1,
+        centroids = faiss_kmeans(
+            train, n_lists, seed=seed, iterations=_KMEANS_ITERATIONS, points=_TRAIN_PER_LIST
         )
-        kmeans.train(np.ascontiguousarray(train))
         self.quantizer = faiss.IndexFlatL2(d)
-        self.quantizer.add(kmeans.centroids)
+        self.quantizer.add(centroids)
         if pq:
             bits = int(min(8, max(1, math.log2(max(2, train.shape[0] // 16)))))
             self.index = faiss.IndexIVFPQ(self.quantizer, d, n_lists, _pq_codes(d), bits)
@@ -678,7 +648,7 @@ def _rerank(
     return indices, squared
 
 
-class _Hnsw(_Index):
+class _Hnsw:
     """HNSW-Flat (built on one thread: a multi-threaded build is not deterministic). Width:
     ``efSearch``."""
 

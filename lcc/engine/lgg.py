@@ -81,13 +81,9 @@ def _square(adjacency: object, name: str = "adjacency") -> Tensor:
     return adjacency
 
 
-def _labels(y: object, n: int | None, device: torch.device) -> Tensor:
-    """(n,) int64 labels on ``device`` (any length when ``n`` is None); -1 marks unlabelled."""
-    return _checked_labels(y, n, device)[0]
-
-
-def _checked_labels(y: object, n: int | None, device: torch.device) -> tuple[Tensor, bool]:
-    """:func:`_labels` and whether every sample is labelled (one reduction for both)."""
+def _labels(y: object, n: int | None, device: torch.device) -> tuple[Tensor, bool]:
+    """(n,) int64 labels on ``device`` (any length when ``n`` is None; -1 marks unlabelled) and
+    whether every sample is labelled (one reduction for both)."""
     labels = torch.as_tensor(y, device=device)
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         raise LCCInputError(f"y must hold integer class labels, got dtype {labels.dtype}")
@@ -167,10 +163,7 @@ def normalize_adjacency(adjacency: Tensor) -> Tensor:
     """
     adjacency = _square(adjacency)
     degree = adjacency.sum(dim=1)
-    positive = degree > 0
-    inverse = torch.where(
-        positive, degree.clamp_min(torch.finfo(degree.dtype).tiny).rsqrt(), torch.zeros_like(degree)
-    )
+    inverse = torch.where(degree > 0, degree.clamp_min(torch.finfo(degree.dtype).tiny).rsqrt(), 0.0)
     return adjacency * (inverse[:, None] * inverse[None, :])  # symmetric factor
 
 
@@ -181,7 +174,7 @@ def distinct_classes_mask(y: Tensor) -> Tensor:
     [[0, 1, 0, 0], [1, 0, 1, 0], [0, 1, 0, 0], [0, 0, 0, 0]]
     """
     device = y.device if isinstance(y, Tensor) else torch.device("cpu")
-    labels = _labels(y, None, device)
+    labels = _labels(y, None, device)[0]
     labeled = labels >= 0
     return labeled[:, None] & labeled[None, :] & (labels[:, None] != labels[None, :])
 
@@ -208,7 +201,7 @@ def label_variation(graph: BatchGraph | Tensor, y: Tensor, *, normalized: bool =
     if isinstance(graph, BatchGraph):
         return _edge_variation(graph, y, normalized)
     adjacency = _square(graph)
-    labels = _labels(y, adjacency.shape[0], adjacency.device)
+    labels = _labels(y, adjacency.shape[0], adjacency.device)[0]
     labeled = labels >= 0
     pairs = labeled[:, None] & labeled[None, :]  # ordered pairs of labelled samples
     distinct = pairs & (labels[:, None] != labels[None, :])  # ... of distinct classes (i != j)
@@ -222,7 +215,7 @@ def label_variation(graph: BatchGraph | Tensor, y: Tensor, *, normalized: bool =
 def _edge_variation(graph: BatchGraph, y: Tensor, normalized: bool) -> Tensor:
     """:func:`label_variation` of an edge list: () for one graph, (layers,) for several."""
     weights, n = graph.weights, graph.size
-    labels, all_labelled = _checked_labels(y, n, weights.device)
+    labels, all_labelled = _labels(y, n, weights.device)
     source, target = graph.rows.remainder(n), graph.cols.remainder(n)
     if not all_labelled:  # only the edges between labelled samples count
         labeled = labels >= 0
@@ -383,18 +376,15 @@ def label_variation_measure(
     h = _bandwidth(bandwidth)
     kind = resolve_similarity(checked, similarity)
 
-    scale = 0.0
-    if kind == "rbf":
-        if h is None:
-            centred_sq = 0.0
-            mean = rows.mean(axis=0, dtype=np.float64)
-            for start in range(0, n, _PAIR_CHUNK):
-                block = rows[start : start + _PAIR_CHUNK].astype(np.float64) - mean
-                centred_sq += float(np.einsum("ij,ij->", block, block))
-            scale = max(2.0 * centred_sq / (n - 1), np.finfo(np.float64).tiny)
-            h = float(np.sqrt(scale))
-        else:
-            scale = h * h
+    scale = 0.0 if h is None else h * h  # RBF only
+    if kind == "rbf" and h is None:
+        centred_sq = 0.0
+        mean = rows.mean(axis=0, dtype=np.float64)
+        for start in range(0, n, _PAIR_CHUNK):
+            block = rows[start : start + _PAIR_CHUNK].astype(np.float64) - mean
+            centred_sq += float(np.einsum("ij,ij->", block, block))
+        scale = max(2.0 * centred_sq / (n - 1), np.finfo(np.float64).tiny)
+        h = float(np.sqrt(scale))
 
     neighbours = knn(_neighbour_rows(checked, kind), k, metric="l2").indices
     chosen = sp.csr_matrix(

@@ -118,9 +118,7 @@ def _zero(z: Tensor) -> Tensor:
 
 
 def _describe(value: object) -> str:
-    if isinstance(value, Tensor):
-        return f"a {value.dtype} tensor"
-    return type(value).__name__
+    return f"a {value.dtype} tensor" if isinstance(value, Tensor) else type(value).__name__
 
 
 class LCCLoss(torch.nn.Module):
@@ -241,11 +239,7 @@ class LCCLoss(torch.nn.Module):
 
     # -- loss ------------------------------------------------------------------------------
     def forward(
-        self,
-        z: Tensor,
-        indices: Tensor,
-        *,
-        reduce_count: Callable[[Tensor], Tensor] | None = None,
+        self, z: Tensor, indices: Tensor, *, reduce_count: Callable[[Tensor], Tensor] | None = None
     ) -> Tensor:
         """Loss of a batch: z (B, ...) latents, indices (B,) their dataset ids.
 

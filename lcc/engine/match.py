@@ -97,9 +97,7 @@ def as_class_subset(classes: object) -> np.ndarray | None:
     """Validate an optional subset of class values (``None`` means all classes)."""
     if classes is None:
         return None
-    values = np.asarray(classes)
-    if values.ndim == 0:
-        values = values.reshape(1)
+    values = np.atleast_1d(np.asarray(classes))
     if values.ndim != 1:
         raise LCCInputError(f"classes must be a 1-D list of class labels, got shape {values.shape}")
     return np.unique(as_label_vector(values, values.shape[0], name="classes"))

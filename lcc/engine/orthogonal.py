@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any
 
@@ -145,10 +146,8 @@ span at most k'-1 dimensions); choose tangent_dim <= 4 or a larger tangent_k
 def _number(text: str) -> int | float | str:
     """Text as an int or a float where it reads as one (else unchanged, for the message)."""
     for convert in (int, float):
-        try:
+        with suppress(ValueError):
             return convert(text.strip())
-        except ValueError:
-            pass
     return text
 
 
@@ -213,16 +212,14 @@ def orthogonal_targets(
         fallback = _project_targets(
             rows, labels, targets.indices, vectors, ratios, sizes, tangent_k, tangent_dim, metric
         )
-    projected = targets.n_correctible - fallback
     done = sizes > 0
     stats = OrthogonalStats(
-        projected=projected,
+        projected=targets.n_correctible - fallback,
         fallback=fallback,
         mean_ratio=float(np.nanmean(ratios)) if np.isfinite(ratios).any() else float("nan"),
         mean_tangent_dim=float(sizes[done].mean()) if done.any() else float("nan"),
     )
-    result = Targets(indices=targets.indices, vectors=vectors, n_samples=n)
-    return Orthogonal(targets=result, stats=stats)
+    return Orthogonal(Targets(targets.indices, vectors, n_samples=n), stats)
 
 
 def _project_targets(

@@ -118,10 +118,9 @@ def peer_pressure(
     ``max_iterations`` caps the number of moves; ``patience`` is how many moves in a row may
     fail to lower the best conductance before stopping. The same ``seed`` gives the same labels.
     """
-    trace = peer_pressure_trace(
+    return peer_pressure_trace(
         adjacency, seed=seed, max_iterations=max_iterations, patience=patience
-    )
-    return trace.labels
+    ).labels
 
 
 def peer_pressure_trace(
@@ -166,8 +165,7 @@ def _move(matrix: sp.csr_matrix, labels: np.ndarray, rng: np.random.Generator) -
     n = matrix.shape[0]
     n_clusters = int(labels.max()) + 1
     votes = sp.csr_matrix(
-        (matrix.data.copy(), labels[matrix.indices], matrix.indptr.copy()),
-        shape=(n, n_clusters),
+        (matrix.data.copy(), labels[matrix.indices], matrix.indptr.copy()), shape=(n, n_clusters)
     )
     votes.sum_duplicates()  # now votes == A @ B, one entry per (node, neighbouring community)
     counts = np.diff(votes.indptr)

@@ -172,10 +172,8 @@ def fit_pca(
         rows = np.sort(np.random.default_rng(seed).choice(n, int(sample), replace=False))
         if dim >= min(sample, d):
             raise LCCInputError(f"PCA dim={dim} must be smaller than the sample of {sample} rows")
-        if isinstance(z, torch.Tensor):
-            picked = z.reshape(n, -1)[torch.from_numpy(rows).to(z.device)]
-        else:
-            picked = z.reshape(n, -1)[rows]
+        tensor = isinstance(z, torch.Tensor)
+        picked = z.reshape(n, -1)[torch.from_numpy(rows).to(z.device) if tensor else rows]
     else:
         picked = z
     if target is not None:
@@ -216,9 +214,8 @@ def _torch_pca(z: object, dim: int, device: torch.device, checked: bool) -> Proj
 
 def _shape(z: object) -> tuple[int, int]:
     """(N, D) of latents without converting them (a memory map stays on disk)."""
-    if isinstance(z, torch.Tensor) and z.ndim >= 2:
-        return int(z.shape[0]), int(np.prod(z.shape[1:]))
-    if isinstance(z, np.ndarray) and z.dtype != object and z.ndim >= 2:
+    array = isinstance(z, np.ndarray) and z.dtype != object
+    if (array or isinstance(z, torch.Tensor)) and z.ndim >= 2:
         return int(z.shape[0]), int(np.prod(z.shape[1:]))
     matrix = as_latent_matrix(z, checked=True)  # values are checked where they are used
     return int(matrix.shape[0]), int(matrix.shape[1])

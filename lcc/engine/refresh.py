@@ -48,10 +48,10 @@ from lcc.engine.choices import (
     TargetMode,
     Weights,
 )
-from lcc.engine.cluster import cluster_graph
+from lcc.engine.cluster import _check_resolution, cluster_graph
 from lcc.engine.device import empty_rows, iterate_rows, place_rows, resolve_device
 from lcc.engine.graph import knn_graph
-from lcc.engine.knn import knn
+from lcc.engine.knn import BACKENDS, _check_rows, knn
 from lcc.engine.loss import LCCLoss
 from lcc.engine.match import Matching, as_class_subset, match_clusters
 from lcc.engine.orthogonal import CORRECTIONS, OrthogonalStats, check_tangent, orthogonal_targets
@@ -80,8 +80,6 @@ __all__ = [
 ]
 
 
-#: Values of :func:`refresh`'s ``backend`` keyword.
-BACKENDS: tuple[str, ...] = ("auto", "faiss", "torch")
 #: Stage names reported to a ``progress`` callback, in order ("pca" only when PCA is on).
 STAGES: tuple[str, ...] = ("check", "pca", "knn", "graph", "cluster", "match", "targets")
 #: Latent entries converted to float32 at once by the NaN/inf check.
@@ -265,16 +263,14 @@ def refresh(
     target = resolve_device(device, z, backend=backend)
     z, y, config, classes = _validate(z, y, config, classes, overrides, keep=target is not None)
     seconds: dict[str, float] = {}
-    notify = progress or _silent
-    done = stage_done or _silent_done
 
-    with _timed(seconds, "check", notify, done):
+    with _timed(seconds, "check", progress, stage_done):
         if target is not None:
             z = place_rows(z, target).rows
         check_finite(z, name=name, chunk_entries=CHECK_CHUNK_ENTRIES)
-    with _timed(seconds, "pca", notify, done, shown=config.pca is not None):
+    with _timed(seconds, "pca", progress, stage_done, shown=config.pca is not None):
         projection, z = _project(z, config, target)
-    with _timed(seconds, "knn", notify, done):
+    with _timed(seconds, "knn", progress, stage_done):
         neighbors = knn(
             z,
             config.k,
@@ -285,25 +281,25 @@ def refresh(
             device=target,
             checked=True,
         )
-    with _timed(seconds, "graph", notify, done):
+    with _timed(seconds, "graph", progress, stage_done):
         adjacency = knn_graph(
             neighbors,
             weights=config.weights,
             bandwidth=None if config.bandwidth == "median" else float(config.bandwidth),
         )
         del neighbors
-    with _timed(seconds, "cluster", notify, done):
+    with _timed(seconds, "cluster", progress, stage_done):
         clustering = cluster_graph(
             adjacency, config.method, resolution=config.resolution, seed=config.seed
         )
         del adjacency
-    with _timed(seconds, "match", notify, done):
+    with _timed(seconds, "match", progress, stage_done):
         matching = match_clusters(clustering.labels, y)
-    with _timed(seconds, "targets", notify, done):
+    with _timed(seconds, "targets", progress, stage_done):
         targets = _targets(z, y, clustering.labels, matching, config, classes, target)
     orthogonal = None
     if config.correction == "orthogonal":
-        with _timed(seconds, "orthogonal", notify, done):
+        with _timed(seconds, "orthogonal", progress, stage_done):
             corrected = orthogonal_targets(
                 z,
                 clustering.labels,
@@ -369,12 +365,8 @@ def _latent_rows(z: object, *, keep: bool = False) -> Any:
         z = z.detach()
     elif not (isinstance(z, np.ndarray) and z.dtype.kind == "f" and z.ndim >= 2):
         return as_latent_matrix(z, checked=True)
-    if z.shape[0] < 2:
-        raise LCCInputError(f"z has {z.shape[0]} sample(s); at least 2 are needed")
-    rows = z.reshape(z.shape[0], -1)
-    if rows.shape[1] == 0:
-        raise LCCInputError("z has latent dimension 0; pass non-empty latents")
-    return rows
+    _check_rows(z)
+    return z.reshape(z.shape[0], -1)
 
 
 def _project(
@@ -383,9 +375,7 @@ def _project(
     """PCA (when set) of checked latents: float32 NumPy rows on the CPU path, else a tensor on
     ``device`` (or pinned, when it does not fit), projected chunk by chunk."""
     if config.pca is None:
-        if device is None:
-            return None, np.ascontiguousarray(z, dtype=np.float32)
-        return None, z
+        return None, z if device is not None else np.ascontiguousarray(z, dtype=np.float32)
     projection = fit_pca(
         z, config.pca, seed=config.seed, device=device, backend="auto", checked=True
     )
@@ -408,55 +398,29 @@ def _targets(
     classes: np.ndarray | None,
     device: torch.device | None,
 ) -> Targets:
-    backend = "auto" if device is None else "torch"
+    common: dict[str, Any] = {"classes": classes, "device": device, "checked": True}
+    common["backend"] = "auto" if device is None else "torch"
     if config.targets == "exact":
-        return exact_targets(
-            z,
-            y,
-            matching.correctly_clustered,
-            config.k,
-            classes=classes,
-            metric=config.metric,
-            backend=backend,
-            device=device,
-            checked=True,
-        )
-    return approximate_targets(
-        z,
-        y,
-        clusters,
-        matching,
-        classes=classes,
-        seed=config.seed,
-        backend=backend,
-        device=device,
-        checked=True,
-    )
-
-
-def _silent(stage: str) -> None:
-    """A progress callback that shows nothing."""
-
-
-def _silent_done(stage: str, seconds: float) -> None:
-    """A stage-done callback that shows nothing."""
+        cc = matching.correctly_clustered
+        return exact_targets(z, y, cc, config.k, metric=config.metric, **common)
+    return approximate_targets(z, y, clusters, matching, seed=config.seed, **common)
 
 
 @contextmanager
 def _timed(
     seconds: dict[str, float],
     stage: str,
-    notify: Callable[[str], None],
-    done: Callable[[str, float], None],
+    notify: Callable[[str], None] | None,
+    done: Callable[[str, float], None] | None,
     *,
     shown: bool = True,
 ) -> Iterator[None]:
-    if shown:
+    if shown and notify is not None:
         notify(stage)
     start = time.perf_counter()
     yield
     seconds[stage] = time.perf_counter() - start
-    if shown:
+    if shown and done is not None:
         done(stage, seconds[stage])
 
 
@@ -474,15 +438,6 @@ def _check_pca(pca: object, n_samples: int, dim: int) -> int | None:
             + (f"choose pca <= {limit - 1}" if limit > 1 else "drop the PCA option")
         )
     return int(pca)
-
-
-def _check_resolution(resolution: object) -> float:
-    if isinstance(resolution, bool) or not isinstance(resolution, (int, float, np.number)):
-        raise LCCInputError(f"resolution must be a number, got {resolution!r}")
-    value = float(resolution)
-    if not math.isfinite(value) or value <= 0:
-        raise LCCInputError(f"resolution={resolution} must be a positive finite number")
-    return value
 
 
 def _check_bandwidth(bandwidth: object, weights: str) -> str | float:

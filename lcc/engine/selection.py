@@ -25,7 +25,7 @@ from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import connected_components
 
 from lcc.engine.choices import CLASS_POLICIES
-from lcc.errors import LCCInputError, as_label_vector, check_choice
+from lcc.errors import LCCInputError, as_label_vector, check_choice, check_count
 
 ClassPolicy = Literal["all", "top-pairs", "heaviest-set", "largest-component"]
 
@@ -39,10 +39,7 @@ def confusion_graph(y_true: object, y_pred: object, n_classes: int) -> np.ndarra
     >>> confusion_graph([0, 1, 1], [1, 0, 2], n_classes=3).tolist()
     [[0.0, 2.0, 0.0], [2.0, 0.0, 1.0], [0.0, 1.0, 0.0]]
     """
-    if isinstance(n_classes, bool) or not isinstance(n_classes, (int, np.integer)):
-        raise LCCInputError(f"n_classes must be an integer, got {n_classes!r}")
-    if n_classes < 1:
-        raise LCCInputError(f"n_classes={n_classes} must be at least 1")
+    check_count(n_classes, name="n_classes", minimum=1)
     n_samples = np.shape(y_true)[0] if np.ndim(y_true) >= 1 else 0
     truth = as_label_vector(y_true, n_samples, name="y_true")
     pred = as_label_vector(y_pred, truth.shape[0], name="y_pred")

@@ -50,33 +50,21 @@ class Registration(NamedTuple):
     options: str = ""
 
 
+def _own(module: str, regulariser: str, options: str) -> Registration:
+    """The registration of this package's ``module`` (its options in ``module_options``)."""
+    where = f"lcc.regularisers.{module}"
+    return Registration(f"{where}:{regulariser}", f"{where}_options:{options}")
+
+
 #: name -> its :class:`Registration` (or a bare ``"module:Class"``); one entry registers one
 REGISTRY: dict[str, Registration | str] = {
-    "lcc": Registration("lcc.regularisers.lcc:LCC", "lcc.regularisers.lcc_options:LCCOptions"),
-    "label-variation": Registration(
-        "lcc.regularisers.label_variation:LabelVariation",
-        "lcc.regularisers.label_variation_options:LabelVariationOptions",
-    ),
-    "smoothness": Registration(
-        "lcc.regularisers.smoothness:Smoothness",
-        "lcc.regularisers.smoothness_options:SmoothnessOptions",
-    ),
-    "gkd": Registration(
-        "lcc.regularisers.gkd:GraphDistillation",
-        "lcc.regularisers.gkd_options:GraphDistillationOptions",
-    ),
-    "kmeans": Registration(
-        "lcc.regularisers.kmeans:KMeansCentroids",
-        "lcc.regularisers.kmeans_options:KMeansOptions",
-    ),
-    "rkd": Registration(
-        "lcc.regularisers.rkd:RelationalDistillation",
-        "lcc.regularisers.rkd_options:RelationalDistillationOptions",
-    ),
-    "parseval": Registration(
-        "lcc.regularisers.parseval:Parseval",
-        "lcc.regularisers.parseval_options:ParsevalOptions",
-    ),
+    "lcc": _own("lcc", "LCC", "LCCOptions"),
+    "label-variation": _own("label_variation", "LabelVariation", "LabelVariationOptions"),
+    "smoothness": _own("smoothness", "Smoothness", "SmoothnessOptions"),
+    "gkd": _own("gkd", "GraphDistillation", "GraphDistillationOptions"),
+    "kmeans": _own("kmeans", "KMeansCentroids", "KMeansOptions"),
+    "rkd": _own("rkd", "RelationalDistillation", "RelationalDistillationOptions"),
+    "parseval": _own("parseval", "Parseval", "ParsevalOptions"),
 }
 
 #: short option names accepted in specs

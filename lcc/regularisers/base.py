@@ -88,9 +88,7 @@ class Batch:
     @property
     def labeled(self) -> Tensor:
         """(B,) bool mask of the samples that have a label."""
-        if self.y is None:
-            raise LCCInputError("this regulariser needs the batch's labels: pass y")
-        return self.y >= 0
+        return self.labels >= 0
 
     @property
     def labels(self) -> Tensor:

@@ -45,9 +45,9 @@ from lcc.errors import LCCInputError
 from lcc.regularisers.base import OUTPUT, Batch, Regulariser
 from lcc.regularisers.gkd_options import GraphDistillationOptions, check_pairs
 from lcc.regularisers.label_variation import attached_zero
-from lcc.zoo.latents import LatentRecorder, check_layer_names, first_tensor
+from lcc.zoo.latents import LatentRecorder, _call, check_layer_names, first_tensor
 
-__all__ = ["GraphDistillation", "GraphDistillationOptions"]
+__all__ = ["Distillation", "GraphDistillation", "GraphDistillationOptions"]
 
 
 def _model_spec(path: Path) -> str:
@@ -113,15 +113,54 @@ def _device_of(x: object) -> torch.device | None:
     return None
 
 
-def _call(model: nn.Module, x: object) -> object:
-    if isinstance(x, Mapping):
-        return model(**x)
-    if isinstance(x, (tuple, list)):
-        return model(*x)
-    return model(x)
+class Distillation(Regulariser):
+    """What the regularisers distilling from a frozen teacher (``gkd``, ``rkd``) share: the
+    teacher given in the options (a spec) or in Python (``teacher=module``), kept by
+    :meth:`_adopt`, and its layers."""
+
+    labeled_only = False
+
+    def __init__(
+        self,
+        options: Any = None,
+        *,
+        teacher: nn.Module | str | None = None,
+        **overrides: Any,
+    ) -> None:
+        module = teacher if isinstance(teacher, nn.Module) else None
+        if teacher is not None and module is None:
+            overrides["teacher"] = teacher
+        super().__init__(options, **overrides)
+        if module is None and not self.options.teacher:
+            raise LCCInputError(
+                f"{self.name} needs a teacher: teacher=SPEC,teacher_checkpoint=PATH (or a "
+                f"checkpoint path naming its model), or {type(self).__name__}(teacher=module) "
+                "in Python"
+            )
+        self._adopt(module)
+
+    def _adopt(self, module: nn.Module | None) -> None:
+        """Keep the teacher ``module`` (None: :meth:`bind` builds it from the options)."""
+        raise NotImplementedError
+
+    @property
+    def teacher(self) -> nn.Module | None:
+        """The frozen teacher (None before :meth:`bind` builds it from a spec)."""
+        raise NotImplementedError
+
+    @property
+    def teacher_layers(self) -> tuple[str, ...]:
+        """Teacher layers paired with :attr:`layers` (default: the same names)."""
+        return tuple(self.options.teacher_layers) or self.layers
+
+    def describe(self) -> str:
+        text = super().describe()
+        if self.teacher is not None and not self.options.teacher:
+            text = text.replace("teacher=,", f"teacher={type(self.teacher).__name__},", 1)
+        return text
 
 
-class GraphDistillation(Regulariser):
+class GraphDistillation(Distillation):
     """The ``gkd`` regulariser (summary and options: :class:`GraphDistillationOptions`).
 
     Mean over the pairs (``teacher_layers[i]``, ``layers[i]``) of ``||A_T - A_S||_F``, the
@@ -131,40 +170,19 @@ class GraphDistillation(Regulariser):
 
     name = "gkd"
     Options = GraphDistillationOptions
-    labeled_only = False
 
-    def __init__(
-        self,
-        options: GraphDistillationOptions | None = None,
-        *,
-        teacher: nn.Module | str | None = None,
-        **overrides: Any,
-    ) -> None:
-        module = teacher if isinstance(teacher, nn.Module) else None
-        if teacher is not None and module is None:
-            overrides["teacher"] = teacher
-        super().__init__(options, **overrides)
+    def _adopt(self, module: nn.Module | None) -> None:
         self.labeled_only = bool(self.options.distinct_classes)
         # plain containers: the teacher is neither a submodule nor in state_dict()
         self._teacher: list[nn.Module] = [module] if module is not None else []
         self._recorder: list[LatentRecorder] = []
         self._device: list[torch.device] = []
         self._bound = False
-        if module is None and not self.options.teacher:
-            raise LCCInputError(
-                "gkd needs a teacher: teacher=SPEC,teacher_checkpoint=PATH (or a checkpoint "
-                "path naming its model), or GraphDistillation(teacher=module) in Python"
-            )
 
     @property
     def teacher(self) -> nn.Module | None:
         """The frozen teacher (None before :meth:`bind` builds it from a spec)."""
         return self._teacher[0] if self._teacher else None
-
-    @property
-    def teacher_layers(self) -> tuple[str, ...]:
-        """Teacher layers paired with :attr:`layers` (default: the same names)."""
-        return tuple(self.options.teacher_layers) or self.layers
 
     def bind(self, model: nn.Module, *, num_classes: int, sample: Any = None) -> None:
         """Build (or adopt) the frozen teacher and validate its layers."""
@@ -298,9 +316,3 @@ class GraphDistillation(Regulariser):
         k = min(options.k, n - 1)
         target = latent_graph(teacher_z.to(student_z.device), k, **graph)
         return gkd_distance(target, latent_graph(student_z, k, **graph))
-
-    def describe(self) -> str:
-        text = super().describe()
-        if self.teacher is not None and not self.options.teacher:
-            text = text.replace("teacher=,", f"teacher={type(self.teacher).__name__},", 1)
-        return text

@@ -14,24 +14,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 from lcc.engine.choices import POOLS
-from lcc.errors import LCCInputError, check_choice
+from lcc.errors import LCCInputError
 from lcc.regularisers.label_variation_options import GraphOptions
 from lcc.regularisers.options import RegulariserOptions, option
 
 __all__ = ["GraphDistillationOptions", "TeacherOptions", "check_pairs"]
-
-
-def _names(value: object, name: str) -> list[str]:
-    entries = [value] if isinstance(value, str) else list(value)  # type: ignore[call-overload]
-    names: list[str] = []
-    for entry in entries:
-        if not isinstance(entry, str):
-            raise LCCInputError(f"{name} must be layer names, got {entry!r}")
-        names.extend(part.strip() for part in entry.split(",") if part.strip())
-    return names
 
 
 def check_pairs(teacher_layers: Sequence[str], layers: Sequence[str]) -> None:
@@ -61,21 +50,10 @@ class TeacherOptions(RegulariserOptions):
     teacher_pool: str = option("flatten", "pooling of the teacher's layer outputs", choices=POOLS)
 
     def check(self) -> None:
-        super().check()
-        if not isinstance(self.teacher, str):
-            raise LCCInputError(
-                f"teacher must be a model spec or a checkpoint path, got {self.teacher!r}; "
-                "pass an nn.Module to the regulariser (teacher=module) in Python"
-            )
+        super().check()  # the fields' kinds and choices are already checked (coerce)
         self.teacher = self.teacher.strip()
         checkpoint = self.teacher_checkpoint
-        if isinstance(checkpoint, Path):
-            checkpoint = str(checkpoint)
-        if checkpoint is not None and not isinstance(checkpoint, str):
-            raise LCCInputError(f"teacher_checkpoint must be a path, got {checkpoint!r}")
         self.teacher_checkpoint = (checkpoint.strip() or None) if checkpoint else None
-        self.teacher_layers = _names(self.teacher_layers, "teacher_layers")
-        check_choice(self.teacher_pool, POOLS, name="teacher_pool")
         if self.layers and self.teacher_layers:
             check_pairs(self.teacher_layers, self.layers)
 

@@ -49,6 +49,8 @@ __all__ = ["KMeansCentroids", "KMeansOptions", "ramp_factor"]
 
 #: centroids per class when ``centroids=0``
 PER_CLASS = 2
+#: the counters kept in the extra state (attributes ``_NAME``)
+_EXTRA_STATE = ("epoch", "written", "reseeded", "reinitialised")
 
 
 def ramp_factor(epoch: int, start: int, length: int, shape: str = "linear") -> float:
@@ -281,18 +283,11 @@ class KMeansCentroids(Regulariser):
     # --- state ----------------------------------------------------------------------------
 
     def get_extra_state(self) -> dict[str, Any]:
-        return {
-            "epoch": self._epoch,
-            "written": self._written,
-            "reseeded": self._reseeded,
-            "reinitialised": self._reinitialised,
-        }
+        return {name: getattr(self, f"_{name}") for name in _EXTRA_STATE}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
-        self._epoch = int(state["epoch"])
-        self._written = int(state["written"])
-        self._reseeded = int(state["reseeded"])
-        self._reinitialised = int(state["reinitialised"])
+        for name in _EXTRA_STATE:
+            setattr(self, f"_{name}", int(state[name]))
 
     def _load_from_state_dict(
         self, state_dict: Mapping[str, Any], prefix: str, *args: Any, **kwargs: Any

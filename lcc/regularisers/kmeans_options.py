@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from lcc.errors import LCCInputError, check_choice, check_integer
+from lcc.errors import LCCInputError, check_integer
 from lcc.regularisers.options import OUTPUT, RegulariserOptions, option
 
 __all__ = ["RAMP_SHAPES", "KMeansOptions"]
@@ -51,7 +51,6 @@ class KMeansOptions(RegulariserOptions):
             )
         self.centroids = _centroid_counts(self.centroids)
         self.ramp = check_integer(self.ramp, "ramp", low=0)
-        self.ramp_shape = check_choice(str(self.ramp_shape), RAMP_SHAPES, name="ramp_shape")
         self.reinit = check_integer(self.reinit, "reinit", low=1)
         self.seed = check_integer(self.seed, "seed", low=0)
 

@@ -19,12 +19,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from lcc.engine.choices import SIMILARITIES
-from lcc.errors import LCCInputError, check_choice, check_integer, check_number
-from lcc.regularisers.options import RegulariserOptions, option
+from lcc.errors import check_integer
+from lcc.regularisers.options import RegulariserOptions, check_positive, option
 
 __all__ = ["GraphOptions", "LGGOptions", "LabelVariationOptions"]
-
-_NONE = ("", "none", "auto", "null")
 
 
 @dataclass
@@ -50,16 +48,8 @@ class GraphOptions(RegulariserOptions):
     def check(self) -> None:
         super().check()
         self.k = check_integer(self.k, "k", 1)
-        check_choice(self.similarity, SIMILARITIES, name="similarity")
-        if self.bandwidth is None or (
-            isinstance(self.bandwidth, str) and self.bandwidth.strip().lower() in _NONE
-        ):
-            self.bandwidth = None
-        else:
-            value = check_number(self.bandwidth, "bandwidth")
-            if not value > 0:
-                raise LCCInputError(f"bandwidth must be a positive number, got {self.bandwidth!r}")
-            self.bandwidth = value
+        if self.bandwidth is not None:  # "none" and "" read as None by coerce
+            self.bandwidth = check_positive(self.bandwidth, "bandwidth")
 
 
 @dataclass

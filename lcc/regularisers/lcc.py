@@ -369,8 +369,6 @@ class LCC(Regulariser):
         if losses is not None and rows is not None:
             losses = losses[rows]
         stats = dict(result.summary())
-        seconds = dict(result.seconds)
-        seconds["collect"] = latents.seconds
         stats.update(
             layer=name,
             epoch=epoch,
@@ -381,7 +379,7 @@ class LCC(Regulariser):
             correctible_fraction=float(result.correctible_fraction),
             n_correctible=int(np.sum(result.correctible)),
             modularity=float(result.modularity),
-            seconds=seconds,
+            seconds={**result.seconds, "collect": latents.seconds},
             accuracy=_accuracy(predictions, y, np.ones(len(y), dtype=bool)),
             accuracy_cc=_accuracy(predictions, y, cc),
             accuracy_mc=_accuracy(predictions, y, ~cc),

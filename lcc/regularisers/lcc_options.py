@@ -29,7 +29,7 @@ from lcc.engine.choices import (
     WEIGHTS,
 )
 from lcc.errors import LCCInputError, check_integer, check_number
-from lcc.regularisers.options import RegulariserOptions, option
+from lcc.regularisers.options import RegulariserOptions, check_positive, option
 
 if TYPE_CHECKING:
     from lcc.engine.refresh import RefreshConfig
@@ -161,10 +161,7 @@ class LCCOptions(RegulariserOptions):
                 raise LCCInputError(f"class_policy={self.class_policy!r} needs a policy_size")
             self.policy_size = check_integer(self.policy_size, "policy_size", low)
         self.seed = check_integer(self.seed, "seed", 0)
-        resolution = check_number(self.resolution, "resolution")
-        if not resolution > 0:
-            raise LCCInputError(f"resolution must be a positive number, got {self.resolution!r}")
-        self.resolution = resolution
+        self.resolution = check_positive(self.resolution, "resolution")
         self.tangent_k = check_integer(self.tangent_k, "tangent_k", 2)
         from lcc.engine.orthogonal import check_tangent  # torch: not needed to build parsers
 

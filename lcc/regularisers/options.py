@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -187,6 +187,29 @@ def field_kind(item: dataclasses.Field) -> str:
     return item.metadata.get("kind") or kind_of(str(item.type))
 
 
+def add_fields(cls: type, fields: Sequence[dataclasses.Field], after: str, **metadata: Any) -> type:
+    """Add ``fields`` of another dataclass to ``cls`` (before ``@dataclass`` runs), after its
+    field ``after`` (at the end without one), each with its kind and ``metadata`` added."""
+    annotations = dict(cls.__annotations__)
+    order = list(annotations)
+    at = order.index(after) + 1 if after in order else len(order)
+    for item in reversed(fields):
+        order.insert(at, item.name)
+        annotations[item.name] = item.type
+        extra = {**item.metadata, "kind": field_kind(item), **metadata}
+        setattr(cls, item.name, field(default=item.default, metadata=extra))
+    cls.__annotations__ = {name: annotations[name] for name in order}
+    return cls
+
+
+def coerce_fields(obj: Any) -> None:
+    """Convert every field of the dataclass instance ``obj`` to its kind (:func:`coerce`)."""
+    for item in dataclasses.fields(obj):
+        value = getattr(obj, item.name)
+        converted = coerce(value, field_kind(item), item.name, item.metadata.get("choices"))
+        setattr(obj, item.name, converted)
+
+
 @dataclass
 class RegulariserOptions:
     """Options every regulariser has; subclasses add their own fields after these.
@@ -204,10 +227,7 @@ class RegulariserOptions:
     warmup: int = option(0, "epochs without this term at the start")
 
     def __post_init__(self) -> None:
-        for item in dataclasses.fields(self):
-            value = getattr(self, item.name)
-            converted = coerce(value, field_kind(item), item.name, item.metadata.get("choices"))
-            setattr(self, item.name, converted)
+        coerce_fields(self)
         self.check()
 
     def check(self) -> None:
@@ -216,6 +236,14 @@ class RegulariserOptions:
             raise LCCInputError(f"layers lists a layer twice: {self.layers}")
         self.weight = check_number(self.weight, "weight", low=0.0)
         self.warmup = check_integer(self.warmup, "warmup", low=0)
+
+
+def check_positive(value: Any, name: str) -> float:
+    """``value`` as a positive finite number, else :class:`LCCInputError`."""
+    number = check_number(value, name)
+    if not number > 0:
+        raise LCCInputError(f"{name} must be a positive number, got {number!r}")
+    return number
 
 
 def did_you_mean(name: str, valid: list[str]) -> str:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lcc.errors import LCCInputError
 from lcc.regularisers.options import RegulariserOptions, option
 
 __all__ = ["ParsevalOptions"]
@@ -28,12 +27,3 @@ class ParsevalOptions(RegulariserOptions):
     modules: list[str] = option(  # noqa: RUF009 - copied per instance
         [], "modules whose weight matrices are penalised (default: every Linear and Conv layer)"
     )
-
-    def check(self) -> None:
-        super().check()
-        names: list[str] = []
-        for entry in [self.modules] if isinstance(self.modules, str) else list(self.modules):
-            if not isinstance(entry, str):
-                raise LCCInputError(f"modules must be module names, got {entry!r}")
-            names.extend(part.strip() for part in entry.split(",") if part.strip())
-        self.modules = names

@@ -32,8 +32,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lcc.errors import LCCInputError
-from lcc.regularisers.base import Batch, Regulariser
-from lcc.regularisers.gkd import GraphDistillation
+from lcc.regularisers.base import Batch
+from lcc.regularisers.gkd import Distillation, GraphDistillation
 from lcc.regularisers.label_variation import attached_zero
 from lcc.regularisers.rkd_options import RelationalDistillationOptions
 
@@ -82,7 +82,7 @@ def rkd_distance(teacher_z: Tensor, student_z: Tensor, delta: float = 1.0) -> Te
     return F.huber_loss(student[off], target[off], delta=delta)
 
 
-class RelationalDistillation(Regulariser):
+class RelationalDistillation(Distillation):
     """The ``rkd`` regulariser (summary and options: :class:`RelationalDistillationOptions`).
 
     Mean over the pairs (``teacher_layers[i]``, ``layers[i]``); dimensions may differ; needs the
@@ -91,24 +91,8 @@ class RelationalDistillation(Regulariser):
 
     name = "rkd"
     Options = RelationalDistillationOptions
-    labeled_only = False
 
-    def __init__(
-        self,
-        options: RelationalDistillationOptions | None = None,
-        *,
-        teacher: nn.Module | str | None = None,
-        **overrides: Any,
-    ) -> None:
-        module = teacher if isinstance(teacher, nn.Module) else None
-        if teacher is not None and module is None:
-            overrides["teacher"] = teacher
-        super().__init__(options, **overrides)
-        if module is None and not self.options.teacher:
-            raise LCCInputError(
-                "rkd needs a teacher: teacher=SPEC,teacher_checkpoint=PATH (or a checkpoint "
-                "path naming its model), or RelationalDistillation(teacher=module) in Python"
-            )
+    def _adopt(self, module: nn.Module | None) -> None:
         # gkd's teacher handling (building, freezing, hooks, devices), held outside the
         # submodules so that neither the teacher nor its runner enters state_dict()
         self._runner = [
@@ -126,11 +110,6 @@ class RelationalDistillation(Regulariser):
         """The frozen teacher (None before :meth:`bind` builds it from a spec)."""
         return self._runner[0].teacher
 
-    @property
-    def teacher_layers(self) -> tuple[str, ...]:
-        """Teacher layers paired with :attr:`layers` (default: the same names)."""
-        return tuple(self.options.teacher_layers) or self.layers
-
     def set_default_layers(self, layers: Any) -> None:
         super().set_default_layers(layers)
         self._runner[0].set_default_layers(layers)
@@ -147,9 +126,3 @@ class RelationalDistillation(Regulariser):
                 rkd_distance(teacher[teacher_name], batch.layer(student_name), self.options.delta)
             )
         return torch.stack(terms).mean()
-
-    def describe(self) -> str:
-        text = super().describe()
-        if self.teacher is not None and not self.options.teacher:
-            text = text.replace("teacher=,", f"teacher={type(self.teacher).__name__},", 1)
-        return text

@@ -12,9 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lcc.errors import LCCInputError, check_number
 from lcc.regularisers.gkd_options import TeacherOptions
-from lcc.regularisers.options import option
+from lcc.regularisers.options import check_positive, option
 
 __all__ = ["RelationalDistillationOptions"]
 
@@ -34,6 +33,4 @@ class RelationalDistillationOptions(TeacherOptions):
 
     def check(self) -> None:
         super().check()
-        self.delta = check_number(self.delta, "delta")
-        if not self.delta > 0:
-            raise LCCInputError(f"delta must be a positive number, got {self.delta!r}")
+        self.delta = check_positive(self.delta, "delta")

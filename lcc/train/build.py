@@ -44,14 +44,8 @@ def default_layers(model: nn.Module, sample: torch.Tensor) -> list[str]:
     skipped = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity)
     for name in reversed(order[:stop]):
         module = modules[name]
-        is_leaf = next(module.children(), None) is None
-        ancestor_of_head = head is not None and head.startswith(name + ".")
-        if (
-            is_leaf
-            and not ancestor_of_head
-            and trace[name] is not None
-            and not isinstance(module, skipped)
-        ):
+        is_leaf = next(module.children(), None) is None  # a leaf is no ancestor of the head
+        if is_leaf and trace[name] is not None and not isinstance(module, skipped):
             return [name]
     raise LCCInputError(
         "cannot find a layer before the classification head; pass --layers "
@@ -192,6 +186,13 @@ def _regularisers(
     return config, regularisers
 
 
+#: the config's options that :class:`lcc.train.lightning.LCCModule` takes under their own name
+_MODULE_OPTIONS = (  # noqa: SIM905 - a list literal would take a line per name
+    "source pool refresh_bn ce_weight latents_dtype lr momentum weight_decay optimizer "
+    "adam_lr_scale schedule stop_at_train_loss num_workers save_latents"
+).split()
+
+
 def build(
     config: TrainConfig, bundle: Any, out: Path, rank: int, report: bool
 ) -> tuple[Any, Any, TrainConfig, Any]:
@@ -228,29 +229,16 @@ def build(
     module = LCCModule(
         model,
         regularisers=regularisers,
-        source=config.source,
-        pool=config.pool,
-        refresh_bn=config.refresh_bn,
         sample=sample,
         num_classes=bundle.num_classes,
         n_train=len(train_set),
-        ce_weight=config.ce_weight,
         latents_dir=out / "latents" if config.latents_on_disk else None,
-        latents_dtype=config.latents_dtype,
-        lr=config.lr,
-        momentum=config.momentum,
-        weight_decay=config.weight_decay,
-        optimizer=config.optimizer,
-        adam_lr_scale=config.adam_lr_scale,
-        schedule=config.schedule,
-        stop_at_train_loss=config.stop_at_train_loss,
         tracker=make_tracker(config, bundle, out) if rank == 0 else None,
         refresh_data=plain_set,
         refresh_batch_size=config.batch_size,  # fits; larger was slower on CPU (LCCModule)
-        num_workers=config.num_workers,
         out_dir=out,
-        save_latents=config.save_latents,
         report=report,
+        **{name: getattr(config, name) for name in _MODULE_OPTIONS},
     )
     if module.regularisation is not None:
         module.regularisation.check_labels(targets)

@@ -115,8 +115,7 @@ def _inspect(file: Path) -> CheckpointInfo:
         isinstance(v, torch.Tensor) for v in state.values()
     ):
         raise _Unusable("no model weights (state_dict)")
-    problem = _loop_mismatch(checkpoint, int(epoch), int(step))
-    if problem:
+    if problem := _loop_mismatch(checkpoint, int(epoch), int(step)):
         raise _Unusable(problem)
     return CheckpointInfo(file, int(epoch), int(step))
 
@@ -164,11 +163,10 @@ def checkpoint_candidates(run_dir: str | os.PathLike[str]) -> list[Path]:
     if not folder.is_dir():
         return []
     ranked = [folder / LAST, folder / "previous.ckpt"]
-    numbered = sorted(
+    ranked += sorted(
         folder.glob("previous-*.ckpt"),
         key=lambda p: int(p.stem.split("-")[-1]) if p.stem.split("-")[-1].isdigit() else 1 << 30,
     )
-    ranked += numbered
     others = [p for p in folder.glob("*.ckpt") if p not in ranked]
     others.sort(key=lambda p: _mtime(p), reverse=True)
     return [p for p in ranked + others if p.is_file()]
@@ -303,14 +301,12 @@ def _signature(path: Path) -> tuple[int, int, int] | None:
 
 
 def _remember(path: Path) -> None:
-    signature = _signature(path)
-    if signature is not None:
+    if (signature := _signature(path)) is not None:
         _WRITTEN[path.resolve()] = signature
 
 
 def _loads(path: Path) -> bool:
-    signature = _signature(path)
-    if signature is None:
+    if (signature := _signature(path)) is None:
         return False
     if _WRITTEN.get(path.resolve()) == signature:
         return True
@@ -341,21 +337,18 @@ def _rotate(folder: Path, names: list[str]) -> None:
         os.replace(newest, keep)
     else:
         os.replace(link, keep)
-    signature = _WRITTEN.pop(newest.resolve(), None)
-    if signature is not None:
+    if (signature := _WRITTEN.pop(newest.resolve(), None)) is not None:
         _WRITTEN[keep.resolve()] = signature
 
 
 def _write_error(target: Path, error: OSError) -> LCCInputError:
     if error.errno == errno.ENOSPC:
-        reason = "no space left on device"
-        fix = "free some space"
+        reason, fix = "no space left on device", "free some space"
     elif error.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
         reason = f"{target.parent} is not writable ({error.strerror or error})"
         fix = "make it writable"
     else:
-        reason = error.strerror or str(error)
-        fix = "fix that"
+        reason, fix = error.strerror or str(error), "fix that"
     kept = [p.name for p in (target, target.with_name("previous.ckpt")) if p.is_file()]
     verb = "left as they were" if len(kept) > 1 else "left as it was"
     left = f"{' and '.join(kept)} {verb}" if kept else "no earlier checkpoint exists"

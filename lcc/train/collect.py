@@ -152,8 +152,8 @@ def collect_fresh(
         device=str(device if device is not None else model_device(model)),
         losses=losses,
         refresh_bn=refresh_bn,
+        train_accuracy=train_accuracy,
     )
-    collected.train_accuracy = train_accuracy
     if batch_norm_layers(model):
         warn_latent_gap(collected, refresh_bn, seed)
     return collected
@@ -167,11 +167,16 @@ def _loss_keeper(n: int) -> tuple[np.ndarray, Any]:
 
     def keep_loss(logits: Tensor, labels: Tensor, rows: np.ndarray) -> None:
         labels = labels.reshape(-1).to(logits.device, torch.int64)
-        scores = logits.reshape(labels.shape[0], -1).float()
-        loss = nn.functional.cross_entropy(scores, labels.clamp(min=0), reduction="none")
-        losses[rows] = torch.where(labels >= 0, loss, torch.nan).cpu().numpy()
+        losses[rows] = _sample_losses(logits, labels).cpu().numpy()
 
     return losses, keep_loss
+
+
+def _sample_losses(logits: Tensor, labels: Tensor) -> Tensor:
+    """(B,) cross-entropy of each row (float32), NaN for unlabelled rows (label -1)."""
+    scores = logits.reshape(labels.shape[0], -1).float()
+    loss = nn.functional.cross_entropy(scores, labels.clamp(min=0), reduction="none")
+    return torch.where(labels >= 0, loss, torch.nan)
 
 
 #: A fresh pass whose accuracy is this far from training's (fraction) gets a warning.
@@ -251,6 +256,10 @@ def dataset_labels(loader: Any) -> np.ndarray | None:
                 return None
         dataset = getattr(dataset, "dataset", None)
     return None
+
+
+#: the per-sample buffers of :class:`RecordedLatents` (its attributes), as checkpoints hold them
+_BUFFERS = ("predictions", "labels", "recorded_at", "losses", "latents")
 
 
 class RecordedLatents:
@@ -339,10 +348,8 @@ class RecordedLatents:
         """Per-sample cross-entropy of the batch (NaN for unlabelled rows)."""
         if self.losses is None or self.losses.shape[0] != self.predictions.shape[0]:  # type: ignore[union-attr]
             self.losses = np.full(self.predictions.shape[0], np.nan)  # type: ignore[union-attr]
-        scores = logits.detach().reshape(labels.shape[0], -1).float().cpu()
-        loss = nn.functional.cross_entropy(scores, labels.clamp(min=0), reduction="none")
-        values = torch.where(labels >= 0, loss, torch.nan).double()
-        torch.from_numpy(self.losses)[index] = values
+        values = _sample_losses(logits.detach().float().cpu(), labels)
+        torch.from_numpy(self.losses)[index] = values.double()
 
     def accuracy(self, epoch: int | None = None, exchange: Exchange | None = None) -> float | None:
         """Accuracy of the training forwards of ``epoch`` (over every process of ``exchange``,
@@ -403,9 +410,7 @@ class RecordedLatents:
         gathered_rows = exchange.gather_rows(rows)
         meta = exchange.gather_rows(np.stack([self.predictions[rows], self.labels[rows]], axis=1))
         gathered = {name: exchange.gather_rows(self.latents[name][rows]) for name in layers}
-        losses = None
-        if self.losses is not None:
-            losses = exchange.gather_rows(self.losses[rows].reshape(-1, 1))
+        losses = None if self.losses is None else exchange.gather_rows(self.losses[rows, None])
         for rank in reversed(range(len(gathered_rows))):  # lowest rank written last: it wins
             index = gathered_rows[rank]
             self.predictions[index] = meta[rank][:, 0]
@@ -419,13 +424,7 @@ class RecordedLatents:
     def as_dict(self) -> dict[str, Any]:
         """The buffers (numpy views): ``predictions``/``labels`` (N,) int64 (-1 unknown),
         ``recorded_at`` (N,) epoch of each row (-1 never), ``latents`` {layer: (N, D)}."""
-        return {
-            "predictions": self.predictions,
-            "labels": self.labels,
-            "recorded_at": self.recorded_at,
-            "losses": self.losses,
-            "latents": self.latents,
-        }
+        return {name: getattr(self, name) for name in _BUFFERS}
 
     def state_dict(self) -> dict[str, Any]:
         tally = np.array([[e, r, n] for e, (r, n) in sorted(self.tally.items())], dtype=np.int64)

@@ -20,13 +20,13 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from lcc.engine.choices import LATENT_DTYPES, POOLS, PRECISIONS, REFRESH_BN, SOURCES
 from lcc.errors import LCCInputError
 from lcc.regularisers.lcc_options import LCCOptions
-from lcc.regularisers.options import coerce, did_you_mean, field_kind, option
+from lcc.regularisers.options import add_fields, coerce_fields, did_you_mean, option
 from lcc.train.training_options import check_training_options, with_training_options
 
 STRATEGIES: tuple[str, ...] = ("auto", "ddp")
@@ -56,16 +56,8 @@ LCC_FIELDS: tuple[str, ...] = tuple(
 def _with_lcc_options(cls: type) -> type:
     """Add LCC's options (declared once, in :class:`LCCOptions`) as fields of ``cls``, after
     ``layers``, in the ``lcc`` group of ``lcc train --help``."""
-    annotations = dict(cls.__annotations__)
-    order = list(annotations)
-    at = order.index("layers") + 1
-    for item in reversed([f for f in dataclasses.fields(LCCOptions) if f.name in LCC_FIELDS]):
-        order.insert(at, item.name)
-        annotations[item.name] = item.type
-        metadata = {**item.metadata, "kind": field_kind(item), "group": "lcc"}
-        setattr(cls, item.name, field(default=item.default, metadata=metadata))
-    cls.__annotations__ = {name: annotations[name] for name in order}
-    return cls
+    lcc = [item for item in dataclasses.fields(LCCOptions) if item.name in LCC_FIELDS]
+    return add_fields(cls, lcc, "layers", group="lcc")
 
 
 @dataclass
@@ -296,21 +288,21 @@ class TrainConfig:
             ("seed", 0),
             ("devices", 1),
             ("num_workers", 0),
+            ("weight_decay", 0),
+            ("ce_weight", 0),
         ):
             if getattr(self, name) < low:
                 raise LCCInputError(f"{_flag(name)} must be >= {low}, got {getattr(self, name)}")
-        if self.labeled_fraction is not None and not 0 < self.labeled_fraction <= 1:
-            raise LCCInputError(
-                f"--labeled-fraction must be in (0, 1], got {self.labeled_fraction}"
-            )
+        for name in ("labeled_fraction", "labeled_ratio"):
+            value = getattr(self, name)
+            if value is not None and not 0 < value <= 1:
+                raise LCCInputError(f"{_flag(name)} must be in (0, 1], got {value}")
         if self.labeled_fraction is not None and self.labels_per_class is not None:
             raise LCCInputError("pass --labeled-fraction or --labels-per-class, not both")
         if self.checkpoint_every is not None and not self.checkpoint_every > 0:
             raise LCCInputError(
                 f"--checkpoint-every must be > 0 minutes, got {self.checkpoint_every}"
             )
-        if not 0 < self.labeled_ratio <= 1:
-            raise LCCInputError(f"--labeled-ratio must be in (0, 1], got {self.labeled_ratio}")
         for name in ("subset", "test_subset", "labels_per_class"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -319,12 +311,8 @@ class TrainConfig:
             raise LCCInputError(f"--lr must be positive, got {self.lr}")
         if not 0 <= self.momentum < 1:
             raise LCCInputError(f"--momentum must be in [0, 1), got {self.momentum}")
-        if self.weight_decay < 0:
-            raise LCCInputError(f"--weight-decay must be >= 0, got {self.weight_decay}")
         if self.layers is not None and not self.layers:
             raise LCCInputError("--layers needs at least one layer name")
-        if self.ce_weight < 0:
-            raise LCCInputError(f"--ce-weight must be >= 0, got {self.ce_weight}")
         if self.ce_weight == 0 and self.no_lcc:
             raise LCCInputError("--ce-weight 0 with --no-lcc leaves nothing to train on")
         if self.no_lcc and self.regularisers:
@@ -337,13 +325,7 @@ class TrainConfig:
 
     def coerce(self) -> TrainConfig:
         """Convert every value (YAML, text, Python) to its field's kind; returns ``self``."""
-        for item in dataclasses.fields(self):
-            value = getattr(self, item.name)
-            setattr(
-                self,
-                item.name,
-                coerce(value, field_kind(item), item.name, item.metadata["choices"]),
-            )
+        coerce_fields(self)
         return self
 
     def lcc_options(self, layers: list[str] | None = None) -> LCCOptions:
@@ -388,14 +370,11 @@ class TrainConfig:
         from lcc.regularisers import build_regulariser, parse_spec
 
         lcc_defaults = dataclasses.asdict(self.lcc_options(layers))
-        regularisers = []
-        for spec in self.regulariser_specs():
-            name, _ = parse_spec(spec)
-            others = {"layers": list(layers), "seed": self.seed}
-            regularisers.append(
-                build_regulariser(spec, **(lcc_defaults if name == "lcc" else others))
-            )
-        return regularisers
+        others = {"layers": list(layers), "seed": self.seed}  # each regulariser copies them
+        return [
+            build_regulariser(spec, **(lcc_defaults if parse_spec(spec)[0] == "lcc" else others))
+            for spec in self.regulariser_specs()
+        ]
 
     # --- conversion ------------------------------------------------------------------------
 

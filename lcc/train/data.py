@@ -277,35 +277,35 @@ class LCCDataModule(pl.LightningDataModule):
                 return 0, 0
             return int(getattr(module, "batches_epoch", 0)), int(getattr(module, "batches_done", 0))
 
-        if self.train is not None:
-            return self._mixed_dataloader(rank, world, epoch, progress)
-        sampler = EpochSampler(
-            len(self.bundle.train),
-            seed=self.seed,
-            rank=rank,
-            world_size=world,
-            epoch_fn=epoch,
-            reseed=True,
-        )
+        order: dict[str, Any]
+        if self.train is not None:  # labelled and unlabelled samples in every batch
+            dataset, batches = self.train, self._mixed_batches(rank, world)
+            order = {
+                "batch_sampler": _EpochBatches(batches, seed=self.seed, rank=rank, epoch_fn=epoch)
+            }
+        else:
+            dataset = IndexedDataset(self.bundle.train)
+            sampler = EpochSampler(
+                len(self.bundle.train),
+                seed=self.seed,
+                rank=rank,
+                world_size=world,
+                epoch_fn=epoch,
+                reseed=True,
+            )
+            order = {"batch_size": self.batch_size, "sampler": sampler}
         return ResumableLoader(
-            IndexedDataset(self.bundle.train),
+            dataset,
             progress_fn=progress,
-            batch_size=self.batch_size,
-            sampler=sampler,
             num_workers=self.num_workers,
             persistent_workers=False,
+            **order,
         )
 
-    def _mixed_dataloader(
-        self,
-        rank: int,
-        world: int,
-        epoch: Callable[[], int],
-        progress: Callable[[], tuple[int, int]],
-    ) -> DataLoader:
+    def _mixed_batches(self, rank: int, world: int) -> Any:
         from lcc.zoo.labels import MixedBatchSampler
 
-        batches = MixedBatchSampler(
+        return MixedBatchSampler(
             self.train.labeled_indices,
             self.train.unlabeled_indices,
             self.batch_size,
@@ -313,13 +313,6 @@ class LCCDataModule(pl.LightningDataModule):
             seed=self.seed,
             num_replicas=world,
             rank=rank,
-        )
-        return ResumableLoader(
-            self.train,
-            progress_fn=progress,
-            batch_sampler=_EpochBatches(batches, seed=self.seed, rank=rank, epoch_fn=epoch),
-            num_workers=self.num_workers,
-            persistent_workers=False,
         )
 
     def test_dataloader(self) -> DataLoader:

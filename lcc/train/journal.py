@@ -117,10 +117,7 @@ def write_refresh(
             continue
         prefix = "" if key == "lcc" else f"{_safe_name(key)}_"
         for name, layer in state.layers.items():
-            arrays: dict[str, np.ndarray] = {
-                "clusters": layer.clusters,
-                "target_indices": layer.target_indices,
-            }
+            arrays = {"clusters": layer.clusters, "target_indices": layer.target_indices}
             if save_latents and collected is not None:
                 arrays["z"] = collected.latents[name]
                 arrays["y"] = collected.y

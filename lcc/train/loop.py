@@ -136,11 +136,10 @@ class Regularisation:
         self.latents_dtype = check_choice(latents_dtype, LATENT_DTYPES, name="latents_dtype")
         if self.latents_dir is not None:
             self.latents_dir.mkdir(parents=True, exist_ok=True)
-        hooked: list[str] = []
-        for reg in regularisers:
-            hooked.extend(name for name in reg.layers if name != OUTPUT and name not in hooked)
+        hooked = dict.fromkeys(name for reg in regularisers for name in reg.layers)
+        hooked.pop(OUTPUT, None)
         # no hooked layer when every regulariser reads the logits ('output') only
-        self.recorder = LatentRecorder(model, hooked, pool=self.pool, allow_empty=True)  # type: ignore[arg-type]
+        self.recorder = LatentRecorder(model, list(hooked), pool=self.pool, allow_empty=True)  # type: ignore[arg-type]
         self.layers: tuple[str, ...] = tuple(self.recorder.layers)
         self.recorder.attach()
         self.buffers = RecordedLatents(latents_dir=self.latents_dir, dtype=self.latents_dtype)
@@ -209,10 +208,7 @@ class Regularisation:
 
     def training_layers(self, keys: Sequence[str]) -> list[str]:
         """Layers the regularisers ``keys`` need in :class:`TrainingLatents`."""
-        layers: list[str] = []
-        for key in keys:
-            layers.extend(name for name in self[key].training_layers if name not in layers)
-        return layers
+        return list(dict.fromkeys(name for key in keys for name in self[key].training_layers))
 
     def start_epoch(
         self, epoch: int, loader: Any = None, *, exchange: Exchange | None = None
@@ -271,7 +267,7 @@ class Regularisation:
                 collected.device = str(model_device(self.model))
                 return collected
         try:
-            collected = collect_fresh(
+            return collect_fresh(
                 self.model,
                 loader,
                 layers,
@@ -289,7 +285,6 @@ class Regularisation:
             )
         finally:  # collect_latents restores every submodule's train/eval mode itself
             self.recorder.clear()  # our hooks saw the eval pass too: drop those outputs
-        return collected
 
     def compute(
         self, collected: TrainingLatents, *, epoch: int | None = None, keys: Sequence[str]
@@ -448,7 +443,5 @@ def LatentClusterCorrection(
     >>> [e for e in range(10) if regs["lcc"].is_refresh_epoch(e)]
     [2, 5, 8]
     """
-    reg = LCC(options, **overrides)
-    return Regularisation(
-        model, [reg], source=source, pool=pool, n_samples=n_samples, device=device
-    )
+    regs = [LCC(options, **overrides)]
+    return Regularisation(model, regs, source=source, pool=pool, n_samples=n_samples, device=device)

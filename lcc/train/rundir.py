@@ -8,6 +8,7 @@ was moved or copied resumes where it is now.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -100,10 +101,8 @@ def prepare_out(config: TrainConfig) -> tuple[Path, Path | None, dict[str, Any] 
         ) from None
     finished = None
     if config.resume and metrics_file.is_file():
-        try:
+        with contextlib.suppress(ValueError):
             finished = json.loads(metrics_file.read_text(encoding="utf-8"))
-        except ValueError:
-            finished = None
         if finished is not None and int(finished.get("epochs", -1)) != config.epochs:
             finished = None  # more (or fewer) epochs asked: continue from the checkpoint
     resume_from = None

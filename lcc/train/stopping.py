@@ -52,20 +52,16 @@ def stopping_signals(trainer: pl.Trainer) -> Iterator[_Signals]:
         yield seen
         return
 
-    def on_term(signum: int, frame: Any) -> None:
+    def on_signal(signum: int, frame: Any) -> None:
         seen.first = seen.first or signum
+        if signum == signal.SIGINT:
+            seen.interrupts += 1
+            if seen.interrupts > 1:
+                raise KeyboardInterrupt
         trainer._signal_connector.received_sigterm = True  # the same flag Lightning sets
 
-    def on_int(signum: int, frame: Any) -> None:
-        seen.interrupts += 1
-        seen.first = seen.first or signum
-        if seen.interrupts > 1:
-            raise KeyboardInterrupt
-        trainer._signal_connector.received_sigterm = True
-
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
-    signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGINT, on_int)
+    # signal.signal returns the handler it replaces
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield seen
     finally:

@@ -37,8 +37,8 @@ from typing import Any
 
 from lcc.analysis.study_measures import StudyMeasures, parse_measures
 from lcc.errors import LCCInputError
-from lcc.io import read_yaml
 from lcc.train.sweep import Sweep, SweepRun, parse_sweep, plan_runs, run_state, train_run
+from lcc.train.sweep_plan import _check_keys, _load_file
 
 __all__ = ["STUDY_KEYS", "Study", "load_study", "parse_study", "plan_study", "run_study", "states"]
 
@@ -62,11 +62,7 @@ class Study:
 
 def load_study(path: str | os.PathLike[str]) -> Study:
     """Read and check a study file (errors name the file)."""
-    data = read_yaml(path)
-    try:
-        return parse_study(data)
-    except LCCInputError as error:
-        raise LCCInputError(f"study file {path}: {error}") from None
+    return _load_file(path, parse_study, "study")
 
 
 def _exclusions(value: Any, grid: Mapping[str, list[Any]]) -> tuple[dict[str, list[Any]], ...]:
@@ -94,13 +90,7 @@ def _exclusions(value: Any, grid: Mapping[str, list[Any]]) -> tuple[dict[str, li
 
 def parse_study(data: Mapping[str, Any]) -> Study:
     """A :class:`Study` from the mapping of a study file; every model's options are checked."""
-    if not isinstance(data, Mapping):
-        raise LCCInputError("a study file must hold a mapping with base:, grid:, ...")
-    unknown = [key for key in data if key not in STUDY_KEYS]
-    if unknown:
-        raise LCCInputError(
-            f"unknown study key {unknown[0]!r}; valid keys: {', '.join(STUDY_KEYS)}"
-        )
+    _check_keys(data, STUDY_KEYS, "study", "base:, grid:, ...")
     sweep = parse_sweep({"base": data.get("base"), "grid": data.get("grid")})
     varying = [key for key in sweep.setting_keys if len(sweep.grid[key]) > 1]
     if not varying:
@@ -165,8 +155,7 @@ def states(runs: Sequence[SweepRun]) -> dict[str, str]:
         elif (folder / "measures.json").is_file():
             out[run.name] = "measured"
         else:
-            state = run_state(run)[0]
-            out[run.name] = {"done": "trained", "resume": "started"}.get(state, "new")
+            out[run.name] = {"done": "trained", "resume": "started"}.get(run_state(run)[0], "new")
     return out
 
 
@@ -211,8 +200,9 @@ def check_study_dir(study: Study, root: Path) -> None:
     write_json_atomic(saved_file, study.source)
 
 
-def _say(text: str) -> None:
-    print(f"lcc study: {text}", file=sys.stderr, flush=True)
+def _say(text: str, report: bool = True) -> None:
+    if report:
+        print(f"lcc study: {text}", file=sys.stderr, flush=True)
 
 
 def _train_one(run: SweepRun, where: str, report: bool) -> None:
@@ -222,13 +212,11 @@ def _train_one(run: SweepRun, where: str, report: bool) -> None:
     state, config = run_state(run)
     if state == "done":
         return
-    if report:
-        _say(f"{where}: {'resuming' if state == 'resume' else 'training'}")
+    _say(f"{where}: {'resuming' if state == 'resume' else 'training'}", report)
     diverged = train_run(config, where, report=False)
     if diverged is not None:
         write_json_atomic(Path(config.out or "") / "failed.json", {"reason": diverged})
-        if report:
-            _say(f"{where}: diverged ({diverged}); recorded as failed")
+        _say(f"{where}: diverged ({diverged}); recorded as failed", report)
 
 
 def _measure_one(run: SweepRun, study: Study, where: str, report: bool) -> None:
@@ -238,8 +226,7 @@ def _measure_one(run: SweepRun, study: Study, where: str, report: bool) -> None:
     from lcc.io import save_npz_atomic, write_json_atomic
 
     folder = Path(run.config.out or "") if run.config else Path()
-    if report:
-        _say(f"{where}: measuring")
+    _say(f"{where}: measuring", report)
     result = measure_run(folder, study.measures, seed=0)
     if result["neurons"]:
         arrays = {key: np.asarray(value) for key, value in result["neurons"].items()}

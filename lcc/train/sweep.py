@@ -9,6 +9,7 @@ are checked before the first one trains.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -133,17 +134,17 @@ def run_state(run: SweepRun) -> tuple[str, TrainConfig]:
         )
     metrics_file = folder / "metrics.json"
     if metrics_file.is_file():
-        try:
+        epochs = None
+        with contextlib.suppress(ValueError):
             epochs = json.loads(metrics_file.read_text(encoding="utf-8")).get("epochs")
-        except ValueError:
-            epochs = None
         if epochs == requested.epochs:
             return "done", requested
     return "resume", merge_config(requested, {"resume": True})
 
 
-def _say(text: str) -> None:
-    print(f"lcc sweep: {text}", file=sys.stderr, flush=True)
+def _say(text: str, report: bool = True) -> None:
+    if report:
+        print(f"lcc sweep: {text}", file=sys.stderr, flush=True)
 
 
 def run_sweep(
@@ -171,22 +172,19 @@ def run_sweep(
         where = f"[{position}/{len(runs)}] {run.name}"
         if state == "done":
             status[run.name] = "done"
-            if report:
-                _say(f"{where}: finished earlier, skipped")
+            _say(f"{where}: finished earlier, skipped", report)
             continue
         if not train_runs:
             status[run.name] = "skipped"
             continue
-        if report:
-            _say(f"{where}: {'resuming' if state == 'resume' else 'training'}")
+        _say(f"{where}: {'resuming' if state == 'resume' else 'training'}", report)
         root.mkdir(parents=True, exist_ok=True)
         if state == "resume":
             _adopt_location(config)
         diverged = train_run(config, where, report=report)
         if diverged is not None:
             status[run.name] = "diverged"
-            if report:
-                _say(f"{where}: diverged ({diverged}); left out of the table")
+            _say(f"{where}: diverged ({diverged}); left out of the table", report)
             continue
         status[run.name] = "resumed" if state == "resume" else "trained"
     rows = sweep_table(sweep, runs)
@@ -289,12 +287,9 @@ def _untrained(config: TrainConfig) -> tuple[Any, Any]:
     info = None if config.superclasses else dataset_info(config.dataset or "")
     if info is None:  # also DATASET:super and --superclasses (the trained classes)
         bundle = load_run_dataset(
-            config.dataset or "",
-            superclasses=config.superclasses,
-            augment="none",
-            root=config.data_dir,
-            subset=config.subset,
-        )
+            config.dataset or "", superclasses=config.superclasses, augment="none",
+            root=config.data_dir, subset=config.subset,
+        )  # fmt: skip
         info = (bundle.input_shape, bundle.num_classes)
     shape, classes = info
     with torch.random.fork_rng():

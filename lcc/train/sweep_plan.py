@@ -40,8 +40,8 @@ import itertools
 import json
 import os
 import re
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -109,11 +109,27 @@ class SweepRun:
 
 def load_sweep(path: str | os.PathLike[str]) -> Sweep:
     """Read and check a sweep file (errors name the file)."""
+    return _load_file(path, parse_sweep, "sweep")
+
+
+def _load_file(path: str | os.PathLike[str], parse: Callable[[Any], Any], kind: str) -> Any:
+    """``parse`` of the YAML file ``path`` (a sweep or a study), its errors naming the file."""
     data = read_yaml(path)
     try:
-        return parse_sweep(data)
+        return parse(data)
     except LCCInputError as error:
-        raise LCCInputError(f"sweep file {path}: {error}") from None
+        raise LCCInputError(f"{kind} file {path}: {error}") from None
+
+
+def _check_keys(data: Any, valid: tuple[str, ...], kind: str, needs: str, hint: str = "") -> None:
+    """``data`` must be a mapping (with ``needs``) of ``valid`` keys only."""
+    if not isinstance(data, Mapping):
+        raise LCCInputError(f"a {kind} file must hold a mapping with {needs}")
+    unknown = [key for key in data if key not in valid]
+    if unknown:
+        raise LCCInputError(
+            f"unknown {kind} key {unknown[0]!r}; valid keys: {', '.join(valid)}{hint}"
+        )
 
 
 def _mapping(value: Any, name: str) -> dict[str, Any]:
@@ -126,14 +142,8 @@ def _mapping(value: Any, name: str) -> dict[str, Any]:
 
 def parse_sweep(data: Mapping[str, Any]) -> Sweep:
     """A :class:`Sweep` from the mapping of a sweep file; every run's options are checked."""
-    if not isinstance(data, Mapping):
-        raise LCCInputError("a sweep file must hold a mapping with base: and grid:")
-    unknown = [key for key in data if key not in SWEEP_KEYS]
-    if unknown:
-        raise LCCInputError(
-            f"unknown sweep key {unknown[0]!r}; valid keys: {', '.join(SWEEP_KEYS)} "
-            "(lcc train options go under base: or grid:)"
-        )
+    hint = " (lcc train options go under base: or grid:)"
+    _check_keys(data, SWEEP_KEYS, "sweep", "base: and grid:", hint)
     base = _mapping(data.get("base"), "base")
     grid = _mapping(data.get("grid"), "grid")
     missing = [key for key in ("model", "dataset") if key not in base and key not in grid]
@@ -215,15 +225,10 @@ def plan_runs(sweep: Sweep, out: str | os.PathLike[str]) -> list[SweepRun]:
         base["checkpoint"] = str(root / "pretrain" / "checkpoints" / "last.ckpt")
     if sweep.baseline is not None:
         for seed in sweep.seeds:
+            name = _name([("seed", seed)], prefix="baseline")
             options = {**sweep.baseline, "seed": seed}
             runs.append(
-                SweepRun(
-                    name=_name([("seed", seed)], prefix="baseline"),
-                    setting=(),
-                    seed=seed,
-                    kind="baseline",
-                    options=options,
-                )
+                SweepRun(name=name, setting=(), seed=seed, kind="baseline", options=options)
             )
     keys = list(sweep.grid)
     for values in itertools.product(*(sweep.grid[key] for key in keys)):
@@ -231,13 +236,9 @@ def plan_runs(sweep: Sweep, out: str | os.PathLike[str]) -> list[SweepRun]:
         options = dict(pairs)
         options.setdefault("seed", sweep.seeds[0])
         setting = tuple((key, value) for key, value in pairs if key != "seed")
-        ordered = [*setting, ("seed", options["seed"])]
-        runs.append(
-            SweepRun(
-                name=_name(ordered), setting=setting, seed=options["seed"], kind="grid",
-                options=options,
-            )
-        )  # fmt: skip
+        seed = options["seed"]
+        name = _name([*setting, ("seed", seed)])
+        runs.append(SweepRun(name=name, setting=setting, seed=seed, kind="grid", options=options))
     names = [run.name for run in runs]
     checked = []
     for run in runs:
@@ -251,14 +252,5 @@ def plan_runs(sweep: Sweep, out: str | os.PathLike[str]) -> list[SweepRun]:
             config.check()
         except LCCInputError as error:
             raise LCCInputError(f"run {name}: {error}") from None
-        checked.append(
-            SweepRun(
-                name=name,
-                setting=run.setting,
-                seed=config.seed,
-                kind=run.kind,
-                options=run.options,
-                config=config,
-            )
-        )
+        checked.append(replace(run, name=name, seed=config.seed, config=config))
     return checked

@@ -31,6 +31,8 @@ from lcc.train.sweep_plan import Sweep, SweepRun, _canonical, _name, _value_text
 
 __all__ = ["TABLE_HEADS", "TableRow", "format_table", "sweep_table", "table_csv", "write_table"]
 
+#: the CSV's number columns, named as the fields of :class:`TableRow`
+_NUMBERS = ("top1_mean", "top1_std", "top5_mean", "top5_std", "gain_top1", "gain_top5")
 #: the first bytes of the table files :func:`write_table` writes, by name
 TABLE_HEADS: dict[str, bytes] = {"table.md": b"| ", "table.csv": b"setting,"}
 
@@ -86,15 +88,12 @@ def sweep_table(sweep: Sweep, runs: Sequence[SweepRun]) -> list[TableRow]:
     base_seeds: dict[str, dict[int, float]] = {"test_top1": {}, "test_top5": {}}
     for key, members in groups.items():
         pairs = [(run.seed, m) for run in members if (m := _read_metrics(run)) is not None]
-        metrics = [m for _, m in pairs]
         by_seed = {
             name: {seed: float(m[name]) for seed, m in pairs if m.get(name) is not None}
             for name in base_seeds
         }
-        top1 = list(by_seed["test_top1"].values())
-        top5 = list(by_seed["test_top5"].values())
-        top1_mean, top1_std = _mean_std(top1)
-        top5_mean, top5_std = _mean_std(top5)
+        top1_mean, top1_std = _mean_std(list(by_seed["test_top1"].values()))
+        top5_mean, top5_std = _mean_std(list(by_seed["test_top5"].values()))
         is_baseline = key == "baseline"
         if is_baseline:
             reference = (top1_mean, top5_mean)
@@ -105,24 +104,21 @@ def sweep_table(sweep: Sweep, runs: Sequence[SweepRun]) -> list[TableRow]:
                 return None
             return mean - base
 
+        paired = [None if is_baseline else paired_gain(by_seed[n], base_seeds[n]) for n in by_seed]
         rows.append(
             TableRow(
                 setting=settings[key],
                 baseline=is_baseline,
                 runs=[run.name for run in members],
-                finished=len(metrics),
+                finished=len(pairs),
                 top1_mean=top1_mean,
                 top1_std=top1_std,
                 top5_mean=top5_mean,
                 top5_std=top5_std,
                 gain_top1=gain(top1_mean, reference[0]),
                 gain_top5=gain(top5_mean, reference[1]),
-                paired_top1=None
-                if is_baseline
-                else paired_gain(by_seed["test_top1"], base_seeds["test_top1"]),
-                paired_top5=None
-                if is_baseline
-                else paired_gain(by_seed["test_top5"], base_seeds["test_top5"]),
+                paired_top1=paired[0],
+                paired_top5=paired[1],
             )
         )
     return rows
@@ -185,22 +181,7 @@ def table_csv(sweep: Sweep, rows: Sequence[TableRow]) -> str:
     keys = sweep.setting_keys
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(
-        [
-            "setting",
-            *keys,
-            "finished",
-            "planned",
-            "top1_mean",
-            "top1_std",
-            "top5_mean",
-            "top5_std",
-            "gain_top1",
-            "gain_top5",
-            *PAIRED_COLUMNS,
-            "runs",
-        ]
-    )
+    writer.writerow(["setting", *keys, "finished", "planned", *_NUMBERS, *PAIRED_COLUMNS, "runs"])
 
     def number(value: float | None) -> str:
         return "" if value is None else repr(float(value))
@@ -214,12 +195,7 @@ def table_csv(sweep: Sweep, rows: Sequence[TableRow]) -> str:
                 *("" if row.baseline else _value_text(values[key]) for key in keys),
                 row.finished,
                 len(row.runs),
-                number(row.top1_mean),
-                number(row.top1_std),
-                number(row.top5_mean),
-                number(row.top5_std),
-                number(row.gain_top1),
-                number(row.gain_top5),
+                *(number(getattr(row, column)) for column in _NUMBERS),
                 *paired_cells(row.paired_top1, row.paired_top5),
                 " ".join(row.runs),
             ]

@@ -66,10 +66,8 @@ class MeasureTracker:
 
         layers = self.layers or default_layers(model)
         latents, predictions = _latents(model, self.x.to(next(model.parameters()).device), layers)
-        if self.fine is not None:
-            data = MeasureInput(latents, self.fine, y_super=self.y, predictions=predictions)
-        else:
-            data = MeasureInput(latents, self.y, predictions=predictions)
+        y, y_super = (self.y, None) if self.fine is None else (self.fine, self.y)
+        data = MeasureInput(latents, y, y_super=y_super, predictions=predictions)
         options = MeasureOptions(top_k=5, top_layers=2)
         shown = shown_epoch(epoch)
         lines = [{"epoch": shown, **line} for line in run_measures(self.names, data, options)]

@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from lcc.errors import LCCInputError
-from lcc.regularisers.options import field_kind, option
+from lcc.regularisers.options import add_fields, option
 
 __all__ = [
     "AUGMENTS",
@@ -133,16 +133,7 @@ class TrainingOptions:
 def with_training_options(cls: type) -> type:
     """Add :class:`TrainingOptions`' fields to the dataclass ``cls`` (before ``@dataclass``
     runs), after its ``weight_decay`` field."""
-    annotations = dict(cls.__annotations__)
-    order = list(annotations)
-    at = order.index("weight_decay") + 1 if "weight_decay" in order else len(order)
-    for item in reversed(dataclasses.fields(TrainingOptions)):
-        order.insert(at, item.name)
-        annotations[item.name] = item.type
-        metadata = {**item.metadata, "kind": field_kind(item)}
-        setattr(cls, item.name, field(default=item.default, metadata=metadata))
-    cls.__annotations__ = {name: annotations[name] for name in order}
-    return cls
+    return add_fields(cls, dataclasses.fields(TrainingOptions), "weight_decay")
 
 
 def check_training_options(config: Any) -> None:

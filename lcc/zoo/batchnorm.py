@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, Subset
 
 from lcc.engine.choices import REFRESH_BN
 from lcc.errors import LCCInputError, check_choice
-from lcc.zoo.latents import eval_mode
+from lcc.zoo.latents import eval_mode, model_device
 
 __all__ = [
     "RECALIBRATE_SAMPLES",
@@ -118,7 +118,7 @@ def recalibrate(
         shuffle=False,
         drop_last=rows.shape[0] > batch_size,  # no tiny last batch (a batch of 1 fails)
     )
-    target = torch.device(device) if device is not None else _device_of(model)
+    target = torch.device(device) if device is not None else model_device(model)
     momenta = [layer.momentum for layer in layers]
     batches = 0
     with eval_mode(model), torch.no_grad():
@@ -140,9 +140,3 @@ def recalibrate(
 def check_refresh_bn(value: object) -> str:
     """``value`` if it is one of :data:`REFRESH_BN`, else a one-line error."""
     return check_choice(value, REFRESH_BN, name="refresh_bn")
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    for tensor in model.parameters():
-        return tensor.device
-    return torch.device("cpu")

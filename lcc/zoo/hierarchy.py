@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lcc.zoo.datasets import DatasetBundle, ImageTensorDataset, load_dataset, random_crop_flip
+from lcc.zoo.datasets import DatasetBundle, ImageTensorDataset, load_dataset
 from lcc.zoo.superclasses import SuperclassMap, resolve
 
 __all__ = [
@@ -51,15 +51,6 @@ class AugmentedImages(ImageTensorDataset):
         super().__init__(*args, **kwargs)
         self.flip = bool(flip)
 
-    def _prepare(self, rows: np.ndarray) -> np.ndarray:
-        images = self._array[rows]
-        if self.padding:
-            images = random_crop_flip(images, self.padding, flip=self.flip)
-        out = images.astype(np.float32)
-        out *= self._scale
-        out += self._shift
-        return out
-
 
 @dataclass
 class HierarchicalBundle(DatasetBundle):
@@ -76,19 +67,12 @@ def basic_augmentation(spec: str, height: int) -> tuple[int, bool]:
     >>> basic_augmentation("fashion-mnist", 28), basic_augmentation("mnist", 28)
     ((4, True), (4, False))
     """
-    padding = max(1, round(height / 8))
-    return padding, not spec.startswith(NO_FLIP)
+    return max(1, round(height / 8)), not spec.startswith(NO_FLIP)
 
 
 def _dataset(source: ImageTensorDataset, labels: np.ndarray, padding: int, flip: bool) -> Any:
-    return AugmentedImages(
-        source.images,
-        torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int64)),
-        source.mean,
-        source.std,
-        padding=padding,
-        flip=flip,
-    )
+    y = torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int64))
+    return AugmentedImages(source.images, y, source.mean, source.std, padding=padding, flip=flip)
 
 
 def load_run_dataset(
@@ -165,7 +149,7 @@ def hierarchical_latents(
     from torch.utils.data import DataLoader
 
     from lcc.zoo.datasets import IndexedDataset
-    from lcc.zoo.latents import check_layer_names, collect_latents
+    from lcc.zoo.latents import collect_latents
     from lcc.zoo.models import build_model
 
     train = split == "train"
@@ -178,10 +162,9 @@ def hierarchical_latents(
         model, bundle.num_classes, input_shape=bundle.input_shape, pretrained=False,
         checkpoint=checkpoint,
     )  # fmt: skip
-    names = check_layer_names(network, layers)
     data = IndexedDataset(bundle.train_plain if train else bundle.test)
     latents, y, predictions = collect_latents(
-        network, DataLoader(data, batch_size=batch_size), names, pool="max"
+        network, DataLoader(data, batch_size=batch_size), layers, pool="max"
     )
     if not isinstance(bundle, HierarchicalBundle):
         return latents, y, None, predictions

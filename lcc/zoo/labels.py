@@ -33,11 +33,14 @@ from torch.utils.data import Dataset, Sampler
 from lcc.errors import LCCInputError, as_label_vector, check_integer, check_number
 from lcc.io import load_arrays, save_npz_atomic
 from lcc.zoo.datasets import (
+    GRAY_MODES,
     IMAGE_SUFFIXES,
     DatasetBundle,
     ImageTensorDataset,
+    largest_remainder,
     load_dataset,
     open_image,
+    pil_to_array,
 )
 
 __all__ = [
@@ -52,7 +55,6 @@ __all__ = [
 
 #: the label of an unlabelled sample
 UNLABELED = -1
-_GRAY_MODES = ("1", "L", "I", "I;16", "F")
 
 
 # --------------------------------------------------------------------------- the split
@@ -96,7 +98,7 @@ def split_labeled(
                 f"{classes.size} classes; use at least {classes.size / labels.size:.3g} or "
                 "--labels-per-class"
             )
-        quota = _shares(counts, total)
+        quota = np.clip(largest_remainder(counts, total), 1, counts)
     else:
         share = check_integer(per_class, "labels per class", low=1)
         smallest = int(np.argmin(counts))
@@ -111,15 +113,6 @@ def split_labeled(
     for label, keep in zip(classes, quota, strict=True):
         mask[rng.permutation(np.flatnonzero(labels == label))[:keep]] = True
     return mask
-
-
-def _shares(counts: np.ndarray, total: int) -> np.ndarray:
-    """``total`` split over classes in proportion to ``counts`` (largest remainders, >= 1)."""
-    exact = counts * (total / counts.sum())
-    quota = np.floor(exact).astype(np.int64)
-    order = np.argsort(-(exact - quota), kind="stable")
-    quota[order[: total - int(quota.sum())]] += 1
-    return np.clip(quota, 1, counts)
 
 
 def save_split(path: str | os.PathLike[str], mask: np.ndarray) -> Path:
@@ -238,14 +231,13 @@ def _folder_images(folder: Path, shape: Sequence[int]) -> torch.Tensor:
     arrays = []
     for file in files:
         with open_image(file) as image:
-            found = (1 if image.mode in _GRAY_MODES else 3, image.height, image.width)
+            found = (1 if image.mode in GRAY_MODES else 3, image.height, image.width)
             if found != (channels, height, width):
                 raise LCCInputError(
                     f"unlabeled image {file} has shape {found} but the labelled set's images "
                     f"have {(channels, height, width)}; convert them to the same size and channels"
                 )
-            array = np.asarray(image.convert(mode), dtype=np.uint8)
-        arrays.append(array[None] if array.ndim == 2 else array.transpose(2, 0, 1))
+            arrays.append(pil_to_array(image, mode, None))
     return torch.from_numpy(np.ascontiguousarray(np.stack(arrays)))
 
 

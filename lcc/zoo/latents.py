@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import itertools
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -167,11 +168,9 @@ class LatentRecorder:
 
     def attach(self) -> LatentRecorder:
         """Register the hooks (idempotent); returns ``self``."""
-        if self._handles:
-            return self
-        modules = _named_layers(self.model)
-        for name in self.layers:
-            self._handles.append(modules[name].register_forward_hook(self._hook(name)))
+        if not self._handles:
+            modules = _named_layers(self.model)
+            self._handles = [modules[n].register_forward_hook(self._hook(n)) for n in self.layers]
         return self
 
     def detach(self) -> None:
@@ -271,9 +270,7 @@ def probe_latents(
             f"layer(s) {', '.join(map(repr, missing))} did not run in the model's forward pass; "
             "choose others (run `lcc layers MODEL`)"
         )
-    latents = {name: recorder.outputs[name].detach() for name in names}
-    recorder.clear()
-    return latents, logits.detach()
+    return {name: recorder.outputs[name].detach() for name in names}, logits.detach()
 
 
 def layer_trace(model: nn.Module, sample_input: object) -> dict[str, tuple[int, ...] | None]:
@@ -328,11 +325,8 @@ def list_layers(model: nn.Module, sample_input: object) -> list[tuple[str, tuple
 
 def model_device(model: nn.Module) -> torch.device:
     """Where ``model``'s parameters (or buffers) live (the CPU for a model with neither)."""
-    for tensor in model.parameters():
-        return tensor.device
-    for tensor in model.buffers():
-        return tensor.device
-    return torch.device("cpu")
+    tensor = next(itertools.chain(model.parameters(), model.buffers()), None)
+    return torch.device("cpu") if tensor is None else tensor.device
 
 
 def _unpack(batch: object) -> tuple[Tensor, Tensor, Tensor]:
@@ -343,11 +337,6 @@ def _unpack(batch: object) -> tuple[Tensor, Tensor, Tensor]:
         )
     x, y, index = batch
     return x, torch.as_tensor(y), torch.as_tensor(index)
-
-
-def _iterate(loader: Iterable[object]) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
-    for batch in loader:
-        yield _unpack(batch)
 
 
 def collect_latents(
@@ -403,10 +392,42 @@ def collect_latents(
         raise LCCInputError("the loader's dataset is empty; nothing to collect")
     target = torch.device(device) if device is not None else model_device(model)
     files = _latent_files(memmap_dir, names, memmap_dtype)
-    with contextlib.ExitStack() as stack:
-        latents, labels, predictions = _collect(
-            model, loader, names, n, pool, target, files, memmap_dtype, stack, mode, on_batch
-        )
+    latents: dict[str, np.ndarray] = {}
+    labels = np.zeros(n, dtype=np.int64)
+    predictions = np.zeros(n, dtype=np.int64)
+    seen = np.zeros(n, dtype=bool)
+    recorder = LatentRecorder(model, names, pool=pool)
+    # the memory-mapped files close last: renamed into place only once every check has passed
+    with contextlib.ExitStack() as stack, mode(model), torch.no_grad(), recorder:
+        for batch in loader:
+            x, y, index = _unpack(batch)
+            recorder.clear()
+            logits = first_tensor(_call(model, _to(x, target)), "model output")
+            rows = index.to("cpu", torch.int64).numpy()
+            if rows.size and (rows.min() < 0 or rows.max() >= n):
+                raise LCCInputError(f"loader index out of range 0..{n - 1}: got {rows.max()}")
+            for name in names:
+                if name not in recorder.outputs:
+                    raise LCCInputError(f"layer {name!r} did not run in the model's forward pass")
+                out = recorder.outputs[name].detach().to("cpu", torch.float32)
+                if name not in latents:
+                    shape = (n, out.shape[1])
+                    latents[name] = (
+                        stack.enter_context(npy_memmap_atomic(files[name], shape, memmap_dtype))
+                        if files
+                        else np.empty(shape, dtype=np.float32)
+                    )
+                latents[name][rows] = out.numpy()
+            labels[rows] = y.to("cpu", torch.int64).reshape(-1).numpy()
+            predictions[rows] = logits.detach().reshape(logits.shape[0], -1).argmax(1).cpu().numpy()
+            seen[rows] = True
+            if on_batch is not None:
+                on_batch(logits.detach(), y, rows)
+        if not seen.all():
+            raise LCCInputError(
+                f"the loader covered {int(seen.sum())} of {n} samples; pass a loader over the "
+                "whole dataset (no drop_last, no sampler subset)"
+            )
     if files:  # renamed into place when the stack closed: reopen read-only
         latents = {name: np.load(files[name], mmap_mode="r") for name in latents}
     return latents, labels, predictions
@@ -424,57 +445,6 @@ def _latent_files(
     if np.dtype(dtype) not in (np.dtype(np.float16), np.dtype(np.float32)):
         raise LCCInputError(f"memmap_dtype must be float16 or float32, got {np.dtype(dtype)}")
     return {name: directory / f"{name}.npy" for name in names}
-
-
-def _collect(
-    model: nn.Module,
-    loader: Any,
-    names: list[str],
-    n: int,
-    pool: Pool,
-    target: torch.device,
-    files: dict[str, Path],
-    dtype: npt.DTypeLike,
-    stack: contextlib.ExitStack,
-    mode: Callable[[nn.Module], contextlib.AbstractContextManager[Any]] = eval_mode,
-    on_batch: Callable[[Tensor, Tensor, np.ndarray], None] | None = None,
-) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
-    latents: dict[str, np.ndarray] = {}
-    labels = np.zeros(n, dtype=np.int64)
-    predictions = np.zeros(n, dtype=np.int64)
-    seen = np.zeros(n, dtype=bool)
-    recorder = LatentRecorder(model, names, pool=pool)
-    with mode(model), torch.no_grad(), recorder:
-        for x, y, index in _iterate(loader):
-            recorder.clear()
-            logits = first_tensor(_call(model, _to(x, target)), "model output")
-            rows = index.to("cpu", torch.int64).numpy()
-            if rows.size and (rows.min() < 0 or rows.max() >= n):
-                raise LCCInputError(f"loader index out of range 0..{n - 1}: got {rows.max()}")
-            for name in names:
-                if name not in recorder.outputs:
-                    raise LCCInputError(f"layer {name!r} did not run in the model's forward pass")
-                out = recorder.outputs[name].detach().to("cpu", torch.float32)
-                if name not in latents:
-                    shape = (n, out.shape[1])
-                    latents[name] = (
-                        stack.enter_context(npy_memmap_atomic(files[name], shape, dtype))
-                        if files
-                        else np.empty(shape, dtype=np.float32)
-                    )
-                latents[name][rows] = out.numpy()
-            labels[rows] = y.to("cpu", torch.int64).reshape(-1).numpy()
-            predictions[rows] = logits.detach().reshape(logits.shape[0], -1).argmax(1).cpu().numpy()
-            seen[rows] = True
-            if on_batch is not None:
-                on_batch(logits.detach(), y, rows)
-        recorder.clear()
-    if not seen.all():
-        raise LCCInputError(
-            f"the loader covered {int(seen.sum())} of {n} samples; pass a loader over the "
-            "whole dataset (no drop_last, no sampler subset)"
-        )
-    return latents, labels, predictions
 
 
 def _to(x: object, device: torch.device) -> object:
@@ -533,6 +503,5 @@ def model_latents(
         pretrained=pretrained,
         checkpoint=checkpoint,
     )
-    names = check_layer_names(network, layers)
     data = IndexedDataset(bundle.train_plain if train else bundle.test)
-    return collect_latents(network, DataLoader(data, batch_size=batch_size), names, pool=pool)
+    return collect_latents(network, DataLoader(data, batch_size=batch_size), layers, pool=pool)

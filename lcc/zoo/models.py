@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from lcc.errors import LCCInputError
 from lcc.zoo.datasets import hub_available
+from lcc.zoo.latents import first_tensor
 
 __all__ = [
     "BUILTINS",
@@ -160,13 +161,7 @@ class SmallResNet(nn.Module):
     ):
         super().__init__()
         w1, w2, w3 = (_scaled(value, width) for value in widths)
-        self.stem = nn.Sequential(
-            OrderedDict(
-                conv=nn.Conv2d(in_channels, w1, 3, padding=1, bias=False),
-                bn=nn.BatchNorm2d(w1),
-                relu=nn.ReLU(),
-            )
-        )
+        self.stem = _conv_block(in_channels, w1, pool=False)  # conv, bn, relu
         self.layer1 = _stage(w1, w1, 1, depth, dropout)
         self.layer2 = _stage(w1, w2, 2, depth, dropout)
         self.layer3 = _stage(w2, w3, 2, depth, dropout)
@@ -237,14 +232,8 @@ class ExternalClassifier(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x = self.adapter(x)
         out = self.model(pixel_values=x) if self.hf else self.model(x)
-        if isinstance(out, Tensor):
-            return out
         logits = getattr(out, "logits", None)
-        if isinstance(logits, Tensor):
-            return logits
-        from lcc.zoo.latents import first_tensor
-
-        return first_tensor(out, "model output")
+        return logits if isinstance(logits, Tensor) else first_tensor(out, "model output")
 
 
 def _first_line(error: BaseException) -> str:
@@ -264,13 +253,14 @@ def _import_optional(module: str, spec: str, how: str) -> Any:
 def _size(value: Any) -> tuple[int, int] | None:
     if value is None:
         return None
-    if isinstance(value, int):
-        return (value, value)
-    values = [int(v) for v in value]
+    values = [value] if isinstance(value, int) else [int(v) for v in value]
     return (values[-2], values[-1]) if len(values) >= 2 else (values[0], values[0])
 
 
-def _no_pretrained(spec: str, error: BaseException) -> LCCInputError:
+def _build_error(spec: str, error: BaseException, pretrained: bool, why: str = "") -> LCCInputError:
+    """Why building ``spec`` failed: unreachable pretrained weights, else ``why`` (a default)."""
+    if not pretrained:
+        return LCCInputError(why or f"cannot build {spec} ({_first_line(error)})")
     return LCCInputError(
         f"cannot load pretrained weights for {spec} ({_first_line(error)}); pass --no-pretrained "
         "(pretrained=False) to start from random weights, or run once with network access"
@@ -297,18 +287,14 @@ def _build_hf(name: str, num_classes: int, channels: int, pretrained: bool) -> n
             config.num_labels = num_classes
             model = auto.from_config(config)
     except (OSError, ValueError, KeyError) as error:
-        if pretrained:
-            raise _no_pretrained(spec, error) from None
-        raise LCCInputError(
+        why = (
             f"cannot load the config of {spec} ({_first_line(error)}); run once with network "
             "access, or pass a local directory with config.json as hf:DIR"
-        ) from None
+        )
+        raise _build_error(spec, error, pretrained, why) from None
     config = model.config
-    adapter = InputAdapter(
-        channels,
-        int(getattr(config, "num_channels", 3)),
-        _size(getattr(config, "image_size", None)),
-    )
+    size = _size(getattr(config, "image_size", None))
+    adapter = InputAdapter(channels, int(getattr(config, "num_channels", 3)), size)
     return ExternalClassifier(model, adapter, hf=True)
 
 
@@ -320,13 +306,9 @@ def _build_timm(name: str, num_classes: int, channels: int, pretrained: bool) ->
     try:
         model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes)
     except Exception as error:  # download / hub failures differ across timm versions
-        if pretrained:
-            raise _no_pretrained(spec, error) from None
-        raise LCCInputError(f"cannot build {spec} ({_first_line(error)})") from None
+        raise _build_error(spec, error, pretrained) from None
     config = getattr(model, "pretrained_cfg", None) or {}
-    size = _size(config.get("input_size")) if pretrained else None
-    if config.get("fixed_input_size"):
-        size = _size(config.get("input_size"))
+    size = _size(config.get("input_size")) if pretrained or config.get("fixed_input_size") else None
     return ExternalClassifier(model, InputAdapter(channels, 3, size))
 
 
@@ -340,15 +322,12 @@ def _build_torchvision(name: str, num_classes: int, channels: int, pretrained: b
     try:
         model = models.get_model(name, weights="DEFAULT" if pretrained else None)
     except Exception as error:  # urllib / hash / file errors when weights are unreachable
-        if pretrained:
-            raise _no_pretrained(spec, error) from None
-        raise LCCInputError(f"cannot build {spec} ({_first_line(error)})") from None
+        raise _build_error(spec, error, pretrained) from None
     replace_head(model, num_classes)
     size = _size(getattr(model, "image_size", None))
     if size is None and pretrained:
         try:
-            crop = models.get_model_weights(name).DEFAULT.transforms().crop_size
-            size = _size(crop)
+            size = _size(models.get_model_weights(name).DEFAULT.transforms().crop_size)
         except Exception:  # weights without a crop size: keep the dataset's size
             size = None
     return ExternalClassifier(model, InputAdapter(channels, 3, size))
@@ -378,10 +357,7 @@ def replace_head(model: nn.Module, num_classes: int) -> str:
             if isinstance(last, nn.Linear):
                 module[-1] = nn.Linear(last.in_features, num_classes)
                 return f"{path}.{len(module) - 1}"
-            if isinstance(last, nn.Conv2d):
-                module[-1] = nn.Conv2d(last.in_channels, num_classes, last.kernel_size)
-                return f"{path}.{len(module) - 1}"
-            for index in range(len(module) - 1, -1, -1):  # e.g. squeezenet: conv, relu, pool
+            for index in range(len(module) - 1, -1, -1):  # a last conv (squeezenet: relu, pool)
                 if isinstance(module[index], nn.Conv2d):
                     conv = module[index]
                     module[index] = nn.Conv2d(conv.in_channels, num_classes, conv.kernel_size)
@@ -470,10 +446,9 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> list[str]:
     def is_head(key: str) -> bool:
         return head is not None and key.rsplit(".", 1)[0] == head
 
-    skipped = [k for k, v in loaded.items() if k in own and own[k].shape != v.shape and is_head(k)]
-    wrong = [
-        k for k, v in loaded.items() if k in own and own[k].shape != v.shape and not is_head(k)
-    ]
+    differ = [k for k, v in loaded.items() if k in own and own[k].shape != v.shape]
+    skipped = [k for k in differ if is_head(k)]
+    wrong = [k for k in differ if not is_head(k)]
     missing = [k for k in own if k not in loaded and not is_head(k)]
     unexpected = [k for k in loaded if k not in own]
     if wrong or missing or unexpected or not loaded:
@@ -481,10 +456,9 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> list[str]:
         if wrong:
             shapes = [f"{k} {tuple(loaded[k].shape)} vs {tuple(own[k].shape)}" for k in wrong[:3]]
             parts.append(f"{len(wrong)} with another shape ({'; '.join(shapes)})")
-        if missing:
-            parts.append(f"{len(missing)} missing (first: {', '.join(missing[:3])})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (first: {', '.join(unexpected[:3])})")
+        for what, keys in (("missing", missing), ("unexpected", unexpected)):
+            if keys:
+                parts.append(f"{len(keys)} {what} (first: {', '.join(keys[:3])})")
         detail = ", ".join(parts) or "no tensors"
         raise LCCInputError(
             f"checkpoint {path} does not match the model: {detail}; build the same architecture "

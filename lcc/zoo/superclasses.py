@@ -128,19 +128,14 @@ def _from_groups(groups: Mapping[str, Sequence[int]], source: str) -> Superclass
     return SuperclassMap(tuple(table), tuple(groups), source)
 
 
-def _cifar100() -> SuperclassMap:
-    names = sorted(CIFAR100_SUPERCLASSES)
-    table = [0] * len(CIFAR100_FINE)
-    for index, name in enumerate(names):
-        for fine in CIFAR100_SUPERCLASSES[name]:
-            table[CIFAR100_FINE.index(fine)] = index
-    return SuperclassMap(tuple(table), tuple(names), "builtin:cifar100")
-
-
+_CIFAR100 = {  # superclass name -> fine class indices, superclasses in sorted order
+    name: [CIFAR100_FINE.index(f) for f in fine]
+    for name, fine in sorted(CIFAR100_SUPERCLASSES.items())
+}
 _DIGITS = {"0-4": (0, 1, 2, 3, 4), "5-9": (5, 6, 7, 8, 9)}
 #: built-in maps by dataset preset name
 BUILTIN: dict[str, SuperclassMap] = {
-    "cifar100": _cifar100(),
+    "cifar100": _from_groups(_CIFAR100, "builtin:cifar100"),
     "fashion-mnist": _from_groups(
         {"footwear": (5, 7, 9), "other": (1, 3, 8), "tops": (0, 2, 4, 6)}, "builtin:fashion-mnist"
     ),
