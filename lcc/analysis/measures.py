@@ -197,7 +197,7 @@ def _line(name: str, value: float, layer: str, data: _Prepared, **context: Any) 
     }
 
 
-def _neuron_values(measure: str, variant: str) -> Callable[..., intraclass.ClassValues]:
+def neuron_values(measure: str, variant: str) -> Callable[..., intraclass.ClassValues]:
     """c1's subclass selectivity or c3's variance ratio (``measure``), as ``variant`` computes
     them."""
     if measure == "c1":
@@ -208,13 +208,13 @@ def _neuron_values(measure: str, variant: str) -> Callable[..., intraclass.Class
 
 
 def _c1(data: _Prepared, options: MeasureOptions) -> list[dict[str, Any]]:
-    select = _neuron_values("c1", options.variant)
+    select = neuron_values("c1", options.variant)
     parts = {name: select(z, data.y, data.y_super) for name, z in data.layers.items()}
     return _neuron_lines("c1", parts, "median", "subclasses", data, options)
 
 
 def _c3(data: _Prepared, options: MeasureOptions) -> list[dict[str, Any]]:
-    ratio = _neuron_values("c3", options.variant)
+    ratio = neuron_values("c3", options.variant)
     parts = {name: ratio(z, data.classes) for name, z in data.layers.items()}
     return _neuron_lines("c3", parts, "mean", "classes", data, options, labels=data.labels)
 

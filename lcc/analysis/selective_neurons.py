@@ -60,7 +60,7 @@ def _load(file: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, list[s
         return np.concatenate(parts, axis=1), data["y"], fine, names
 
 
-def _pyplot() -> Any:
+def agg_pyplot() -> Any:
     """matplotlib's pyplot, drawing with the Agg backend (no window)."""
     import matplotlib
 
@@ -70,7 +70,7 @@ def _pyplot() -> Any:
     return plt
 
 
-def _save_pyplot(figure: Any, out: Path) -> None:
+def save_pyplot(figure: Any, out: Path) -> None:
     """Lay out a pyplot ``figure`` tight, write it to ``out`` .png and .svg atomically, close it."""
     figure.tight_layout()
     for suffix in ("png", "svg"):
@@ -78,7 +78,7 @@ def _save_pyplot(figure: Any, out: Path) -> None:
             out.with_suffix(f".{suffix}"),
             lambda handle, s=suffix: figure.savefig(handle, format=s, dpi=110),
         )
-    _pyplot().close(figure)
+    agg_pyplot().close(figure)
 
 
 def write_figure(run: Path, out: Path) -> bool:
@@ -90,7 +90,7 @@ def write_figure(run: Path, out: Path) -> bool:
     if fine is None:
         return False
     picks = selective_neurons(z, fine, y)
-    figure, axes = _pyplot().subplots(1, 2, figsize=(9, 3.2), squeeze=False)
+    figure, axes = agg_pyplot().subplots(1, 2, figsize=(9, 3.2), squeeze=False)
     for axis, (subclass, neuron, value), kind in zip(
         axes[0], picks, ("max", "median"), strict=True
     ):
@@ -111,5 +111,5 @@ def write_figure(run: Path, out: Path) -> bool:
         axis.set_title(f"{kind}: subclass {subclass} (red) vs rest of superclass, s={value:.2f}",
                        fontsize=8)  # fmt: skip
     out.parent.mkdir(parents=True, exist_ok=True)
-    _save_pyplot(figure, out)
+    save_pyplot(figure, out)
     return True

@@ -221,14 +221,14 @@ def _store(values: dict[str, float | None], line: Mapping[str, Any]) -> None:
 
 def _neurons(latents: Mapping[str, np.ndarray], fine: Any, y: Any, measures: StudyMeasures) -> Any:
     """Per-(sub)class, per-neuron values of c1 and c3 (layers pooled) for Fig. 4."""
-    from lcc.analysis.measures import _neuron_values
+    from lcc.analysis.measures import neuron_values
 
     out = {}
     if fine is not None and "c1" in measures.names:
-        select = _neuron_values("c1", measures.variant)
+        select = neuron_values("c1", measures.variant)
         out["c1"] = np.concatenate([select(z, fine, y).values for z in latents.values()], axis=1)
     if "c3" in measures.names:
-        ratio = _neuron_values("c3", measures.variant)
+        ratio = neuron_values("c3", measures.variant)
         out["c3"] = np.concatenate([ratio(z, y).values for z in latents.values()], axis=1)
     return out
 

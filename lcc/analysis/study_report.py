@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from lcc.analysis.kendall import kendall_rows
-from lcc.analysis.selective_neurons import _pyplot, _save_pyplot
+from lcc.analysis.selective_neurons import agg_pyplot, save_pyplot
 from lcc.analysis.study_measures import HIGHER_IS_BETTER
 from lcc.io import atomic_write
 
@@ -153,7 +153,7 @@ def _figures(
     curves: Mapping[str, Any],
     columns: Sequence[str],
 ) -> list[str]:
-    plt = _pyplot()
+    plt = agg_pyplot()
     (root / "figures").mkdir(exist_ok=True)
     ok = [row for row in rows if row["status"] == "ok" and row.get("test_top1") is not None]
     overall = [c for c in columns if c in HIGHER_IS_BETTER]  # over all layers
@@ -242,7 +242,9 @@ def _fig6(root: Path, scored: Sequence[tuple[float, Any]]) -> list[str]:
     )
     if not names:
         return []
-    figure, axes = _pyplot().subplots(1, len(names), figsize=(3.4 * len(names), 2.8), squeeze=False)
+    figure, axes = agg_pyplot().subplots(
+        1, len(names), figsize=(3.4 * len(names), 2.8), squeeze=False
+    )
     for axis, name in zip(axes[0], names, strict=True):
         for acc, lines in tracks:
             points = sorted((r["epoch"], r["value"]) for r in lines
@@ -267,7 +269,7 @@ def _fig7(root: Path, scored: Sequence[tuple[float, Any]]) -> list[str]:
 
 
 def _save(figure: Any, root: Path, name: str) -> str:
-    _save_pyplot(figure, root / "figures" / name)
+    save_pyplot(figure, root / "figures" / name)
     return name
 
 
@@ -323,10 +325,13 @@ def write_study(
     curves = k_curve([Path(run.config.out) for run in runs], rows, hps)
     figures = _figures(root, rows, hps, curves, columns) if counts.get("ok") else []
     scored = sorted(
-        ((row["test_top1"], run) for run, row in zip(runs, rows, strict=True)
-         if row["status"] == "ok" and row.get("test_top1") is not None),
+        (
+            (row["test_top1"], run)
+            for run, row in zip(runs, rows, strict=True)
+            if row["status"] == "ok" and row.get("test_top1") is not None
+        ),
         key=lambda pair: pair[0],
-    )  # fmt: skip
+    )
     figures += _fig6(root, scored) + _fig7(root, scored)
     _write(root / "report.html", _html(markdown, counts, figures, hps))
     return {

@@ -253,8 +253,16 @@ def run(args: argparse.Namespace) -> int:
 
 #: the MeasureOptions fields that are flags of the same name
 OPTION_NAMES = (
-    "top_k", "top_layers", "k", "method", "similarity", "bandwidth", "active", "seed", "variant"
-)  # fmt: skip
+    "top_k",
+    "top_layers",
+    "k",
+    "method",
+    "similarity",
+    "bandwidth",
+    "active",
+    "seed",
+    "variant",
+)
 
 
 def _options(args: argparse.Namespace) -> Any:

@@ -102,11 +102,11 @@ def modularity(adjacency: object, labels: object, resolution: float = 1.0) -> fl
     """
     matrix = as_adjacency(adjacency)
     compact, n_clusters = compact_labels(labels, matrix.shape[0])
-    gamma = _check_resolution(resolution)
+    gamma = check_resolution(resolution)
     return EdgeList.from_adjacency(matrix).modularity(compact, n_clusters, gamma)
 
 
-def _check_resolution(resolution: float) -> float:
+def check_resolution(resolution: float) -> float:
     if isinstance(resolution, bool) or not isinstance(resolution, (int, float, np.number)):
         raise LCCInputError(f"resolution must be a number, got {resolution!r}")
     if not (math.isfinite(resolution) and resolution > 0):
@@ -186,7 +186,7 @@ def cluster_graph(
     The reported ``modularity`` is always at resolution 1.
     """
     check_choice(method, CLUSTER_METHODS, name="method")
-    gamma = _check_resolution(resolution)
+    gamma = check_resolution(resolution)
     seed = check_count(seed, name="seed", minimum=0)
     max_iterations = check_count(max_iterations, name="max_iterations", minimum=1)
     patience = check_count(patience, name="patience", minimum=1)

@@ -229,7 +229,7 @@ def _torch_knn(
     if not isinstance(z, (np.ndarray, torch.Tensor)):
         z = as_latent_matrix(z, checked=checked)
         checked = True
-    _check_rows(z)
+    check_rows(z)
     k = check_k(k, rows_of(z))
     if not checked:
         check_finite(z)
@@ -284,7 +284,7 @@ def prepare_rows(placed: Placed, metric: str) -> None:
             rows[start : start + step] -= centre
 
 
-def _check_rows(z: np.ndarray | torch.Tensor) -> None:
+def check_rows(z: np.ndarray | torch.Tensor) -> None:
     """Shape checks of :func:`lcc.errors.as_latent_matrix`, without converting ``z``."""
     if z.ndim < 2:
         raise LCCInputError(

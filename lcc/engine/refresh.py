@@ -48,10 +48,10 @@ from lcc.engine.choices import (
     TargetMode,
     Weights,
 )
-from lcc.engine.cluster import _check_resolution, cluster_graph
+from lcc.engine.cluster import check_resolution, cluster_graph
 from lcc.engine.device import empty_rows, iterate_rows, place_rows, resolve_device
 from lcc.engine.graph import knn_graph
-from lcc.engine.knn import BACKENDS, _check_rows, knn
+from lcc.engine.knn import BACKENDS, check_rows, knn
 from lcc.engine.loss import LCCLoss
 from lcc.engine.match import Matching, as_class_subset, match_clusters
 from lcc.engine.orthogonal import CORRECTIONS, OrthogonalStats, check_tangent, orthogonal_targets
@@ -116,7 +116,7 @@ class RefreshConfig:
         ...
         lcc.errors.LCCInputError: pca=8 must be smaller than min(N, D) = 8; choose pca <= 7
         """
-        if self.method == "peer-pressure" and _check_resolution(self.resolution) != 1.0:
+        if self.method == "peer-pressure" and check_resolution(self.resolution) != 1.0:
             raise LCCInputError(
                 f"resolution={self.resolution} applies to leiden and louvain only; "
                 "peer-pressure has no resolution, leave it at 1.0"
@@ -135,7 +135,7 @@ class RefreshConfig:
             metric=check_choice(self.metric, METRICS, name="metric"),  # type: ignore[arg-type]
             pca=_check_pca(self.pca, n_samples, dim),
             weights=check_choice(self.weights, WEIGHTS, name="weights"),  # type: ignore[arg-type]
-            resolution=_check_resolution(self.resolution),
+            resolution=check_resolution(self.resolution),
             seed=_check_seed(self.seed),
             bandwidth=_check_bandwidth(self.bandwidth, self.weights),
             correction=correction,
@@ -365,7 +365,7 @@ def _latent_rows(z: object, *, keep: bool = False) -> Any:
         z = z.detach()
     elif not (isinstance(z, np.ndarray) and z.dtype.kind == "f" and z.ndim >= 2):
         return as_latent_matrix(z, checked=True)
-    _check_rows(z)
+    check_rows(z)
     return z.reshape(z.shape[0], -1)
 
 

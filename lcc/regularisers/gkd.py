@@ -45,7 +45,7 @@ from lcc.errors import LCCInputError
 from lcc.regularisers.base import OUTPUT, Batch, Regulariser
 from lcc.regularisers.gkd_options import GraphDistillationOptions, check_pairs
 from lcc.regularisers.label_variation import attached_zero
-from lcc.zoo.latents import LatentRecorder, _call, check_layer_names, first_tensor
+from lcc.zoo.latents import LatentRecorder, call_model, check_layer_names, first_tensor
 
 __all__ = ["Distillation", "GraphDistillation", "GraphDistillationOptions"]
 
@@ -270,11 +270,11 @@ class GraphDistillation(Distillation):
         outputs: dict[str, Tensor] = {}
         with torch.no_grad():
             if recorder is None:
-                logits = first_tensor(_call(teacher, x), "teacher output")
+                logits = first_tensor(call_model(teacher, x), "teacher output")
             else:
                 recorder.clear()
                 with recorder:
-                    logits = first_tensor(_call(teacher, x), "teacher output")
+                    logits = first_tensor(call_model(teacher, x), "teacher output")
                 outputs = dict(recorder.outputs)
                 recorder.clear()
         outputs[OUTPUT] = logits.reshape(logits.shape[0], -1)

@@ -38,7 +38,7 @@ from typing import Any
 from lcc.analysis.study_measures import StudyMeasures, parse_measures
 from lcc.errors import LCCInputError
 from lcc.train.sweep import Sweep, SweepRun, parse_sweep, plan_runs, run_state, train_run
-from lcc.train.sweep_plan import _check_keys, _load_file
+from lcc.train.sweep_plan import check_config_keys, load_config_file
 
 __all__ = ["STUDY_KEYS", "Study", "load_study", "parse_study", "plan_study", "run_study", "states"]
 
@@ -62,7 +62,7 @@ class Study:
 
 def load_study(path: str | os.PathLike[str]) -> Study:
     """Read and check a study file (errors name the file)."""
-    return _load_file(path, parse_study, "study")
+    return load_config_file(path, parse_study, "study")
 
 
 def _exclusions(value: Any, grid: Mapping[str, list[Any]]) -> tuple[dict[str, list[Any]], ...]:
@@ -90,7 +90,7 @@ def _exclusions(value: Any, grid: Mapping[str, list[Any]]) -> tuple[dict[str, li
 
 def parse_study(data: Mapping[str, Any]) -> Study:
     """A :class:`Study` from the mapping of a study file; every model's options are checked."""
-    _check_keys(data, STUDY_KEYS, "study", "base:, grid:, ...")
+    check_config_keys(data, STUDY_KEYS, "study", "base:, grid:, ...")
     sweep = parse_sweep({"base": data.get("base"), "grid": data.get("grid")})
     varying = [key for key in sweep.setting_keys if len(sweep.grid[key]) > 1]
     if not varying:

@@ -287,9 +287,12 @@ def _untrained(config: TrainConfig) -> tuple[Any, Any]:
     info = None if config.superclasses else dataset_info(config.dataset or "")
     if info is None:  # also DATASET:super and --superclasses (the trained classes)
         bundle = load_run_dataset(
-            config.dataset or "", superclasses=config.superclasses, augment="none",
-            root=config.data_dir, subset=config.subset,
-        )  # fmt: skip
+            config.dataset or "",
+            superclasses=config.superclasses,
+            augment="none",
+            root=config.data_dir,
+            subset=config.subset,
+        )
         info = (bundle.input_shape, bundle.num_classes)
     shape, classes = info
     with torch.random.fork_rng():

@@ -109,10 +109,10 @@ class SweepRun:
 
 def load_sweep(path: str | os.PathLike[str]) -> Sweep:
     """Read and check a sweep file (errors name the file)."""
-    return _load_file(path, parse_sweep, "sweep")
+    return load_config_file(path, parse_sweep, "sweep")
 
 
-def _load_file(path: str | os.PathLike[str], parse: Callable[[Any], Any], kind: str) -> Any:
+def load_config_file(path: str | os.PathLike[str], parse: Callable[[Any], Any], kind: str) -> Any:
     """``parse`` of the YAML file ``path`` (a sweep or a study), its errors naming the file."""
     data = read_yaml(path)
     try:
@@ -121,7 +121,9 @@ def _load_file(path: str | os.PathLike[str], parse: Callable[[Any], Any], kind: 
         raise LCCInputError(f"{kind} file {path}: {error}") from None
 
 
-def _check_keys(data: Any, valid: tuple[str, ...], kind: str, needs: str, hint: str = "") -> None:
+def check_config_keys(
+    data: Any, valid: tuple[str, ...], kind: str, needs: str, hint: str = ""
+) -> None:
     """``data`` must be a mapping (with ``needs``) of ``valid`` keys only."""
     if not isinstance(data, Mapping):
         raise LCCInputError(f"a {kind} file must hold a mapping with {needs}")
@@ -143,7 +145,7 @@ def _mapping(value: Any, name: str) -> dict[str, Any]:
 def parse_sweep(data: Mapping[str, Any]) -> Sweep:
     """A :class:`Sweep` from the mapping of a sweep file; every run's options are checked."""
     hint = " (lcc train options go under base: or grid:)"
-    _check_keys(data, SWEEP_KEYS, "sweep", "base: and grid:", hint)
+    check_config_keys(data, SWEEP_KEYS, "sweep", "base: and grid:", hint)
     base = _mapping(data.get("base"), "base")
     grid = _mapping(data.get("grid"), "grid")
     missing = [key for key in ("model", "dataset") if key not in base and key not in grid]

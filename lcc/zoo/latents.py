@@ -209,7 +209,7 @@ class LatentRecorder:
         return f"LatentRecorder(layers={self.layers}, pool={self.pool!r}, attached={self.attached})"
 
 
-def _call(model: nn.Module, sample_input: object) -> object:
+def call_model(model: nn.Module, sample_input: object) -> object:
     if isinstance(sample_input, Mapping):
         return model(**sample_input)
     if isinstance(sample_input, (tuple, list)):
@@ -263,7 +263,7 @@ def probe_latents(
     target = torch.device(device) if device is not None else model_device(model)
     recorder = LatentRecorder(model, names, pool=pool)
     with eval_mode(model), torch.no_grad(), recorder:
-        logits = first_tensor(_call(model, _to(sample, target)), "model output")
+        logits = first_tensor(call_model(model, _to(sample, target)), "model output")
     missing = [name for name in names if name not in recorder.outputs]
     if missing:
         raise LCCInputError(
@@ -297,7 +297,7 @@ def layer_trace(model: nn.Module, sample_input: object) -> dict[str, tuple[int, 
     handles = [module.register_forward_hook(make_hook(name)) for name, module in modules.items()]
     try:
         with eval_mode(model), torch.no_grad():
-            _call(model, sample_input)
+            call_model(model, sample_input)
     finally:
         for handle in handles:
             handle.remove()
@@ -402,7 +402,7 @@ def collect_latents(
         for batch in loader:
             x, y, index = _unpack(batch)
             recorder.clear()
-            logits = first_tensor(_call(model, _to(x, target)), "model output")
+            logits = first_tensor(call_model(model, _to(x, target)), "model output")
             rows = index.to("cpu", torch.int64).numpy()
             if rows.size and (rows.min() < 0 or rows.max() >= n):
                 raise LCCInputError(f"loader index out of range 0..{n - 1}: got {rows.max()}")
